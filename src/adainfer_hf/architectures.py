@@ -1,0 +1,159 @@
+"""Everything adainfer_hf knows about specific architectures lives here.
+
+The rest of the package is architecture-free: it asks this module for the decoder layers, the "exit head"
+(final norm + optional projection + LM head, i.e. the logit lens) and how to compute a layer's key/value
+states from a hidden state (used to fill the KV cache of layers a token skipped).
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+from torch import nn
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "check_supported",
+    "base_decoder",
+    "decoder_layers",
+    "num_layers",
+    "exit_head_device",
+    "exit_logits",
+    "exit_norm",
+    "layer_sublayers",
+    "lm_head_fingerprint",
+    "fingerprints_match",
+    "layer_kv_states",
+]
+
+SUPPORTED_MODEL_TYPES = ("llama", "opt")
+
+
+def check_supported(model: nn.Module) -> str:
+    """Returns the model type of `model`, or raises `NotImplementedError` for architectures we do not know."""
+    model_type = getattr(model.config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise NotImplementedError(
+            f"adainfer_hf supports model types {SUPPORTED_MODEL_TYPES}; got model_type={model_type!r}."
+        )
+    return model_type
+
+
+def base_decoder(model: nn.Module) -> nn.Module:
+    """The module that owns the decoder loop (`LlamaModel` or `OPTDecoder`)."""
+    model_type = check_supported(model)
+    if model_type == "llama":
+        return model.model
+    return model.model.decoder
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder layers of a causal LM, in execution order."""
+    return base_decoder(model).layers
+
+
+def num_layers(model: nn.Module) -> int:
+    """Number of decoder layers (`L`)."""
+    return int(model.config.num_hidden_layers)
+
+
+def exit_norm(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """Applies what the model applies after its last decoder layer, before the LM head.
+
+    Llama: the final RMSNorm. OPT: `final_layer_norm` when present (absent with `do_layer_norm_before=False`,
+    OPT-350m), then `project_out` when `word_embed_proj_dim != hidden_size`.
+    """
+    base = base_decoder(model)
+    if check_supported(model) == "llama":
+        return base.norm(hidden)
+    if base.final_layer_norm is not None:
+        hidden = base.final_layer_norm(hidden)
+    if base.project_out is not None:
+        hidden = base.project_out(hidden)
+    return hidden
+
+
+def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """The logit lens: LM-head logits of intermediate hidden states `hidden` [..., hidden_size].
+
+    `hidden` is moved to the device of the final norm; the result lives on the LM head's device.
+    """
+    head = model.get_output_embeddings()
+    hidden = hidden.to(exit_head_device(model))
+    normed = exit_norm(model, hidden)
+    return head(normed.to(head.weight.device))
+
+
+def exit_head_device(model: nn.Module) -> torch.device:
+    """Device on which the exit check runs: where the final norm lives (the LM head is next to it)."""
+    base = base_decoder(model)
+    if check_supported(model) == "llama":
+        return base.norm.weight.device
+    for module in (base.final_layer_norm, base.project_out):
+        if module is not None:
+            return module.weight.device
+    return model.get_output_embeddings().weight.device
+
+
+def layer_sublayers(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
+    """The (attention, MLP) sub-modules of a decoder layer whose outputs the `cos_attn`/`cos_mlp` features use."""
+    if check_supported(model) == "llama":
+        return layer.self_attn, layer.mlp
+    return layer.self_attn, layer.fc2
+
+
+def layer_kv_states(
+    model: nn.Module,
+    layer: nn.Module,
+    hidden: torch.Tensor,
+    position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Key/value states that `layer` would cache for input hidden states `hidden` [B, T, H].
+
+    This is the attention block's K/V projection only (no attention, no MLP). It fills the cache of layers a
+    token skipped from its exit hidden state (CALM's state propagation). Returns tensors shaped as the
+    layer's attention module passes them to `Cache.update`: [B, num_kv_heads, T, head_dim].
+    """
+    attn = layer.self_attn
+    if check_supported(model) == "llama":
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        x = layer.input_layernorm(hidden)
+        shape = (*x.shape[:-1], -1, attn.head_dim)
+        key = attn.k_proj(x).view(shape).transpose(1, 2)
+        value = attn.v_proj(x).view(shape).transpose(1, 2)
+        cos, sin = position_embeddings
+        # apply_rotary_pos_emb rotates q and k together; rotating k twice costs one small extra op.
+        key, _ = apply_rotary_pos_emb(key, key, cos, sin)
+        return key, value
+    x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
+    shape = (*x.shape[:-1], -1, attn.head_dim)
+    key = attn.k_proj(x).view(shape).transpose(1, 2)
+    value = attn.v_proj(x).view(shape).transpose(1, 2)
+    return key, value
+
+
+def lm_head_fingerprint(model: nn.Module, n_samples: int = 256) -> dict:
+    """A dtype-robust fingerprint of the LM head: its shape and a fixed sample of its weights.
+
+    The sample (every k-th element of the flattened weight, as float32 rounded to 4 decimals) lets
+    `fingerprints_match` compare an fp32 and a bf16 load of the same checkpoint with a tolerance, while a
+    different head (another model, another fine-tune) fails. `sha256` hashes the sample for display.
+    """
+    weight = model.get_output_embeddings().weight
+    flat = weight.detach().reshape(-1)
+    step = max(1, flat.numel() // n_samples)
+    idx = torch.arange(0, step * n_samples, step, device=flat.device)[:n_samples].clamp_max(flat.numel() - 1)
+    sample = [round(float(v), 4) for v in flat[idx].float().cpu()]
+    digest = hashlib.sha256(repr((list(weight.shape), sample)).encode()).hexdigest()[:16]
+    return {"shape": list(weight.shape), "sample": sample, "sha256": digest}
+
+
+def fingerprints_match(a: dict, b: dict, rtol: float = 2e-2, atol: float = 2e-3) -> bool:
+    """True when two `lm_head_fingerprint`s describe the same head, up to half-precision rounding."""
+    if list(a.get("shape", [])) != list(b.get("shape", [])):
+        return False
+    sa = torch.tensor(a.get("sample", []), dtype=torch.float64)
+    sb = torch.tensor(b.get("sample", []), dtype=torch.float64)
+    return sa.shape == sb.shape and bool(torch.allclose(sa, sb, rtol=rtol, atol=atol))

@@ -1,0 +1,250 @@
+"""Drop-in early-exit subclasses of transformers' `LlamaForCausalLM` and `OPTForCausalLM`.
+
+They load stock checkpoints unchanged (same `state_dict` keys) and behave exactly like the stock classes until a
+row exits. The decoder layers are swapped for subclasses that accept an `adainfer_run` argument; everything else
+(embeddings, masks, rotary embeddings, norms, head) is transformers' own code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM, OPTForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+from . import architectures as arch
+from .loop import ExitRun
+from .policy import ExitPolicy
+
+__all__ = [
+    "AdaInferCausalLMOutput",
+    "AdaInferLlamaForCausalLM",
+    "AdaInferOPTForCausalLM",
+    "AdaInferLlamaDecoderLayer",
+    "AdaInferOPTDecoderLayer",
+]
+
+_AUTO = object()  # from_pretrained's "look for an exit classifier beside the checkpoint"
+
+
+@dataclass
+class AdaInferCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the exit layer of each row.
+
+    Args:
+        exit_layers (`torch.LongTensor` of shape `(batch_size,)`):
+            Decoder layers actually run for each row's last token (1..L; L = no early exit).
+    """
+
+    exit_layers: torch.LongTensor | None = None
+
+
+class _ExitLayerMixin:
+    """Decoder-layer behaviour: hand the call to the forward's `ExitRun` when one is given."""
+
+    def forward(self, hidden_states, *args, adainfer_run: ExitRun | None = None, **kwargs):
+        if adainfer_run is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        return adainfer_run.layer_forward(self, super().forward, hidden_states, args, kwargs)
+
+
+class AdaInferLlamaDecoderLayer(_ExitLayerMixin, LlamaDecoderLayer):
+    """`LlamaDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
+
+
+class AdaInferOPTDecoderLayer(_ExitLayerMixin, OPTDecoderLayer):
+    """`OPTDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
+
+
+class AdaInferMixin:
+    """Early-exit behaviour shared by the Llama and OPT classes (architecture specifics live in `architectures`)."""
+
+    _adainfer_layer_class: type = None
+
+    def _adainfer_setup(self) -> None:
+        for layer in arch.decoder_layers(self):
+            # Same parameters, same keys: only the class (and so `forward`) changes.
+            layer.__class__ = self._adainfer_layer_class
+        self._exit_classifier = None
+
+    # ------------------------------------------------------------------ the classifier
+    @property
+    def exit_classifier(self) -> ExitPolicy | None:
+        """The exit policy (`ExitClassifier`, `ScriptedExit`, ...), or None to never exit."""
+        return self._exit_classifier
+
+    @exit_classifier.setter
+    def exit_classifier(self, value: ExitPolicy | None) -> None:
+        self.set_exit_classifier(value)
+
+    def set_exit_classifier(self, value: ExitPolicy | None, ignore_mismatch: bool = False) -> None:
+        """Sets the exit policy after checking it was made for this model.
+
+        Args:
+            value (`ExitPolicy` or `None`): the policy; None disables early exit.
+            ignore_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the artifact's
+                layer count or LM-head fingerprint differ from this model's.
+        """
+        if value is not None:
+            if not isinstance(value, ExitPolicy):
+                raise TypeError(
+                    f"exit_classifier must be an ExitClassifier/ExitPolicy or None; got {type(value).__name__}."
+                )
+            value.validate_for(self, ignore_mismatch=ignore_mismatch)
+        self._exit_classifier = value
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_policy: ExitPolicy | None | object = _AUTO,
+        **kwargs,
+    ) -> AdaInferCausalLMOutput:
+        """The stock causal-LM forward, with early exit.
+
+        Args are the stock class's, plus:
+            exit_policy (`ExitPolicy` or `None`, *optional*): overrides `self.exit_classifier` for this call only
+                (None = run full depth).
+
+        Returns:
+            `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
+        """
+        policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
+        common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+        ref = input_ids if input_ids is not None else inputs_embeds
+        if policy is None:
+            out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
+            full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
+            return AdaInferCausalLMOutput(**out, exit_layers=full)
+        if kwargs.get("return_dict") is False:
+            raise ValueError("AdaInfer models need return_dict=True (exit_layers travel in the output object).")
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if use_cache and past_key_values is None:
+            from transformers import DynamicCache
+
+            past_key_values = DynamicCache(config=self.config)
+        common.update(past_key_values=past_key_values, use_cache=use_cache)
+        run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
+                      attention_mask=attention_mask, past_key_values=past_key_values)
+        try:
+            outputs = arch.base_decoder(self)(**common, adainfer_run=run, **kwargs)
+        finally:
+            run.close()
+        logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        return AdaInferCausalLMOutput(
+            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states, attentions=outputs.attentions, exit_layers=run.exit_layers,
+        )
+
+    def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
+        """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
+
+        Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
+        layer. When only the last position is kept, exited rows take the check's logits: the head is never run
+        twice for the same token.
+        """
+        head = self.get_output_embeddings()
+        exited = run.exit_layers < run.num_layers
+        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
+            (run.last_pos == hidden.shape[1] - 1).all())
+        if last_only and bool(exited.any()):
+            logits = run.exit_logits.new_empty((hidden.shape[0], 1, run.exit_logits.shape[-1]))
+            logits[exited.to(logits.device), 0] = run.exit_logits[exited.to(logits.device)]
+            running = (~exited).nonzero().squeeze(-1)
+            if running.numel():
+                h = hidden[running.to(hidden.device), -1:]
+                logits[running.to(logits.device)] = head(h).to(logits.dtype)
+            return logits
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+        else:
+            hidden = hidden[:, logits_to_keep, :]
+        return head(hidden)
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, exit_classifier=_AUTO,
+                        trust_remote_classifier: bool = False, ignore_classifier_mismatch: bool = False,
+                        **kwargs):
+        """Loads a stock checkpoint (local dir or Hub id) and, optionally, an exit classifier.
+
+        Args:
+            exit_classifier (`str`, `os.PathLike`, `ExitPolicy` or `None`, *optional*): a directory or Hub id of an
+                `ExitClassifier`, an instance, or None (never exit). By default the artifact saved beside the
+                checkpoint (by `save_pretrained`) is picked up when present.
+            trust_remote_classifier (`bool`, *optional*, defaults to `False`): allow unpickling a joblib artifact
+                downloaded from the Hub (pickle runs code). Safe-format artifacts never need it.
+            ignore_classifier_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the
+                artifact was made for another model (layer count or LM-head fingerprint).
+            kwargs: everything `PreTrainedModel.from_pretrained` takes (`dtype`, `device_map`, `revision`, ...).
+        """
+        from .classifier import ExitClassifier
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        if exit_classifier is _AUTO:
+            exit_classifier = ExitClassifier.find_beside(
+                pretrained_model_name_or_path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
+        elif isinstance(exit_classifier, (str, os.PathLike)):
+            hub_kwargs.pop("revision", None)
+            exit_classifier = ExitClassifier.from_pretrained(
+                exit_classifier, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
+        model.set_exit_classifier(exit_classifier, ignore_mismatch=ignore_classifier_mismatch)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the exit classifier's files beside the weights.
+
+        `push_to_hub` saves through this method, so the artifact is uploaded with the weights.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        clf = self._exit_classifier
+        if clf is not None and hasattr(clf, "save_pretrained"):
+            clf.save_pretrained(save_directory)
+        return result
+
+
+class AdaInferLlamaForCausalLM(AdaInferMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` with AdaInfer early exit. Loads any stock Llama checkpoint.
+
+    Example:
+    ```python
+    >>> model = AdaInferLlamaForCausalLM.from_pretrained(path, exit_classifier=clf_dir)
+    >>> out = model(**tok(prompts, return_tensors="pt", padding=True))
+    >>> out.logits, out.exit_layers
+    ```
+    """
+
+    _adainfer_layer_class = AdaInferLlamaDecoderLayer
+    _no_split_modules = ["LlamaDecoderLayer", "AdaInferLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._adainfer_setup()
+
+
+class AdaInferOPTForCausalLM(AdaInferMixin, OPTForCausalLM):
+    """`OPTForCausalLM` with AdaInfer early exit. Loads any stock OPT checkpoint."""
+
+    _adainfer_layer_class = AdaInferOPTDecoderLayer
+    _no_split_modules = ["OPTDecoderLayer", "AdaInferOPTDecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._adainfer_setup()

@@ -1,0 +1,76 @@
+"""The contract between the decoder loop and whatever decides to exit.
+
+`ExitClassifier` (the trained artifact) implements it; `ScriptedExit` implements it with fixed exit layers,
+for tests, benchmarks and "what if every token exited at k" studies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+__all__ = ["ExitPolicy", "ScriptedExit"]
+
+
+class ExitPolicy:
+    """Base class of exit decisions. Subclasses set `features`, `min_layer`, `check_layers` and `decide`.
+
+    Layers are 1-based: "exit after layer k" means k decoder layers ran; k == L means no early exit.
+    """
+
+    features: tuple[str, ...] = ()
+    min_layer: int = 1
+    check_layers: tuple[int, ...] | None = None
+
+    def layers_to_check(self, num_layers: int) -> list[int]:
+        """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output)."""
+        if self.check_layers is not None:
+            layers = sorted({int(k) for k in self.check_layers})
+        else:
+            layers = list(range(int(self.min_layer), num_layers))
+        return [k for k in layers if self.min_layer <= k < num_layers]
+
+    def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
+        """Returns a BoolTensor [n_rows]: True where the row exits after `layer`.
+
+        Args:
+            features (`torch.Tensor`): float32 [n_rows, len(self.features)] on the LM head's device.
+            layer (`int`): 1-based index of the layer just run.
+            rows (`torch.LongTensor`): the batch indices of these rows.
+        """
+        raise NotImplementedError
+
+    def validate_for(self, model, ignore_mismatch: bool = False) -> None:
+        """Raises `ValueError` when this policy cannot be used with `model`."""
+
+
+class ScriptedExit(ExitPolicy):
+    """Exits every row after a fixed layer, ignoring the features.
+
+    Args:
+        exit_layer (`int` or `Sequence[int]`): the 1-based layer after which to exit; one per batch row, or one
+            for all rows. A value >= the model's layer count means "run full depth".
+        check_every_layer (`bool`, *optional*, defaults to `False`): when True, the loop still checks (computes
+            the logit lens and features) after every layer before the exit, as an always-checking classifier
+            would; when False only the exit layer is checked, the cheapest possible schedule.
+    """
+
+    def __init__(self, exit_layer: int | Sequence[int], check_every_layer: bool = False):
+        layers = [exit_layer] if isinstance(exit_layer, int) else list(exit_layer)
+        if not layers or any(not isinstance(k, int) or k < 1 for k in layers):
+            raise ValueError(f"exit_layer must be an int >= 1 or a non-empty list of them; got {exit_layer!r}.")
+        self.exit_layer = exit_layer
+        self.features = ("gap", "top_prob")
+        self.min_layer = 1
+        self._per_row = torch.tensor(layers)
+        self.check_every_layer = check_every_layer
+        self.check_layers = None if check_every_layer else tuple(sorted(set(layers)))
+
+    def decide(self, features, layer, rows):
+        target = self._per_row.to(rows.device)
+        target = target[rows] if target.numel() > 1 else target.expand(rows.shape[0])
+        return (target <= layer).to(features.device)
+
+    def __repr__(self):
+        return f"ScriptedExit(exit_layer={self.exit_layer!r}, check_every_layer={self.check_every_layer})"
