@@ -1,0 +1,62 @@
+"""Tiny random models (transformers' test sizes) shared by the tests: a stock model and its AdaInfer twin."""
+
+from __future__ import annotations
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+from adainfer_hf import AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
+
+VOCAB = 99
+
+
+def llama_config(**overrides) -> LlamaConfig:
+    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
+              num_key_value_heads=2, pad_token_id=0, max_position_embeddings=128)
+    kw.update(overrides)
+    return LlamaConfig(**kw)
+
+
+def opt_config(**overrides) -> OPTConfig:
+    kw = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=37, num_hidden_layers=4, num_attention_heads=4,
+              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, dropout=0.0,
+              attention_dropout=0.0)
+    kw.update(overrides)
+    return OPTConfig(**kw)
+
+
+# name -> (stock class, adainfer class, config factory); covers the layouts the issue names.
+VARIANTS = {
+    "llama_gqa": (LlamaForCausalLM, AdaInferLlamaForCausalLM, lambda: llama_config()),
+    "llama_tied": (LlamaForCausalLM, AdaInferLlamaForCausalLM,
+                   lambda: llama_config(tie_word_embeddings=True, num_key_value_heads=4)),
+    "opt_pre_ln": (OPTForCausalLM, AdaInferOPTForCausalLM, lambda: opt_config(do_layer_norm_before=True)),
+    "opt_post_ln": (OPTForCausalLM, AdaInferOPTForCausalLM, lambda: opt_config(do_layer_norm_before=False)),
+    "opt_350m_layout": (OPTForCausalLM, AdaInferOPTForCausalLM,
+                        lambda: opt_config(do_layer_norm_before=False, word_embed_proj_dim=16)),
+}
+
+
+def make_pair(variant: str, seed: int = 0, attn: str = "sdpa"):
+    """A seeded stock model and an AdaInfer model holding the same weights (eval mode, fp32)."""
+    stock_cls, ada_cls, cfg_fn = VARIANTS[variant]
+    torch.manual_seed(seed)
+    config = cfg_fn()
+    config._attn_implementation = attn
+    stock = stock_cls(config).eval()
+    ada = ada_cls(config).eval()
+    missing = ada.load_state_dict(stock.state_dict())
+    assert not missing.missing_keys and not missing.unexpected_keys
+    return stock, ada
+
+
+def batch(padding: str = "left", seed: int = 1, batch_size: int = 3, length: int = 9):
+    """Random token ids and a mask with one padded row (`padding` = "left", "right" or "none")."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch_size, length), generator=g)
+    mask = torch.ones_like(ids)
+    if padding == "left":
+        mask[1, :3] = 0
+    elif padding == "right":
+        mask[1, -3:] = 0
+    return ids, mask
