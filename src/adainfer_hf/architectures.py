@@ -19,6 +19,7 @@ __all__ = [
     "decoder_layers",
     "num_layers",
     "exit_head_device",
+    "execution_device",
     "exit_logits",
     "exit_norm",
     "layer_sublayers",
@@ -82,18 +83,37 @@ def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     head = model.get_output_embeddings()
     hidden = hidden.to(exit_head_device(model))
     normed = exit_norm(model, hidden)
-    return head(normed.to(head.weight.device))
+    return head(normed.to(execution_device(head)))
+
+
+def execution_device(module: nn.Module) -> torch.device:
+    """Where `module` computes: its weights' device, or accelerate's execution device when offloaded."""
+    hook = getattr(module, "_hf_hook", None)
+    device = getattr(hook, "execution_device", None)
+    if device is not None:
+        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
+    return next(module.parameters()).device
 
 
 def exit_head_device(model: nn.Module) -> torch.device:
     """Device on which the exit check runs: where the final norm lives (the LM head is next to it)."""
     base = base_decoder(model)
     if check_supported(model) == "llama":
-        return base.norm.weight.device
+        return execution_device(base.norm)
     for module in (base.final_layer_norm, base.project_out):
         if module is not None:
-            return module.weight.device
-    return model.get_output_embeddings().weight.device
+            return execution_device(module)
+    return execution_device(model.get_output_embeddings())
+
+
+def _materialized_weight(module: nn.Module) -> torch.Tensor:
+    """`module.weight`, read from accelerate's offload map when it sits on the meta device."""
+    weight = module.weight
+    if weight.device.type == "meta":
+        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        if weights_map is not None:
+            return weights_map["weight"]
+    return weight
 
 
 def layer_sublayers(model: nn.Module, layer: nn.Module) -> tuple[nn.Module, nn.Module]:
@@ -141,7 +161,7 @@ def lm_head_fingerprint(model: nn.Module, n_samples: int = 256) -> dict:
     `fingerprints_match` compare an fp32 and a bf16 load of the same checkpoint with a tolerance, while a
     different head (another model, another fine-tune) fails. `sha256` hashes the sample for display.
     """
-    weight = model.get_output_embeddings().weight
+    weight = _materialized_weight(model.get_output_embeddings())
     flat = weight.detach().reshape(-1)
     step = max(1, flat.numel() // n_samples)
     idx = torch.arange(0, step * n_samples, step, device=flat.device)[:n_samples].clamp_max(flat.numel() - 1)

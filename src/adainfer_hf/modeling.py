@@ -199,7 +199,7 @@ class AdaInferMixin:
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         if exit_classifier is _AUTO:
-            exit_classifier = ExitClassifier.find_beside(
+            exit_classifier = _find_classifier_beside(
                 pretrained_model_name_or_path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
         elif isinstance(exit_classifier, (str, os.PathLike)):
             hub_kwargs.pop("revision", None)
@@ -218,6 +218,37 @@ class AdaInferMixin:
         if clf is not None and hasattr(clf, "save_pretrained"):
             clf.save_pretrained(save_directory)
         return result
+
+
+def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_kwargs):
+    """The `ExitClassifier` saved beside a checkpoint (local dir or Hub repo), or None when there is none."""
+    from .classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG_NAME)):
+            return None
+        return ExitClassifier.from_pretrained(path)
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+    )
+
+    revision = hub_kwargs.get("revision")
+    cached = try_to_load_from_cache(path, CLASSIFIER_CONFIG_NAME, cache_dir=hub_kwargs.get("cache_dir"),
+                                    revision=revision)
+    if not isinstance(cached, str):
+        # Not in the cache (or cached as absent): ask the Hub, unless we are offline.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            hf_hub_download(path, CLASSIFIER_CONFIG_NAME, **hub_kwargs)
+        except (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
+            return None
+    return ExitClassifier.from_pretrained(path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
 
 
 class AdaInferLlamaForCausalLM(AdaInferMixin, LlamaForCausalLM):
