@@ -60,3 +60,25 @@ def batch(padding: str = "left", seed: int = 1, batch_size: int = 3, length: int
     elif padding == "right":
         mask[1, -3:] = 0
     return ids, mask
+
+
+def truncated_stock(stock, k: int):
+    """The stock model cut to its first `k` decoder layers, same weights (the "exit everywhere at k" reference)."""
+    config = stock.config.__class__(**{**stock.config.to_dict(), "num_hidden_layers": k})
+    config._attn_implementation = stock.config._attn_implementation
+    model = stock.__class__(config).eval()
+    result = model.load_state_dict(stock.state_dict(), strict=False)
+    assert not result.missing_keys
+    return model
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny vocabulary ("w3".."w98"; 0 = pad, 1 = bos, 2 = eos), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i for i in range(3, VOCAB)}}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
+                                   unk_token="<pad>", padding_side="left")

@@ -26,6 +26,7 @@ __all__ = [
     "lm_head_fingerprint",
     "fingerprints_match",
     "layer_kv_states",
+    "position_embeddings",
 ]
 
 SUPPORTED_MODEL_TYPES = ("llama", "opt")
@@ -152,6 +153,14 @@ def layer_kv_states(
     key = attn.k_proj(x).view(shape).transpose(1, 2)
     value = attn.v_proj(x).view(shape).transpose(1, 2)
     return key, value
+
+
+def position_embeddings(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):
+    """The per-layer position inputs for `hidden` at `position_ids`: Llama's rotary (cos, sin); None for OPT,
+    whose learned positions were added to the embeddings before the first layer."""
+    if check_supported(model) == "llama":
+        return base_decoder(model).rotary_emb(hidden, position_ids=position_ids)
+    return None
 
 
 def lm_head_fingerprint(model: nn.Module, n_samples: int = 256) -> dict:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
+from .exact_cache import ExactExitCache, exact_layer_forward
 from .features import LayerStats, compute_features, feature_needs
 from .policy import ExitPolicy
 
@@ -89,7 +90,8 @@ class ExitRun:
     """
 
     def __init__(self, model: nn.Module, policy: ExitPolicy, batch_size: int, query_length: int,
-                 attention_mask: torch.Tensor | None = None, past_key_values=None):
+                 attention_mask: torch.Tensor | None = None, past_key_values=None,
+                 position_ids: torch.Tensor | None = None):
         self.model = model
         self.policy = policy
         self.batch_size = batch_size
@@ -100,6 +102,17 @@ class ExitRun:
         if "prev_stats" in self.needs:
             self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
         self.cache = past_key_values
+        self.query_length = query_length
+        self.attention_mask = attention_mask
+        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        if position_ids is None:
+            position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
+        self.position_ids = position_ids
+        # Exact cache option: rows are not frozen, owed positions are caught up (see exact_cache.py).
+        self.exact = isinstance(past_key_values, ExactExitCache)
+        self.query_offset = 0  # owed positions prepended to the query by the exact option
+        self.exact_frontier: torch.Tensor | None = None
+        self.frozen_hidden: dict[int, torch.Tensor] = {}
         self.head_device = arch.exit_head_device(model)
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
@@ -119,6 +132,8 @@ class ExitRun:
     def layer_forward(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
         """Runs one decoder layer for the rows still going; returns the full-batch hidden states."""
         self.layer += 1
+        if self.exact:
+            return self._exact_layer_forward(layer, forward, hidden, args, kwargs)
         n_active = int(self.active.sum())
         cache = kwargs.get("past_key_values")
         if self.layer == 1 and "hidden" in self.needs:
@@ -150,6 +165,27 @@ class ExitRun:
                                         self._last_token(out, rows).to(self.head_device))
         if self.layer in self.lens_layers and self.layer < self.num_layers:
             self._check(out, rows)
+        return out
+
+    def _exact_layer_forward(self, layer, forward, hidden, args, kwargs):
+        """The exact option: every row runs until the whole batch has exited; skipped layers wait (no fill)."""
+        if not bool(self.active.any()):
+            return hidden
+        all_rows = torch.arange(self.batch_size)
+        if self.layer == 1 and "hidden" in self.needs:
+            self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
+        self._track_begin()
+        self._rows = all_rows
+        out = exact_layer_forward(self, layer, forward, hidden, args, kwargs)
+        if "hidden" in self.needs:
+            self.hidden_cur = self._last_token(out, all_rows).to(self.head_device)
+        if self.layer in self.lens_layers and self.layer < self.num_layers:
+            rows = self.active.nonzero().squeeze(-1)
+            self._check(out, rows)
+            for row in rows[~self.active[rows]].tolist():
+                self.frozen_hidden[row] = out[row].clone()  # this row's output stays its exit layer's
+            if not bool(self.active.any()):
+                self.exact_frontier = out
         return out
 
     # ------------------------------------------------------------------ the exit check
@@ -230,7 +266,8 @@ class ExitRun:
             if out.dim() == 2:  # OPT's fc2 runs on [rows*T, H]
                 out = out.view(rows.numel(), -1, out.shape[-1])
             local = torch.arange(rows.numel(), device=out.device)
-            vec = out[local, self.last_pos[rows].to(out.device)].detach().to(self.head_device, torch.float32)
+            pos = self.last_pos[rows].to(out.device) + self.query_offset
+            vec = out[local, pos].detach().to(self.head_device, torch.float32)
             if self.sub_cur is None:
                 self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
             self.sub_cur[which].index_copy_(0, rows.to(self.head_device), vec)

@@ -17,8 +17,10 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from . import architectures as arch
+from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
 from .loop import ExitRun
 from .policy import ExitPolicy
+from .stats import ExitRecorder, ExitStatistics
 
 __all__ = [
     "AdaInferCausalLMOutput",
@@ -109,6 +111,7 @@ class AdaInferMixin:
         use_cache: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         exit_policy: ExitPolicy | None | object = _AUTO,
+        exit_recorder: ExitRecorder | None = None,
         **kwargs,
     ) -> AdaInferCausalLMOutput:
         """The stock causal-LM forward, with early exit.
@@ -116,6 +119,7 @@ class AdaInferMixin:
         Args are the stock class's, plus:
             exit_policy (`ExitPolicy` or `None`, *optional*): overrides `self.exit_classifier` for this call only
                 (None = run full depth).
+            exit_recorder (`ExitRecorder`, *optional*): collects this call's exit layers (`generate` passes one).
 
         Returns:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
@@ -127,6 +131,7 @@ class AdaInferMixin:
         if policy is None:
             out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
             full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
+            self._adainfer_record(full, exit_recorder)
             return AdaInferCausalLMOutput(**out, exit_layers=full)
         if kwargs.get("return_dict") is False:
             raise ValueError("AdaInfer models need return_dict=True (exit_layers travel in the output object).")
@@ -138,11 +143,14 @@ class AdaInferMixin:
             past_key_values = DynamicCache(config=self.config)
         common.update(past_key_values=past_key_values, use_cache=use_cache)
         run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
-                      attention_mask=attention_mask, past_key_values=past_key_values)
+                      attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
         try:
             outputs = arch.base_decoder(self)(**common, adainfer_run=run, **kwargs)
         finally:
             run.close()
+        if run.exact:
+            finish_step(run, past_key_values, run.exact_frontier)
+        self._adainfer_record(run.exit_layers, exit_recorder)
         logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
         loss = None
         if labels is not None:
@@ -172,10 +180,56 @@ class AdaInferMixin:
                 logits[running.to(logits.device)] = head(h).to(logits.dtype)
             return logits
         if isinstance(logits_to_keep, int):
-            hidden = hidden[:, -logits_to_keep:, :] if logits_to_keep else hidden
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         else:
-            hidden = hidden[:, logits_to_keep, :]
-        return head(hidden)
+            keep = logits_to_keep
+        logits = head(hidden[:, keep, :])
+        for row, frozen in run.frozen_hidden.items():
+            # exact cache option: the row kept running for the cache; its output is its exit layer's
+            logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
+        return logits
+
+    def _adainfer_record(self, exit_layers: torch.Tensor, recorder: ExitRecorder | None) -> None:
+        self.exit_stats.update(exit_layers)
+        if recorder is not None:
+            recorder.append(exit_layers)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args, exit_cache: str = "propagate", **kwargs):
+        """`GenerationMixin.generate` with early exit at every step, the prompt's step included.
+
+        Args:
+            exit_cache (`str`, *optional*, defaults to `"propagate"`): how layers a token skipped get its K/V.
+                `"propagate"`: computed from the exit hidden state (CALM's state propagation; costs the K/V
+                projections only; later tokens see an approximation of the skipped layers). `"exact"`: the skipped
+                layers run for that token later, batched with the next token that goes deeper, so the cache
+                equals the dense model's (costs the skipped compute when, and only when, a later token needs it;
+                the batch runs to its deepest row each step).
+            kwargs: everything `generate` takes, plus `exit_policy` to override the classifier for this call.
+
+        With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
+        layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
+        """
+        if exit_cache not in CACHE_MODES:
+            raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
+        if exit_cache == "exact":
+            if kwargs.get("past_key_values") is not None and not isinstance(kwargs["past_key_values"], ExactExitCache):
+                raise ValueError("exit_cache='exact' needs past_key_values=None or an ExactExitCache.")
+            kwargs.setdefault("past_key_values", ExactExitCache(config=self.config))
+        recorder = ExitRecorder()
+        out = super().generate(*args, exit_recorder=recorder, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            out["exit_layers"] = recorder.stacked()
+        return out
+
+    @property
+    def exit_stats(self) -> ExitStatistics:
+        """Running totals of exit layers over every forward since creation or the last `exit_stats.reset()`."""
+        stats = self.__dict__.get("_exit_stats")
+        if stats is None:
+            stats = ExitStatistics(arch.num_layers(self))
+            self.__dict__["_exit_stats"] = stats
+        return stats
 
     # ------------------------------------------------------------------ loading and saving
     @classmethod
