@@ -125,6 +125,9 @@ class ExitRun:
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
         self._hooks = []
+        # Policies that look at the layer sequence (CRF) keep per-call state here, never on themselves.
+        begin = getattr(policy, "begin_run", None)
+        self.policy_state = begin(batch_size) if begin is not None else None
         if "sublayers" in self.needs:
             self._install_sublayer_hooks()
 
@@ -215,7 +218,10 @@ class ExitRun:
             recorder(layer, rows, feats, stats, logits)
         if layer not in self.check_layers:
             return
-        fired = self.policy.decide(feats, layer, rows.to(feats.device))
+        if self.policy_state is None:
+            fired = self.policy.decide(feats, layer, rows.to(feats.device))
+        else:
+            fired = self.policy.decide(feats, layer, rows.to(feats.device), state=self.policy_state)
         fired_host = fired.to("cpu", torch.bool)  # the one device-to-host sync of this check
         if not bool(fired_host.any()):
             return

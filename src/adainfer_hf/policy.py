@@ -41,6 +41,9 @@ class ExitPolicy:
         """
         raise NotImplementedError
 
+    # Optional: `begin_run(batch_size) -> state` makes the loop create per-forward state and call
+    # `decide(features, layer, rows, state=state)`; for policies that look at the whole layer sequence (CRF).
+
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:
         """Raises `ValueError` when this policy cannot be used with `model`."""
 
