@@ -1,0 +1,106 @@
+"""Rule-based exit estimators with the scikit-learn estimator API.
+
+The AdaInfer paper's simplest stopping signal is a fixed rule on one feature ("exit once `gap > 0.8`"). Wrapping
+it as a scikit-learn classifier lets the rule travel through exactly the same code as a trained SVM: the
+[`~adainfer_hf.ExitClassifier`] artifact, calibration, evaluation and the on-device decision.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.utils.validation import check_array, check_is_fitted
+
+__all__ = ["GapThresholdRule"]
+
+
+class GapThresholdRule(ClassifierMixin, BaseEstimator):
+    """Exit when one feature column exceeds a fixed threshold (the paper's `gap > 0.8` rule).
+
+    The rule is linear, `decision_function(X) = X[:, feature_index] - threshold`, and exposes it as `coef_` and
+    `intercept_` like scikit-learn's linear models, so [`~adainfer_hf.ExitClassifier`] evaluates it on the GPU
+    without a host round trip. `fit` learns nothing: it only records the number of features and the classes.
+
+    Args:
+        feature_index (`int`, *optional*, defaults to 0):
+            Column of `X` the rule looks at (0 is `"gap"` in the default feature order `("gap", "top_prob")`).
+        threshold (`float`, *optional*, defaults to 0.8):
+            The rule fires (predicts class `1`, "exit") where `X[:, feature_index] > threshold`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from adainfer_hf.rules import GapThresholdRule
+    >>> rule = GapThresholdRule(threshold=0.8).fit(np.zeros((1, 2)))
+    >>> rule.predict(np.array([[0.9, 0.95], [0.5, 0.7]]))
+    array([1, 0])
+    ```
+    """
+
+    def __init__(self, feature_index: int = 0, threshold: float = 0.8):
+        self.feature_index = feature_index
+        self.threshold = threshold
+
+    def fit(self, X, y=None):
+        """Record the number of features and the classes `[0, 1]`; there is nothing to learn.
+
+        Args:
+            X (array-like of shape `(n_samples, n_features)`):
+                Feature matrix; only its width is used.
+            y (*optional*):
+                Ignored; accepted for API compatibility.
+
+        Returns:
+            `GapThresholdRule`: the fitted rule (`self`).
+        """
+        X = check_array(X, ensure_min_samples=0)
+        n_features = X.shape[1]
+        if isinstance(self.feature_index, bool) or not isinstance(self.feature_index, numbers.Integral):
+            raise ValueError(f"feature_index must be an int, got {self.feature_index!r}.")
+        if not 0 <= self.feature_index < n_features:
+            raise ValueError(
+                f"feature_index={self.feature_index} is out of range for X with {n_features} feature(s); "
+                f"expected 0 <= feature_index < {n_features}."
+            )
+        if not isinstance(self.threshold, numbers.Real) or not np.isfinite(self.threshold):
+            raise ValueError(f"threshold must be a finite number, got {self.threshold!r}.")
+        self.n_features_in_ = n_features
+        self.classes_ = np.array([0, 1])
+        # The rule as a linear model: a one-hot weight on the chosen column and the threshold as bias.
+        self.coef_ = np.zeros((1, n_features))
+        self.coef_[0, self.feature_index] = 1.0
+        self.intercept_ = np.array([-float(self.threshold)])
+        return self
+
+    def decision_function(self, X) -> np.ndarray:
+        """Signed margin `X[:, feature_index] - threshold`; positive means "exit".
+
+        Args:
+            X (array-like of shape `(n_samples, n_features)`):
+                Feature matrix with the same columns as at `fit` time.
+
+        Returns:
+            `np.ndarray` of shape `(n_samples,)`.
+        """
+        check_is_fitted(self)
+        X = check_array(X, ensure_min_samples=0)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(
+                f"X has {X.shape[1]} feature(s), but GapThresholdRule was fitted with {self.n_features_in_}."
+            )
+        return X[:, self.feature_index] - float(self.threshold)
+
+    def predict(self, X) -> np.ndarray:
+        """Predict `1` ("exit") where the feature exceeds the threshold, else `0`.
+
+        Args:
+            X (array-like of shape `(n_samples, n_features)`):
+                Feature matrix with the same columns as at `fit` time.
+
+        Returns:
+            `np.ndarray` of shape `(n_samples,)` with values in `{0, 1}`.
+        """
+        return (self.decision_function(X) > 0).astype(int)

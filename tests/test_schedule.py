@@ -1,0 +1,76 @@
+"""Check schedules: cost accounting, the quality guarantee, and the measured check cost."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from tiny_models import make_pair
+
+from adainfer_hf.schedule import binomial_upper_bound, choose_schedule, measure_check_cost, schedule_cost
+
+
+def test_schedule_cost_by_hand():
+    L = 5
+    fires = np.zeros((3, L), dtype=bool)
+    fires[0, 1] = True  # prompt 0 fires after layer 2
+    fires[1, 3] = True  # prompt 1 fires after layer 4
+    agrees = np.ones((3, L), dtype=bool)
+    agrees[1, 3] = False
+    exits, cost, agree = schedule_cost(fires, agrees, (2, 4), check_cost=0.5)
+    assert exits.tolist() == [2, 4, 5]
+    # prompt 0: 2 layers + 1 check; prompt 1: 4 layers + 2 checks; prompt 2: 5 layers + 2 checks + final head
+    assert cost.tolist() == [2.5, 5.0, 6.5]
+    assert agree.tolist() == [True, False, True]
+    exits, cost, _ = schedule_cost(fires, agrees, (3,), check_cost=0.5)
+    assert exits.tolist() == [5, 5, 5]  # nobody fires at layer 3: checking there only costs
+
+
+@pytest.mark.parametrize("errors,n,delta", [(0, 50, 0.1), (3, 200, 0.05), (10, 30, 0.2)])
+def test_binomial_bound_is_clopper_pearson(errors, n, delta):
+    from scipy.stats import beta
+
+    assert binomial_upper_bound(errors, n, delta) == pytest.approx(beta.ppf(1 - delta, errors + 1, n - errors), abs=1e-6)
+
+
+def _synthetic(n=400, L=12, seed=0, misleading=False):
+    rng = np.random.default_rng(seed)
+    settle = rng.integers(6, 11, size=n)  # layer where each prompt's answer settles
+    layers = np.arange(1, L + 1)
+    agrees = layers[None, :] >= settle[:, None]
+    fires = layers[None, :] >= settle[:, None] + 1  # a good classifier fires one layer after settling
+    if misleading:
+        fires = np.ones_like(agrees)  # fires everywhere, e.g. on an early blank-token prediction
+        fires[:, 6:] = False
+    return fires, agrees
+
+
+def test_expensive_checks_give_sparse_schedule_and_cheap_checks_dense_one():
+    fires, agrees = _synthetic()
+    cheap = choose_schedule(fires, agrees, check_cost=0.05, target_agreement=0.95)
+    dear = choose_schedule(fires, agrees, check_cost=3.0, target_agreement=0.95)
+    assert len(cheap.check_layers) > len(dear.check_layers) >= 1
+    assert cheap.relative_cost < 1 and dear.relative_cost < 1
+    for choice in (cheap, dear):
+        assert choice.agreement >= 0.95 and choice.risk_bound <= 0.05
+
+
+def test_misleading_classifier_ends_at_no_checks():
+    fires, agrees = _synthetic(misleading=True)
+    choice = choose_schedule(fires, agrees, check_cost=0.2, target_agreement=0.99)
+    assert choice.check_layers == () and choice.relative_cost == pytest.approx(1.0)
+
+
+def test_very_expensive_checks_leave_at_most_one():
+    """A check includes the LM head, so the one that fires replaces the final head: one check can still pay."""
+    fires, agrees = _synthetic()
+    choice = choose_schedule(fires, agrees, check_cost=50.0, target_agreement=0.95)
+    assert len(choice.check_layers) <= 1
+
+
+@pytest.mark.parametrize("phase", ["prefill", "decode"])
+def test_measure_check_cost_runs(phase):
+    _, ada = make_pair("llama_gqa")
+    ratio = measure_check_cost(ada, seq_len=16, phase=phase, repeats=3)
+    assert 0 < ratio < 1000
+    with pytest.raises(ValueError, match="'warmup'"):
+        measure_check_cost(ada, phase="warmup")
