@@ -30,7 +30,8 @@ def last_token_positions(attention_mask: torch.Tensor | None, query_length: int,
 
     `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding).
     """
-    if attention_mask is None or attention_mask.dim() != 2:
+    if attention_mask is None or attention_mask.dim() != 2 or query_length == 1:
+        # (one query token: it is the last one; skipping the mask also skips a device-to-host copy per step)
         return torch.full((batch_size,), query_length - 1, dtype=torch.long)
     mask_q = attention_mask[:, -query_length:].to("cpu", torch.long)
     # Position of the last 1 in each row; rows with no real token in the query keep the last position.
@@ -230,7 +231,8 @@ class ExitRun:
         self.active[exited] = False
         if self.exit_logits is None:
             self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
-        self.exit_logits.index_copy_(0, exited.to(logits.device), logits[fired_host.to(logits.device)])
+        local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
+        self.exit_logits.index_copy_(0, exited.to(logits.device), logits.index_select(0, local))
 
     def _remember(self, stats: LayerStats, rows: torch.Tensor) -> None:
         """Keeps this layer's per-row values for the next layer's `delta_*`, `kl_prev` and `cos_*` features."""

@@ -125,6 +125,8 @@ class AdaInferMixin:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
         """
         policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
+        if policy is not None and not policy.layers_to_check(arch.num_layers(self)):
+            policy = None  # a schedule with no checks (e.g. calibrated to "never exit") is the stock model
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         ref = input_ids if input_ids is not None else inputs_embeds
