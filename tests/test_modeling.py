@@ -192,3 +192,22 @@ def test_half_precision(dtype):
     assert out.logits.dtype == dtype
     lens = arch.exit_logits(stock, ref.hidden_states[2][:, -1])
     assert (out.logits[:, -1] - lens).abs().max() <= 1e-2
+
+
+def test_half_precision_check_head_on_fp32_model():
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+    policy = ScriptedExit([2, 2, 4], check_dtype="bfloat16")
+    with torch.no_grad():
+        ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
+        out = ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=policy)
+        copy = ada.__dict__["_adainfer_head_copy"][1]
+        ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=policy)
+    assert ada.__dict__["_adainfer_head_copy"][1] is copy and copy.dtype == torch.bfloat16  # converted once
+    assert "_adainfer_head_copy" not in "".join(ada.state_dict())  # not a parameter or buffer
+    assert out.logits.dtype == torch.float32
+    lens = arch.exit_logits(stock, ref.hidden_states[2][:2, -1])
+    assert (out.logits[:2, -1] - lens).abs().max() <= 2e-2
+    assert (out.logits[2, -1] - ref.logits[2, -1]).abs().max() <= 1e-5  # full depth: the fp32 head
+    with pytest.raises(ValueError, match="'int8'"):
+        ScriptedExit(2, check_dtype="int8")

@@ -20,6 +20,7 @@ __all__ = [
     "num_layers",
     "exit_head_device",
     "execution_device",
+    "execution_dtype",
     "exit_logits",
     "exit_norm",
     "layer_sublayers",
@@ -76,15 +77,34 @@ def exit_norm(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     return hidden
 
 
-def exit_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+def exit_logits(model: nn.Module, hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """The logit lens: LM-head logits of intermediate hidden states `hidden` [..., hidden_size].
 
-    `hidden` is moved to the device of the final norm; the result lives on the LM head's device.
+    `hidden` is moved to the device of the final norm; the result lives on the LM head's device. With `dtype`
+    (e.g. `torch.bfloat16` on an fp32 model) the head runs on a cached copy of its weight in that dtype.
     """
     head = model.get_output_embeddings()
     hidden = hidden.to(exit_head_device(model))
-    normed = exit_norm(model, hidden)
-    return head(normed.to(execution_device(head)))
+    normed = exit_norm(model, hidden).to(execution_device(head))
+    weight = _materialized_weight(head)
+    if dtype is None or dtype == weight.dtype:
+        return head(normed)
+    return nn.functional.linear(normed.to(dtype), _head_weight_as(model, weight, dtype), _bias_as(head, dtype))
+
+
+def _head_weight_as(model: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The LM head weight in `dtype`, converted once and kept (outside the state dict) until the weight changes."""
+    key = (dtype, weight.device, weight.data_ptr(), weight._version)
+    cached = model.__dict__.get("_adainfer_head_copy")
+    if cached is None or cached[0] != key:
+        cached = (key, weight.detach().to(dtype))
+        model.__dict__["_adainfer_head_copy"] = cached
+    return cached[1]
+
+
+def _bias_as(head: nn.Module, dtype: torch.dtype):
+    bias = getattr(head, "bias", None)
+    return None if bias is None else bias.to(dtype)
 
 
 def execution_device(module: nn.Module) -> torch.device:
@@ -94,6 +114,11 @@ def execution_device(module: nn.Module) -> torch.device:
     if device is not None:
         return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
     return next(module.parameters()).device
+
+
+def execution_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype `module` computes in (its weight's, also when offloaded)."""
+    return _materialized_weight(module).dtype
 
 
 def exit_head_device(model: nn.Module) -> torch.device:

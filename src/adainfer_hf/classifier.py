@@ -45,7 +45,7 @@ from .estimator_codec import (
     _safe_load,
     _score_kind,
 )
-from .policy import ExitPolicy
+from .policy import CHECK_DTYPES, ExitPolicy
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -71,6 +71,9 @@ class ExitClassifierConfig:
         threshold (`float`, *optional*): firing threshold on the score; `None` uses the estimator's `predict`.
         min_layer (`int`, defaults to 1): first 1-based layer after which the classifier may fire.
         check_layers (`list[int]`, *optional*): explicit 1-based schedule of checked layers.
+        check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
+            model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
+            the same setting.
         label (`str`, defaults to `"final"`): training target, `"final"` (top-1 equals the final layer's) or
             `"gold"` (top-1 equals the gold answer).
         base_model_name_or_path (`str`, *optional*) / base_model_revision (`str`, *optional*): the base model.
@@ -87,6 +90,7 @@ class ExitClassifierConfig:
     threshold: float | None = None
     min_layer: int = 1
     check_layers: list[int] | None = None
+    check_dtype: str | None = None
     label: str = "final"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None
@@ -214,6 +218,7 @@ class ExitClassifier(ExitPolicy):
         threshold: float | None = None,
         min_layer: int = 1,
         check_layers=None,
+        check_dtype: str | None = None,
         label: str = "final",
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
@@ -226,6 +231,7 @@ class ExitClassifier(ExitPolicy):
         self.threshold = threshold
         self.min_layer = min_layer
         self.check_layers = None if check_layers is None else tuple(check_layers)
+        self.check_dtype = check_dtype
         self.label = label
         self.base_model_name_or_path = base_model_name_or_path
         self.base_model_revision = base_model_revision
@@ -290,6 +296,8 @@ class ExitClassifier(ExitPolicy):
                 )
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
+        if self.check_dtype not in CHECK_DTYPES:
+            raise ValueError(f"check_dtype={self.check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
 
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):
@@ -455,6 +463,7 @@ class ExitClassifier(ExitPolicy):
             threshold=self.threshold,
             min_layer=int(self.min_layer),
             check_layers=None if self.check_layers is None else [int(k) for k in self.check_layers],
+            check_dtype=self.check_dtype,
             label=self.label,
             base_model_name_or_path=self.base_model_name_or_path,
             base_model_revision=self.base_model_revision,
@@ -471,6 +480,7 @@ class ExitClassifier(ExitPolicy):
             threshold=config.threshold,
             min_layer=config.min_layer,
             check_layers=config.check_layers,
+            check_dtype=config.check_dtype,
             label=config.label,
             base_model_name_or_path=config.base_model_name_or_path,
             base_model_revision=config.base_model_revision,

@@ -115,6 +115,7 @@ class ExitRun:
         self.exact_frontier: torch.Tensor | None = None
         self.frozen_hidden: dict[int, torch.Tensor] = {}
         self.head_device = arch.exit_head_device(model)
+        self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
         self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
@@ -200,7 +201,7 @@ class ExitRun:
     def _check(self, hidden: torch.Tensor, rows: torch.Tensor) -> None:
         layer = self.layer
         h_last = self._last_token(hidden, rows)
-        logits = arch.exit_logits(self.model, h_last)
+        logits = arch.exit_logits(self.model, h_last, self.check_dtype)
         prev = None
         if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
             prev = self.prev_stats.select(rows.to(self.prev_stats.gap.device))

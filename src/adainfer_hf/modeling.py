@@ -174,12 +174,15 @@ class AdaInferMixin:
         last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
             (run.last_pos == hidden.shape[1] - 1).all())
         if last_only and bool(exited.any()):
-            logits = run.exit_logits.new_empty((hidden.shape[0], 1, run.exit_logits.shape[-1]))
-            logits[exited.to(logits.device), 0] = run.exit_logits[exited.to(logits.device)]
+            out_dtype = arch.execution_dtype(head)
+            device = run.exit_logits.device
+            logits = torch.empty((hidden.shape[0], 1, run.exit_logits.shape[-1]), dtype=out_dtype, device=device)
+            done = exited.nonzero().squeeze(-1).to(device)  # host-side indices: no device sync
+            logits[done, 0] = run.exit_logits.index_select(0, done).to(out_dtype)
             running = (~exited).nonzero().squeeze(-1)
             if running.numel():
                 h = hidden[running.to(hidden.device), -1:]
-                logits[running.to(logits.device)] = head(h).to(logits.dtype)
+                logits[running.to(device)] = head(h).to(device, out_dtype)
             return logits
         if isinstance(logits_to_keep, int):
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)

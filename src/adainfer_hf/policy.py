@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["ExitPolicy", "ScriptedExit"]
+__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit"]
+
+CHECK_DTYPES = (None, "float16", "bfloat16", "float32")  # None: the LM head's own dtype
 
 
 class ExitPolicy:
@@ -22,6 +24,7 @@ class ExitPolicy:
     features: tuple[str, ...] = ()
     min_layer: int = 1
     check_layers: tuple[int, ...] | None = None
+    check_dtype: str | None = None  # dtype of the LM head the checks use (see CHECK_DTYPES)
 
     def layers_to_check(self, num_layers: int) -> list[int]:
         """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output)."""
@@ -57,9 +60,11 @@ class ScriptedExit(ExitPolicy):
         check_every_layer (`bool`, *optional*, defaults to `False`): when True, the loop still checks (computes
             the logit lens and features) after every layer before the exit, as an always-checking classifier
             would; when False only the exit layer is checked, the cheapest possible schedule.
+        check_dtype (`str`, *optional*): dtype of the LM head used by the checks (see `CHECK_DTYPES`).
     """
 
-    def __init__(self, exit_layer: int | Sequence[int], check_every_layer: bool = False):
+    def __init__(self, exit_layer: int | Sequence[int], check_every_layer: bool = False,
+                 check_dtype: str | None = None):
         layers = [exit_layer] if isinstance(exit_layer, int) else list(exit_layer)
         if not layers or any(not isinstance(k, int) or k < 1 for k in layers):
             raise ValueError(f"exit_layer must be an int >= 1 or a non-empty list of them; got {exit_layer!r}.")
@@ -68,6 +73,9 @@ class ScriptedExit(ExitPolicy):
         self.min_layer = 1
         self._per_row = torch.tensor(layers)
         self.check_every_layer = check_every_layer
+        if check_dtype not in CHECK_DTYPES:
+            raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
+        self.check_dtype = check_dtype
         self.check_layers = None if check_every_layer else tuple(sorted(set(layers)))
 
     def decide(self, features, layer, rows):
