@@ -211,3 +211,23 @@ def test_half_precision_check_head_on_fp32_model():
     assert (out.logits[2, -1] - ref.logits[2, -1]).abs().max() <= 1e-5  # full depth: the fp32 head
     with pytest.raises(ValueError, match="'int8'"):
         ScriptedExit(2, check_dtype="int8")
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_stacked_kv_fill_equals_layer_by_layer(variant):
+    """The one-matmul fill of all deeper layers gives the K/V each layer's own projection gives."""
+    _, ada = make_pair(variant)
+    with torch.no_grad():  # norms start at weight 1, bias 0: perturb them so the folding is really exercised
+        for name, param in ada.named_parameters():
+            if "norm" in name:
+                param.add_(0.3 * torch.randn_like(param))
+    hidden = torch.randn(2, 5, ada.config.hidden_size)
+    pos = torch.arange(5).unsqueeze(0)
+    pe = arch.position_embeddings(ada, hidden, pos)
+    with torch.no_grad():
+        stacked = arch.stacked_kv_states(ada, hidden, 1, pe)
+        assert len(stacked) == L - 1
+        for (k, v), layer in zip(stacked, arch.decoder_layers(ada)[1:], strict=True):
+            k_ref, v_ref = arch.layer_kv_states(ada, layer, hidden, pe)
+            torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
+            torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)

@@ -27,6 +27,7 @@ __all__ = [
     "lm_head_fingerprint",
     "fingerprints_match",
     "layer_kv_states",
+    "stacked_kv_states",
     "position_embeddings",
 ]
 
@@ -178,6 +179,81 @@ def layer_kv_states(
     key = attn.k_proj(x).view(shape).transpose(1, 2)
     value = attn.v_proj(x).view(shape).transpose(1, 2)
     return key, value
+
+
+def stacked_kv_states(model: nn.Module, hidden: torch.Tensor, first: int, position_embeddings=None):
+    """K/V states of layers `first`..L-1 (0-based) for the same input `hidden` [B, T, H], in one matmul.
+
+    When every row has exited, all remaining layers' caches are filled from the same frozen hidden state. Their
+    input norms and K/V projections fold into one stacked weight (norm weight into the projection, LayerNorm bias
+    into the projection bias), so the fill costs one matmul and one rotary op instead of ~6 ops per layer; it
+    matters most in decode, where those ops are launch/overhead-bound. The stacked weight is built once (a copy
+    of the K/V projection weights, kept outside the state dict). Returns a list of (key, value) per layer, shaped
+    as `layer_kv_states`, or None when the layers do not all sit, materialised, on `hidden`'s device.
+    """
+    layers = decoder_layers(model)[first:]
+    fused = _fused_kv(model, hidden.device)
+    if fused is None:
+        return None
+    weight, bias, kv_dim, head_dim, kind = fused
+    rows = slice(first * 2 * kv_dim, None)
+    x = hidden
+    if kind == "rms":
+        eps = layers[0].input_layernorm.variance_epsilon
+        h32 = hidden.float()
+        x = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
+    elif kind == "layernorm":
+        ln = layers[0].self_attn_layer_norm
+        x = nn.functional.layer_norm(hidden, ln.normalized_shape, None, None, ln.eps)
+    kv = nn.functional.linear(x, weight[rows], None if bias is None else bias[rows])
+    kv = kv.view(*hidden.shape[:2], len(layers), 2, -1, head_dim)  # [B, T, layers, k/v, heads, D]
+    keys = kv[:, :, :, 0].flatten(2, 3).transpose(1, 2)  # [B, layers*heads, T, D]
+    values = kv[:, :, :, 1].flatten(2, 3).transpose(1, 2)
+    if kind == "rms":
+        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+        cos, sin = position_embeddings
+        keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+    heads = kv_dim // head_dim
+    return [(keys[:, i * heads:(i + 1) * heads], values[:, i * heads:(i + 1) * heads]) for i in range(len(layers))]
+
+
+def _fused_kv(model: nn.Module, device: torch.device):
+    """(weight [L*2*kv, H], bias or None, kv_dim, head_dim, norm kind), cached until a weight changes."""
+    layers = decoder_layers(model)
+    projs = [(layer.self_attn.k_proj, layer.self_attn.v_proj) for layer in layers]
+    tensors = [m.weight for pair in projs for m in pair]
+    if any(t.device != device for t in tensors):
+        return None  # split across devices or offloaded: fill layer by layer
+    key = tuple((t.data_ptr(), t._version) for t in tensors)
+    cached = model.__dict__.get("_adainfer_fused_kv")
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    llama = check_supported(model) == "llama"
+    if llama:
+        kind = "rms"
+    else:
+        kind = "layernorm" if layers[0].do_layer_norm_before else "none"
+    weights, biases = [], []
+    with torch.no_grad():
+        for layer, (k_proj, v_proj) in zip(layers, projs, strict=True):
+            norm = layer.input_layernorm if llama else layer.self_attn_layer_norm
+            scale = norm.weight if kind != "none" and norm.weight is not None else None
+            shift = getattr(norm, "bias", None) if kind == "layernorm" else None
+            for proj in (k_proj, v_proj):
+                w = proj.weight if scale is None else proj.weight * scale[None, :]
+                b = proj.bias
+                if shift is not None:
+                    b = proj.weight @ shift + (0 if b is None else b)
+                weights.append(w)
+                biases.append(b)
+    bias = None if all(b is None for b in biases) else torch.cat(
+        [torch.zeros(w.shape[0], dtype=w.dtype, device=w.device) if b is None else b
+         for w, b in zip(weights, biases, strict=True)])
+    head_dim = layers[0].self_attn.head_dim
+    value = (torch.cat(weights), bias, projs[0][0].weight.shape[0], head_dim, kind)
+    model.__dict__["_adainfer_fused_kv"] = (key, value)
+    return value
 
 
 def position_embeddings(model: nn.Module, hidden: torch.Tensor, position_ids: torch.Tensor):

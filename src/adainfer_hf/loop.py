@@ -114,6 +114,7 @@ class ExitRun:
         self.query_offset = 0  # owed positions prepended to the query by the exact option
         self.exact_frontier: torch.Tensor | None = None
         self.frozen_hidden: dict[int, torch.Tensor] = {}
+        self.rest_filled = False  # all deeper layers' caches were filled at once (see _fill_remaining_layers)
         self.head_device = arch.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
@@ -145,7 +146,7 @@ class ExitRun:
             self.hidden_cur = self._last_token(hidden, torch.arange(self.batch_size)).to(self.head_device)
         if n_active == 0:
             # Nobody runs this layer; only the cache must still hold an entry for these positions.
-            if cache is not None:
+            if cache is not None and not self.rest_filled:
                 k, v = self._kv_for_rows(layer, hidden, kwargs, torch.arange(self.batch_size))
                 cache.update(k, v, layer.self_attn.layer_idx)
             return hidden
@@ -170,7 +171,19 @@ class ExitRun:
                                         self._last_token(out, rows).to(self.head_device))
         if self.layer in self.lens_layers and self.layer < self.num_layers:
             self._check(out, rows)
+            if cache is not None and not bool(self.active.any()):
+                self._fill_remaining_layers(out, kwargs)
         return out
+
+    def _fill_remaining_layers(self, hidden: torch.Tensor, kwargs) -> None:
+        """Every row has exited: fill all deeper layers' caches at once from the frozen states (one matmul)."""
+        stacked = arch.stacked_kv_states(self.model, hidden, self.layer, kwargs.get("position_embeddings"))
+        if stacked is None:
+            return  # layers on other devices: the per-layer path fills them as the loop reaches them
+        cache = kwargs["past_key_values"]
+        for idx, (k, v) in enumerate(stacked, start=self.layer):
+            cache.update(k, v, idx)
+        self.rest_filled = True
 
     def _exact_layer_forward(self, layer, forward, hidden, args, kwargs):
         """The exact option: every row runs until the whole batch has exited; skipped layers wait (no fill)."""
