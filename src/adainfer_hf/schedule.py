@@ -9,7 +9,6 @@ stride, single checks, and "no checks at all") whose agreement with dense holds 
 
 from __future__ import annotations
 
-import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -55,29 +54,11 @@ class ScheduleChoice:
 
 def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
     """Exact (Clopper-Pearson) one-sided upper bound on an error rate: P(rate > bound) <= delta."""
-    if n == 0:
-        return 1.0
-    if errors >= n:
-        return 1.0
-    lo, hi = errors / n, 1.0
-    for _ in range(60):  # bisection on the binomial tail P(X <= errors; n, p) = delta
-        mid = (lo + hi) / 2
-        if _binom_cdf(errors, n, mid) > delta:
-            lo = mid
-        else:
-            hi = mid
-    return hi
+    from scipy.stats import beta
 
-
-def _binom_cdf(k: int, n: int, p: float) -> float:
-    if p <= 0:
+    if n == 0 or errors >= n:
         return 1.0
-    if p >= 1:
-        return 0.0 if k < n else 1.0
-    logs = [math.lgamma(n + 1) - math.lgamma(i + 1) - math.lgamma(n - i + 1) + i * math.log(p)
-            + (n - i) * math.log1p(-p) for i in range(k + 1)]
-    m = max(logs)
-    return min(1.0, math.exp(m) * sum(math.exp(v - m) for v in logs))
+    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
 
 
 def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cost: float):
