@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Paper-style evaluation of AdaInfer on the embedded SmolLM2-135M-Instruct (30 layers), CPU-sized.
+#
+# 1. Trains the exit classifier with `adainfer train` on six OTHER function-vectors tasks (inter-task setting:
+#    nothing of the evaluated tasks is seen in training or calibration of the classifier).
+# 2. Evaluates dense, adainfer, the paper's gap>0.8 rule, a live CRF, ShortGPT and the oracle on six tasks,
+#    0-shot and 5-shot, and writes docs/results/ (results.json, results.md, PNG plots).
+#
+# Usage: benchmarks/eval_smollm2.sh [OUT_DIR]   (default docs/results; ~15 min on 2 CPU cores)
+# Multi-process / multi-GPU: replace `python -m adainfer_hf.cli_eval` by
+#   `accelerate launch --num_processes N -m adainfer_hf.cli_eval` (same flags, same results.json schema).
+set -euo pipefail
+PY=${PYTHON:-python}
+OUT=${1:-docs/results}
+FV=${FV:-/work/shared/data/function_vectors}
+LIMIT=${LIMIT:-12}
+CAL_LIMIT=${CAL_LIMIT:-6}
+CLF=${CLF:-${ADAINFER_HOME:-$HOME/.cache/adainfer_hf}/eval/smollm2-svm-6tasks}
+
+if [ ! -f "$CLF/exit_classifier_config.json" ]; then
+  $PY -m adainfer_hf train --model default --method svm --shots 0 5 --limit 12 --seed 0 --quiet --out "$CLF" \
+    --task-file "$FV/abstractive/present-past.json" "$FV/abstractive/singular-plural.json" \
+      "$FV/abstractive/english-french.json" "$FV/abstractive/landmark-country.json" \
+      "$FV/abstractive/person-sport.json" "$FV/extractive/choose_last_of_5.json"
+fi
+
+$PY -m adainfer_hf.cli_eval eval --model default --exit-classifier "$CLF" \
+  --task-file "$FV/abstractive/sentiment.json" "$FV/abstractive/ag_news.json" "$FV/abstractive/capitalize.json" \
+    "$FV/abstractive/country-capital.json" "$FV/extractive/choose_first_of_5.json" "$FV/abstractive/antonym.json" \
+  --shots 0 5 --limit "$LIMIT" --calibration-limit "$CAL_LIMIT" \
+  --methods dense,adainfer,gap,crf,shortgpt,oracle --max-new-tokens 5 --batch-size 8 --seed 0 --quiet \
+  --out "$OUT/results.json" --report-dir "$OUT"

@@ -1,0 +1,294 @@
+"""The `adainfer` CLI end to end on a tiny checkpoint and tiny task files."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import warnings
+
+import joblib
+import numpy as np
+import pytest
+from test_collect import save_tiny_checkpoint
+
+from adainfer_hf import cli
+from adainfer_hf.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+from adainfer_hf.collect import FeatureTable
+
+TASK_A = [
+    {"input": w, "output": w.upper()}
+    for w in "apple river chair house water music paper green light night money horse dream smile".split()
+]
+TASK_B = [
+    {"input": f"{a}, {b}, {c}", "output": a}
+    for a, b, c in zip(
+        "red one cat sun box pen cup hat map car".split(),
+        "blue two dog moon bag ink mug cap pin bus".split(),
+        "green three cow star tin pad jar wig cup van".split(),
+        strict=True,
+    )
+]
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    save_tiny_checkpoint(root / "model")
+    for name, rows in (("upper", TASK_A), ("first", TASK_B)):
+        (root / f"{name}.json").write_text(json.dumps(rows))
+    return root
+
+
+def _data_args(root):
+    return [
+        "--model",
+        str(root / "model"),
+        "--task-file",
+        str(root / "upper.json"),
+        str(root / "first.json"),
+        "--shots",
+        "0",
+        "2",
+        "--limit",
+        "5",
+        "--quiet",
+        "--batch-size",
+        "4",
+    ]
+
+
+def test_every_flag_has_help(capsys):
+    parser = cli.build_parser()
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(subparsers.choices) == {"collect", "train", "simulate", "push", "pull", "demo"}
+    for name, sub in subparsers.choices.items():
+        for action in sub._actions:
+            assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main([name, "--help"])
+        assert exit_info.value.code == 0
+
+
+def test_collect_writes_a_table(workdir, capsys):
+    out = workdir / "table.npz"
+    assert (
+        cli.main(
+            [
+                "collect",
+                *_data_args(workdir),
+                "--features",
+                "gap",
+                "top_prob",
+                "kl_prev",
+                "--out",
+                str(out),
+                "--csv",
+                str(workdir / "table.csv"),
+            ]
+        )
+        == 0
+    )
+    table = FeatureTable.load(out)
+    # 2 tasks x 2 shots x 5 prompts, 3 checked layers each
+    assert (
+        table.num_prompts == 20 and len(table) == 60 and table.feature_names == ("gap", "top_prob", "kl_prev")
+    )
+    assert sorted(set(table.shots.tolist())) == [0, 2] and set(table.task) == {"upper", "first"}
+    assert (workdir / "table.csv").is_file() and "wrote 60 rows" in capsys.readouterr().out
+
+
+def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
+    out = workdir / "clf"
+    assert (
+        cli.main(
+            [
+                "train",
+                *_data_args(workdir),
+                "--method",
+                "logistic",
+                "--target-agreement",
+                "0.9",
+                "--seed",
+                "1",
+                "--min-layers",
+                "1",
+                "2",
+                "--tables-out",
+                str(workdir / "tables"),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    printed = capsys.readouterr().out
+    assert "saved the exit classifier" in printed and "calibration: n=10 agreement=" in printed
+    clf = ExitClassifier.from_pretrained(out)
+    assert clf.num_layers == 4 and clf.lm_head_fingerprint is not None and clf.label == "final"
+    cal = clf.calibration
+    assert (
+        cal["min_layer_grid"] == [1, 2]
+        and cal["target_agreement"] == 0.9
+        and cal["agreement"] >= 0.9
+        and cal["training"]["method"] == "logistic"
+    )
+    train = FeatureTable.load(workdir / "tables" / "train.npz")
+    calib = FeatureTable.load(workdir / "tables" / "calibration.npz")
+    assert cal["n_prompts"] == calib.num_prompts and train.num_prompts + calib.num_prompts == 20
+    # disjoint examples: the same question with 0 and 2 shots stays on one side
+    assert not {(t, i) for t, i in zip(train.task, train.example_index, strict=True)} & {
+        (t, i) for t, i in zip(calib.task, calib.example_index, strict=True)
+    }
+
+    again = workdir / "clf_from_tables"
+    assert (
+        cli.main(
+            [
+                "train",
+                "--model",
+                str(workdir / "model"),
+                "--from-tables",
+                str(workdir / "tables"),
+                "--method",
+                "linear_svm",
+                "--target-agreement",
+                "0.9",
+                "--out",
+                str(again),
+            ]
+        )
+        == 0
+    )
+    assert ExitClassifier.from_pretrained(again).calibration["n_prompts"] == calib.num_prompts
+
+    assert (
+        cli.main(
+            [
+                "simulate",
+                "--classifier",
+                str(out),
+                "--table",
+                str(workdir / "tables" / "calibration.npz"),
+                "--json",
+                str(workdir / "sim.json"),
+            ]
+        )
+        == 0
+    )
+    sim = json.loads((workdir / "sim.json").read_text())
+    assert abs(sim["agreement"] - cal["agreement"]) < 1e-9 and set(sim["per_task"]) == {"upper", "first"}
+    assert (
+        cli.main(
+            [
+                "simulate",
+                "--classifier",
+                str(out),
+                "--table",
+                str(workdir / "tables" / "calibration.npz"),
+                "--uncalibrated",
+            ]
+        )
+        == 0
+    )
+    assert "(uncalibrated)" in capsys.readouterr().out
+
+    assert cli.main(["pull", str(out), str(workdir / "pulled")]) == 0
+    assert ExitClassifier.from_pretrained(workdir / "pulled").calibration == cal
+
+
+def test_push_and_pull_through_a_local_hub(workdir, tmp_path, local_hub, monkeypatch):
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setenv("HF_TOKEN", "hf_test")
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    src = workdir / "pushme"
+    assert cli.main(["train", *_data_args(workdir), "--method", "linear_svm", "--out", str(src)]) == 0
+    assert cli.main(["push", str(src), "org/exit-clf"]) == 0
+    assert "exit_classifier.safetensors" in local_hub.repos["org/exit-clf"]["files"]
+    assert cli.main(["pull", "org/exit-clf", str(tmp_path / "pulled")]) == 0
+    pulled = ExitClassifier.from_pretrained(tmp_path / "pulled")
+    assert pulled.calibration == ExitClassifier.from_pretrained(src).calibration
+
+
+def test_train_builtin_tasks_crf_gold_label(workdir):
+    out = workdir / "crf"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a CRF has no pickle-free encoding; calibration warns about live use
+        assert (
+            cli.main(
+                [
+                    "train",
+                    "--model",
+                    str(workdir / "model"),
+                    "--builtin-task",
+                    "capitalize",
+                    "next_number",
+                    "--shots",
+                    "1",
+                    "--limit",
+                    "6",
+                    "--quiet",
+                    "--method",
+                    "crf",
+                    "--label",
+                    "gold",
+                    "--target-agreement",
+                    "0.5",
+                    "--out",
+                    str(out),
+                ]
+            )
+            == 0
+        )
+    clf = ExitClassifier.from_pretrained(out)
+    assert clf.label == "gold" and type(clf.estimator).__name__ == "CRFExitEstimator"
+    assert clf.calibration["score"] == "crf_causal_sequence"
+
+
+def test_interrupted_train_leaves_no_artifact(workdir, monkeypatch):
+    out = workdir / "interrupted"
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(joblib, "dump", boom)
+    assert cli.main(["train", *_data_args(workdir), "--method", "gap_rule", "--out", str(out)]) == 130
+    assert not (out / CLASSIFIER_CONFIG_NAME).exists()
+    assert not [p for p in os.listdir(workdir) if p.startswith(".interrupted")]
+    monkeypatch.setattr(np, "savez_compressed", boom)
+    assert cli.main(["collect", *_data_args(workdir), "--out", str(workdir / "half.npz")]) == 130
+    assert not [p for p in os.listdir(workdir) if "half" in p]
+
+
+def test_demo_trains_in_process_on_builtin_tasks(workdir, capsys):
+    assert (
+        cli.main(
+            [
+                "demo",
+                "--model",
+                str(workdir / "model"),
+                "--train-limit",
+                "3",
+                "--quiet",
+                "--target-agreement",
+                "0.9",
+            ]
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert (
+        "training a logistic exit classifier on the built-in tasks" in out
+        and "mean layers: early exit" in out
+    )
+    assert "calibration (" in out and "first_of_list" in out
+
+
+def test_python_dash_m():
+    proc = subprocess.run(
+        [sys.executable, "-m", "adainfer_hf", "--help"], capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0 and "collect" in proc.stdout and "demo" in proc.stdout
