@@ -74,3 +74,23 @@ def test_measure_check_cost_runs(phase):
     assert 0 < ratio < 1000
     with pytest.raises(ValueError, match="'warmup'"):
         measure_check_cost(ada, phase="warmup")
+
+
+def test_schedule_classifier_on_a_calibrated_classifier():
+    """Scheduling keeps the certified agreement, and with dear checks uses fewer of them than every layer."""
+    from test_calibrate import L, settling_table
+
+    from adainfer_hf.calibrate import calibrate, simulate_exits
+    from adainfer_hf.schedule import schedule_classifier
+    from adainfer_hf.train import train_exit_classifier
+
+    train, calib, fresh = (settling_table(600, seed) for seed in (0, 1, 2))
+    clf = calibrate(train_exit_classifier(train, method="logistic"), calib, target_agreement=0.95)
+    assert clf.check_layers is None  # every layer from min_layer
+    every = len(clf.layers_to_check(L))
+    choice = schedule_classifier(clf, calib, check_cost=2.0)
+    assert clf.check_layers == choice.check_layers and 0 < len(choice.check_layers) < every
+    assert clf.calibration["schedule"]["check_layers"] == list(choice.check_layers)
+    assert choice.risk_bound <= 0.05
+    _, summary = simulate_exits(clf, fresh)  # held-out prompts from the same distribution
+    assert summary["agreement"] >= 0.95 and summary["mean_exit_layer"] < L

@@ -9,6 +9,7 @@ leaves half an artifact.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -87,6 +88,7 @@ def _cmd_collect(args) -> int:
 def _cmd_train(args) -> int:
     from .calibrate import calibrate
     from .collect import FeatureTable
+    from .schedule import resolve_check_cost, schedule_classifier
     from .train import train_and_calibrate, train_exit_classifier
 
     model, tok = _load(args.model)
@@ -98,11 +100,17 @@ def _cmd_train(args) -> int:
         train_table = FeatureTable.load(Path(args.from_tables) / "train.npz")
         calib_table = FeatureTable.load(Path(args.from_tables) / "calibration.npz")
         clf = calibrate(train_exit_classifier(train_table, **fit), calib_table, **cal).bind(model)
+        cost = resolve_check_cost(model, args.check_cost, seq_len=args.check_length or 256, phase=args.check_phase)
+        if cost is not None:
+            schedule_classifier(clf, calib_table, cost)
     else:
         prompts = _prompts(_tasks(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)
+        if args.check_length:
+            args.check_cost = resolve_check_cost(model, args.check_cost, args.check_length, args.check_phase)
         clf, train_table, calib_table = train_and_calibrate(
-            model, tok, prompts, calibration_fraction=args.calibration_fraction, **fit, **cal, **run
+            model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
+            check_phase=args.check_phase, **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
         from .default_model import DEFAULT_MODEL_NAME
@@ -117,6 +125,10 @@ def _cmd_train(args) -> int:
         f"trained {args.method} on {train_table.num_prompts} prompts, calibrated on {calib_table.num_prompts}"
     )
     print(figures["conclusion"])
+    if "schedule" in figures:
+        sched = figures["schedule"]
+        print(f"check schedule: layers {sched['check_layers'] or 'none'} (one check = "
+              f"{sched['check_cost_layers']:.2f} layers; expected cost {sched['relative_cost']:.3f} of dense)")
     print(f"calibration: {_figures(figures)} risk_upper_bound={figures['risk_upper_bound']:.3f}")
     print(f"saved the exit classifier to {args.out}")
     return 0
@@ -192,31 +204,44 @@ def _cmd_demo(args) -> int:
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     enc = tok([p.text for p in prompts], return_tensors="pt", padding=True)
+    unscheduled = copy.copy(clf)  # the same calibrated rule, checked after every layer from min_layer
+    unscheduled.check_layers = None
     with torch.no_grad():
-        dense, early, rule = [  # full depth, the classifier, the paper's rule
+        dense, early, every, rule = [  # full depth, the classifier, the same without schedule, the paper's rule
             model(**enc, use_cache=False, logits_to_keep=1, **policy)
-            for policy in ({"exit_policy": None}, {}, {"exit_policy": gap_rule})
+            for policy in ({"exit_policy": None}, {}, {"exit_policy": unscheduled}, {"exit_policy": gap_rule})
         ]
     L = int(dense.exit_layers[0])
 
-    def token(out, i) -> str:
-        return repr(tok.decode([int(out.logits[i, -1].argmax())]))
+    def cell(out, i) -> str:
+        return f"{tok.decode([int(out.logits[i, -1].argmax())])!r} @ {int(out.exit_layers[i])}/{L}"
 
-    header = f"{'task':<16} {'query':<26} {'gold':<10} {'dense':<10} {'early exit':<12} {'layer':<7}"
-    print(f"\n{header} gap>0.8 (paper)")
+    print(f"\n{'task':<16} {'query':<22} {'gold':<8} {'dense':<10} {'early exit':<16} "
+          f"{'same rule, every layer':<24} gap>0.8 rule (paper)")
     for i, p in enumerate(prompts):
-        query = p.text.rsplit("Q: ", 1)[-1].split("\n")[0][:24]
-        layers = f"{int(early.exit_layers[i]):>2}/{L}"
-        row = f"{p.task:<16} {query:<26} {p.answer[:10]:<10} {token(dense, i):<10} {token(early, i):<12}"
-        print(f"{row} {layers:<7} {token(rule, i)} @ {int(rule.exit_layers[i])}/{L}")
-    agree = (early.logits[:, -1].argmax(-1) == dense.logits[:, -1].argmax(-1)).float().mean()
-    mean_early, mean_rule = early.exit_layers.float().mean(), rule.exit_layers.float().mean()
-    means = f"early exit {mean_early:.2f}/{L}, gap>0.8 rule {mean_rule:.2f}/{L}"
-    print(f"\nmean layers: {means}; early-exit agreement with dense {agree:.0%}")
+        query = p.text.rsplit("Q: ", 1)[-1].split("\n")[0][:20]
+        dense_tok = repr(tok.decode([int(dense.logits[i, -1].argmax())]))
+        print(f"{p.task:<16} {query:<22} {p.answer[:8]:<8} {dense_tok:<10} {cell(early, i):<16} "
+              f"{cell(every, i):<24} {cell(rule, i)}")
+
+    def summary(out) -> str:
+        agree = (out.logits[:, -1].argmax(-1) == dense.logits[:, -1].argmax(-1)).float().mean()
+        return f"{out.exit_layers.float().mean():.2f}/{L} layers, {agree:.0%} agreement with dense"
+
+    print(f"\nearly exit: {summary(early)}; same rule checked at every layer: {summary(every)}; "
+          f"gap>0.8 rule: {summary(rule)}")
     figures = clf.calibration or {}
     if "conclusion" in figures:
         n, target = figures.get("n_prompts"), figures.get("target_agreement")
         print(f"calibration ({n} prompts, target {target}): {figures['conclusion']}")
+    sched = figures.get("schedule")
+    if sched and sched["check_layers"]:
+        print(f"check schedule: after layers {sched['check_layers']} (a check costs {sched['check_cost_layers']:.2f} "
+              f"layers; expected cost {sched['relative_cost']:.1%} of dense)")
+    elif sched:
+        print(f"check schedule: none. A check costs {sched['check_cost_layers']:.2f} decoder layers and the exits "
+              "this rule can certify save less than the checks would cost, so the model runs exactly as the stock "
+              "model (no check, no overhead); the 'every layer' column shows where the rule would exit.")
     return 0
 
 
@@ -281,6 +306,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tables-out", help="Also save the train/calibration feature tables in this directory.")
     p.add_argument("--from-tables", metavar="DIR", help="Skip collection: train and calibrate on the train.npz "
                    "and calibration.npz an earlier --tables-out wrote (task flags are then ignored).")
+    p.add_argument("--check-cost", default="auto", help="One exit check's cost in decoder layers, used to choose "
+                   "the check schedule: a number, 'auto' (measured now on this device; default) or 'none' (check "
+                   "after every layer from min_layer, as the paper does).")
+    p.add_argument("--check-phase", default="prefill", choices=["prefill", "decode"],
+                   help="Workload the schedule is optimised for when measuring: prefill (default) or decode.")
+    p.add_argument("--check-length", type=int, default=None, help="Sequence length for the measured check cost "
+                   "(default: the prompts' median length; 256 with --from-tables).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
 

@@ -19,7 +19,15 @@ import torch
 from . import architectures as arch
 from .features import compute_features
 
-__all__ = ["ScheduleChoice", "choose_schedule", "measure_check_cost", "schedule_cost", "binomial_upper_bound"]
+__all__ = [
+    "ScheduleChoice",
+    "binomial_upper_bound",
+    "choose_schedule",
+    "measure_check_cost",
+    "resolve_check_cost",
+    "schedule_classifier",
+    "schedule_cost",
+]
 
 
 @dataclass
@@ -171,3 +179,51 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
         return statistics.median(times)
 
     return median_time(run_check) / median_time(run_layer)
+
+
+def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,
+                        delta: float | None = None):
+    """Sets `clf.check_layers` to the cheapest certified schedule for a calibrated classifier.
+
+    Args:
+        clf (`ExitClassifier`): a calibrated classifier (its `min_layer`/`threshold` decide where it fires).
+        table (`FeatureTable`): the calibration table it was calibrated on.
+        check_cost (`float`): one check's cost in decoder layers on the target device (`measure_check_cost`).
+        target_agreement, delta: default to the figures `calibrate` recorded.
+
+    Returns:
+        `ScheduleChoice`, also stored in `clf.calibration["schedule"]`. A classifier calibrated to never exit
+        (`check_layers=()`) is left as it is.
+    """
+    if clf.check_layers == ():
+        return None
+    cal = clf.calibration or {}
+    target = target_agreement if target_agreement is not None else cal.get("target_agreement", 0.99)
+    delta = delta if delta is not None else cal.get("delta", 0.1)
+    L = int(np.unique(table.num_layers)[0])
+    fires = np.zeros((table.num_prompts, L), dtype=bool)
+    agrees = np.ones((table.num_prompts, L), dtype=bool)
+    fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & (table.layer >= clf.min_layer)
+    fires[table.prompt_id, table.layer - 1] = fired
+    agrees[table.prompt_id, table.layer - 1] = table.labels("final")
+    choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer)
+    clf.check_layers = choice.check_layers
+    clf.calibration = {**cal, "schedule": {**choice.as_dict(), "delta": delta,
+                                           "procedure": "exact binomial bound, Bonferroni over the candidates"}}
+    return choice
+
+
+def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill") -> float | None:
+    """A check cost from a user's spec: a number (layers), "auto" (measured now on the model's device at
+    `seq_len`/`phase`), or None/"none" (no scheduling: check every layer from `min_layer`)."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "auto":
+        return measure_check_cost(model, seq_len=seq_len, phase=phase)
+    try:
+        value = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"check cost must be a number of layers, 'auto' or 'none'; got {spec!r}.") from None
+    if not value >= 0:
+        raise ValueError(f"check cost must be >= 0 layers; got {spec!r}.")
+    return value

@@ -280,8 +280,11 @@ def train_and_calibrate(
     seed: int = 0,
     batch_size: int = 8,
     progress: bool = True,
+    check_cost: float | str | None = "auto",
+    check_phase: str = "prefill",
 ):
-    """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, bind to `model`.
+    """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
+    schedule, bind to `model`.
 
     Prompts are split by example (task and example index), so the same question asked with different numbers of
     shots lands on one side only: the calibration prompts are disjoint from the training ones.
@@ -294,6 +297,9 @@ def train_and_calibrate(
         calibration_fraction (`float`, *optional*, defaults to 0.5): share of examples held out for calibration.
         batch_size (`int`, *optional*, defaults to 8), progress (`bool`, *optional*, defaults to `True`): see
             `collect.collect_features`.
+        check_cost (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): one check's cost in decoder
+            layers for `schedule.schedule_classifier`; "auto" measures it on the model's device at the prompts'
+            median length (`check_phase` "prefill") or for one token ("decode"); None checks every layer.
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
@@ -327,4 +333,10 @@ def train_and_calibrate(
         train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
     )
     clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers)
+    from .schedule import resolve_check_cost, schedule_classifier
+
+    lengths = [len(tokenizer(p.text).input_ids) for p in prompts]
+    cost = resolve_check_cost(model, check_cost, seq_len=int(np.median(lengths)), phase=check_phase)
+    if cost is not None:
+        schedule_classifier(clf, calib_table, cost)
     return clf.bind(model), train_table, calib_table
