@@ -243,6 +243,9 @@ class ExitRun:
         exited = rows[fired_host]
         self.exit_layers[exited] = layer
         self.active[exited] = False
+        if self.exit_logits is None and exited.numel() == self.batch_size:
+            self.exit_logits = logits  # the whole batch exits at once (always so at batch 1): no copy
+            return
         if self.exit_logits is None:
             self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
         local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync

@@ -175,6 +175,8 @@ class AdaInferMixin:
             (run.last_pos == hidden.shape[1] - 1).all())
         if last_only and bool(exited.any()):
             out_dtype = arch.execution_dtype(head)
+            if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
+                return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
             device = run.exit_logits.device
             logits = torch.empty((hidden.shape[0], 1, run.exit_logits.shape[-1]), dtype=out_dtype, device=device)
             done = exited.nonzero().squeeze(-1).to(device)  # host-side indices: no device sync
