@@ -6,9 +6,10 @@
 # 2. Evaluates dense, adainfer, the paper's gap>0.8 rule, a live CRF, ShortGPT and the oracle on six tasks,
 #    0-shot and 5-shot, and writes docs/results/ (results.json, results.md, PNG plots).
 #
-# Usage: benchmarks/eval_smollm2.sh [OUT_DIR]   (default docs/results; ~15 min on 2 CPU cores)
+# Usage: benchmarks/eval_smollm2.sh [OUT_DIR]   (default docs/results; about 16 min wall, 17 CPU-min, on 2 shared cores)
 # Multi-process / multi-GPU: replace `python -m adainfer_hf.cli_eval` by
-#   `accelerate launch --num_processes N -m adainfer_hf.cli_eval` (same flags, same results.json schema).
+#   `accelerate launch --multi_gpu --num_processes N -m adainfer_hf.cli_eval` (same flags, same results.json;
+#   without GPUs the processes join over gloo on the CPU).
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-docs/results}
@@ -30,3 +31,11 @@ $PY -m adainfer_hf.cli_eval eval --model default --exit-classifier "$CLF" \
   --shots 0 5 --limit "$LIMIT" --calibration-limit "$CAL_LIMIT" \
   --methods dense,adainfer,gap,crf,shortgpt,oracle --max-new-tokens 5 --batch-size 8 --seed 0 --quiet \
   --out "$OUT/results.json" --report-dir "$OUT"
+
+# Optional (STUDY=1): leave-one-task-out generalization study of the paper, written to $OUT/study_loto.md.
+if [ "${STUDY:-0}" = 1 ]; then
+  $PY -m adainfer_hf.cli_eval eval --model default --study loto --study-method svm --target-agreement 0.9 \
+    --task-file "$FV/abstractive/sentiment.json" "$FV/abstractive/capitalize.json" \
+      "$FV/extractive/choose_first_of_5.json" "$FV/abstractive/antonym.json" \
+    --shots 5 --limit 16 --seed 0 --quiet --out "$OUT/study_loto.json" --report-dir "$OUT"
+fi

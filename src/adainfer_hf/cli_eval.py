@@ -102,7 +102,7 @@ def _write_json(path, data) -> None:
     os.replace(tmp, path)
 
 
-def _run_study(args, model, tok, tasks) -> int:
+def _run_study(args, model, tok, tasks, command: str) -> int:
     from .report import study_table
     from .study import generalization_study
 
@@ -111,6 +111,7 @@ def _run_study(args, model, tok, tasks) -> int:
                                    method=args.study_method, target_agreement=args.target_agreement or 0.99,
                                    train_tasks=args.train_tasks, other_model=other[0], other_tokenizer=other[1],
                                    seed=args.seed, batch_size=args.batch_size, progress=not args.quiet)
+    results["command"] = command
     _write_json(args.out, results)
     table = study_table(results)
     if args.report_dir:
@@ -143,8 +144,9 @@ def run_eval(args, argv=None) -> int:
     model, tok = _load(args.model)
     model.to(state.device)
     tasks = _tasks(args)
+    command = "adainfer " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.study:
-        return _run_study(args, model, tok, tasks) if state.is_main_process else 0
+        return _run_study(args, model, tok, tasks, command) if state.is_main_process else 0
     if "adainfer" in methods and not args.exit_classifier:
         raise SystemExit("error: method 'adainfer' needs --exit-classifier DIR_OR_ID (or drop it from --methods).")
     clf = ExitClassifier.from_pretrained(args.exit_classifier) if args.exit_classifier else None
@@ -173,7 +175,6 @@ def run_eval(args, argv=None) -> int:
         return 0
     paths = [out.with_name(f".{out.name}.shard-{i}-of-{state.num_processes}.json") for i in range(state.num_processes)]
     merged = merge_shards(json.loads(p.read_text(encoding="utf-8")) for p in paths)
-    command = "adainfer " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     config = {"command": command, "model": args.model, "exit_classifier": args.exit_classifier,
               "tasks": [t.name for t in tasks], "task_files": args.task_file, "shots": args.shots, "limit": args.limit, "calibration_limit": n_cal,
               "seed": args.seed, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,

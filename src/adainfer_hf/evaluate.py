@@ -129,6 +129,7 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     feats = tuple(dict.fromkeys((*CURVE_FEATURES, *[f for _, c in baselines.sweep for f in c.features])))
+    rotation = 0
     try:
         for (task, shots), group in groups.items():
             gkey = f"{task}\t{shots}"
@@ -143,15 +144,18 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
             order = np.argsort(lengths, kind="stable")
             batches = [order[i:i + batch_size] for i in range(0, len(group), batch_size)]
             for b, idx in enumerate(tqdm(batches, desc=f"{task} {shots}-shot", disable=not progress)):
+                # The run order rotates with a counter over all batches (not per group, which may have only one
+                # or two batches), so every method runs in every position about equally often.
                 _run_batch(model, tokenizer, [group[i] for i in idx], table.gold_token[idx], oracle[idx], baselines,
-                           methods, sums, b, device, stop, max_new_tokens, L, timing_repeats)
+                           methods, sums, b, rotation, device, stop, max_new_tokens, L, timing_repeats)
+                rotation += 1
     finally:
         tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
     return shard
 
 
-def _run_batch(model, tokenizer, prompts, gold, oracle, baselines, methods, sums, b, device, stop, max_new, L,
-               repeats):
+def _run_batch(model, tokenizer, prompts, gold, oracle, baselines, methods, sums, b, rotation, device, stop,
+               max_new, L, repeats):
     cfg = model.config
     enc = {k: v.to(device) for k, v in tokenizer([p.text for p in prompts], return_tensors="pt",
                                                  padding=True).items()}
@@ -165,7 +169,7 @@ def _run_batch(model, tokenizer, prompts, gold, oracle, baselines, methods, sums
         return model, baselines.policies.get(m)
 
     runs = ["dense"] + [m for m in methods if m != "dense"]
-    runs = runs[b % len(runs):] + runs[:b % len(runs)]  # rotate: no method always runs first (warm caches)
+    runs = runs[rotation % len(runs):] + runs[:rotation % len(runs)]  # no method always runs first
     tokens, layers, secs = {}, {}, {}
     with torch.no_grad():
         if b == 0:

@@ -189,6 +189,8 @@ def study_table(study: dict) -> str:
             "FLOPs"]
     lines = [f"Study `{study.get('study')}` ({study.get('method')}, target agreement {study.get('target_agreement')};"
              f" decisions {study.get('decisions')}).", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    if study.get("command"):
+        lines[1:1] = ["", f"Command: `{study['command']}`"]
     for r in study["results"]:
         lines.append("| " + " | ".join([
             r["split"], ", ".join(r["train_tasks"]), r["task"], str(r["shots"]), str(r["model"]), str(r["n"]),
