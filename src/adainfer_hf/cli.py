@@ -349,6 +349,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-agreement", type=float, default=0.99, help="Calibration target when training.")
     _add_run_args(p)
     p.set_defaults(func=_cmd_demo)
+
+    from .cli_eval import add_eval_parser
+
+    add_eval_parser(sub)
     return parser
 # fmt: on
 
@@ -357,6 +361,8 @@ def main(argv=None) -> int:
     """Entry point of `adainfer`; `argv` defaults to `sys.argv[1:]`. Returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
+        if args.command == "eval":
+            return args.func(args, argv)  # records the command line in results.json
         return args.func(args)
     except KeyboardInterrupt:
         print("interrupted; nothing half-written was left behind", file=sys.stderr)
