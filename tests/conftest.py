@@ -1,7 +1,11 @@
 """Shared fixtures."""
 
 import pytest
+import torch
 from fake_hub import local_hub  # noqa: F401  (the local Hub fixture, for every test module)
+
+# The suite is mostly tiny models, for which one intra-op thread is fastest (and robust on a busy 2-core box).
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
