@@ -80,8 +80,10 @@ def time_calls(fns: dict, repeats: int, device: str) -> dict:
     times = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn()
-    for _ in range(repeats):
-        for name, fn in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no model always goes first
+            fn = fns[name]
             sync(device)
             t0 = time.perf_counter()
             fn()
@@ -157,8 +159,10 @@ class _Timed:
 
 def time_split(fns: dict, repeats: int, device: str) -> dict:
     times = {name: [] for name in fns}
-    for _ in range(repeats):
-        for name, f in fns.items():
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no model always goes first
+            f = fns[name]
             f.prepare()
             sync(device)
             t0 = time.perf_counter()
