@@ -24,6 +24,7 @@ import numpy as np
 
 from .classifier import ExitClassifier
 from .collect import FeatureTable
+from .schedule import binomial_upper_bound
 
 __all__ = ["binomial_tail", "calibrate", "exit_scores", "simulate_exits", "summarize_exits"]
 
@@ -38,11 +39,6 @@ def binomial_tail(k: int, n: int, p: float) -> float:
     return float(binom.cdf(k, n, p))
 
 
-def _risk_upper_bound(k: int, n: int, delta: float) -> float:
-    """One-sided Clopper-Pearson `1 - delta` upper bound on an error rate with `k` errors in `n` trials."""
-    from scipy.stats import beta
-
-    return 1.0 if k >= n else float(beta.ppf(1.0 - delta, k + 1, n - k))
 
 
 def exit_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
@@ -264,7 +260,7 @@ def calibrate(
     figures["errors"] = errors
     figures["early_exits"] = int((exit_layer < L).sum())
     # Descriptive only (it ignores the selection); the guarantee is LTT's: risk <= 1 - target w.p. >= 1 - delta.
-    figures["risk_upper_bound"] = _risk_upper_bound(errors, n, delta)
+    figures["risk_upper_bound"] = binomial_upper_bound(errors, n, delta)
     # Fewest prompts with which even zero errors would pass one test: below it, "never" says nothing about the model.
     figures["min_prompts_for_target"] = math.ceil(math.log(delta_each) / math.log(target_agreement))
     figures["conclusion"] = _conclusion(
