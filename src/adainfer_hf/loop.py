@@ -102,7 +102,6 @@ class ExitRun:
         self.lens_layers = set(self.check_layers)
         if "prev_stats" in self.needs:
             self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
-        self.cache = past_key_values
         self.query_length = query_length
         self.attention_mask = attention_mask
         self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
