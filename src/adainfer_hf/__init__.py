@@ -16,6 +16,7 @@ from .exact_cache import CACHE_MODES, ExactExitCache
 from .features import DEFAULT_FEATURES, FEATURES
 from .modeling import AdaInferCausalLMOutput, AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
 from .policy import ExitPolicy, ScriptedExit
+from .propagate_cache import PropagateExitCache
 from .rules import GapThresholdRule
 from .schedule import choose_schedule, measure_check_cost, schedule_classifier
 from .shortgpt import block_influence, shortgpt_model
@@ -33,6 +34,7 @@ __all__ = [
     "DEFAULT_FEATURES",
     "DEFAULT_MODEL_NAME",
     "ExactExitCache",
+    "PropagateExitCache",
     "ExitClassifier",
     "ExitClassifierConfig",
     "ExitPolicy",

@@ -21,6 +21,7 @@ from . import architectures as arch
 from .exact_cache import ExactExitCache, exact_layer_forward
 from .features import LayerStats, compute_features, feature_needs
 from .policy import ExitPolicy
+from .propagate_cache import PropagateExitCache
 
 __all__ = ["ExitRun", "last_token_positions"]
 
@@ -175,11 +176,19 @@ class ExitRun:
         return out
 
     def _fill_remaining_layers(self, hidden: torch.Tensor, kwargs) -> None:
-        """Every row has exited: fill all deeper layers' caches at once from the frozen states (one matmul)."""
-        stacked = arch.stacked_kv_states(self.model, hidden, self.layer, kwargs.get("position_embeddings"))
+        """Every row has exited: all deeper layers' caches owe these positions K/V from the frozen states.
+
+        A `PropagateExitCache` computes them when first read (never, when no later token runs those layers);
+        any other cache gets them now, all layers in one matmul.
+        """
+        cache = kwargs["past_key_values"]
+        pos_emb = kwargs.get("position_embeddings")
+        if isinstance(cache, PropagateExitCache) and cache.defer(self.model, hidden, self.layer, pos_emb):
+            self.rest_filled = True
+            return
+        stacked = arch.stacked_kv_states(self.model, hidden, self.layer, pos_emb)
         if stacked is None:
             return  # layers on other devices: the per-layer path fills them as the loop reaches them
-        cache = kwargs["past_key_values"]
         for idx, (k, v) in enumerate(stacked, start=self.layer):
             cache.update(k, v, idx)
         self.rest_filled = True

@@ -20,6 +20,7 @@ from . import architectures as arch
 from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
 from .loop import ExitRun
 from .policy import ExitPolicy
+from .propagate_cache import PropagateExitCache
 from .stats import ExitRecorder, ExitStatistics
 
 __all__ = [
@@ -140,9 +141,7 @@ class AdaInferMixin:
         if use_cache is None:
             use_cache = self.config.use_cache
         if use_cache and past_key_values is None:
-            from transformers import DynamicCache
-
-            past_key_values = DynamicCache(config=self.config)
+            past_key_values = PropagateExitCache(config=self.config)
         common.update(past_key_values=past_key_values, use_cache=use_cache)
         run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
                       attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
@@ -223,6 +222,10 @@ class AdaInferMixin:
             if kwargs.get("past_key_values") is not None and not isinstance(kwargs["past_key_values"], ExactExitCache):
                 raise ValueError("exit_cache='exact' needs past_key_values=None or an ExactExitCache.")
             kwargs.setdefault("past_key_values", ExactExitCache(config=self.config))
+        elif kwargs.get("past_key_values") is None and kwargs.get(
+                "use_cache", kwargs.get("generation_config", self.generation_config).use_cache):
+            # skipped layers' K/V are computed when a later token needs them (same values as filling at exit)
+            kwargs["past_key_values"] = PropagateExitCache(config=self.config)
         recorder = ExitRecorder()
         out = super().generate(*args, exit_recorder=recorder, **kwargs)
         if not isinstance(out, torch.Tensor):
