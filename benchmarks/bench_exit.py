@@ -4,8 +4,12 @@ Each case alternates the compared models call by call, repeats, and reports medi
   (a) overhead when the classifier never fires, for three check schedules: none (pure framework overhead),
       one check, and a check after every layer (the paper's schedule);
   (b) speedup when every row exits after layer k (scripted), against the ideal: a stock model cut to k layers
-      (k layers + one LM head on the last token), the least any implementation must do.
-Prefill is a generation prefill (KV cache built, logits of the last token only); decode is one cached step.
+      (k layers + one LM head on the last token), the least any implementation must do. Two figures:
+      "deferred" is what a user gets (the skipped layers' K/V are computed only if a later token runs them);
+      "filled" also computes every skipped layer's K/V inside the timed call (`cache.materialize()`): the
+      worst case, where later tokens need all of them.
+Prefill is a generation prefill (KV cache built, logits of the last token only); decode is `--decode-steps` cached
+single-token steps after an untimed prefill.
 
     python benchmarks/bench_exit.py --shape smollm2 --lengths 64 256 1024 --batches 1 8
     python benchmarks/bench_exit.py --shape llama2-7b --device cuda --dtype float16   # on a GPU
@@ -20,7 +24,7 @@ import sys
 import time
 
 import torch
-from transformers import DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitPolicy, ScriptedExit
 
@@ -92,29 +96,42 @@ def time_calls(fns: dict, repeats: int, device: str) -> dict:
     return {name: statistics.median(v) for name, v in times.items()}
 
 
+def _materialize(cache) -> None:
+    if hasattr(cache, "materialize"):
+        cache.materialize()
+
+
 @torch.no_grad()
-def prefill_fn(model, ids, policy=None):
+def prefill_fn(model, ids, policy=None, fill=False):
+    """One prefill; each model builds its own default cache, as `generate` or a plain forward does."""
     kw = {} if policy is None else {"exit_policy": policy}
-    return lambda: model(ids, use_cache=True, past_key_values=DynamicCache(config=model.config),
-                         logits_to_keep=1, **kw)
+
+    def run():
+        out = model(ids, use_cache=True, logits_to_keep=1, **kw)
+        if fill:
+            _materialize(out.past_key_values)
+
+    return run
 
 
 @torch.no_grad()
-def decode_fn(model, ids, steps: int, policy=None):
+def decode_fn(model, ids, steps: int, policy=None, fill=False):
     """One call = `steps` cached single-token steps after an (untimed) prefill of `ids`."""
     kw = {} if policy is None else {"exit_policy": policy}
     state = {}
 
     def prepare():
-        cache = DynamicCache(config=model.config)
-        model(ids, use_cache=True, past_key_values=cache, logits_to_keep=1, **kw)
-        state["cache"] = cache
+        out = model(ids, use_cache=True, logits_to_keep=1, **kw)
+        _materialize(out.past_key_values)  # the prompt's owed K/V are not this measurement's
+        state["cache"] = out.past_key_values
 
     def run():
         cache = state["cache"]
         tok = ids[:, -1:]
         for _ in range(steps):
             model(tok, use_cache=True, past_key_values=cache, logits_to_keep=1, **kw)
+        if fill:
+            _materialize(cache)
 
     return prepare, run
 
@@ -127,13 +144,14 @@ def bench_case(stock, ada, ids, phase, ks, repeats, steps, device):
         "never:every_layer": NeverFire(range(1, L)),
     }
     policies.update({f"exit@{k}": ScriptedExit(k) for k in ks})
-    models = {"stock": (stock, None)}
-    models.update({name: (ada, pol) for name, pol in policies.items()})
-    models.update({f"ideal@{k}": (truncated(stock, k), None) for k in ks})
+    models = {"stock": (stock, None, False)}
+    models.update({name: (ada, pol, False) for name, pol in policies.items()})
+    models.update({f"filled@{k}": (ada, ScriptedExit(k), True) for k in ks})
+    models.update({f"ideal@{k}": (truncated(stock, k), None, False) for k in ks})
     if phase == "prefill":
-        fns = {name: prefill_fn(m, ids, pol) for name, (m, pol) in models.items()}
+        fns = {name: prefill_fn(m, ids, pol, fill) for name, (m, pol, fill) in models.items()}
     else:
-        pairs = {name: decode_fn(m, ids, steps, pol) for name, (m, pol) in models.items()}
+        pairs = {name: decode_fn(m, ids, steps, pol, fill) for name, (m, pol, fill) in models.items()}
 
         fns = {}
         for name, (prepare, run) in pairs.items():
@@ -145,8 +163,10 @@ def bench_case(stock, ada, ids, phase, ks, repeats, steps, device):
             rows["overhead"][name.split(":")[1]] = t[name] / t["stock"] - 1
     for k in ks:
         speedup = t["stock"] / t[f"exit@{k}"]
+        filled = t["stock"] / t[f"filled@{k}"]
         ideal = t["stock"] / t[f"ideal@{k}"]
-        rows["exit"][k] = {"speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal}
+        rows["exit"][k] = {"speedup": speedup, "ideal": ideal, "of_ideal": speedup / ideal,
+                           "speedup_filled": filled, "of_ideal_filled": filled / ideal}
     return t, rows
 
 
@@ -184,6 +204,8 @@ def main(argv=None):
     p.add_argument("--decode-context", type=int, default=64, help="prompt length before decoding")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--exit-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--max-tokens", type=int, default=None,
+                   help="skip prefill cases whose batch x length exceeds this (CPU time)")
     p.add_argument("--json", default=None, help="write all numbers here")
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
@@ -192,18 +214,20 @@ def main(argv=None):
     ks = sorted({max(1, round(f * L)) for f in args.exit_fractions})
     g = torch.Generator().manual_seed(0)
     results = []
-    cases = [("prefill", n, b) for n in args.lengths for b in args.batches]
+    cases = [("prefill", n, b) for n in args.lengths for b in args.batches
+             if args.max_tokens is None or n * b <= args.max_tokens]
     cases += [("decode", args.decode_context, b) for b in args.batches]
     print(f"model {args.model or args.shape} L={L} device={args.device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     print(f"{'phase':8}{'len':>6}{'batch':>6} | overhead never-fires: {'none':>7}{'one':>7}{'every':>8} | "
-          + " ".join(f"exit@{k}: speedup/ideal (of ideal)" for k in ks))
+          + " ".join(f"exit@{k}: speedup/ideal (of ideal; filled)" for k in ks))
     for phase, n, b in cases:
         ids = torch.randint(10, stock.config.vocab_size, (b, n), generator=g).to(args.device)
         t, rows = bench_case(stock, ada, ids, phase, ks, args.repeats, args.decode_steps, args.device)
         o = rows["overhead"]
         line = f"{phase:8}{n:>6}{b:>6} | {'':22}{o['no_checks']:>+7.1%}{o['one_check']:>+7.1%}{o['every_layer']:>+8.1%} | "
-        line += " ".join(f"{e['speedup']:.2f}x/{e['ideal']:.2f}x ({e['of_ideal']:.2f})" for e in rows["exit"].values())
+        line += " ".join(f"{e['speedup']:.2f}x/{e['ideal']:.2f}x ({e['of_ideal']:.2f}; {e['of_ideal_filled']:.2f})"
+                         for e in rows["exit"].values())
         print(line, flush=True)
         results.append({"phase": phase, "length": n, "batch": b, "seconds": t, **rows})
     if args.json:
