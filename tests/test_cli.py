@@ -163,6 +163,11 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
         == 0
     )
     assert ExitClassifier.from_pretrained(again).calibration["n_prompts"] == calib.num_prompts
+    assert ExitClassifier.from_pretrained(again).check_dtype is None  # the tables' fp32 head
+    with pytest.raises(ValueError, match="--check-dtype bfloat16 differs from the tables' check dtype None"):
+        cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
+                  "--check-dtype", "bfloat16", "--out", str(workdir / "never")])
+    assert not (workdir / "never").exists()
 
     assert (
         cli.main(

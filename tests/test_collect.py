@@ -238,3 +238,50 @@ def test_real_model_rows_and_simulation_match_live_exits(smollm2_dir):
     with torch.no_grad():
         out = model(**enc, use_cache=False, exit_policy=rule)
     assert out.exit_layers.tolist() == expected.tolist()
+
+
+def test_half_precision_check_head_is_collected_trained_and_kept():
+    """check_dtype: rows are the logit lens through a bf16 copy of the head (reference: the stock model's hidden
+    states through that copy), the table says so, and a classifier trained on it checks the same way."""
+    from adainfer_hf.train import train_exit_classifier
+
+    stock, ada = tiny_pair()
+    tok = tiny_tokenizer()
+    prompts = tiny_prompts(2, (2,))
+    table = collect_features(ada, tok, prompts, features=("gap", "top_prob"), progress=False, check_dtype="bfloat16")
+    assert table.meta["check_dtype"] == "bfloat16"
+    head = stock.get_output_embeddings().weight.detach().to(torch.bfloat16)
+    for pid, prompt in enumerate(prompts):
+        ids = tok(prompt.text, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            ref = stock(ids, output_hidden_states=True, use_cache=False)
+        for row in np.flatnonzero(table.prompt_id == pid):
+            k = int(table.layer[row])
+            with torch.no_grad():
+                normed = arch.exit_norm(stock, ref.hidden_states[k][0, -1])
+                probs = (normed.to(torch.bfloat16) @ head.T).float().softmax(-1)
+            assert abs(table.X[row, 1] - float(probs.max())) < 2e-2  # bf16 rounding of the padded batch
+    fp32 = collect_features(ada, tok, prompts, features=("gap", "top_prob"), progress=False)
+    assert fp32.meta["check_dtype"] is None
+    assert np.abs(fp32.X - table.X).max() > 0  # the half-precision head really was used
+    clf = train_exit_classifier(table, method="logistic")
+    assert clf.check_dtype == "bfloat16"
+    assert clf.replace(threshold=0.5).check_dtype == "bfloat16"
+    with pytest.raises(ValueError, match="'float8'"):
+        collect_features(ada, tok, prompts, progress=False, check_dtype="float8")
+
+
+def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(monkeypatch):
+    from adainfer_hf import schedule
+    from adainfer_hf.train import train_and_calibrate
+
+    _, ada = tiny_pair()
+    tok = tiny_tokenizer()
+    seen = []
+    monkeypatch.setattr(schedule, "measure_check_cost", lambda model, **kw: seen.append(kw["check_dtype"]) or 0.5)
+    clf, train_table, calib_table = train_and_calibrate(
+        ada, tok, tiny_prompts(4, (0, 2)), method="logistic", target_agreement=0.5, progress=False,
+        check_dtype="float16")
+    assert seen == ["float16"]
+    assert train_table.meta["check_dtype"] == calib_table.meta["check_dtype"] == "float16"
+    assert clf.check_dtype == "float16" and clf.calibration["schedule"]["check_cost_layers"] == 0.5

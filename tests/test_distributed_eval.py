@@ -17,15 +17,6 @@ from adainfer_hf.cli_eval import main as eval_main
 from adainfer_hf.rules import GapThresholdRule
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run 10-50x faster on one intra-op thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
 def workdir(tmp_path):
     """A tiny Llama + tokenizer saved as a checkpoint, a task file and an exit classifier, all under tmp_path."""

@@ -24,14 +24,6 @@ from adainfer_hf.rules import GapThresholdRule
 L = 4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run 10-50x faster on one intra-op thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _lens(stock, h):
     """Independent logit lens of a Llama hidden state: final RMSNorm, then the LM head."""

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from adainfer_hf.report import (
     RESULT_KEYS,
@@ -19,14 +18,6 @@ from adainfer_hf.report import (
 
 L = 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run 10-50x faster on one intra-op thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 METHODS = ("dense", "adainfer", "oracle")
 
 

@@ -10,14 +10,6 @@ from adainfer_hf.shortgpt import block_influence, prune_layers, shortgpt_layers_
 
 L = 4
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny models run 10-50x faster on one intra-op thread when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 TEXTS = ["w5 w6 w7 w8 w9", "w10 w11", "w40 w41 w42 w43 w44 w45 w46", "w3"]
 
 

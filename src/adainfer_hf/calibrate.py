@@ -226,23 +226,13 @@ def calibrate(
     }
     if isinstance(clf.calibration, dict) and "training" in clf.calibration:
         figures["training"] = clf.calibration["training"]
-    common = dict(
-        features=clf.features,
-        label=clf.label,
-        base_model_name_or_path=clf.base_model_name_or_path,
-        base_model_revision=clf.base_model_revision,
-        num_layers=clf.num_layers,
-        lm_head_fingerprint=clf.lm_head_fingerprint,
-    )
     if best is None:
-        result = ExitClassifier(
-            clf.estimator, threshold=clf.threshold, min_layer=1, check_layers=(), **common
-        )
+        result = clf.replace(min_layer=1, check_layers=[], calibration=None)
         errors, chosen = 0, {"never_exit": True, "min_layer": None, "threshold": None}
         exit_layer = np.full(n, L)
     else:
         _, m, t, errors = best
-        result = ExitClassifier(clf.estimator, threshold=t, min_layer=m, **common)
+        result = clf.replace(threshold=t, min_layer=m, check_layers=None, calibration=None)
         chosen = {"never_exit": False, "min_layer": m, "threshold": t}
         masked = S.copy()
         masked[:, : m - 1] = -np.inf

@@ -76,7 +76,8 @@ def _cmd_collect(args) -> int:
 
     model, tok = _load(args.model)
     prompts = _prompts(_tasks(args), args.shots, args.limit, args.seed)
-    run = dict(features=args.features, batch_size=args.batch_size, progress=not args.quiet)
+    run = dict(features=args.features, batch_size=args.batch_size, progress=not args.quiet,
+               check_dtype=args.check_dtype)
     table = collect_features(model, tok, prompts, **run)
     table.save(args.out)
     if args.csv:
@@ -99,18 +100,24 @@ def _cmd_train(args) -> int:
     if args.from_tables:  # reuse the tables of an earlier `--tables-out`: no collection
         train_table = FeatureTable.load(Path(args.from_tables) / "train.npz")
         calib_table = FeatureTable.load(Path(args.from_tables) / "calibration.npz")
+        table_dtype = train_table.meta.get("check_dtype")
+        if args.check_dtype is not None and args.check_dtype != table_dtype:
+            raise ValueError(f"--check-dtype {args.check_dtype} differs from the tables' check dtype {table_dtype!r} "
+                             f"({args.from_tables}); collect the tables again with --check-dtype {args.check_dtype}.")
         clf = calibrate(train_exit_classifier(train_table, **fit), calib_table, **cal).bind(model)
-        cost = resolve_check_cost(model, args.check_cost, seq_len=args.check_length or 256, phase=args.check_phase)
+        cost = resolve_check_cost(model, args.check_cost, seq_len=args.check_length or 256, phase=args.check_phase,
+                                  check_dtype=clf.check_dtype)  # the tables' own check dtype
         if cost is not None:
             schedule_classifier(clf, calib_table, cost)
     else:
         prompts = _prompts(_tasks(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)
         if args.check_length:
-            args.check_cost = resolve_check_cost(model, args.check_cost, args.check_length, args.check_phase)
+            args.check_cost = resolve_check_cost(model, args.check_cost, args.check_length, args.check_phase,
+                                                 check_dtype=args.check_dtype)
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
-            check_phase=args.check_phase, **fit, **cal, **run
+            check_phase=args.check_phase, check_dtype=args.check_dtype, **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
         from .default_model import DEFAULT_MODEL_NAME
@@ -259,6 +266,9 @@ def _add_data_args(p) -> None:
                    help="Demonstrations per prompt; several values build prompts for each (e.g. --shots 0 5).")
     p.add_argument("--limit", type=int, default=50,
                    help="Evaluated examples per task and shots value (default 50).")
+    p.add_argument("--check-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="Compute the logit lens with the LM head in this dtype (cheaper checks on an fp32 model); "
+                   "the classifier is trained, calibrated and run the same way. Default: the model's dtype.")
     _add_run_args(p)
 
 

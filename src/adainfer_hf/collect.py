@@ -21,7 +21,7 @@ import torch
 
 from . import architectures as arch
 from .features import FEATURES
-from .policy import ExitPolicy
+from .policy import CHECK_DTYPES, ExitPolicy
 
 __all__ = ["FeatureTable", "RecordingPolicy", "collect_features", "load_adainfer_model"]
 
@@ -247,12 +247,14 @@ class RecordingPolicy(ExitPolicy):
     Args:
         features (`Sequence[str]`): feature names to compute, in column order.
         batch_size (`int`), num_layers (`int`): shape of the forward call about to run.
+        check_dtype (`str`, *optional*): LM-head dtype of the checks (see `policy.CHECK_DTYPES`).
     """
 
-    def __init__(self, features: Sequence[str], batch_size: int, num_layers: int):
+    def __init__(self, features: Sequence[str], batch_size: int, num_layers: int, check_dtype: str | None = None):
         self.features = tuple(features)
         self.min_layer = 1
         self.check_layers = None
+        self.check_dtype = check_dtype
         self.feats = torch.full((batch_size, num_layers - 1, len(self.features)), float("nan"))
         self.top_token = torch.full((batch_size, num_layers - 1), -1, dtype=torch.long)
 
@@ -273,6 +275,7 @@ def collect_features(
     features: Sequence[str] = tuple(FEATURES),
     batch_size: int = 8,
     progress: bool = True,
+    check_dtype: str | None = None,
 ) -> FeatureTable:
     """Collects per-layer exit features for `prompts` with one forward per batch through the model's exit loop.
 
@@ -284,6 +287,8 @@ def collect_features(
         features (`Sequence[str]`, *optional*, defaults to every name in `FEATURES`): what to record.
         batch_size (`int`, *optional*, defaults to 8): prompts per forward.
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
+        check_dtype (`str`, *optional*): compute the logit lens with the LM head in this dtype ("bfloat16",
+            "float16"), as a classifier with the same `check_dtype` will at run time; recorded in `meta`.
 
     Returns:
         [`FeatureTable`]: rows ordered by prompt, then layer.
@@ -299,6 +304,8 @@ def collect_features(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
+    if check_dtype not in CHECK_DTYPES:
+        raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
     features = tuple(features)
     unknown = [f for f in features if f not in FEATURES]
     if unknown or not features:
@@ -331,7 +338,7 @@ def collect_features(
             for idx in tqdm(batches, desc="collecting features", unit="batch", disable=not progress):
                 enc = tokenizer([prompts[i].text for i in idx], return_tensors="pt", padding=True)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                policy = RecordingPolicy(features, len(idx), L)
+                policy = RecordingPolicy(features, len(idx), L, check_dtype=check_dtype)
                 out = model(**enc, use_cache=False, logits_to_keep=1, exit_policy=policy)
                 if bool((policy.top_token < 0).any()):
                     raise RuntimeError(
@@ -357,7 +364,7 @@ def collect_features(
         final_token=final,
         gold_token=gold,
         num_layers=np.full(P, L, dtype=np.int64),
-        meta={"model": getattr(model.config, "_name_or_path", None) or None},
+        meta={"model": getattr(model.config, "_name_or_path", None) or None, "check_dtype": check_dtype},
     )
 
 

@@ -106,11 +106,11 @@ class ExitRun:
         self.query_length = query_length
         self.attention_mask = attention_mask
         self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-        if position_ids is None:
-            position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
-        self.position_ids = position_ids
         # Exact cache option: rows are not frozen, owed positions are caught up (see exact_cache.py).
         self.exact = isinstance(past_key_values, ExactExitCache)
+        if self.exact and position_ids is None:  # (only the exact option needs the query's positions)
+            position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
+        self.position_ids = position_ids
         self.query_offset = 0  # owed positions prepended to the query by the exact option
         self.exact_frontier: torch.Tensor | None = None
         self.frozen_hidden: dict[int, torch.Tensor] = {}

@@ -138,11 +138,12 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
 
 @torch.no_grad()
 def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: str = "prefill",
-                       features=("gap", "top_prob"), repeats: int = 7) -> float:
+                       features=("gap", "top_prob"), repeats: int = 7, check_dtype: str | None = None) -> float:
     """Measured cost of one exit check in decoder layers, on the model's device and dtype.
 
     Args:
         phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
+        check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
     """
     if phase not in ("prefill", "decode"):
         raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
@@ -160,8 +161,10 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
     def run_layer():
         layer(hidden, attention_mask=None, **kw)
 
+    head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
+
     def run_check():
-        logits = arch.exit_logits(model, hidden[:, -1])
+        logits = arch.exit_logits(model, hidden[:, -1], head_dtype)
         feats, _ = compute_features(features, logits)
         feats.to("cpu")  # the decision's one device-to-host sync
 
@@ -213,13 +216,15 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     return choice
 
 
-def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill") -> float | None:
+def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",
+                       check_dtype: str | None = None) -> float | None:
     """A check cost from a user's spec: a number (layers), "auto" (measured now on the model's device at
-    `seq_len`/`phase`), or None/"none" (no scheduling: check every layer from `min_layer`)."""
+    `seq_len`/`phase`, with the head in `check_dtype`), or None/"none" (no scheduling: check every layer from
+    `min_layer`)."""
     if spec is None or spec == "none":
         return None
     if spec == "auto":
-        return measure_check_cost(model, seq_len=seq_len, phase=phase)
+        return measure_check_cost(model, seq_len=seq_len, phase=phase, check_dtype=check_dtype)
     try:
         value = float(spec)
     except (TypeError, ValueError):

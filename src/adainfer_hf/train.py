@@ -262,7 +262,9 @@ def train_exit_classifier(
             ).fit(X, y)
             estimator = fold_scaler(pipe, LogisticRegression)
         info["rows_used"] = int(rows.size)
-    return ExitClassifier(estimator, features=features, label=label, calibration={"training": info})
+    # A table collected with a half-precision check head trains a classifier that checks the same way.
+    return ExitClassifier(estimator, features=features, label=label, calibration={"training": info},
+                          check_dtype=table.meta.get("check_dtype"))
 
 
 def train_and_calibrate(
@@ -282,6 +284,7 @@ def train_and_calibrate(
     progress: bool = True,
     check_cost: float | str | None = "auto",
     check_phase: str = "prefill",
+    check_dtype: str | None = None,
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
@@ -300,6 +303,8 @@ def train_and_calibrate(
         check_cost (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): one check's cost in decoder
             layers for `schedule.schedule_classifier`; "auto" measures it on the model's device at the prompts'
             median length (`check_phase` "prefill") or for one token ("decode"); None checks every layer.
+        check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
+            model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
@@ -324,9 +329,8 @@ def train_and_calibrate(
             f"calibration_fraction={calibration_fraction} leaves one side of the split empty "
             f"({len(keys)} examples)."
         )
-    table = collect_features(
-        model, tokenizer, prompts, features=tuple(features), batch_size=batch_size, progress=progress
-    )
+    table = collect_features(model, tokenizer, prompts, features=tuple(features), batch_size=batch_size,
+                             progress=progress, check_dtype=check_dtype)
     train_table = table.select_prompts(np.flatnonzero(is_train))
     calib_table = table.select_prompts(np.flatnonzero(~is_train))
     clf = train_exit_classifier(
@@ -336,7 +340,8 @@ def train_and_calibrate(
     from .schedule import resolve_check_cost, schedule_classifier
 
     lengths = [len(tokenizer(p.text).input_ids) for p in prompts]
-    cost = resolve_check_cost(model, check_cost, seq_len=int(np.median(lengths)), phase=check_phase)
+    cost = resolve_check_cost(model, check_cost, seq_len=int(np.median(lengths)), phase=check_phase,
+                              check_dtype=clf.check_dtype)
     if cost is not None:
         schedule_classifier(clf, calib_table, cost)
     return clf.bind(model), train_table, calib_table
