@@ -74,13 +74,21 @@ def truncated(stock, k: int):
     return model.eval()
 
 
+_SAMPLES: list[dict] = []  # every timed call's seconds, per case, for the JSON output
+
+
 def sync(device):
     if device.startswith("cuda"):
         torch.cuda.synchronize()
 
 
 def time_calls(fns: dict, repeats: int, device: str) -> dict:
-    """Median seconds of each callable, calls alternated so drift hits all alike."""
+    """Median seconds of each callable, calls alternated so drift hits all alike.
+
+    Each timed call directly follows an untimed call of the same callable: otherwise a call after a smaller
+    model's pays for re-growing the allocator's memory (page faults; on CPU this made the stock model, which
+    always followed the 22-layer ideal, up to 37% slower at batch 8).
+    """
     times = {name: [] for name in fns}
     for fn in fns.values():  # warm-up
         fn()
@@ -88,11 +96,13 @@ def time_calls(fns: dict, repeats: int, device: str) -> dict:
     for r in range(repeats):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotate: no model always goes first
             fn = fns[name]
+            fn()  # untimed: the same call's memory footprint, as in steady use
             sync(device)
             t0 = time.perf_counter()
             fn()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+    _SAMPLES.append(times)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -189,6 +199,7 @@ def time_split(fns: dict, repeats: int, device: str) -> dict:
             f.run()
             sync(device)
             times[name].append(time.perf_counter() - t0)
+    _SAMPLES.append(times)
     return {name: statistics.median(v) for name, v in times.items()}
 
 
@@ -204,6 +215,7 @@ def main(argv=None):
     p.add_argument("--decode-context", type=int, default=64, help="prompt length before decoding")
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--exit-fractions", type=float, nargs="+", default=[0.25, 0.5, 0.75])
+    p.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     p.add_argument("--max-tokens", type=int, default=None,
                    help="skip prefill cases whose batch x length exceeds this (CPU time)")
     p.add_argument("--json", default=None, help="write all numbers here")
@@ -215,8 +227,8 @@ def main(argv=None):
     g = torch.Generator().manual_seed(0)
     results = []
     cases = [("prefill", n, b) for n in args.lengths for b in args.batches
-             if args.max_tokens is None or n * b <= args.max_tokens]
-    cases += [("decode", args.decode_context, b) for b in args.batches]
+             if "prefill" in args.phases and (args.max_tokens is None or n * b <= args.max_tokens)]
+    cases += [("decode", args.decode_context, b) for b in args.batches if "decode" in args.phases]
     print(f"model {args.model or args.shape} L={L} device={args.device} dtype={args.dtype} "
           f"threads={torch.get_num_threads()} repeats={args.repeats}")
     print(f"{'phase':8}{'len':>6}{'batch':>6} | overhead never-fires: {'none':>7}{'one':>7}{'every':>8} | "
@@ -229,7 +241,7 @@ def main(argv=None):
         line += " ".join(f"{e['speedup']:.2f}x/{e['ideal']:.2f}x ({e['of_ideal']:.2f}; {e['of_ideal_filled']:.2f})"
                          for e in rows["exit"].values())
         print(line, flush=True)
-        results.append({"phase": phase, "length": n, "batch": b, "seconds": t, **rows})
+        results.append({"phase": phase, "length": n, "batch": b, "seconds": t, "samples": _SAMPLES[-1], **rows})
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"args": vars(args), "results": results}, f, indent=2)

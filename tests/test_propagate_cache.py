@@ -143,3 +143,15 @@ def test_a_deleted_model_is_named_when_owed_values_are_read():
     gc.collect()
     with pytest.raises(RuntimeError, match="model .* was deleted"):
         cache.layers[L - 1].keys  # noqa: B018
+
+
+def test_deepcopy_copies_owed_states_not_the_model():
+    import copy
+
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("none")
+    with torch.no_grad():
+        cache = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True).past_key_values
+    twin = copy.deepcopy(cache)
+    assert twin.layers[L - 1].__dict__["_owed_source"][0]() is ada  # a weak reference: the model is not copied
+    torch.testing.assert_close(twin.layers[L - 1].keys, cache.layers[L - 1].keys)

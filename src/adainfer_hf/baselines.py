@@ -96,11 +96,8 @@ class LiveCRFPolicy(ExitPolicy):
         fire = np.zeros(len(rows), dtype=bool)
         allowed = layer >= clf.min_layer and (clf.check_layers is None or layer in clf.check_layers)
         for j, row in enumerate(rows.tolist()):
-            history = state.setdefault(row, [])
-            history.extend(est._to_dicts(X[j:j + 1]))
-            if allowed:
-                p = est.crf_.predict_marginals_single(history)[-1].get("1", 0.0)
-                fire[j] = p >= self.threshold
+            p = est.extend_history(state.setdefault(row, []), X[j])
+            fire[j] = allowed and p >= self.threshold
         return torch.from_numpy(fire).to(features.device)
 
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:

@@ -28,7 +28,8 @@ def shipped_classifier_dir(model_subdir: str = "smollm2-135m-instruct") -> Path 
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def _load(model: str):
+def load_dense_model(model: str):
+    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier."""
     from transformers import AutoTokenizer
 
     from .collect import load_adainfer_model
@@ -41,7 +42,8 @@ def _load(model: str):
     return load_adainfer_model(model, exit_classifier=None), AutoTokenizer.from_pretrained(model)
 
 
-def _tasks(args):
+def tasks_from_args(args):
+    """The tasks named by --task-file / --builtin-task."""
     from .builtin_tasks import builtin_task, builtin_task_names
     from .data import load_task
 
@@ -74,8 +76,8 @@ def _figures(s: dict) -> str:
 def _cmd_collect(args) -> int:
     from .collect import collect_features
 
-    model, tok = _load(args.model)
-    prompts = _prompts(_tasks(args), args.shots, args.limit, args.seed)
+    model, tok = load_dense_model(args.model)
+    prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
     run = dict(features=args.features, batch_size=args.batch_size, progress=not args.quiet,
                check_dtype=args.check_dtype)
     table = collect_features(model, tok, prompts, **run)
@@ -92,7 +94,7 @@ def _cmd_train(args) -> int:
     from .schedule import resolve_check_cost, schedule_classifier
     from .train import train_and_calibrate, train_exit_classifier
 
-    model, tok = _load(args.model)
+    model, tok = load_dense_model(args.model)
     fit = dict(
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
     )
@@ -110,7 +112,7 @@ def _cmd_train(args) -> int:
         if cost is not None:
             schedule_classifier(clf, calib_table, cost)
     else:
-        prompts = _prompts(_tasks(args), args.shots, args.limit, args.seed)
+        prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)
         if args.check_length:
             args.check_cost = resolve_check_cost(model, args.check_cost, args.check_length, args.check_phase,
@@ -186,7 +188,7 @@ def _cmd_demo(args) -> int:
     from .classifier import ExitClassifier
     from .rules import GapThresholdRule
 
-    model, tok = _load(args.model)
+    model, tok = load_dense_model(args.model)
     shipped = shipped_classifier_dir() if args.model == "default" and not args.retrain else None
     source = args.classifier or shipped
     tasks = [builtin_task(n, seed=args.seed) for n in builtin_task_names()]

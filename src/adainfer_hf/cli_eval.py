@@ -28,6 +28,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from .cli import load_dense_model, tasks_from_args
+
 __all__ = ["add_eval_parser", "main", "run_eval"]
 
 
@@ -70,30 +72,6 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _load(name: str):
-    from transformers import AutoTokenizer
-
-    from .collect import load_adainfer_model
-
-    if name == "default":
-        from .default_model import default_model_dir
-
-        name = str(default_model_dir())
-    return load_adainfer_model(name, exit_classifier=None), AutoTokenizer.from_pretrained(name)
-
-
-def _tasks(args):
-    from .builtin_tasks import builtin_task, builtin_task_names
-    from .data import load_task
-
-    tasks = [load_task(f) for f in args.task_file or []]
-    names = args.builtin_task or []
-    tasks += [builtin_task(n, seed=args.seed) for n in (builtin_task_names() if "all" in names else names)]
-    if not tasks:
-        raise SystemExit("error: give at least one --task-file FILE or --builtin-task NAME.")
-    return tasks
-
-
 def _write_json(path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -106,7 +84,7 @@ def _run_study(args, model, tok, tasks, command: str) -> int:
     from .report import study_table
     from .study import generalization_study
 
-    other = _load(args.study_model) if args.study_model else (None, None)
+    other = load_dense_model(args.study_model) if args.study_model else (None, None)
     results = generalization_study(model, tok, tasks, args.study, shots=args.shots, limit=args.limit,
                                    method=args.study_method, target_agreement=args.target_agreement or 0.99,
                                    train_tasks=args.train_tasks, other_model=other[0], other_tokenizer=other[1],
@@ -141,9 +119,9 @@ def run_eval(args, argv=None) -> int:
     # CPU; accelerate only picks that backend when told the run is on the CPU.
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     state = PartialState(cpu=use_cpu or torch.accelerator.current_accelerator() is None)
-    model, tok = _load(args.model)
+    model, tok = load_dense_model(args.model)
     model.to(state.device)
-    tasks = _tasks(args)
+    tasks = tasks_from_args(args)
     command = "adainfer " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     if args.study:
         return _run_study(args, model, tok, tasks, command) if state.is_main_process else 0

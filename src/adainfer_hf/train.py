@@ -151,6 +151,13 @@ class CRFExitEstimator(ClassifierMixin, BaseEstimator):
             out.append(np.array([self._marginal_one(dicts[: k + 1])[-1] for k in range(len(dicts))]))
         return out
 
+    def extend_history(self, history: list, row: np.ndarray) -> float:
+        """Appends one layer's features `row` [F] to a sequence `history` (a list, initially empty, kept by the
+        caller) and returns P(label 1 at this layer | the layers so far): `causal_scores`, one layer at a time."""
+        check_is_fitted(self)
+        history.extend(self._to_dicts(np.asarray(row, dtype=np.float64).reshape(1, -1)))
+        return float(self._marginal_one(history)[-1])
+
     def predict_proba(self, X) -> np.ndarray:
         """Row-wise P(exit), each row taken as a length-1 sequence (see the class docstring)."""
         check_is_fitted(self)
