@@ -155,3 +155,17 @@ def test_deepcopy_copies_owed_states_not_the_model():
     twin = copy.deepcopy(cache)
     assert twin.layers[L - 1].__dict__["_owed_source"][0]() is ada  # a weak reference: the model is not copied
     torch.testing.assert_close(twin.layers[L - 1].keys, cache.layers[L - 1].keys)
+
+
+def test_generate_without_cache_still_exits_like_the_truncated_model():
+    from tiny_models import truncated_stock
+
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+    with torch.no_grad():
+        ref = truncated_stock(stock, 2).generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0,
+                                                 max_new_tokens=4, use_cache=False)
+        out = ada.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=4,
+                           use_cache=False, exit_policy=ScriptedExit(2), return_dict_in_generate=True)
+    assert out.past_key_values is None
+    assert torch.equal(out.sequences, ref)
