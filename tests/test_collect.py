@@ -278,10 +278,14 @@ def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(
     _, ada = tiny_pair()
     tok = tiny_tokenizer()
     seen = []
-    monkeypatch.setattr(schedule, "measure_check_cost", lambda model, **kw: seen.append(kw["check_dtype"]) or 0.5)
+    costs = {"prefill": 0.5, "decode": 9.0}
+    monkeypatch.setattr(schedule, "measure_check_cost",
+                        lambda model, **kw: seen.append((kw["phase"], kw["check_dtype"])) or costs[kw["phase"]])
     clf, train_table, calib_table = train_and_calibrate(
         ada, tok, tiny_prompts(4, (0, 2)), method="logistic", target_agreement=0.5, progress=False,
         check_dtype="float16")
-    assert seen == ["float16"]
+    assert seen == [("prefill", "float16"), ("decode", "float16")]  # a schedule for prompts, one for decode
     assert train_table.meta["check_dtype"] == calib_table.meta["check_dtype"] == "float16"
     assert clf.check_dtype == "float16" and clf.calibration["schedule"]["check_cost_layers"] == 0.5
+    assert clf.calibration["decode_schedule"]["check_cost_layers"] == 9.0
+    assert clf.decode_check_layers == tuple(clf.calibration["decode_schedule"]["check_layers"])

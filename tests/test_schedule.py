@@ -94,3 +94,87 @@ def test_schedule_classifier_on_a_calibrated_classifier():
     assert choice.risk_bound <= 0.05
     _, summary = simulate_exits(clf, fresh)  # held-out prompts from the same distribution
     assert summary["agreement"] >= 0.95 and summary["mean_exit_layer"] < L
+
+
+def test_prompts_and_decode_steps_get_their_own_schedules(tmp_path):
+    """A check that is cheap in a prompt and dear in a single-token step: the prompt schedule keeps checks, the
+    decode one drops them (or keeps fewer); both survive a save/load, and the loop applies each to its phase."""
+    import torch
+    from test_calibrate import settling_table
+
+    from adainfer_hf.calibrate import calibrate
+    from adainfer_hf.classifier import ExitClassifier
+    from adainfer_hf.schedule import schedule_classifier
+    from adainfer_hf.train import train_exit_classifier
+
+    train, calib = settling_table(600, 0), settling_table(600, 1)
+    clf = calibrate(train_exit_classifier(train, method="logistic"), calib, target_agreement=0.95)
+    schedule_classifier(clf, calib, check_cost=0.1, decode_check_cost=1000.0)
+    assert len(clf.check_layers) > len(clf.decode_check_layers)
+    assert len(clf.decode_check_layers) <= 1  # at 1000 layers a check pays only as the one that replaces the head
+    assert clf.calibration["decode_schedule"]["check_cost_layers"] == 1000.0
+    clf.save_pretrained(tmp_path)
+    back = ExitClassifier.from_pretrained(tmp_path)
+    assert back.decode_check_layers == clf.decode_check_layers and back.check_layers == clf.check_layers
+    L = int(calib.num_layers.max())
+    assert back.layers_to_check(L, decode=True) == list(clf.decode_check_layers)
+    with pytest.raises(ValueError, match="decode_check_layers"):
+        ExitClassifier(clf.estimator, decode_check_layers=[3, 2])
+
+    # the loop: prompt steps use check_layers, cached single-token steps decode_check_layers
+    from tiny_models import batch
+
+    from adainfer_hf import ScriptedExit
+
+    _, ada = make_pair("llama_gqa")
+    policy = ScriptedExit(2)
+    policy.decode_check_layers = ()  # prompts exit after layer 2; generated tokens are never checked
+    ids, mask = batch("left")
+    with torch.no_grad():
+        out = ada.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=4,
+                           exit_policy=policy, return_dict_in_generate=True)
+    assert out.exit_layers[:, 0].tolist() == [2, 2, 2]
+    assert (out.exit_layers[:, 1:] == 4).all()
+
+
+def test_exact_cache_catches_up_when_decode_steps_are_not_checked():
+    """Exact option, prompt exits at 2, decode steps unchecked: the unchecked steps still run the owed layers for
+    the prompt first, so they equal a dense no-cache forward over the whole prefix (the independent reference)."""
+    import torch
+    from tiny_models import batch
+
+    from adainfer_hf import ScriptedExit
+
+    stock, ada = make_pair("llama_gqa")
+    policy = ScriptedExit(2)
+    policy.decode_check_layers = ()
+    ids, mask = batch("none")
+    with torch.no_grad():
+        out = ada.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=4,
+                           exit_policy=policy, exit_cache="exact", return_dict_in_generate=True, output_scores=True)
+        n = ids.shape[1]
+        for step in range(1, 4):
+            prefix = out.sequences[:, : n + step]
+            ref = stock(prefix, use_cache=False).logits[:, -1]
+            torch.testing.assert_close(out.scores[step], ref, atol=1e-4, rtol=1e-4)
+    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [out.sequences.shape[1] - 1] * 4
+
+
+def test_exact_cache_catches_up_when_a_step_runs_without_a_policy():
+    """`exit_policy=None` for one cached step after an exact-option prompt exit: the owed layers still run."""
+    import torch
+    from tiny_models import batch
+
+    from adainfer_hf import ScriptedExit
+    from adainfer_hf.exact_cache import ExactExitCache
+
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("none")
+    cache = ExactExitCache(config=ada.config)
+    with torch.no_grad():
+        first = ada(ids, past_key_values=cache, use_cache=True, exit_policy=ScriptedExit(1))
+        nxt = first.logits[:, -1].argmax(-1, keepdim=True)
+        out = ada(nxt, past_key_values=cache, use_cache=True, exit_policy=None)
+        ref = stock(torch.cat([ids, nxt], 1), use_cache=False).logits[:, -1]
+    assert first.exit_layers.tolist() == [1, 1, 1] and out.exit_layers.tolist() == [4, 4, 4]
+    torch.testing.assert_close(out.logits[:, -1], ref, atol=1e-4, rtol=1e-4)

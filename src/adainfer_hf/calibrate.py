@@ -227,12 +227,12 @@ def calibrate(
     if isinstance(clf.calibration, dict) and "training" in clf.calibration:
         figures["training"] = clf.calibration["training"]
     if best is None:
-        result = clf.replace(min_layer=1, check_layers=[], calibration=None)
+        result = clf.replace(min_layer=1, check_layers=[], decode_check_layers=None, calibration=None)
         errors, chosen = 0, {"never_exit": True, "min_layer": None, "threshold": None}
         exit_layer = np.full(n, L)
     else:
         _, m, t, errors = best
-        result = clf.replace(threshold=t, min_layer=m, check_layers=None, calibration=None)
+        result = clf.replace(threshold=t, min_layer=m, check_layers=None, decode_check_layers=None, calibration=None)
         chosen = {"never_exit": False, "min_layer": m, "threshold": t}
         masked = S.copy()
         masked[:, : m - 1] = -np.inf

@@ -74,6 +74,9 @@ class ExitClassifier(ExitPolicy):
             First 1-based layer after which the classifier may fire.
         check_layers (`Sequence[int]`, *optional*):
             Explicit sorted 1-based layers to check; `None` checks every layer from `min_layer` to `L - 1`.
+        decode_check_layers (`Sequence[int]`, *optional*):
+            The schedule of cached single-token steps (decode), where a check costs more layers than in a prompt;
+            `None` uses `check_layers` there too.
         label (`str`, *optional*, defaults to `"final"`):
             What the estimator was trained to predict: `"final"` (the layer's top-1 equals the final layer's) or
             `"gold"` (it equals the gold answer).
@@ -106,6 +109,7 @@ class ExitClassifier(ExitPolicy):
         check_layers=None,
         check_dtype: str | None = None,
         label: str = "final",
+        decode_check_layers=None,
         base_model_name_or_path: str | None = None,
         base_model_revision: str | None = None,
         num_layers: int | None = None,
@@ -117,6 +121,7 @@ class ExitClassifier(ExitPolicy):
         self.threshold = threshold
         self.min_layer = min_layer
         self.check_layers = None if check_layers is None else tuple(check_layers)
+        self.decode_check_layers = None if decode_check_layers is None else tuple(decode_check_layers)
         self.check_dtype = check_dtype
         self.label = label
         self.base_model_name_or_path = base_model_name_or_path
@@ -172,12 +177,15 @@ class ExitClassifier(ExitPolicy):
         allowed = f"[1, {top}]" if top is not None else "[1, num_layers - 1]"
         if not _is_int(self.min_layer) or self.min_layer < 1 or (top is not None and self.min_layer > top):
             raise ValueError(f"min_layer={self.min_layer!r} is out of range; expected an int in {allowed}.")
-        if self.check_layers is not None:  # `()` is valid: a classifier that never exits (see calibrate)
-            layers = list(self.check_layers)
+        for name in ("check_layers", "decode_check_layers"):
+            value = getattr(self, name)
+            if value is None:
+                continue
+            layers = list(value)  # `()` is valid: never check, never exit (see calibrate and schedule)
             bad = [k for k in layers if not _is_int(k) or k < 1 or (top is not None and k > top)]
             if bad or layers != sorted(set(layers)):
                 raise ValueError(
-                    f"check_layers={layers!r} must be a sorted list of unique ints in {allowed}"
+                    f"{name}={layers!r} must be a sorted list of unique ints in {allowed}"
                     + (f"; offending value(s): {bad}." if bad else ".")
                 )
         if self.label not in _LABELS:
@@ -349,6 +357,8 @@ class ExitClassifier(ExitPolicy):
             threshold=self.threshold,
             min_layer=int(self.min_layer),
             check_layers=None if self.check_layers is None else [int(k) for k in self.check_layers],
+            decode_check_layers=None if self.decode_check_layers is None
+            else [int(k) for k in self.decode_check_layers],
             check_dtype=self.check_dtype,
             label=self.label,
             base_model_name_or_path=self.base_model_name_or_path,
@@ -370,6 +380,7 @@ class ExitClassifier(ExitPolicy):
             threshold=config.threshold,
             min_layer=config.min_layer,
             check_layers=config.check_layers,
+            decode_check_layers=config.decode_check_layers,
             check_dtype=config.check_dtype,
             label=config.label,
             base_model_name_or_path=config.base_model_name_or_path,
@@ -465,6 +476,8 @@ class ExitClassifier(ExitPolicy):
         base = f", base_model={self.base_model_name_or_path!r}" if self.base_model_name_or_path else ""
         layers = f", num_layers={self.num_layers}" if self.num_layers is not None else ""
         check = f", check_layers={self.check_layers}" if self.check_layers is not None else ""
+        if self.decode_check_layers is not None:
+            check += f", decode_check_layers={self.decode_check_layers}"
         return (
             f"{type(self).__name__}({type(self.estimator).__name__}, features={self.features}, "
             f"threshold={self.threshold}, min_layer={self.min_layer}{check}{base}{layers})"

@@ -46,6 +46,7 @@ class ExitClassifierConfig:
         threshold (`float`, *optional*): firing threshold on the score; `None` uses the estimator's `predict`.
         min_layer (`int`, defaults to 1): first 1-based layer after which the classifier may fire.
         check_layers (`list[int]`, *optional*): explicit 1-based schedule of checked layers.
+        decode_check_layers (`list[int]`, *optional*): the schedule of cached single-token steps; `None` = the same.
         check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
             model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
             the same setting.
@@ -65,6 +66,7 @@ class ExitClassifierConfig:
     threshold: float | None = None
     min_layer: int = 1
     check_layers: list[int] | None = None
+    decode_check_layers: list[int] | None = None
     check_dtype: str | None = None
     label: str = "final"
     base_model_name_or_path: str | None = None

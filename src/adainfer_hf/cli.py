@@ -91,7 +91,7 @@ def _cmd_collect(args) -> int:
 def _cmd_train(args) -> int:
     from .calibrate import calibrate
     from .collect import FeatureTable
-    from .schedule import resolve_check_cost, schedule_classifier
+    from .schedule import resolve_check_costs, schedule_classifier
     from .train import train_and_calibrate, train_exit_classifier
 
     model, tok = load_dense_model(args.model)
@@ -107,19 +107,17 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--check-dtype {args.check_dtype} differs from the tables' check dtype {table_dtype!r} "
                              f"({args.from_tables}); collect the tables again with --check-dtype {args.check_dtype}.")
         clf = calibrate(train_exit_classifier(train_table, **fit), calib_table, **cal).bind(model)
-        cost = resolve_check_cost(model, args.check_cost, seq_len=args.check_length or 256, phase=args.check_phase,
-                                  check_dtype=clf.check_dtype)  # the tables' own check dtype
+        cost, decode_cost = resolve_check_costs(model, args.check_cost, seq_len=args.check_length or 256,
+                                                phase=args.check_phase, check_dtype=clf.check_dtype)  # the tables'
         if cost is not None:
-            schedule_classifier(clf, calib_table, cost)
+            schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost)
     else:
         prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)
-        if args.check_length:
-            args.check_cost = resolve_check_cost(model, args.check_cost, args.check_length, args.check_phase,
-                                                 check_dtype=args.check_dtype)
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
-            check_phase=args.check_phase, check_dtype=args.check_dtype, **fit, **cal, **run
+            check_phase=args.check_phase, check_length=args.check_length, check_dtype=args.check_dtype,
+            **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
         from .default_model import DEFAULT_MODEL_NAME
@@ -138,6 +136,10 @@ def _cmd_train(args) -> int:
         sched = figures["schedule"]
         print(f"check schedule: layers {sched['check_layers'] or 'none'} (one check = "
               f"{sched['check_cost_layers']:.2f} layers; expected cost {sched['relative_cost']:.3f} of dense)")
+    if "decode_schedule" in figures:
+        sched = figures["decode_schedule"]
+        print(f"decode check schedule: layers {sched['check_layers'] or 'none'} (one check = "
+              f"{sched['check_cost_layers']:.2f} layers in a single-token step)")
     print(f"calibration: {_figures(figures)} risk_upper_bound={figures['risk_upper_bound']:.3f}")
     print(f"saved the exit classifier to {args.out}")
     return 0
@@ -321,8 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-cost", default="auto", help="One exit check's cost in decoder layers, used to choose "
                    "the check schedule: a number, 'auto' (measured now on this device; default) or 'none' (check "
                    "after every layer from min_layer, as the paper does).")
-    p.add_argument("--check-phase", default="prefill", choices=["prefill", "decode"],
-                   help="Workload the schedule is optimised for when measuring: prefill (default) or decode.")
+    p.add_argument("--check-phase", default="both", choices=["both", "prefill", "decode"],
+                   help="With --check-cost auto: 'both' (default) measures a check in a prompt and in a "
+                   "single-token step and chooses a schedule for each; 'prefill' or 'decode' one schedule for all.")
     p.add_argument("--check-length", type=int, default=None, help="Sequence length for the measured check cost "
                    "(default: the prompts' median length; 256 with --from-tables).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")

@@ -23,7 +23,12 @@ from .features import LayerStats, compute_features, feature_needs
 from .policy import ExitPolicy
 from .propagate_cache import PropagateExitCache
 
-__all__ = ["ExitRun", "last_token_positions"]
+__all__ = ["ExitRun", "is_decode_step", "last_token_positions"]
+
+
+def is_decode_step(query_length: int, past_length: int) -> bool:
+    """Whether a forward is a cached single-token step (the decode schedule applies) rather than a prompt."""
+    return query_length == 1 and past_length > 0
 
 
 def last_token_positions(attention_mask: torch.Tensor | None, query_length: int, batch_size: int) -> torch.Tensor:
@@ -98,14 +103,15 @@ class ExitRun:
         self.policy = policy
         self.batch_size = batch_size
         self.num_layers = arch.num_layers(model)
-        self.check_layers = set(policy.layers_to_check(self.num_layers))
+        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
+                                                                                                self.past_length)))
         self.needs = feature_needs(policy.features)
         self.lens_layers = set(self.check_layers)
         if "prev_stats" in self.needs:
             self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
         self.query_length = query_length
         self.attention_mask = attention_mask
-        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
         # Exact cache option: rows are not frozen, owed positions are caught up (see exact_cache.py).
         self.exact = isinstance(past_key_values, ExactExitCache)
         if self.exact and position_ids is None:  # (only the exact option needs the query's positions)

@@ -18,7 +18,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from . import architectures as arch
 from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
-from .loop import ExitRun
+from .loop import ExitRun, is_decode_step
 from .policy import ExitPolicy
 from .propagate_cache import PropagateExitCache
 from .stats import ExitRecorder, ExitStatistics
@@ -32,6 +32,15 @@ __all__ = [
 ]
 
 _AUTO = object()  # from_pretrained's "look for an exit classifier beside the checkpoint"
+
+
+class _NoChecks(ExitPolicy):
+    """Runs every layer through the exit loop without checking (to catch up the exact cache's owed positions)."""
+
+    check_layers = ()
+
+    def decide(self, features, layer, rows):
+        return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 
 @dataclass
@@ -126,8 +135,17 @@ class AdaInferMixin:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
         """
         policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
-        if policy is not None and not policy.layers_to_check(arch.num_layers(self)):
-            policy = None  # a schedule with no checks (e.g. calibrated to "never exit") is the stock model
+        # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
+        # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
+        # stock model.
+        owed = isinstance(past_key_values, ExactExitCache) and past_key_values.pending_hidden is not None
+        if policy is not None and not owed:
+            ref = input_ids if input_ids is not None else inputs_embeds
+            past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+            if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(ref.shape[1], past)):
+                policy = None
+        if policy is None and owed:
+            policy = _NoChecks()
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
         ref = input_ids if input_ids is not None else inputs_embeds

@@ -24,12 +24,22 @@ class ExitPolicy:
     features: tuple[str, ...] = ()
     min_layer: int = 1
     check_layers: tuple[int, ...] | None = None
+    # Single-token steps after the prompt (decode) may have their own schedule: there a check costs several layers
+    # (one LM head against one token's layer), in a long prompt a fraction of one. None = `check_layers`.
+    decode_check_layers: tuple[int, ...] | None = None
     check_dtype: str | None = None  # dtype of the LM head the checks use (see CHECK_DTYPES)
 
-    def layers_to_check(self, num_layers: int) -> list[int]:
-        """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output)."""
-        if self.check_layers is not None:
-            layers = sorted({int(k) for k in self.check_layers})
+    def layers_to_check(self, num_layers: int, decode: bool = False) -> list[int]:
+        """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output).
+
+        Args:
+            decode (`bool`, *optional*, defaults to `False`): the schedule of a cached single-token step.
+        """
+        scheduled = self.check_layers
+        if decode and self.decode_check_layers is not None:
+            scheduled = self.decode_check_layers
+        if scheduled is not None:
+            layers = sorted({int(k) for k in scheduled})
         else:
             layers = list(range(int(self.min_layer), num_layers))
         return [k for k in layers if self.min_layer <= k < num_layers]

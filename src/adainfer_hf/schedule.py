@@ -25,6 +25,7 @@ __all__ = [
     "choose_schedule",
     "measure_check_cost",
     "resolve_check_cost",
+    "resolve_check_costs",
     "schedule_classifier",
     "schedule_cost",
 ]
@@ -185,18 +186,22 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
 
 
 def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,
-                        delta: float | None = None):
-    """Sets `clf.check_layers` to the cheapest certified schedule for a calibrated classifier.
+                        delta: float | None = None, decode_check_cost: float | None = None):
+    """Sets `clf.check_layers` (and `clf.decode_check_layers`) to the cheapest certified schedules.
 
     Args:
         clf (`ExitClassifier`): a calibrated classifier (its `min_layer`/`threshold` decide where it fires).
         table (`FeatureTable`): the calibration table it was calibrated on.
-        check_cost (`float`): one check's cost in decoder layers on the target device (`measure_check_cost`).
+        check_cost (`float`): one check's cost in decoder layers on the target device (`measure_check_cost`); with
+            `decode_check_cost`, the cost in a prompt forward.
         target_agreement, delta: default to the figures `calibrate` recorded.
+        decode_check_cost (`float`, *optional*): one check's cost in a cached single-token step. When given, a
+            second schedule is chosen for those steps (`decode_check_layers`), on the same calibration prompts
+            (their exits stand in for those of generated tokens); otherwise decode steps use `check_layers`.
 
     Returns:
-        `ScheduleChoice`, also stored in `clf.calibration["schedule"]`. A classifier calibrated to never exit
-        (`check_layers=()`) is left as it is.
+        `ScheduleChoice` of `check_layers`, also stored in `clf.calibration["schedule"]` (the decode one in
+        `["decode_schedule"]`). A classifier calibrated to never exit (`check_layers=()`) is left as it is.
     """
     if clf.check_layers == ():
         return None
@@ -209,11 +214,34 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & (table.layer >= clf.min_layer)
     fires[table.prompt_id, table.layer - 1] = fired
     agrees[table.prompt_id, table.layer - 1] = table.labels("final")
+    procedure = "exact binomial bound, Bonferroni over the candidates"
     choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer)
     clf.check_layers = choice.check_layers
-    clf.calibration = {**cal, "schedule": {**choice.as_dict(), "delta": delta,
-                                           "procedure": "exact binomial bound, Bonferroni over the candidates"}}
+    record = {**cal, "schedule": {**choice.as_dict(), "delta": delta, "procedure": procedure}}
+    record.pop("decode_schedule", None)
+    clf.decode_check_layers = None
+    if decode_check_cost is not None:
+        decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer)
+        clf.decode_check_layers = decode.check_layers
+        record["decode_schedule"] = {**decode.as_dict(), "delta": delta, "procedure": procedure}
+    clf.calibration = record
     return choice
+
+
+def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both",
+                        check_dtype: str | None = None) -> tuple[float | None, float | None]:
+    """(cost of `check_layers`' checks, cost of decode checks or None) for `schedule_classifier`.
+
+    `phase="both"` with `spec="auto"` measures a check in a `seq_len`-token prompt and in a single-token step, so
+    prompts and generated tokens get their own schedules; "prefill" or "decode" (or a numeric `spec`) give one
+    cost and one schedule for every step.
+    """
+    if phase not in ("both", "prefill", "decode"):
+        raise ValueError(f"phase must be 'both', 'prefill' or 'decode'; got {phase!r}.")
+    if phase == "both" and spec == "auto":
+        return (resolve_check_cost(model, spec, seq_len, "prefill", check_dtype),
+                resolve_check_cost(model, spec, seq_len, "decode", check_dtype))
+    return resolve_check_cost(model, spec, seq_len, "prefill" if phase == "both" else phase, check_dtype), None
 
 
 def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",

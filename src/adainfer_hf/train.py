@@ -290,7 +290,8 @@ def train_and_calibrate(
     batch_size: int = 8,
     progress: bool = True,
     check_cost: float | str | None = "auto",
-    check_phase: str = "prefill",
+    check_phase: str = "both",
+    check_length: int | None = None,
     check_dtype: str | None = None,
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
@@ -309,7 +310,12 @@ def train_and_calibrate(
             `collect.collect_features`.
         check_cost (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): one check's cost in decoder
             layers for `schedule.schedule_classifier`; "auto" measures it on the model's device at the prompts'
-            median length (`check_phase` "prefill") or for one token ("decode"); None checks every layer.
+            median length and for one token; None checks every layer.
+        check_phase (`str`, *optional*, defaults to `"both"`): "both" chooses one schedule for prompts and one for
+            generated tokens (`decode_check_layers`) from the two measured costs; "prefill" or "decode" chooses one
+            schedule for all steps from that phase's cost.
+        check_length (`int`, *optional*): prompt length at which a check is measured (default: the prompts'
+            median length).
         check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
             model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
 
@@ -344,11 +350,12 @@ def train_and_calibrate(
         train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
     )
     clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers)
-    from .schedule import resolve_check_cost, schedule_classifier
+    from .schedule import resolve_check_costs, schedule_classifier
 
-    lengths = [len(tokenizer(p.text).input_ids) for p in prompts]
-    cost = resolve_check_cost(model, check_cost, seq_len=int(np.median(lengths)), phase=check_phase,
-                              check_dtype=clf.check_dtype)
+    if check_length is None:
+        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
+    cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
+                                            check_dtype=clf.check_dtype)
     if cost is not None:
-        schedule_classifier(clf, calib_table, cost)
+        schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost)
     return clf.bind(model), train_table, calib_table
