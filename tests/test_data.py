@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_hf import data
+from adainfer_hf import data, task_files
 from adainfer_hf.data import (
     Example,
     Task,
@@ -125,7 +125,7 @@ def test_missing_sources(tmp_path, monkeypatch):
         load_task(tmp_path / "ok.json", split="train")
 
     monkeypatch.setitem(sys.modules, "datasets", None)  # make `import datasets` fail
-    monkeypatch.setattr(data, "_datasets_available", lambda: False)
+    monkeypatch.setattr(task_files, "_datasets_available", lambda: False)
     with pytest.raises(ImportError, match=r"pip install adainfer-hf\[datasets\]"):
         load_task("hf:org/name")
     with pytest.raises(FileNotFoundError, match="pass 'hf:org/name'"):
@@ -160,7 +160,7 @@ def test_hf_datasets_through_a_stub(monkeypatch):
     task = load_task("hf:org/sst", input_column="text", output_column="label", split="test")
     assert (task.name, task.source, task.examples) == ("org/sst", "hf:org/sst", [Example("c", "1")])
     # A string that is not a path goes to `datasets` when it is installed.
-    monkeypatch.setattr(data, "_datasets_available", lambda: True)
+    monkeypatch.setattr(task_files, "_datasets_available", lambda: True)
     task = load_task("org/sst", input_column="text", output_column="label", split="train", name="sst")
     assert task.name == "sst" and len(task) == 2
     assert calls == [("org/sst", "test"), ("org/sst", "train")]
