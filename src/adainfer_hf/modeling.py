@@ -225,7 +225,8 @@ class AdaInferMixin:
         Args:
             exit_cache (`str`, *optional*, defaults to `"propagate"`): how layers a token skipped get its K/V.
                 `"propagate"`: computed from the exit hidden state (CALM's state propagation; costs the K/V
-                projections only; later tokens see an approximation of the skipped layers). `"exact"`: the skipped
+                projections only, and only for layers a later token runs, see `PropagateExitCache`; later tokens
+                see an approximation of the skipped layers). `"exact"`: the skipped
                 layers run for that token later, batched with the next token that goes deeper, so the cache
                 equals the dense model's (costs the skipped compute when, and only when, a later token needs it;
                 the batch runs to its deepest row each step).
