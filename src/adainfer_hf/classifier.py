@@ -39,7 +39,7 @@ from .classifier_io import (
     write_artifact,
 )
 from .estimator_codec import _is_int, _linear_form, _logit, _qualified_name, _score_kind
-from .policy import CHECK_DTYPES, ExitPolicy
+from .policy import ExitPolicy, check_dtype_or_raise
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -190,8 +190,7 @@ class ExitClassifier(ExitPolicy):
                 )
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
-        if self.check_dtype not in CHECK_DTYPES:
-            raise ValueError(f"check_dtype={self.check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
+        check_dtype_or_raise(self.check_dtype)
 
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):

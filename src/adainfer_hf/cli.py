@@ -89,10 +89,8 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from .calibrate import calibrate
     from .collect import FeatureTable
-    from .schedule import resolve_check_costs, schedule_classifier
-    from .train import train_and_calibrate, train_exit_classifier
+    from .train import train_and_calibrate, train_on_tables
 
     model, tok = load_dense_model(args.model)
     fit = dict(
@@ -106,11 +104,8 @@ def _cmd_train(args) -> int:
         if args.check_dtype is not None and args.check_dtype != table_dtype:
             raise ValueError(f"--check-dtype {args.check_dtype} differs from the tables' check dtype {table_dtype!r} "
                              f"({args.from_tables}); collect the tables again with --check-dtype {args.check_dtype}.")
-        clf = calibrate(train_exit_classifier(train_table, **fit), calib_table, **cal).bind(model)
-        cost, decode_cost = resolve_check_costs(model, args.check_cost, seq_len=args.check_length or 256,
-                                                phase=args.check_phase, check_dtype=clf.check_dtype)  # the tables'
-        if cost is not None:
-            schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost)
+        clf = train_on_tables(model, train_table, calib_table, check_cost=args.check_cost,
+                              check_phase=args.check_phase, check_length=args.check_length or 256, **fit, **cal)
     else:
         prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)

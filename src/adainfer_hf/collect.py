@@ -21,7 +21,7 @@ import torch
 
 from . import architectures as arch
 from .features import FEATURES
-from .policy import CHECK_DTYPES, ExitPolicy
+from .policy import ExitPolicy, check_dtype_or_raise
 
 __all__ = ["FeatureTable", "RecordingPolicy", "collect_features", "load_adainfer_model"]
 
@@ -304,8 +304,7 @@ def collect_features(
         )
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
-    if check_dtype not in CHECK_DTYPES:
-        raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
+    check_dtype_or_raise(check_dtype)
     features = tuple(features)
     unknown = [f for f in features if f not in FEATURES]
     if unknown or not features:

@@ -135,12 +135,12 @@ class AdaInferMixin:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
         """
         policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
+        ref = input_ids if input_ids is not None else inputs_embeds
         # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
         # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
         # stock model.
         owed = isinstance(past_key_values, ExactExitCache) and past_key_values.pending_hidden is not None
         if policy is not None and not owed:
-            ref = input_ids if input_ids is not None else inputs_embeds
             past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
             if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(ref.shape[1], past)):
                 policy = None
@@ -148,7 +148,6 @@ class AdaInferMixin:
             policy = _NoChecks()
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
-        ref = input_ids if input_ids is not None else inputs_embeds
         if policy is None:
             out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
             full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)

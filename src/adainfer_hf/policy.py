@@ -10,9 +10,16 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit"]
+__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit", "check_dtype_or_raise"]
 
 CHECK_DTYPES = (None, "float16", "bfloat16", "float32")  # None: the LM head's own dtype
+
+
+def check_dtype_or_raise(check_dtype: str | None) -> str | None:
+    """Returns `check_dtype` when it is one of `CHECK_DTYPES`; raises `ValueError` naming it otherwise."""
+    if check_dtype not in CHECK_DTYPES:
+        raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
+    return check_dtype
 
 
 class ExitPolicy:
@@ -83,9 +90,7 @@ class ScriptedExit(ExitPolicy):
         self.min_layer = 1
         self._per_row = torch.tensor(layers)
         self.check_every_layer = check_every_layer
-        if check_dtype not in CHECK_DTYPES:
-            raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
-        self.check_dtype = check_dtype
+        self.check_dtype = check_dtype_or_raise(check_dtype)
         self.check_layers = None if check_every_layer else tuple(sorted(set(layers)))
 
     def decide(self, features, layer, rows):

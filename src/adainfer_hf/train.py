@@ -322,7 +322,6 @@ def train_and_calibrate(
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
     """
-    from .calibrate import calibrate
     from .collect import collect_features
     from .data import split_examples
 
@@ -346,16 +345,48 @@ def train_and_calibrate(
                              progress=progress, check_dtype=check_dtype)
     train_table = table.select_prompts(np.flatnonzero(is_train))
     calib_table = table.select_prompts(np.flatnonzero(~is_train))
+    if check_length is None:
+        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
+    clf = train_on_tables(
+        model, train_table, calib_table, method=method, features=features, label=label, max_rows=max_rows,
+        seed=seed, target_agreement=target_agreement, delta=delta, min_layers=min_layers, check_cost=check_cost,
+        check_phase=check_phase, check_length=check_length)
+    return clf, train_table, calib_table
+
+
+def train_on_tables(
+    model,
+    train_table: FeatureTable,
+    calib_table: FeatureTable,
+    method: str = "svm",
+    features: Sequence[str] = ("gap", "top_prob"),
+    label: str = "final",
+    max_rows: int = 20000,
+    seed: int = 0,
+    target_agreement: float = 0.99,
+    delta: float = 0.1,
+    min_layers: Sequence[int] | None = None,
+    check_cost: float | str | None = "auto",
+    check_phase: str = "both",
+    check_length: int = 256,
+):
+    """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
+
+    The tables' `check_dtype` (see `collect.collect_features`) carries into the classifier and the measured check
+    cost. Arguments as in [`train_and_calibrate`]; `check_length` is the prompt length a check is measured at.
+
+    Returns:
+        The calibrated, scheduled, bound [`ExitClassifier`].
+    """
+    from .calibrate import calibrate
+    from .schedule import resolve_check_costs, schedule_classifier
+
     clf = train_exit_classifier(
         train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
     )
     clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers)
-    from .schedule import resolve_check_costs, schedule_classifier
-
-    if check_length is None:
-        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
     cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
                                             check_dtype=clf.check_dtype)
     if cost is not None:
         schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost)
-    return clf.bind(model), train_table, calib_table
+    return clf.bind(model)
