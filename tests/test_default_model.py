@@ -5,6 +5,7 @@ import hashlib
 import json
 import threading
 import time
+from unittest.mock import patch
 
 import pytest
 import torch
@@ -45,11 +46,11 @@ def test_converted_config_and_source(smollm2_dir):
 def test_reload_is_fast_and_answers(smollm2_dir):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    start = time.perf_counter()
-    assert default_model_dir() == smollm2_dir  # already converted: a file check
+    # Already converted: a file check, never a second conversion (speed itself is a benchmark's business).
+    with patch.object(default_model, "_convert", side_effect=AssertionError("converted twice")):
+        assert default_model_dir() == smollm2_dir
     model = LlamaForCausalLM.from_pretrained(smollm2_dir)
     tokenizer = AutoTokenizer.from_pretrained(smollm2_dir)
-    assert time.perf_counter() - start < 5.0
     assert model.dtype == torch.float32
 
     ids = tokenizer(ONE_SHOT_FRANCE, return_tensors="pt").input_ids

@@ -190,8 +190,13 @@ def test_generalization_study_loto_and_inter_model(setup):
     for r in res["results"]:
         assert r["n"] == 10 and r["train_tasks"] == (["t2"] if r["task"] == "t1" else ["t1"])
         assert 1 <= r["mean_layers"] <= L
-    clf = ExitClassifier(GapThresholdRule().fit(np.zeros((1, 2))), min_layer=3, num_layers=4)
+    clf = ExitClassifier(GapThresholdRule().fit(np.zeros((1, 2))), min_layer=3, num_layers=4, check_layers=(3,),
+                         decode_check_layers=(3,), check_dtype="bfloat16", threshold=0.25).bind(ada)
     moved = transfer_classifier(clf, 8)
     assert (moved.min_layer, moved.num_layers) == (6, 8)
+    assert moved.check_layers == (6,) and moved.decode_check_layers == (6,)
+    # everything else carries over; what identified the source model does not
+    assert (moved.check_dtype, moved.threshold, moved.label) == ("bfloat16", 0.25, clf.label)
+    assert moved.lm_head_fingerprint is None and moved.base_model_name_or_path is None
     with pytest.raises(ValueError, match="mode='bogus' is not supported"):
         generalization_study(ada, tok, tasks, "bogus")

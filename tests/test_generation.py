@@ -9,6 +9,7 @@ from transformers import pipeline
 
 from adainfer_hf import ExitPolicy, ScriptedExit
 from adainfer_hf import architectures as arch
+from adainfer_hf.compat import output_cache
 from adainfer_hf.exact_cache import ExactExitCache
 
 L = 4
@@ -70,7 +71,7 @@ def test_propagated_cache_has_every_position_in_every_layer(variant):
     out = _gen(ada, ids, mask, max_new_tokens=7, exit_policy=FeatureHashExit(), return_dict_in_generate=True)
     assert len(set(out.exit_layers.flatten().tolist())) > 1  # exits really varied
     total = out.sequences.shape[1] - 1  # the last token was sampled, never fed back
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [total] * L
+    assert [layer.keys.shape[-2] for layer in output_cache(out).layers] == [total] * L
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "opt_pre_ln", "opt_350m_layout"])
@@ -84,7 +85,7 @@ def test_exact_cache_matches_no_cache_recompute(variant, padding):
                return_dict_in_generate=True, output_scores=True)
     exits = out.exit_layers
     assert len(set(exits.flatten().tolist())) > 1
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, ExactExitCache)
     total = out.sequences.shape[1] - 1
     owed = 0 if cache.pending_hidden is None else cache.pending_hidden.shape[1]

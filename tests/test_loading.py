@@ -7,6 +7,7 @@ from tiny_models import batch, make_pair
 
 from adainfer_hf import AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM, ScriptedExit
 from adainfer_hf import architectures as arch
+from adainfer_hf.compat import output_cache
 
 SPLIT_MAP = {
     "model.embed_tokens": "cpu", "model.rotary_emb": "cpu", "model.layers.0": "cpu", "model.layers.1": "disk",
@@ -44,8 +45,8 @@ def test_cpu_disk_split_matches_stock_and_exits(tmp_path):
         assert (out.logits[row] - lens).abs().max() <= 1e-5
     # the skipped layers' caches (some offloaded to disk: their weights load only inside their own call) were
     # filled at exit time, not deferred
-    assert not cached.past_key_values.has_deferred
-    assert [layer.keys.shape[-2] for layer in cached.past_key_values.layers] == [ids.shape[1]] * 4
+    assert not output_cache(cached).has_deferred
+    assert [layer.keys.shape[-2] for layer in output_cache(cached).layers] == [ids.shape[1]] * 4
 
 
 def test_dtype_argument(tmp_path):

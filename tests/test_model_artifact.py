@@ -75,3 +75,34 @@ def test_push_to_hub_uploads_weights_and_classifier(tmp_path, local_hub):
                                                       token="hf_test")
     assert isinstance(loaded.exit_classifier, ExitClassifier)
     assert _outputs(loaded).exit_layers.tolist() == [2, 2, 2]
+
+
+def _unbound():
+    rng = np.random.default_rng(0)
+    X = rng.uniform(size=(50, 2))
+    return ExitClassifier(LogisticRegression().fit(X, (X[:, 1] > 0.5).astype(int)), min_layer=2)
+
+
+@pytest.mark.parametrize("how", ["attribute", "from_pretrained"])
+def test_an_unbound_classifier_is_bound_to_the_model_it_meets(tmp_path, how):
+    stock, ada = make_pair("llama_gqa")
+    clf = _unbound()
+    assert clf.num_layers is None and clf.lm_head_fingerprint is None
+    if how == "attribute":
+        ada.exit_classifier = clf
+    else:
+        stock.save_pretrained(tmp_path / "stock")
+        ada = AdaInferLlamaForCausalLM.from_pretrained(tmp_path / "stock", exit_classifier=clf)
+    ada.save_pretrained(tmp_path / "saved")
+    saved = ExitClassifier.from_pretrained(tmp_path / "saved")
+    assert saved.num_layers == 4 and saved.lm_head_fingerprint is not None
+    # The saved artifact now refuses a model of another depth and another head.
+    torch.manual_seed(5)
+    deeper = AdaInferLlamaForCausalLM(stock.config.__class__(**{**stock.config.to_dict(),
+                                                               "num_hidden_layers": 6}))
+    with pytest.raises(ValueError, match="num_layers: classifier 4 vs model 6"):
+        deeper.exit_classifier = saved
+    other, _ = make_pair("llama_gqa", seed=7)
+    other.save_pretrained(tmp_path / "other")
+    with pytest.raises(ValueError, match="fingerprint"):
+        AdaInferLlamaForCausalLM.from_pretrained(tmp_path / "other", exit_classifier=tmp_path / "saved")

@@ -9,6 +9,7 @@ from tiny_models import VARIANTS, batch, make_pair
 
 from adainfer_hf import ExitPolicy, ScriptedExit
 from adainfer_hf import architectures as arch
+from adainfer_hf.compat import output_cache
 from adainfer_hf.features import compute_features
 
 L = 4  # layers of the tiny models
@@ -169,13 +170,13 @@ def test_cache_stays_aligned_after_exit(variant):
     ids, mask = batch("left")
     with torch.no_grad():
         out = ada(ids, attention_mask=mask, use_cache=True, exit_policy=ScriptedExit([1, 2, L]))
-        lengths = [out.past_key_values.layers[i].keys.shape[-2] for i in range(L)]
+        lengths = [output_cache(out).layers[i].keys.shape[-2] for i in range(L)]
         assert lengths == [ids.shape[1]] * L
         nxt = torch.randint(3, 99, (3, 1))
         mask2 = torch.cat([mask, torch.ones(3, 1, dtype=mask.dtype)], 1)
-        out2 = ada(nxt, attention_mask=mask2, past_key_values=out.past_key_values, use_cache=True,
+        out2 = ada(nxt, attention_mask=mask2, past_key_values=output_cache(out), use_cache=True,
                    exit_policy=ScriptedExit([2, 1, 3]))
-    assert [out2.past_key_values.layers[i].keys.shape[-2] for i in range(L)] == [ids.shape[1] + 1] * L
+    assert [output_cache(out2).layers[i].keys.shape[-2] for i in range(L)] == [ids.shape[1] + 1] * L
     assert out2.exit_layers.tolist() == [2, 1, 3]
 
 

@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from adainfer_hf import ExitPolicy, PropagateExitCache, ScriptedExit
 from adainfer_hf import architectures as arch
+from adainfer_hf.compat import output_cache
 
 L = 4
 
@@ -50,7 +51,7 @@ def test_prefill_exit_defers_and_reads_equal_the_stock_hidden_states_projection(
     with torch.no_grad():
         out = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(k), use_cache=True)
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert isinstance(cache, PropagateExitCache) and cache.has_deferred
     pos = arch.position_embeddings(stock, ref.hidden_states[k], torch.arange(ids.shape[1])[None])
     for idx in range(k, L):
@@ -73,13 +74,13 @@ def test_deferred_fill_generates_what_the_eager_fill_generates(variant, search):
     schedule = [1, 2, L, 1, 3, 1, 1, L, 2]
     eager = _generate(ada, ids, mask, StepSchedule(schedule), DynamicCache(config=ada.config), **kw)
     lazy = _generate(ada, ids, mask, StepSchedule(schedule), **kw)
-    assert isinstance(lazy.past_key_values, PropagateExitCache)
+    assert isinstance(output_cache(lazy), PropagateExitCache)
     assert torch.equal(lazy.sequences, eager.sequences)
     assert torch.equal(lazy.exit_layers, eager.exit_layers)
     assert len(set(lazy.exit_layers.flatten().tolist())) >= 3
     for a, b in zip(lazy.scores, eager.scores, strict=True):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
-    for la, lb in zip(lazy.past_key_values.layers, eager.past_key_values.layers, strict=True):
+    for la, lb in zip(output_cache(lazy).layers, output_cache(eager).layers, strict=True):
         torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(la.values, lb.values, atol=1e-5, rtol=1e-5)
 
@@ -93,7 +94,7 @@ def test_nothing_is_computed_when_no_later_token_needs_the_skipped_layers(monkey
     monkeypatch.setattr(arch, "layer_kv_states", lambda *a, **k: calls.append(1) or real(*a, **k))
     monkeypatch.setattr(arch, "stacked_kv_states", lambda *a, **k: pytest.fail("eager fill used"))
     out = _generate(ada, ids, mask, ScriptedExit(2), max_new_tokens=5)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert calls == [] and cache.has_deferred
     assert cache.layers[0].keys.shape[-2] == out.sequences.shape[1] - 1
     cache.materialize()  # and on demand they are all there
@@ -105,11 +106,11 @@ def test_beam_reorder_keeps_owed_states_unmaterialised():
     _, ada = make_pair("llama_gqa")
     ids, mask = batch("left")
     out = _generate(ada, ids, mask, ScriptedExit(1), num_beams=3, max_new_tokens=4)
-    assert out.past_key_values.has_deferred
+    assert output_cache(out).has_deferred
     eager = _generate(ada, ids, mask, ScriptedExit(1), DynamicCache(config=ada.config), num_beams=3,
                       max_new_tokens=4)
     assert torch.equal(out.sequences, eager.sequences)
-    for la, lb in zip(out.past_key_values.layers, eager.past_key_values.layers, strict=True):
+    for la, lb in zip(output_cache(out).layers, output_cache(eager).layers, strict=True):
         torch.testing.assert_close(la.keys, lb.keys, atol=1e-5, rtol=1e-5)
 
 
@@ -118,25 +119,25 @@ def test_other_read_paths_see_a_complete_cache():
     ids, mask = batch("none")
     with torch.no_grad():
         out = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True)
-    cache = out.past_key_values
+    cache = output_cache(out)
     assert cache.get_seq_length(L - 1) == ids.shape[1]  # a deep layer's length reads its owed positions
     cache.crop(-2)
     assert [layer.keys.shape[-2] for layer in cache.layers] == [ids.shape[1] - 2] * L
     with torch.no_grad():
         out = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True)
-    triples = list(out.past_key_values)
+    triples = list(output_cache(out))
     assert [t[0].shape[-2] for t in triples] == [ids.shape[1]] * L
     with torch.no_grad():
         out = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True)
-    out.past_key_values.reset()
-    assert not out.past_key_values.has_deferred and out.past_key_values.get_seq_length(L - 1) == 0
+    output_cache(out).reset()
+    assert not output_cache(out).has_deferred and output_cache(out).get_seq_length(L - 1) == 0
 
 
 def test_a_deleted_model_is_named_when_owed_values_are_read():
     _, ada = make_pair("llama_gqa")
     ids, mask = batch("none")
     with torch.no_grad():
-        cache = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True).past_key_values
+        cache = output_cache(ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True))
     del ada
     import gc
 
@@ -151,7 +152,7 @@ def test_deepcopy_copies_owed_states_not_the_model():
     _, ada = make_pair("llama_gqa")
     ids, mask = batch("none")
     with torch.no_grad():
-        cache = ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True).past_key_values
+        cache = output_cache(ada(ids, attention_mask=mask, exit_policy=ScriptedExit(1), use_cache=True))
     twin = copy.deepcopy(cache)
     assert twin.layers[L - 1].__dict__["_owed_source"][0]() is ada  # a weak reference: the model is not copied
     torch.testing.assert_close(twin.layers[L - 1].keys, cache.layers[L - 1].keys)
@@ -167,5 +168,5 @@ def test_generate_without_cache_still_exits_like_the_truncated_model():
                                                  max_new_tokens=4, use_cache=False)
         out = ada.generate(ids, attention_mask=mask, do_sample=False, pad_token_id=0, max_new_tokens=4,
                            use_cache=False, exit_policy=ScriptedExit(2), return_dict_in_generate=True)
-    assert out.past_key_values is None
+    assert output_cache(out) is None
     assert torch.equal(out.sequences, ref)

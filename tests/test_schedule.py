@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from tiny_models import make_pair
+import torch
+from tiny_models import llama_config, make_pair
 
+from adainfer_hf import AdaInferLlamaForCausalLM
+from adainfer_hf.compat import output_cache
 from adainfer_hf.schedule import binomial_upper_bound, choose_schedule, measure_check_cost, schedule_cost
 
 
@@ -67,13 +70,19 @@ def test_very_expensive_checks_leave_at_most_one():
     assert len(choice.check_layers) <= 1
 
 
+def _with_vocab(vocab: int):
+    torch.manual_seed(0)
+    return AdaInferLlamaForCausalLM(llama_config(vocab_size=vocab)).eval()
+
+
 @pytest.mark.parametrize("phase", ["prefill", "decode"])
-def test_measure_check_cost_runs(phase):
-    _, ada = make_pair("llama_gqa")
-    ratio = measure_check_cost(ada, seq_len=16, phase=phase, repeats=3)
-    assert 0 < ratio < 1000
+def test_measure_check_cost_grows_with_the_head(phase):
+    """Same layers, a head 500x larger: the measured check must cost clearly more layers."""
+    small = measure_check_cost(_with_vocab(99), seq_len=16, phase=phase, repeats=5)
+    large = measure_check_cost(_with_vocab(49_500), seq_len=16, phase=phase, repeats=5)
+    assert small > 0 and large > 2 * small
     with pytest.raises(ValueError, match="'warmup'"):
-        measure_check_cost(ada, phase="warmup")
+        measure_check_cost(_with_vocab(99), phase="warmup")
 
 
 def test_schedule_classifier_on_a_calibrated_classifier():
@@ -157,7 +166,7 @@ def test_exact_cache_catches_up_when_decode_steps_are_not_checked():
             prefix = out.sequences[:, : n + step]
             ref = stock(prefix, use_cache=False).logits[:, -1]
             torch.testing.assert_close(out.scores[step], ref, atol=1e-4, rtol=1e-4)
-    assert [layer.keys.shape[-2] for layer in out.past_key_values.layers] == [out.sequences.shape[1] - 1] * 4
+    assert [layer.keys.shape[-2] for layer in output_cache(out).layers] == [out.sequences.shape[1] - 1] * 4
 
 
 def test_exact_cache_catches_up_when_a_step_runs_without_a_policy():

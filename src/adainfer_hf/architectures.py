@@ -12,6 +12,8 @@ import hashlib
 import torch
 from torch import nn
 
+from . import compat
+
 __all__ = [
     "SUPPORTED_MODEL_TYPES",
     "check_supported",
@@ -110,11 +112,8 @@ def _bias_as(head: nn.Module, dtype: torch.dtype):
 
 def execution_device(module: nn.Module) -> torch.device:
     """Where `module` computes: its weights' device, or accelerate's execution device when offloaded."""
-    hook = getattr(module, "_hf_hook", None)
-    device = getattr(hook, "execution_device", None)
-    if device is not None:
-        return torch.device(f"cuda:{device}" if isinstance(device, int) else device)
-    return next(module.parameters()).device
+    device = compat.offload_execution_device(module)
+    return device if device is not None else next(module.parameters()).device
 
 
 def execution_dtype(module: nn.Module) -> torch.dtype:
@@ -137,7 +136,7 @@ def _materialized_weight(module: nn.Module) -> torch.Tensor:
     """`module.weight`, read from accelerate's offload map when it sits on the meta device."""
     weight = module.weight
     if weight.device.type == "meta":
-        weights_map = getattr(getattr(module, "_hf_hook", None), "weights_map", None)
+        weights_map = compat.offload_weights_map(module)
         if weights_map is not None:
             return weights_map["weight"]
     return weight
@@ -164,16 +163,11 @@ def layer_kv_states(
     """
     attn = layer.self_attn
     if check_supported(model) == "llama":
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
         x = layer.input_layernorm(hidden)
         shape = (*x.shape[:-1], -1, attn.head_dim)
         key = attn.k_proj(x).view(shape).transpose(1, 2)
         value = attn.v_proj(x).view(shape).transpose(1, 2)
-        cos, sin = position_embeddings
-        # apply_rotary_pos_emb rotates q and k together; rotating k twice costs one small extra op.
-        key, _ = apply_rotary_pos_emb(key, key, cos, sin)
-        return key, value
+        return compat.rotate_keys(key, *position_embeddings), value
     x = layer.self_attn_layer_norm(hidden) if layer.do_layer_norm_before else hidden
     shape = (*x.shape[:-1], -1, attn.head_dim)
     key = attn.k_proj(x).view(shape).transpose(1, 2)
@@ -199,7 +193,7 @@ def stacked_kv_states(model: nn.Module, hidden: torch.Tensor, first: int, positi
     rows = slice(first * 2 * kv_dim, None)
     x = hidden
     if kind == "rms":
-        eps = layers[0].input_layernorm.variance_epsilon
+        eps = compat.rms_norm_eps(layers[0].input_layernorm)
         h32 = hidden.float()
         x = (h32 * torch.rsqrt(h32.pow(2).mean(-1, keepdim=True) + eps)).to(hidden.dtype)
     elif kind == "layernorm":
@@ -210,10 +204,7 @@ def stacked_kv_states(model: nn.Module, hidden: torch.Tensor, first: int, positi
     keys = kv[:, :, :, 0].flatten(2, 3).transpose(1, 2)  # [B, layers*heads, T, D]
     values = kv[:, :, :, 1].flatten(2, 3).transpose(1, 2)
     if kind == "rms":
-        from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
-
-        cos, sin = position_embeddings
-        keys, _ = apply_rotary_pos_emb(keys, keys, cos, sin)
+        keys = compat.rotate_keys(keys, *position_embeddings)
     heads = kv_dim // head_dim
     return [(keys[:, i * heads:(i + 1) * heads], values[:, i * heads:(i + 1) * heads]) for i in range(len(layers))]
 

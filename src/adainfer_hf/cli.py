@@ -2,8 +2,8 @@
 
 Subcommands: `collect` (feature table), `train` (collect, train, calibrate, save an artifact), `simulate`
 (replay a classifier on a collected table), `push` / `pull` (Hugging Face Hub), `demo` (early exit on the
-embedded model). Every file the commands write is written to a temporary name and renamed, so Ctrl-C never
-leaves half an artifact.
+embedded model), `doctor` (contract checks of the installed transformers), `eval`. Every file the commands write
+is written to a temporary name and renamed, so Ctrl-C never leaves half an artifact.
 """
 
 from __future__ import annotations
@@ -176,6 +176,12 @@ def _cmd_pull(args) -> int:
     clf.save_pretrained(args.directory)
     print(f"saved {args.repo_id} to {args.directory}")
     return 0
+
+
+def _cmd_doctor(args) -> int:
+    from .doctor import main as doctor_main
+
+    return doctor_main()
 
 
 def _cmd_demo(args) -> int:
@@ -359,6 +365,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-agreement", type=float, default=0.99, help="Calibration target when training.")
     _add_run_args(p)
     p.set_defaults(func=_cmd_demo)
+
+    p = sub.add_parser("doctor", help="Check this installation's transformers/accelerate/scikit-learn against the "
+                                      "internals adainfer_hf relies on (tiny random models, seconds).")
+    p.set_defaults(func=_cmd_doctor)
 
     from .cli_eval import add_eval_parser
 

@@ -16,6 +16,8 @@ from typing import Any
 
 import numpy as np
 
+from .compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
+
 SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encoding
 CLASSIFIER_SAFE_NAME = "exit_classifier.safetensors"
 
@@ -115,18 +117,6 @@ def _safe_registry() -> dict:
     from .rules import GapThresholdRule
 
     linear = (("coef_", "intercept_", "classes_"), ("n_features_in_",))
-    svc_arrays = (
-        "support_", "support_vectors_", "_n_support", "dual_coef_", "intercept_", "_dual_coef_", "_intercept_",
-        "_probA", "_probB", "classes_", "class_weight_", "_num_iter", "n_iter_",
-    )  # fmt: skip
-    svc_scalars = (
-        "n_features_in_",
-        "fit_status_",
-        "shape_fit_",
-        "_gamma",
-        "_sparse",
-        "_effective_probability",
-    )
     return {
         "LinearSVC": (LinearSVC, *linear),
         "LogisticRegression": (LogisticRegression, *linear),
@@ -137,7 +127,7 @@ def _safe_registry() -> dict:
             ("mean_", "var_", "scale_"),
             ("n_features_in_", "n_samples_seen_"),
         ),
-        "SVC": (SVC, svc_arrays, svc_scalars),
+        "SVC": (SVC, SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS),
     }
 
 
@@ -192,7 +182,8 @@ def _encode_into(est, prefix: str, tensors: dict) -> dict:
             tensors[prefix + attr] = np.ascontiguousarray(value)
         else:
             raise _NotEncodable(f"{name}.{attr} of type {type(value).__name__}")
-    spec["scalars"] = {attr: _json_value(getattr(est, attr)) for attr in scalars}
+    # (a scalar some scikit-learn releases do not have, e.g. SVC's `_effective_probability` before 1.5, is left out)
+    spec["scalars"] = {attr: _json_value(getattr(est, attr)) for attr in scalars if hasattr(est, attr)}
     return spec
 
 
@@ -213,7 +204,8 @@ def _decode_from(spec: dict, prefix: str, tensors: dict):
     for attr in arrays:
         setattr(est, attr, None if attr in spec["none"] else tensors[prefix + attr])
     for attr in scalars:
-        setattr(est, attr, _from_json_value(spec["scalars"][attr]))
+        if attr in spec["scalars"]:
+            setattr(est, attr, _from_json_value(spec["scalars"][attr]))
     return est
 
 

@@ -17,10 +17,10 @@ batch has exited, so each row's cache stays exact; each row's output is still it
 from __future__ import annotations
 
 import torch
-from transformers import DynamicCache
-from transformers.masking_utils import create_causal_mask
 
 from . import architectures as arch
+from . import compat
+from .compat import DynamicCache
 
 __all__ = ["ExactExitCache", "CACHE_MODES"]
 
@@ -30,7 +30,7 @@ CACHE_MODES = ("propagate", "exact")
 class ExactExitCache(DynamicCache):
     """A `DynamicCache` that also holds the hidden states of positions some layers have not processed yet.
 
-    Pass it as `past_key_values` (or `model.generate(..., exit_cache="exact")`) to select the exact option.
+    Pass it as the model's cache argument (or `model.generate(..., exit_cache="exact")`) to select the exact option.
     """
 
     def __init__(self, *args, **kwargs):
@@ -69,7 +69,7 @@ class ExactExitCache(DynamicCache):
 
 def exact_layer_forward(run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
     """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
-    cache: ExactExitCache = kwargs["past_key_values"]
+    cache: ExactExitCache = compat.layer_cache(kwargs)
     layer_idx = layer.self_attn.layer_idx
     owed = _owed(run, cache, layer_idx)
     if owed == 0:
@@ -81,9 +81,8 @@ def exact_layer_forward(run, layer, forward, hidden: torch.Tensor, args, kwargs)
     ext_pos = torch.cat([owed_pos, run.position_ids.to(hidden.device).expand(hidden.shape[0], -1)], dim=1)
     ext_kwargs = dict(kwargs)
     ext_kwargs["position_ids"] = ext_pos
-    ext_kwargs["attention_mask"] = create_causal_mask(
-        config=run.model.config, inputs_embeds=ext_hidden, attention_mask=run.attention_mask,
-        past_key_values=cache, position_ids=ext_pos, layer_idx=layer_idx)
+    ext_kwargs["attention_mask"] = compat.causal_mask(
+        run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx)
     if kwargs.get("position_embeddings") is not None:
         ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos)
     run.query_offset = owed

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
+from . import compat
 from .exact_cache import ExactExitCache, exact_layer_forward
 from .features import LayerStats, compute_features, feature_needs
 from .policy import ExitPolicy
@@ -147,7 +148,7 @@ class ExitRun:
         if self.exact:
             return self._exact_layer_forward(layer, forward, hidden, args, kwargs)
         n_active = int(self.active.sum())
-        cache = kwargs.get("past_key_values")
+        cache = compat.layer_cache(kwargs)
         if self.layer == 1 and "hidden" in self.needs:
             self.hidden_cur = self._last_token(hidden, torch.arange(self.batch_size)).to(self.head_device)
         if n_active == 0:
@@ -165,11 +166,11 @@ class ExitRun:
             rows = self.active.nonzero().squeeze(-1)
             self._rows = rows
             sub_args = _take_rows(args, rows, self.batch_size)
-            sub_kwargs = {k: _take_rows(v, rows, self.batch_size) for k, v in kwargs.items() if k != "past_key_values"}
+            sub_kwargs = {k: _take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
             if cache is not None:
                 skipped = (~self.active).nonzero().squeeze(-1)
-                sub_kwargs["past_key_values"] = _RowSubsetCache(
-                    cache, rows, lambda: self._kv_for_rows(layer, hidden, kwargs, skipped))
+                sub_kwargs = compat.with_layer_cache(sub_kwargs, _RowSubsetCache(
+                    cache, rows, lambda: self._kv_for_rows(layer, hidden, kwargs, skipped)))
             sub_out = forward(hidden.index_select(0, rows.to(hidden.device)), *sub_args, **sub_kwargs)
             out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
         if "hidden" in self.needs:
@@ -187,7 +188,7 @@ class ExitRun:
         A `PropagateExitCache` computes them when first read (never, when no later token runs those layers);
         any other cache gets them now, all layers in one matmul.
         """
-        cache = kwargs["past_key_values"]
+        cache = compat.layer_cache(kwargs)
         pos_emb = kwargs.get("position_embeddings")
         if isinstance(cache, PropagateExitCache) and cache.defer(self.model, hidden, self.layer, pos_emb):
             self.rest_filled = True

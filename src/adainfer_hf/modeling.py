@@ -17,7 +17,9 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer
 from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from . import architectures as arch
+from . import compat
 from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
+from .guard import check_cache_consistent
 from .loop import ExitRun, is_decode_step
 from .policy import ExitPolicy
 from .propagate_cache import PropagateExitCache
@@ -107,6 +109,9 @@ class AdaInferMixin:
                     f"exit_classifier must be an ExitClassifier/ExitPolicy or None; got {type(value).__name__}."
                 )
             value.validate_for(self, ignore_mismatch=ignore_mismatch)
+            # An unbound classifier is bound to the first model it meets, so `save_pretrained` always writes an
+            # artifact that refuses another model (fills only what is unset; a mismatch was refused above).
+            value.bind(self)
         self._exit_classifier = value
 
     # ------------------------------------------------------------------ forward
@@ -122,11 +127,13 @@ class AdaInferMixin:
         logits_to_keep: int | torch.Tensor = 0,
         exit_policy: ExitPolicy | None | object = _AUTO,
         exit_recorder: ExitRecorder | None = None,
+        cache=None,
         **kwargs,
     ) -> AdaInferCausalLMOutput:
         """The stock causal-LM forward, with early exit.
 
-        Args are the stock class's, plus:
+        Args are the stock class's (the KV cache as `cache` or `past_key_values`, on every supported transformers
+        release), plus:
             exit_policy (`ExitPolicy` or `None`, *optional*): overrides `self.exit_classifier` for this call only
                 (None = run full depth).
             exit_recorder (`ExitRecorder`, *optional*): collects this call's exit layers (`generate` passes one).
@@ -134,6 +141,7 @@ class AdaInferMixin:
         Returns:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
         """
+        past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
         policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
         ref = input_ids if input_ids is not None else inputs_embeds
         # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
@@ -147,7 +155,7 @@ class AdaInferMixin:
         if policy is None and owed:
             policy = _NoChecks()
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      past_key_values=past_key_values, inputs_embeds=inputs_embeds, use_cache=use_cache)
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
         if policy is None:
             out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
             full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
@@ -159,7 +167,7 @@ class AdaInferMixin:
             use_cache = self.config.use_cache
         if use_cache and past_key_values is None:
             past_key_values = PropagateExitCache(config=self.config)
-        common.update(past_key_values=past_key_values, use_cache=use_cache)
+        common.update(use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
         run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
                       attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
         try:
@@ -173,9 +181,12 @@ class AdaInferMixin:
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out_cache = compat.output_cache(outputs)
+        if out_cache is not None:
+            check_cache_consistent(out_cache, run)
         return AdaInferCausalLMOutput(
-            loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states, attentions=outputs.attentions, exit_layers=run.exit_layers,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
         )
 
     def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
@@ -236,14 +247,19 @@ class AdaInferMixin:
         """
         if exit_cache not in CACHE_MODES:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
+        cache = compat.pop_cache_arg(kwargs)
         if exit_cache == "exact":
-            if kwargs.get("past_key_values") is not None and not isinstance(kwargs["past_key_values"], ExactExitCache):
-                raise ValueError("exit_cache='exact' needs past_key_values=None or an ExactExitCache.")
-            kwargs.setdefault("past_key_values", ExactExitCache(config=self.config))
-        elif kwargs.get("past_key_values") is None and kwargs.get(
+            if cache is not None and not isinstance(cache, ExactExitCache):
+                raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
+                                 f"got {type(cache).__name__}.")
+            if cache is None:
+                cache = ExactExitCache(config=self.config)
+        elif cache is None and kwargs.get(
                 "use_cache", kwargs.get("generation_config", self.generation_config).use_cache):
             # skipped layers' K/V are computed when a later token needs them (same values as filling at exit)
-            kwargs["past_key_values"] = PropagateExitCache(config=self.config)
+            cache = PropagateExitCache(config=self.config)
+        if cache is not None:
+            kwargs[compat.CACHE_ARG] = cache
         recorder = ExitRecorder()
         out = super().generate(*args, exit_recorder=recorder, **kwargs)
         if not isinstance(out, torch.Tensor):

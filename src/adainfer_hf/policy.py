@@ -67,6 +67,12 @@ class ExitPolicy:
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:
         """Raises `ValueError` when this policy cannot be used with `model`."""
 
+    def bind(self, model) -> ExitPolicy:
+        """Records what identifies `model` (layer count, LM-head fingerprint, ...) where the policy has none, so a
+        saved artifact refuses other models. The model classes call it whenever a policy meets a model; the base
+        policy records nothing. Returns `self`."""
+        return self
+
 
 class ScriptedExit(ExitPolicy):
     """Exits every row after a fixed layer, ignoring the features.

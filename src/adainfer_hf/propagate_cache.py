@@ -23,10 +23,9 @@ from __future__ import annotations
 import weakref
 
 import torch
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from . import architectures as arch
+from .compat import DynamicCache, DynamicLayer, new_cache_layer
 
 __all__ = ["PropagateExitCache"]
 
@@ -75,6 +74,12 @@ class _OwedLayer(DynamicLayer):
             key, value = arch.layer_kv_states(model, layer, hidden, pos_emb)
         self.update(key, value)
 
+    def owed_length(self) -> int:
+        """Positions this layer holds once settled (computed + owed), read without computing anything."""
+        d = self.__dict__
+        done = d["keys"].shape[-2] if d.get("is_initialized") and d["keys"].numel() else 0
+        return done + sum(chunk.hidden.shape[1] for chunk in d["_owed"])
+
     def _map_rows(self, fn, mapped: dict) -> None:
         """Applies a batch reorder to the computed part and to the owed states (each shared state mapped once)."""
         d = self.__dict__
@@ -113,7 +118,7 @@ class PropagateExitCache(DynamicCache):
     """A `DynamicCache` whose early-exit fill (state propagation) is computed when first needed.
 
     AdaInfer models create it for `model(...)` with `use_cache=True` and for `generate` (the default
-    `exit_cache="propagate"`); pass it as `past_key_values` to choose it yourself. With a plain `DynamicCache` the
+    `exit_cache="propagate"`); pass it as the model's cache argument to choose it yourself. With a plain `DynamicCache` the
     fill is computed at exit time instead; the cached values are the same.
     """
 
@@ -129,8 +134,11 @@ class PropagateExitCache(DynamicCache):
             attn = layer.self_attn
             if attn.k_proj.weight.device.type == "meta" or attn.v_proj.weight.device.type == "meta":
                 return False
-        while len(self.layers) < last and self.layer_class_to_replicate is not None:
-            self.layers.append(self.layer_class_to_replicate())
+        while len(self.layers) < last:
+            fresh = new_cache_layer(self)
+            if fresh is None:
+                break
+            self.layers.append(fresh)
         targets = self.layers[first_layer:last]
         if len(targets) != last - first_layer or any(type(t) not in (DynamicLayer, _OwedLayer) for t in targets):
             return False

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from . import architectures as arch
+from . import compat
 
 __all__ = ["block_influence", "prune_layers", "shortgpt_layers_to_remove", "shortgpt_model"]
 
@@ -152,7 +153,7 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
         raise ValueError(f"remove={remove} must name fewer than {L} distinct layers in [1, {L}].")
     if getattr(model.config, "is_heterogeneous", False):
         raise NotImplementedError("prune_layers does not support heterogeneous (per-layer) configs.")
-    if any(hasattr(m, "_hf_hook") for m in layers.modules()):
+    if any(compat.is_dispatched(m) for m in layers.modules()):
         # accelerate binds its forward wrappers to the original module objects, so copies would run the originals.
         raise NotImplementedError("prune_layers does not support models dispatched with accelerate hooks "
                                   "(device_map / offload); load the model on one device.")

@@ -38,8 +38,6 @@ def transfer_classifier(clf, num_layers: int):
     Returns:
         [`ExitClassifier`]: unbound (no LM-head fingerprint), with `num_layers` set to the target's.
     """
-    from .classifier import ExitClassifier
-
     if clf.num_layers is None:
         raise ValueError("transfer_classifier needs the source classifier's num_layers; got None (call bind).")
     src = int(clf.num_layers)
@@ -47,10 +45,15 @@ def transfer_classifier(clf, num_layers: int):
     def scale(k):
         return int(min(num_layers - 1, max(1, round(k * num_layers / src))))
 
-    check = None if clf.check_layers is None else tuple(sorted({scale(k) for k in clf.check_layers}))
-    return ExitClassifier(clf.estimator, features=clf.features, threshold=clf.threshold,
-                          min_layer=scale(clf.min_layer), check_layers=check, label=clf.label,
-                          num_layers=num_layers, calibration=clf.calibration)
+    def scale_all(layers):
+        return None if layers is None else [int(k) for k in sorted({scale(k) for k in layers})]
+
+    # Every other field (threshold, check dtype, label, calibration, ...) carries over through the config; what
+    # identified the source model does not.
+    return clf.replace(num_layers=num_layers, min_layer=scale(clf.min_layer),
+                       check_layers=scale_all(clf.check_layers),
+                       decode_check_layers=scale_all(clf.decode_check_layers),
+                       lm_head_fingerprint=None, base_model_name_or_path=None, base_model_revision=None)
 
 
 def _splits(tasks: list[str], keys: list[tuple[str, int]], mode: str, train_tasks, train_fraction, seed):
