@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from adainfer_hf.calibrate import calibrate, simulate_exits
-from adainfer_hf.collect import FeatureTable, collect_features, load_adainfer_model
-from adainfer_hf.data import build_prompts, load_task, split_examples
-from adainfer_hf.schedule import measure_check_cost
-from adainfer_hf.train import train_exit_classifier
+from adainfer_hf.data.prompts import build_prompts, load_task, split_examples
+from adainfer_hf.training.calibrate import calibrate, simulate_exits
+from adainfer_hf.training.collect import FeatureTable, collect_features, load_adainfer_model
+from adainfer_hf.training.schedule import measure_check_cost
+from adainfer_hf.training.train import train_exit_classifier
 
 DTYPES = (None, "bfloat16", "float16")
 
@@ -41,7 +41,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
-    from adainfer_hf.default_model import default_model_dir
+    from adainfer_hf.models.default_model import default_model_dir
 
     path = default_model_dir()
     model = load_adainfer_model(path)

@@ -7,8 +7,8 @@
 #    0-shot and 5-shot, and writes docs/results/ (results.json, results.md, PNG plots).
 #
 # Usage: benchmarks/eval_smollm2.sh [OUT_DIR]   (default docs/results; about 16 min wall, 17 CPU-min, on 2 shared cores)
-# Multi-process / multi-GPU: replace `python -m adainfer_hf.cli_eval` by
-#   `accelerate launch --multi_gpu --num_processes N -m adainfer_hf.cli_eval` (same flags, same results.json;
+# Multi-process / multi-GPU: replace `python -m adainfer_hf.cli.eval` by
+#   `accelerate launch --multi_gpu --num_processes N -m adainfer_hf.cli.eval` (same flags, same results.json;
 #   without GPUs the processes join over gloo on the CPU).
 set -euo pipefail
 PY=${PYTHON:-python}
@@ -25,7 +25,7 @@ if [ ! -f "$CLF/exit_classifier_config.json" ]; then
       "$FV/abstractive/person-sport.json" "$FV/extractive/choose_last_of_5.json"
 fi
 
-$PY -m adainfer_hf.cli_eval eval --model default --exit-classifier "$CLF" \
+$PY -m adainfer_hf.cli.eval eval --model default --exit-classifier "$CLF" \
   --task-file "$FV/abstractive/sentiment.json" "$FV/abstractive/ag_news.json" "$FV/abstractive/capitalize.json" \
     "$FV/abstractive/country-capital.json" "$FV/extractive/choose_first_of_5.json" "$FV/abstractive/antonym.json" \
   --shots 0 5 --limit "$LIMIT" --calibration-limit "$CAL_LIMIT" \
@@ -34,7 +34,7 @@ $PY -m adainfer_hf.cli_eval eval --model default --exit-classifier "$CLF" \
 
 # Optional (STUDY=1): leave-one-task-out generalization study of the paper, written to $OUT/study_loto.md.
 if [ "${STUDY:-0}" = 1 ]; then
-  $PY -m adainfer_hf.cli_eval eval --model default --study loto --study-method svm --target-agreement 0.9 \
+  $PY -m adainfer_hf.cli.eval eval --model default --study loto --study-method svm --target-agreement 0.9 \
     --task-file "$FV/abstractive/sentiment.json" "$FV/abstractive/capitalize.json" \
       "$FV/extractive/choose_first_of_5.json" "$FV/abstractive/antonym.json" \
     --shots 5 --limit 16 --seed 0 --quiet --out "$OUT/study_loto.json" --report-dir "$OUT"

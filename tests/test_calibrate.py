@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_collect import tiny_pair, tiny_prompts, tiny_tokenizer
 
-from adainfer_hf.calibrate import binomial_tail, calibrate, simulate_exits
-from adainfer_hf.classifier import ExitClassifier
-from adainfer_hf.collect import FeatureTable, collect_features
-from adainfer_hf.rules import GapThresholdRule
-from adainfer_hf.train import train_exit_classifier
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.classifier import ExitClassifier
+from adainfer_hf.training.calibrate import binomial_tail, calibrate, simulate_exits
+from adainfer_hf.training.collect import FeatureTable, collect_features
+from adainfer_hf.training.train import train_exit_classifier
 
 L = 9
 BLANK = 0

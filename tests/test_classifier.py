@@ -21,14 +21,14 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 
-from adainfer_hf.classifier import (
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.classifier import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifier,
     ExitClassifierConfig,
 )
-from adainfer_hf.rules import GapThresholdRule
 
 
 def _data(n=400, seed=0):

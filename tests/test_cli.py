@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from test_collect import save_tiny_checkpoint
 
-from adainfer_hf import cli
-from adainfer_hf.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
-from adainfer_hf.collect import FeatureTable
+from adainfer_hf.cli import main as cli
+from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+from adainfer_hf.training.collect import FeatureTable
 
 TASK_A = [
     {"input": w, "output": w.upper()}

@@ -12,11 +12,11 @@ from tiny_models import llama_config, opt_config
 from transformers import LlamaForCausalLM, OPTForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
-from adainfer_hf import architectures as arch
-from adainfer_hf.builtin_tasks import builtin_task, builtin_task_names
-from adainfer_hf.collect import FeatureTable, collect_features
-from adainfer_hf.data import Example, Task, build_prompts, gold_first_token
-from adainfer_hf.features import FEATURES
+from adainfer_hf.architectures import core as arch
+from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
+from adainfer_hf.data.prompts import Example, Task, build_prompts, gold_first_token
+from adainfer_hf.policy.features import FEATURES
+from adainfer_hf.training.collect import FeatureTable, collect_features
 
 L = 4
 
@@ -206,10 +206,10 @@ def test_builtin_tasks_are_deterministic():
 def test_real_model_rows_and_simulation_match_live_exits(smollm2_dir):
     from transformers import AutoTokenizer
 
-    from adainfer_hf.calibrate import simulate_exits
-    from adainfer_hf.classifier import ExitClassifier
-    from adainfer_hf.collect import load_adainfer_model
-    from adainfer_hf.rules import GapThresholdRule
+    from adainfer_hf.estimators.rules import GapThresholdRule
+    from adainfer_hf.policy.classifier import ExitClassifier
+    from adainfer_hf.training.calibrate import simulate_exits
+    from adainfer_hf.training.collect import load_adainfer_model
 
     model = load_adainfer_model(smollm2_dir, exit_classifier=None)
     stock = LlamaForCausalLM.from_pretrained(smollm2_dir).eval()
@@ -243,7 +243,7 @@ def test_real_model_rows_and_simulation_match_live_exits(smollm2_dir):
 def test_half_precision_check_head_is_collected_trained_and_kept():
     """check_dtype: rows are the logit lens through a bf16 copy of the head (reference: the stock model's hidden
     states through that copy), the table says so, and a classifier trained on it checks the same way."""
-    from adainfer_hf.train import train_exit_classifier
+    from adainfer_hf.training.train import train_exit_classifier
 
     stock, ada = tiny_pair()
     tok = tiny_tokenizer()
@@ -272,8 +272,8 @@ def test_half_precision_check_head_is_collected_trained_and_kept():
 
 
 def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(monkeypatch):
-    from adainfer_hf import schedule
-    from adainfer_hf.train import train_and_calibrate
+    from adainfer_hf.training import schedule as schedule
+    from adainfer_hf.training.train import train_and_calibrate
 
     _, ada = tiny_pair()
     tok = tiny_tokenizer()

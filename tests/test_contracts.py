@@ -10,9 +10,9 @@ import torch
 from tiny_models import batch, make_pair, truncated_stock
 
 from adainfer_hf import ScriptedExit, compat, doctor
-from adainfer_hf.cli import main as cli_main
+from adainfer_hf.cache.guard import CacheConsistencyError
+from adainfer_hf.cli.main import main as cli_main
 from adainfer_hf.compat import output_cache
-from adainfer_hf.guard import CacheConsistencyError
 
 
 @pytest.mark.parametrize("name", list(doctor.CHECKS))

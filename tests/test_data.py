@@ -8,8 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from adainfer_hf import data, task_files
-from adainfer_hf.data import (
+from adainfer_hf.data import prompts as data
+from adainfer_hf.data import task_files
+from adainfer_hf.data.prompts import (
     Example,
     Task,
     build_prompts,

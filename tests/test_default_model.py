@@ -10,8 +10,8 @@ from unittest.mock import patch
 import pytest
 import torch
 
-from adainfer_hf import default_model
-from adainfer_hf.default_model import (
+from adainfer_hf.models import default_model as default_model
+from adainfer_hf.models.default_model import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MODEL_SUBDIR,
     SOURCE_FILE_NAME,

@@ -12,9 +12,9 @@ import pytest
 import torch
 from tiny_models import make_pair, tiny_tokenizer
 
-from adainfer_hf.classifier import ExitClassifier
-from adainfer_hf.cli_eval import main as eval_main
-from adainfer_hf.rules import GapThresholdRule
+from adainfer_hf.cli.eval import main as eval_main
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.classifier import ExitClassifier
 
 
 @pytest.fixture
@@ -49,7 +49,7 @@ def test_two_processes_equal_one(workdir):
     # `--multi_gpu` makes accelerate start the processes with torchrun; without GPUs they join over gloo on the CPU
     # (accelerate's `--cpu` launcher would need MPI and a hostfile for more than one process).
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adainfer_hf.cli_eval",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "adainfer_hf.cli.eval",
            *_args(workdir, workdir / "multi.json")]
     proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=150)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -7,10 +7,9 @@ import pytest
 import torch
 from tiny_models import make_pair, tiny_tokenizer
 
-from adainfer_hf.classifier import ExitClassifier
-from adainfer_hf.collect import collect_features
-from adainfer_hf.data import Example, Task, build_prompts
-from adainfer_hf.evaluate import (
+from adainfer_hf.data.prompts import Example, Task, build_prompts
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.evaluation.evaluate import (
     LiveCRFPolicy,
     evaluate,
     evaluate_prompts,
@@ -18,8 +17,9 @@ from adainfer_hf.evaluate import (
     oracle_exit_layers,
     prepare_baselines,
 )
-from adainfer_hf.report import RESULT_KEYS, finalize_results, merge_shards
-from adainfer_hf.rules import GapThresholdRule
+from adainfer_hf.evaluation.report import RESULT_KEYS, finalize_results, merge_shards
+from adainfer_hf.policy.classifier import ExitClassifier
+from adainfer_hf.training.collect import collect_features
 
 L = 4
 
@@ -135,8 +135,8 @@ def test_metrics_against_stock(setup):
 
 def test_live_crf_matches_its_simulation(setup):
     stock, ada, tok, prompts, calibration = setup
-    from adainfer_hf.calibrate import exit_scores, simulate_exits
-    from adainfer_hf.train import train_exit_classifier
+    from adainfer_hf.training.calibrate import exit_scores, simulate_exits
+    from adainfer_hf.training.train import train_exit_classifier
 
     cal_table = collect_features(ada, tok, calibration, features=("gap", "top_prob"), batch_size=4, progress=False)
     crf = train_exit_classifier(cal_table, method="crf")
@@ -175,7 +175,7 @@ def test_shards_merge_to_the_single_run(setup):
 
 
 def test_generalization_study_loto_and_inter_model(setup):
-    from adainfer_hf.study import generalization_study, transfer_classifier
+    from adainfer_hf.evaluation.study import generalization_study, transfer_classifier
 
     stock, ada, tok, _, _ = setup
     rng = np.random.default_rng(3)

@@ -8,9 +8,9 @@ from tiny_models import batch, make_pair, tiny_tokenizer, truncated_stock
 from transformers import pipeline
 
 from adainfer_hf import ExitPolicy, ScriptedExit
-from adainfer_hf import architectures as arch
+from adainfer_hf.architectures import core as arch
+from adainfer_hf.cache.exact import ExactExitCache
 from adainfer_hf.compat import output_cache
-from adainfer_hf.exact_cache import ExactExitCache
 
 L = 4
 MODES = ["propagate", "exact"]

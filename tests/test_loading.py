@@ -6,7 +6,7 @@ import torch
 from tiny_models import batch, make_pair
 
 from adainfer_hf import AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM, ScriptedExit
-from adainfer_hf import architectures as arch
+from adainfer_hf.architectures import core as arch
 from adainfer_hf.compat import output_cache
 
 SPLIT_MAP = {

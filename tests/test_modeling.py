@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from tiny_models import VARIANTS, batch, make_pair
 
 from adainfer_hf import ExitPolicy, ScriptedExit
-from adainfer_hf import architectures as arch
+from adainfer_hf.architectures import core as arch
 from adainfer_hf.compat import output_cache
-from adainfer_hf.features import compute_features
+from adainfer_hf.policy.features import compute_features
 
 L = 4  # layers of the tiny models
 

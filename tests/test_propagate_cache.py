@@ -9,7 +9,7 @@ from tiny_models import batch, make_pair
 from transformers import DynamicCache
 
 from adainfer_hf import ExitPolicy, PropagateExitCache, ScriptedExit
-from adainfer_hf import architectures as arch
+from adainfer_hf.architectures import core as arch
 from adainfer_hf.compat import output_cache
 
 L = 4

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from adainfer_hf.report import (
+from adainfer_hf.evaluation.report import (
     RESULT_KEYS,
     finalize_results,
     markdown_table,

@@ -9,7 +9,12 @@ from tiny_models import llama_config, make_pair
 
 from adainfer_hf import AdaInferLlamaForCausalLM
 from adainfer_hf.compat import output_cache
-from adainfer_hf.schedule import binomial_upper_bound, choose_schedule, measure_check_cost, schedule_cost
+from adainfer_hf.training.schedule import (
+    binomial_upper_bound,
+    choose_schedule,
+    measure_check_cost,
+    schedule_cost,
+)
 
 
 def test_schedule_cost_by_hand():
@@ -89,9 +94,9 @@ def test_schedule_classifier_on_a_calibrated_classifier():
     """Scheduling keeps the certified agreement, and with dear checks uses fewer of them than every layer."""
     from test_calibrate import L, settling_table
 
-    from adainfer_hf.calibrate import calibrate, simulate_exits
-    from adainfer_hf.schedule import schedule_classifier
-    from adainfer_hf.train import train_exit_classifier
+    from adainfer_hf.training.calibrate import calibrate, simulate_exits
+    from adainfer_hf.training.schedule import schedule_classifier
+    from adainfer_hf.training.train import train_exit_classifier
 
     train, calib, fresh = (settling_table(600, seed) for seed in (0, 1, 2))
     clf = calibrate(train_exit_classifier(train, method="logistic"), calib, target_agreement=0.95)
@@ -111,10 +116,10 @@ def test_prompts_and_decode_steps_get_their_own_schedules(tmp_path):
     import torch
     from test_calibrate import settling_table
 
-    from adainfer_hf.calibrate import calibrate
-    from adainfer_hf.classifier import ExitClassifier
-    from adainfer_hf.schedule import schedule_classifier
-    from adainfer_hf.train import train_exit_classifier
+    from adainfer_hf.policy.classifier import ExitClassifier
+    from adainfer_hf.training.calibrate import calibrate
+    from adainfer_hf.training.schedule import schedule_classifier
+    from adainfer_hf.training.train import train_exit_classifier
 
     train, calib = settling_table(600, 0), settling_table(600, 1)
     clf = calibrate(train_exit_classifier(train, method="logistic"), calib, target_agreement=0.95)
@@ -175,7 +180,7 @@ def test_exact_cache_catches_up_when_a_step_runs_without_a_policy():
     from tiny_models import batch
 
     from adainfer_hf import ScriptedExit
-    from adainfer_hf.exact_cache import ExactExitCache
+    from adainfer_hf.cache.exact import ExactExitCache
 
     stock, ada = make_pair("llama_gqa")
     ids, mask = batch("none")

@@ -6,7 +6,7 @@ import pytest
 import torch
 from tiny_models import batch, make_pair, tiny_tokenizer
 
-from adainfer_hf.shortgpt import block_influence, prune_layers, shortgpt_layers_to_remove
+from adainfer_hf.evaluation.shortgpt import block_influence, prune_layers, shortgpt_layers_to_remove
 
 L = 4
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 from test_collect import tiny_pair
 
-from adainfer_hf.classifier import ExitClassifier
-from adainfer_hf.collect import FeatureTable
-from adainfer_hf.train import METHODS, CRFExitEstimator, table_sequences, train_exit_classifier
+from adainfer_hf.policy.classifier import ExitClassifier
+from adainfer_hf.training.collect import FeatureTable
+from adainfer_hf.training.train import METHODS, CRFExitEstimator, table_sequences, train_exit_classifier
 
 L = 4
 

@@ -1,27 +1,27 @@
 """adainfer-hf: drop-in early-exit (AdaInfer) model classes for Hugging Face transformers."""
 
-from .calibrate import calibrate, simulate_exits
-from .classifier import (
+from .cache.exact import CACHE_MODES, ExactExitCache
+from .cache.propagate import PropagateExitCache
+from .data.prompts import build_prompts, load_task
+from .estimators.rules import GapThresholdRule
+from .evaluation.evaluate import evaluate
+from .evaluation.shortgpt import block_influence, shortgpt_model
+from .models.default_model import DEFAULT_MODEL_NAME, default_model_dir
+from .models.modeling import AdaInferCausalLMOutput, AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
+from .policy.base import ExitPolicy, ScriptedExit
+from .policy.classifier import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifier,
     ExitClassifierConfig,
 )
-from .collect import FeatureTable, collect_features, load_adainfer_model
-from .data import build_prompts, load_task
-from .default_model import DEFAULT_MODEL_NAME, default_model_dir
-from .evaluate import evaluate
-from .exact_cache import CACHE_MODES, ExactExitCache
-from .features import DEFAULT_FEATURES, FEATURES
-from .modeling import AdaInferCausalLMOutput, AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
-from .policy import ExitPolicy, ScriptedExit
-from .propagate_cache import PropagateExitCache
-from .rules import GapThresholdRule
-from .schedule import choose_schedule, measure_check_cost, schedule_classifier
-from .shortgpt import block_influence, shortgpt_model
-from .stats import ExitStatistics
-from .train import train_and_calibrate, train_exit_classifier
+from .policy.features import DEFAULT_FEATURES, FEATURES
+from .runtime.recording import ExitStatistics
+from .training.calibrate import calibrate, simulate_exits
+from .training.collect import FeatureTable, collect_features, load_adainfer_model
+from .training.schedule import choose_schedule, measure_check_cost, schedule_classifier
+from .training.train import train_and_calibrate, train_exit_classifier
 
 __all__ = [
     "AdaInferCausalLMOutput",

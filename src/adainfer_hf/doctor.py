@@ -26,11 +26,11 @@ from accelerate import cpu_offload
 from sklearn.svm import SVC
 from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
-from . import architectures as arch
 from . import compat
-from .modeling import AdaInferLlamaForCausalLM
-from .policy import ScriptedExit
-from .propagate_cache import PropagateExitCache, _OwedLayer
+from .architectures import core as arch
+from .cache.propagate import PropagateExitCache, _OwedLayer
+from .models.modeling import AdaInferLlamaForCausalLM
+from .policy.base import ScriptedExit
 
 __all__ = ["CHECKS", "CheckResult", "main", "run_checks"]
 

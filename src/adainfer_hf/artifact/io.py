@@ -1,0 +1,242 @@
+"""Reading and writing exit-classifier artifacts: the typed config, atomic saves, local and Hub loading.
+
+An artifact directory holds `exit_classifier_config.json` (sorted JSON), `exit_classifier.joblib` (the estimator,
+pickled) and, for the estimators this package produces, `exit_classifier.safetensors` (pickle-free; see
+`estimator_codec`). `ExitClassifier.save_pretrained` / `from_pretrained` call these functions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+from importlib import metadata as importlib_metadata
+from pathlib import Path
+from typing import Any
+
+import joblib
+
+from .codec import CLASSIFIER_SAFE_NAME, SAFE_FORMAT, _safe_encode, _safe_load
+
+__all__ = [
+    "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_SAFE_NAME",
+    "CLASSIFIER_WEIGHTS_NAME",
+    "ExitClassifierConfig",
+    "read_hub",
+    "read_local",
+    "write_artifact",
+]
+
+CLASSIFIER_CONFIG_NAME = "exit_classifier_config.json"
+CLASSIFIER_WEIGHTS_NAME = "exit_classifier.joblib"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExitClassifierConfig:
+    """Everything about an [`ExitClassifier`] except the fitted estimator, serialised as sorted JSON.
+
+    Args:
+        estimator_class (`str`, *optional*): qualified class name of the estimator (informational).
+        features (`list[str]`): feature names, in the column order the estimator expects.
+        threshold (`float`, *optional*): firing threshold on the score; `None` uses the estimator's `predict`.
+        min_layer (`int`, defaults to 1): first 1-based layer after which the classifier may fire.
+        check_layers (`list[int]`, *optional*): explicit 1-based schedule of checked layers.
+        decode_check_layers (`list[int]`, *optional*): the schedule of cached single-token steps; `None` = the same.
+        check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
+            model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
+            the same setting.
+        label (`str`, defaults to `"final"`): training target, `"final"` (top-1 equals the final layer's) or
+            `"gold"` (top-1 equals the gold answer).
+        base_model_name_or_path (`str`, *optional*) / base_model_revision (`str`, *optional*): the base model.
+        num_layers (`int`, *optional*): decoder layer count of the base model.
+        lm_head_fingerprint (`dict`, *optional*): `architectures.lm_head_fingerprint` of the base model.
+        calibration (`dict`, *optional*): free-form achieved figures (accuracy, mean exit layer, ...).
+        versions (`dict`): package versions at save time.
+        safe_format (`str`, *optional*): name of the pickle-free encoding saved beside the joblib file, if any.
+        format_version (`int`): version of this file format.
+    """
+
+    estimator_class: str | None = None
+    features: list[str] = field(default_factory=lambda: ["gap", "top_prob"])
+    threshold: float | None = None
+    min_layer: int = 1
+    check_layers: list[int] | None = None
+    decode_check_layers: list[int] | None = None
+    check_dtype: str | None = None
+    label: str = "final"
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    num_layers: int | None = None
+    lm_head_fingerprint: dict | None = None
+    calibration: dict | None = None
+    versions: dict = field(default_factory=dict)
+    safe_format: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json_string(self) -> str:
+        """Serialise to sorted, indented JSON (stable diffs, human-readable on the Hub)."""
+        try:
+            return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        except TypeError as err:
+            raise ValueError(
+                f"ExitClassifierConfig is not JSON-serialisable ({err}); check `calibration`."
+            ) from err
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> ExitClassifierConfig:
+        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown key(s) {unknown} in {source}; they may come from a newer adainfer-hf.",
+                UserWarning,
+                stacklevel=3,
+            )
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format_version={config.format_version!r}; this adainfer-hf reads versions up to "
+                f"{FORMAT_VERSION}. Upgrade adainfer-hf to load it."
+            )
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ExitClassifierConfig:
+        """Read a config file; a malformed file raises `ValueError` naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"Exit-classifier config {os.fspath(path)!r} is not valid JSON: {err}") from err
+        return cls.from_dict(data, source=os.fspath(path))
+
+
+def _package_version(name: str, fallback: str = "0.0.0+unknown") -> str:
+    try:
+        return importlib_metadata.version(name)
+    except importlib_metadata.PackageNotFoundError:
+        return fallback
+
+
+def _versions() -> dict[str, str]:
+    return {
+        name: _package_version(name)
+        for name in ("adainfer-hf", "scikit-learn", "transformers", "torch", "numpy", "joblib")
+    }
+
+
+def _load_joblib(path: str) -> Any:
+    try:
+        return joblib.load(path)
+    except Exception as err:  # unpickling raises anything from EOFError to KeyError on a damaged file
+        raise ValueError(
+            f"Could not load the exit classifier from {path!r} ({type(err).__name__}: {err}); the file is corrupt "
+            "or was written by an incompatible scikit-learn."
+        ) from err
+
+
+def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str | os.PathLike) -> None:
+    """Writes `config` (versions filled in here), the joblib estimator and, when the estimator has one, its
+    pickle-free safetensors encoding, atomically: files go to a temporary directory beside `save_directory` and
+    move into place only once complete, so an interrupted save leaves any previous artifact intact."""
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save_directory {os.fspath(target)!r} exists and is not a directory.")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    config.versions = _versions()
+    safe_bytes = _safe_encode(estimator)  # None when the estimator has no safe encoding
+    config.safe_format = SAFE_FORMAT if safe_bytes is not None else None
+    config_text = config.to_json_string()  # fail on a bad `calibration` before touching the disk
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        joblib.dump(estimator, tmp / CLASSIFIER_WEIGHTS_NAME)
+        if safe_bytes is not None:
+            (tmp / CLASSIFIER_SAFE_NAME).write_bytes(safe_bytes)
+        (tmp / CLASSIFIER_CONFIG_NAME).write_text(config_text, encoding="utf-8")
+        target.mkdir(exist_ok=True)
+        # Data files first, the config last: until the config moves, a reader still sees a complete old
+        # artifact (a stale safetensors file would shadow the new joblib, so it goes before the config).
+        for name in (CLASSIFIER_WEIGHTS_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_CONFIG_NAME):
+            if (tmp / name).exists():
+                os.replace(tmp / name, target / name)
+            elif (target / name).exists():
+                os.remove(target / name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_local(directory: Path) -> tuple[ExitClassifierConfig, Any]:
+    """(config, estimator) of an artifact directory: the safetensors encoding when present, else joblib."""
+    config_path = directory / CLASSIFIER_CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(
+            f"No exit classifier in {os.fspath(directory)!r}: {CLASSIFIER_CONFIG_NAME} is missing (expected "
+            f"{CLASSIFIER_CONFIG_NAME} plus {CLASSIFIER_SAFE_NAME} and/or {CLASSIFIER_WEIGHTS_NAME})."
+        )
+    config = ExitClassifierConfig.from_json_file(config_path)
+    if (directory / CLASSIFIER_SAFE_NAME).is_file():
+        estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
+    elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
+        estimator = _load_joblib(os.fspath(directory / CLASSIFIER_WEIGHTS_NAME))
+    else:
+        raise FileNotFoundError(
+            f"No estimator file in {os.fspath(directory)!r}: expected {CLASSIFIER_SAFE_NAME} or "
+            f"{CLASSIFIER_WEIGHTS_NAME} beside {CLASSIFIER_CONFIG_NAME}."
+        )
+    return config, estimator
+
+def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local_files_only):
+    """(config, estimator) of a Hub artifact; a joblib-only repository needs `trust_remote_classifier`."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
+
+    def fetch(filename: str) -> str:
+        return hf_hub_download(
+            repo_id,
+            filename,
+            revision=revision,
+            cache_dir=cache_dir,
+            token=token,
+            local_files_only=local_files_only,
+        )
+
+    try:
+        config_path = fetch(CLASSIFIER_CONFIG_NAME)
+    except HFValidationError as err:
+        raise FileNotFoundError(
+            f"{repo_id!r} is neither a local directory nor a valid Hub repo id."
+        ) from err
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"Hub repo {where} has no {CLASSIFIER_CONFIG_NAME} (or it is not in the cache while offline)."
+        ) from err
+    config = ExitClassifierConfig.from_json_file(config_path)
+    if config.safe_format is not None:
+        try:
+            return config, _safe_load(fetch(CLASSIFIER_SAFE_NAME))
+        except EntryNotFoundError:
+            pass  # announced but absent: fall through to the joblib rule below
+    if not trust_remote_classifier:
+        raise ValueError(
+            f"Hub repo {where} has no {CLASSIFIER_SAFE_NAME}, only {CLASSIFIER_WEIGHTS_NAME}: a joblib file is a "
+            "pickle and runs arbitrary code when loaded. If you trust this repository, pass "
+            "trust_remote_classifier=True."
+        )
+    try:
+        weights_path = fetch(CLASSIFIER_WEIGHTS_NAME)
+    except EntryNotFoundError as err:
+        raise FileNotFoundError(
+            f"Hub repo {where} has neither {CLASSIFIER_SAFE_NAME} nor {CLASSIFIER_WEIGHTS_NAME}."
+        ) from err
+    return config, _load_joblib(weights_path)

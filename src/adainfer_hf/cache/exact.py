@@ -1,0 +1,118 @@
+"""The exact KV-cache option: layers a token skipped run for it later, when a later token goes deeper.
+
+With state propagation (the default) a token that exits after layer k gets K/V for layers k+1..L computed from its
+layer-k hidden state: cheap (only the K/V projections) but an approximation of what those layers would hold.
+`ExactExitCache` instead remembers, for every position some layer has not seen yet, its hidden state at the
+deepest layer it reached. When a later token runs layer l, the positions layer l still owes are run through layer l
+first, in the same call (one longer query), so every cached K/V equals what the dense model would hold.
+
+The positions layer l owes are always a suffix [len_l, t) of the sequence (a token goes as deep as the batch goes,
+and every owed position is caught up before a later token is processed), so one buffer of frontier states for
+positions [len_L, t) suffices: those owed by layer l have exactly l-1 layers done.
+
+The batch shares one depth per step: rows that exited keep computing (they are not frozen) until every row of the
+batch has exited, so each row's cache stays exact; each row's output is still its own exit layer's logits.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .. import compat
+from ..architectures import core as arch
+from ..compat import DynamicCache
+
+__all__ = ["ExactExitCache", "CACHE_MODES"]
+
+CACHE_MODES = ("propagate", "exact")
+
+
+class ExactExitCache(DynamicCache):
+    """A `DynamicCache` that also holds the hidden states of positions some layers have not processed yet.
+
+    Pass it as the model's cache argument (or `model.generate(..., exit_cache="exact")`) to select the exact option.
+    """
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.pending_hidden: torch.Tensor | None = None  # [B, P, H]: frontier states of positions [len_L, t)
+        self.pending_positions: torch.Tensor | None = None  # [B, P] their position ids
+
+    def layer_length(self, layer_idx: int) -> int:
+        """Positions cached by layer `layer_idx` (0-based)."""
+        return self.get_seq_length(layer_idx)
+
+    def _apply_to_pending(self, fn) -> None:
+        if self.pending_hidden is not None:
+            self.pending_hidden = fn(self.pending_hidden)
+            self.pending_positions = fn(self.pending_positions)
+
+    def reorder_cache(self, beam_idx: torch.LongTensor):
+        super().reorder_cache(beam_idx)
+        self._apply_to_pending(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def batch_repeat_interleave(self, repeats: int):
+        super().batch_repeat_interleave(repeats)
+        self._apply_to_pending(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor):
+        super().batch_select_indices(indices)
+        self._apply_to_pending(lambda t: t[indices])
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("ExactExitCache cannot be cropped (assisted decoding is not supported).")
+
+    def reset(self):
+        super().reset()
+        self.pending_hidden = self.pending_positions = None
+
+
+def exact_layer_forward(run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
+    """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
+    cache: ExactExitCache = compat.layer_cache(kwargs)
+    layer_idx = layer.self_attn.layer_idx
+    owed = _owed(run, cache, layer_idx)
+    if owed == 0:
+        return forward(hidden, *args, **kwargs)
+    start = cache.pending_hidden.shape[1] - owed
+    owed_hidden = cache.pending_hidden[:, start:].to(hidden.device, hidden.dtype)
+    owed_pos = cache.pending_positions[:, start:].to(hidden.device)
+    ext_hidden = torch.cat([owed_hidden, hidden], dim=1)
+    ext_pos = torch.cat([owed_pos, run.position_ids.to(hidden.device).expand(hidden.shape[0], -1)], dim=1)
+    ext_kwargs = dict(kwargs)
+    ext_kwargs["position_ids"] = ext_pos
+    ext_kwargs["attention_mask"] = compat.causal_mask(
+        run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx)
+    if kwargs.get("position_embeddings") is not None:
+        ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos)
+    run.query_offset = owed
+    out = forward(ext_hidden, *args, **ext_kwargs)
+    run.query_offset = 0
+    # The owed positions have now run this layer: their frontier moves one layer deeper.
+    cache.pending_hidden[:, start:] = out[:, :owed].to(cache.pending_hidden.device, cache.pending_hidden.dtype)
+    return out[:, owed:]
+
+
+def _owed(run, cache: ExactExitCache, layer_idx: int) -> int:
+    if layer_idx == 0 or cache.pending_hidden is None:
+        return 0
+    return run.past_length - cache.layer_length(layer_idx)
+
+
+def finish_step(run, cache: ExactExitCache, hidden: torch.Tensor | None) -> None:
+    """After a step: remember the new positions' frontier states if some layers still owe them.
+
+    `hidden` is the current query's output of the deepest layer this step ran (None when it ran every layer).
+    Positions every layer has seen leave the buffer.
+    """
+    total = run.past_length + run.query_length
+    if hidden is None or cache.layer_length(run.num_layers - 1) == total:
+        cache.pending_hidden = cache.pending_positions = None
+        return
+    pos = run.position_ids.expand(hidden.shape[0], -1)
+    if cache.pending_hidden is None:
+        cache.pending_hidden, cache.pending_positions = hidden.detach().clone(), pos.clone()
+        return
+    device = cache.pending_hidden.device
+    cache.pending_hidden = torch.cat([cache.pending_hidden, hidden.detach().to(device, cache.pending_hidden.dtype)], 1)
+    cache.pending_positions = torch.cat([cache.pending_positions, pos.to(device)], 1)

@@ -1,0 +1,379 @@
+"""Drop-in early-exit subclasses of transformers' `LlamaForCausalLM` and `OPTForCausalLM`.
+
+They load stock checkpoints unchanged (same `state_dict` keys) and behave exactly like the stock classes until a
+row exits. The decoder layers are swapped for subclasses that accept an `adainfer_run` argument; everything else
+(embeddings, masks, rotary embeddings, norms, head) is transformers' own code.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from transformers import LlamaForCausalLM, OPTForCausalLM
+from transformers.modeling_outputs import CausalLMOutputWithPast
+from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+from transformers.models.opt.modeling_opt import OPTDecoderLayer
+
+from .. import compat
+from ..architectures import core as arch
+from ..cache.exact import CACHE_MODES, ExactExitCache, finish_step
+from ..cache.guard import check_cache_consistent
+from ..cache.propagate import PropagateExitCache
+from ..policy.base import ExitPolicy
+from ..runtime.exit_run import ExitRun, is_decode_step
+from ..runtime.recording import ExitRecorder, ExitStatistics
+
+__all__ = [
+    "AdaInferCausalLMOutput",
+    "AdaInferLlamaForCausalLM",
+    "AdaInferOPTForCausalLM",
+    "AdaInferLlamaDecoderLayer",
+    "AdaInferOPTDecoderLayer",
+]
+
+_AUTO = object()  # from_pretrained's "look for an exit classifier beside the checkpoint"
+
+
+class _NoChecks(ExitPolicy):
+    """Runs every layer through the exit loop without checking (to catch up the exact cache's owed positions)."""
+
+    check_layers = ()
+
+    def decide(self, features, layer, rows):
+        return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
+
+
+@dataclass
+class AdaInferCausalLMOutput(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the exit layer of each row.
+
+    Args:
+        exit_layers (`torch.LongTensor` of shape `(batch_size,)`):
+            Decoder layers actually run for each row's last token (1..L; L = no early exit).
+    """
+
+    exit_layers: torch.LongTensor | None = None
+
+
+class _ExitLayerMixin:
+    """Decoder-layer behaviour: hand the call to the forward's `ExitRun` when one is given."""
+
+    def forward(self, hidden_states, *args, adainfer_run: ExitRun | None = None, **kwargs):
+        if adainfer_run is None:
+            return super().forward(hidden_states, *args, **kwargs)
+        return adainfer_run.layer_forward(self, super().forward, hidden_states, args, kwargs)
+
+
+class AdaInferLlamaDecoderLayer(_ExitLayerMixin, LlamaDecoderLayer):
+    """`LlamaDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
+
+
+class AdaInferOPTDecoderLayer(_ExitLayerMixin, OPTDecoderLayer):
+    """`OPTDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
+
+
+class AdaInferMixin:
+    """Early-exit behaviour shared by the Llama and OPT classes (architecture specifics live in `architectures`)."""
+
+    _adainfer_layer_class: type = None
+
+    def _adainfer_setup(self) -> None:
+        for layer in arch.decoder_layers(self):
+            # Same parameters, same keys: only the class (and so `forward`) changes.
+            layer.__class__ = self._adainfer_layer_class
+        self._exit_classifier = None
+
+    # ------------------------------------------------------------------ the classifier
+    @property
+    def exit_classifier(self) -> ExitPolicy | None:
+        """The exit policy (`ExitClassifier`, `ScriptedExit`, ...), or None to never exit."""
+        return self._exit_classifier
+
+    @exit_classifier.setter
+    def exit_classifier(self, value: ExitPolicy | None) -> None:
+        self.set_exit_classifier(value)
+
+    def set_exit_classifier(self, value: ExitPolicy | None, ignore_mismatch: bool = False) -> None:
+        """Sets the exit policy after checking it was made for this model.
+
+        Args:
+            value (`ExitPolicy` or `None`): the policy; None disables early exit.
+            ignore_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the artifact's
+                layer count or LM-head fingerprint differ from this model's.
+        """
+        if value is not None:
+            if not isinstance(value, ExitPolicy):
+                raise TypeError(
+                    f"exit_classifier must be an ExitClassifier/ExitPolicy or None; got {type(value).__name__}."
+                )
+            value.validate_for(self, ignore_mismatch=ignore_mismatch)
+            # An unbound classifier is bound to the first model it meets, so `save_pretrained` always writes an
+            # artifact that refuses another model (fills only what is unset; a mismatch was refused above).
+            value.bind(self)
+        self._exit_classifier = value
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        exit_policy: ExitPolicy | None | object = _AUTO,
+        exit_recorder: ExitRecorder | None = None,
+        cache=None,
+        **kwargs,
+    ) -> AdaInferCausalLMOutput:
+        """The stock causal-LM forward, with early exit.
+
+        Args are the stock class's (the KV cache as `cache` or `past_key_values`, on every supported transformers
+        release), plus:
+            exit_policy (`ExitPolicy` or `None`, *optional*): overrides `self.exit_classifier` for this call only
+                (None = run full depth).
+            exit_recorder (`ExitRecorder`, *optional*): collects this call's exit layers (`generate` passes one).
+
+        Returns:
+            `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
+        """
+        past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
+        policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
+        ref = input_ids if input_ids is not None else inputs_embeds
+        # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
+        # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
+        # stock model.
+        owed = isinstance(past_key_values, ExactExitCache) and past_key_values.pending_hidden is not None
+        if policy is not None and not owed:
+            past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+            if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(ref.shape[1], past)):
+                policy = None
+        if policy is None and owed:
+            policy = _NoChecks()
+        common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                      inputs_embeds=inputs_embeds, use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
+        if policy is None:
+            out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
+            full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
+            self._adainfer_record(full, exit_recorder)
+            return AdaInferCausalLMOutput(**out, exit_layers=full)
+        if kwargs.get("return_dict") is False:
+            raise ValueError("AdaInfer models need return_dict=True (exit_layers travel in the output object).")
+        if use_cache is None:
+            use_cache = self.config.use_cache
+        if use_cache and past_key_values is None:
+            past_key_values = PropagateExitCache(config=self.config)
+        common.update(use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
+        run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
+                      attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
+        try:
+            outputs = arch.base_decoder(self)(**common, adainfer_run=run, **kwargs)
+        finally:
+            run.close()
+        if run.exact:
+            finish_step(run, past_key_values, run.exact_frontier)
+        self._adainfer_record(run.exit_layers, exit_recorder)
+        logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        out_cache = compat.output_cache(outputs)
+        if out_cache is not None:
+            check_cache_consistent(out_cache, run)
+        return AdaInferCausalLMOutput(
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
+        )
+
+    def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
+        """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
+
+        Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
+        layer. When only the last position is kept, exited rows take the check's logits: the head is never run
+        twice for the same token.
+        """
+        head = self.get_output_embeddings()
+        exited = run.exit_layers < run.num_layers
+        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
+            (run.last_pos == hidden.shape[1] - 1).all())
+        if last_only and bool(exited.any()):
+            out_dtype = arch.execution_dtype(head)
+            if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
+                return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
+            device = run.exit_logits.device
+            logits = torch.empty((hidden.shape[0], 1, run.exit_logits.shape[-1]), dtype=out_dtype, device=device)
+            done = exited.nonzero().squeeze(-1).to(device)  # host-side indices: no device sync
+            logits[done, 0] = run.exit_logits.index_select(0, done).to(out_dtype)
+            running = (~exited).nonzero().squeeze(-1)
+            if running.numel():
+                h = hidden[running.to(hidden.device), -1:]
+                logits[running.to(device)] = head(h).to(device, out_dtype)
+            return logits
+        if isinstance(logits_to_keep, int):
+            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        else:
+            keep = logits_to_keep
+        logits = head(hidden[:, keep, :])
+        for row, frozen in run.frozen_hidden.items():
+            # exact cache option: the row kept running for the cache; its output is its exit layer's
+            logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
+        return logits
+
+    def _adainfer_record(self, exit_layers: torch.Tensor, recorder: ExitRecorder | None) -> None:
+        self.exit_stats.update(exit_layers)
+        if recorder is not None:
+            recorder.append(exit_layers)
+
+    # ------------------------------------------------------------------ generation
+    def generate(self, *args, exit_cache: str = "propagate", **kwargs):
+        """`GenerationMixin.generate` with early exit at every step, the prompt's step included.
+
+        Args:
+            exit_cache (`str`, *optional*, defaults to `"propagate"`): how layers a token skipped get its K/V.
+                `"propagate"`: computed from the exit hidden state (CALM's state propagation; costs the K/V
+                projections only, and only for layers a later token runs, see `PropagateExitCache`; later tokens
+                see an approximation of the skipped layers). `"exact"`: the skipped
+                layers run for that token later, batched with the next token that goes deeper, so the cache
+                equals the dense model's (costs the skipped compute when, and only when, a later token needs it;
+                the batch runs to its deepest row each step).
+            kwargs: everything `generate` takes, plus `exit_policy` to override the classifier for this call.
+
+        With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
+        layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
+        """
+        if exit_cache not in CACHE_MODES:
+            raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
+        cache = compat.pop_cache_arg(kwargs)
+        if exit_cache == "exact":
+            if cache is not None and not isinstance(cache, ExactExitCache):
+                raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
+                                 f"got {type(cache).__name__}.")
+            if cache is None:
+                cache = ExactExitCache(config=self.config)
+        elif cache is None and kwargs.get(
+                "use_cache", kwargs.get("generation_config", self.generation_config).use_cache):
+            # skipped layers' K/V are computed when a later token needs them (same values as filling at exit)
+            cache = PropagateExitCache(config=self.config)
+        if cache is not None:
+            kwargs[compat.CACHE_ARG] = cache
+        recorder = ExitRecorder()
+        out = super().generate(*args, exit_recorder=recorder, **kwargs)
+        if not isinstance(out, torch.Tensor):
+            out["exit_layers"] = recorder.stacked()
+        return out
+
+    @property
+    def exit_stats(self) -> ExitStatistics:
+        """Running totals of exit layers over every forward since creation or the last `exit_stats.reset()`."""
+        stats = self.__dict__.get("_exit_stats")
+        if stats is None:
+            stats = ExitStatistics(arch.num_layers(self))
+            self.__dict__["_exit_stats"] = stats
+        return stats
+
+    # ------------------------------------------------------------------ loading and saving
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, exit_classifier=_AUTO,
+                        trust_remote_classifier: bool = False, ignore_classifier_mismatch: bool = False,
+                        **kwargs):
+        """Loads a stock checkpoint (local dir or Hub id) and, optionally, an exit classifier.
+
+        Args:
+            exit_classifier (`str`, `os.PathLike`, `ExitPolicy` or `None`, *optional*): a directory or Hub id of an
+                `ExitClassifier`, an instance, or None (never exit). By default the artifact saved beside the
+                checkpoint (by `save_pretrained`) is picked up when present.
+            trust_remote_classifier (`bool`, *optional*, defaults to `False`): allow unpickling a joblib artifact
+                downloaded from the Hub (pickle runs code). Safe-format artifacts never need it.
+            ignore_classifier_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the
+                artifact was made for another model (layer count or LM-head fingerprint).
+            kwargs: everything `PreTrainedModel.from_pretrained` takes (`dtype`, `device_map`, `revision`, ...).
+        """
+        from ..policy.classifier import ExitClassifier
+
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
+        if exit_classifier is _AUTO:
+            exit_classifier = _find_classifier_beside(
+                pretrained_model_name_or_path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
+        elif isinstance(exit_classifier, (str, os.PathLike)):
+            hub_kwargs.pop("revision", None)
+            exit_classifier = ExitClassifier.from_pretrained(
+                exit_classifier, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
+        model.set_exit_classifier(exit_classifier, ignore_mismatch=ignore_classifier_mismatch)
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """`PreTrainedModel.save_pretrained`, plus the exit classifier's files beside the weights.
+
+        `push_to_hub` saves through this method, so the artifact is uploaded with the weights.
+        """
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        clf = self._exit_classifier
+        if clf is not None and hasattr(clf, "save_pretrained"):
+            clf.save_pretrained(save_directory)
+        return result
+
+
+def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_kwargs):
+    """The `ExitClassifier` saved beside a checkpoint (local dir or Hub repo), or None when there is none."""
+    from ..policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+
+    path = os.fspath(name_or_path)
+    if os.path.isdir(path):
+        if not os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG_NAME)):
+            return None
+        return ExitClassifier.from_pretrained(path)
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        LocalEntryNotFoundError,
+        OfflineModeIsEnabled,
+        RemoteEntryNotFoundError,
+    )
+
+    revision = hub_kwargs.get("revision")
+    cached = try_to_load_from_cache(path, CLASSIFIER_CONFIG_NAME, cache_dir=hub_kwargs.get("cache_dir"),
+                                    revision=revision)
+    if not isinstance(cached, str):
+        # Not in the cache (or cached as absent): ask the Hub, unless we are offline.
+        from huggingface_hub import hf_hub_download
+
+        try:
+            hf_hub_download(path, CLASSIFIER_CONFIG_NAME, **hub_kwargs)
+        except (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
+            return None
+    return ExitClassifier.from_pretrained(path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
+
+
+class AdaInferLlamaForCausalLM(AdaInferMixin, LlamaForCausalLM):
+    """`LlamaForCausalLM` with AdaInfer early exit. Loads any stock Llama checkpoint.
+
+    Example:
+    ```python
+    >>> model = AdaInferLlamaForCausalLM.from_pretrained(path, exit_classifier=clf_dir)
+    >>> out = model(**tok(prompts, return_tensors="pt", padding=True))
+    >>> out.logits, out.exit_layers
+    ```
+    """
+
+    _adainfer_layer_class = AdaInferLlamaDecoderLayer
+    _no_split_modules = ["LlamaDecoderLayer", "AdaInferLlamaDecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._adainfer_setup()
+
+
+class AdaInferOPTForCausalLM(AdaInferMixin, OPTForCausalLM):
+    """`OPTForCausalLM` with AdaInfer early exit. Loads any stock OPT checkpoint."""
+
+    _adainfer_layer_class = AdaInferOPTDecoderLayer
+    _no_split_modules = ["OPTDecoderLayer", "AdaInferOPTDecoderLayer"]
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._adainfer_setup()

@@ -1,0 +1,336 @@
+"""The per-layer exit loop: one `ExitRun` per forward call, driven from the decoder layers.
+
+transformers' own `LlamaModel.forward` / `OPTDecoder.forward` compute masks, rotary embeddings and the loop; our
+decoder-layer subclasses receive an `adainfer_run` keyword argument that travels through that loop untouched and
+hand each layer call to `ExitRun.layer_forward`, which
+  * runs the layer only on the rows that have not exited (rows that exited keep their hidden state frozen),
+  * keeps the KV cache consistent for rows that skip the layer (their K/V come from the frozen hidden state),
+  * after each scheduled layer computes the logit lens of every running row's last token, its features, and asks
+    the policy whether to stop.
+No per-call state lives on the model or its config.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .. import compat
+from ..architectures import core as arch
+from ..cache.exact import ExactExitCache, exact_layer_forward
+from ..cache.propagate import PropagateExitCache
+from ..policy.base import ExitPolicy
+from ..policy.features import LayerStats, compute_features, feature_needs
+
+__all__ = ["ExitRun", "is_decode_step", "last_token_positions"]
+
+
+def is_decode_step(query_length: int, past_length: int) -> bool:
+    """Whether a forward is a cached single-token step (the decode schedule applies) rather than a prompt."""
+    return query_length == 1 and past_length > 0
+
+
+def last_token_positions(attention_mask: torch.Tensor | None, query_length: int, batch_size: int) -> torch.Tensor:
+    """Index (within the current query) of each row's last real token, for left or right padding.
+
+    `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding).
+    """
+    if attention_mask is None or attention_mask.dim() != 2 or query_length == 1:
+        # (one query token: it is the last one; skipping the mask also skips a device-to-host copy per step)
+        return torch.full((batch_size,), query_length - 1, dtype=torch.long)
+    mask_q = attention_mask[:, -query_length:].to("cpu", torch.long)
+    # Position of the last 1 in each row; rows with no real token in the query keep the last position.
+    flipped_first_one = mask_q.flip(-1).argmax(-1)
+    has_token = mask_q.sum(-1) > 0
+    pos = query_length - 1 - flipped_first_one
+    return torch.where(has_token, pos, torch.full_like(pos, query_length - 1))
+
+
+def _take_rows(value, rows: torch.Tensor, batch_size: int):
+    """Selects `rows` of every batch-shaped tensor in `value` (tensors whose dim 0 is 1 broadcast and stay)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() > 0 and value.shape[0] == batch_size and batch_size > 1:
+            return value.index_select(0, rows.to(value.device))
+        return value
+    if isinstance(value, tuple):
+        return tuple(_take_rows(v, rows, batch_size) for v in value)
+    if isinstance(value, list):
+        return [_take_rows(v, rows, batch_size) for v in value]
+    return value
+
+
+class _RowSubsetCache:
+    """A view of a KV cache for a layer call that runs on a subset of the batch.
+
+    The attention module calls `update(key, value, layer_idx)` with the running rows' new K/V; we complete the
+    batch with the skipping rows' propagated K/V, update the real cache once for the whole batch (so every
+    layer's cache keeps one length) and hand back the running rows' slice.
+    """
+
+    def __init__(self, cache, rows: torch.Tensor, fill: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
+        self._cache = cache
+        self._rows = rows
+        self._fill = fill
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        full_k, full_v = self._fill()
+        rows = self._rows.to(full_k.device)
+        full_k = full_k.index_copy(0, rows, key_states.to(full_k.dtype))
+        full_v = full_v.index_copy(0, rows, value_states.to(full_v.dtype))
+        keys, values = self._cache.update(full_k, full_v, layer_idx, *args, **kwargs)
+        return keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(values.device))
+
+    def __getattr__(self, name):
+        return getattr(self._cache, name)
+
+
+class ExitRun:
+    """State of one forward call's early-exit loop (created by the model's `forward`, never stored on it).
+
+    Args:
+        model (`PreTrainedModel`): the AdaInfer causal LM.
+        policy (`ExitPolicy`): decides, per row, after which layer to stop.
+        batch_size (`int`), query_length (`int`): shape of the call's input.
+        attention_mask (`torch.Tensor`, *optional*): the 2-D mask given to the model (for last-token positions).
+        past_key_values (`Cache`, *optional*): the call's KV cache; layers that rows skip are filled for them.
+    """
+
+    def __init__(self, model: nn.Module, policy: ExitPolicy, batch_size: int, query_length: int,
+                 attention_mask: torch.Tensor | None = None, past_key_values=None,
+                 position_ids: torch.Tensor | None = None):
+        self.model = model
+        self.policy = policy
+        self.batch_size = batch_size
+        self.num_layers = arch.num_layers(model)
+        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
+                                                                                                self.past_length)))
+        self.needs = feature_needs(policy.features)
+        self.lens_layers = set(self.check_layers)
+        if "prev_stats" in self.needs:
+            self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
+        self.query_length = query_length
+        self.attention_mask = attention_mask
+        # Exact cache option: rows are not frozen, owed positions are caught up (see exact_cache.py).
+        self.exact = isinstance(past_key_values, ExactExitCache)
+        if self.exact and position_ids is None:  # (only the exact option needs the query's positions)
+            position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
+        self.position_ids = position_ids
+        self.query_offset = 0  # owed positions prepended to the query by the exact option
+        self.exact_frontier: torch.Tensor | None = None
+        self.frozen_hidden: dict[int, torch.Tensor] = {}
+        self.rest_filled = False  # all deeper layers' caches were filled at once (see _fill_remaining_layers)
+        self.head_device = arch.exit_head_device(model)
+        self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
+        self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
+        self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
+        self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
+        self.exit_logits: torch.Tensor | None = None  # [B, V] logits of rows that exited, on the head device
+        self.layer = 0
+        self.prev_stats: LayerStats | None = None
+        self.prev_stats_layer = -1
+        self._rows = torch.arange(batch_size)  # rows running the current layer
+        self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
+        self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
+        self._hooks = []
+        # Policies that look at the layer sequence (CRF) keep per-call state here, never on themselves.
+        begin = getattr(policy, "begin_run", None)
+        self.policy_state = begin(batch_size) if begin is not None else None
+        if "sublayers" in self.needs:
+            self._install_sublayer_hooks()
+
+    # ------------------------------------------------------------------ the layer call
+    def layer_forward(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
+        """Runs one decoder layer for the rows still going; returns the full-batch hidden states."""
+        self.layer += 1
+        if self.exact:
+            return self._exact_layer_forward(layer, forward, hidden, args, kwargs)
+        n_active = int(self.active.sum())
+        cache = compat.layer_cache(kwargs)
+        if self.layer == 1 and "hidden" in self.needs:
+            self.hidden_cur = self._last_token(hidden, torch.arange(self.batch_size)).to(self.head_device)
+        if n_active == 0:
+            # Nobody runs this layer; only the cache must still hold an entry for these positions.
+            if cache is not None and not self.rest_filled:
+                k, v = self._kv_for_rows(layer, hidden, kwargs, torch.arange(self.batch_size))
+                cache.update(k, v, layer.self_attn.layer_idx)
+            return hidden
+        self._track_begin()
+        if n_active == self.batch_size:
+            rows = torch.arange(self.batch_size)
+            self._rows = rows
+            out = forward(hidden, *args, **kwargs)
+        else:
+            rows = self.active.nonzero().squeeze(-1)
+            self._rows = rows
+            sub_args = _take_rows(args, rows, self.batch_size)
+            sub_kwargs = {k: _take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
+            if cache is not None:
+                skipped = (~self.active).nonzero().squeeze(-1)
+                sub_kwargs = compat.with_layer_cache(sub_kwargs, _RowSubsetCache(
+                    cache, rows, lambda: self._kv_for_rows(layer, hidden, kwargs, skipped)))
+            sub_out = forward(hidden.index_select(0, rows.to(hidden.device)), *sub_args, **sub_kwargs)
+            out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
+        if "hidden" in self.needs:
+            self.hidden_cur.index_copy_(0, rows.to(self.head_device),
+                                        self._last_token(out, rows).to(self.head_device))
+        if self.layer in self.lens_layers and self.layer < self.num_layers:
+            self._check(out, rows)
+            if cache is not None and not bool(self.active.any()):
+                self._fill_remaining_layers(out, kwargs)
+        return out
+
+    def _fill_remaining_layers(self, hidden: torch.Tensor, kwargs) -> None:
+        """Every row has exited: all deeper layers' caches owe these positions K/V from the frozen states.
+
+        A `PropagateExitCache` computes them when first read (never, when no later token runs those layers);
+        any other cache gets them now, all layers in one matmul.
+        """
+        cache = compat.layer_cache(kwargs)
+        pos_emb = kwargs.get("position_embeddings")
+        if isinstance(cache, PropagateExitCache) and cache.defer(self.model, hidden, self.layer, pos_emb):
+            self.rest_filled = True
+            return
+        stacked = arch.stacked_kv_states(self.model, hidden, self.layer, pos_emb)
+        if stacked is None:
+            return  # layers on other devices: the per-layer path fills them as the loop reaches them
+        for idx, (k, v) in enumerate(stacked, start=self.layer):
+            cache.update(k, v, idx)
+        self.rest_filled = True
+
+    def _exact_layer_forward(self, layer, forward, hidden, args, kwargs):
+        """The exact option: every row runs until the whole batch has exited; skipped layers wait (no fill)."""
+        if not bool(self.active.any()):
+            return hidden
+        all_rows = torch.arange(self.batch_size)
+        if self.layer == 1 and "hidden" in self.needs:
+            self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
+        self._track_begin()
+        self._rows = all_rows
+        out = exact_layer_forward(self, layer, forward, hidden, args, kwargs)
+        if "hidden" in self.needs:
+            self.hidden_cur = self._last_token(out, all_rows).to(self.head_device)
+        if self.layer in self.lens_layers and self.layer < self.num_layers:
+            rows = self.active.nonzero().squeeze(-1)
+            self._check(out, rows)
+            for row in rows[~self.active[rows]].tolist():
+                self.frozen_hidden[row] = out[row].clone()  # this row's output stays its exit layer's
+            if not bool(self.active.any()):
+                self.exact_frontier = out
+        return out
+
+    # ------------------------------------------------------------------ the exit check
+    def _last_token(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        pos = self.last_pos[rows].to(hidden.device)
+        return hidden[rows.to(hidden.device), pos]
+
+    def _check(self, hidden: torch.Tensor, rows: torch.Tensor) -> None:
+        layer = self.layer
+        h_last = self._last_token(hidden, rows)
+        logits = arch.exit_logits(self.model, h_last, self.check_dtype)
+        prev = None
+        if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
+            prev = self.prev_stats.select(rows.to(self.prev_stats.gap.device))
+        r = rows.to(self.head_device)
+        h_cur = h_prev = subl = prev_subl = None
+        if "hidden" in self.needs:
+            h_cur, h_prev = self.hidden_cur[r], self.hidden_prev[r]
+        if "sublayers" in self.needs:
+            subl = tuple(t[r] for t in self.sub_cur)
+            if self.layer > 1:
+                prev_subl = tuple(t[r] for t in self.sub_prev)
+        feats, stats = compute_features(self.policy.features, logits, prev, h_cur, h_prev, subl, prev_subl)
+        self._remember(stats, rows)
+        recorder = getattr(self.policy, "record", None)
+        if recorder is not None:
+            recorder(layer, rows, feats, stats, logits)
+        if layer not in self.check_layers:
+            return
+        if self.policy_state is None:
+            fired = self.policy.decide(feats, layer, rows.to(feats.device))
+        else:
+            fired = self.policy.decide(feats, layer, rows.to(feats.device), state=self.policy_state)
+        fired_host = fired.to("cpu", torch.bool)  # the one device-to-host sync of this check
+        if not bool(fired_host.any()):
+            return
+        exited = rows[fired_host]
+        self.exit_layers[exited] = layer
+        self.active[exited] = False
+        if self.exit_logits is None and exited.numel() == self.batch_size:
+            self.exit_logits = logits  # the whole batch exits at once (always so at batch 1): no copy
+            return
+        if self.exit_logits is None:
+            self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
+        local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
+        self.exit_logits.index_copy_(0, exited.to(logits.device), logits.index_select(0, local))
+
+    def _remember(self, stats: LayerStats, rows: torch.Tensor) -> None:
+        """Keeps this layer's per-row values for the next layer's `delta_*`, `kl_prev` and `cos_*` features."""
+        if "prev_stats" in self.needs:
+            if self.prev_stats is None:
+                full = LayerStats(
+                    gap=stats.gap.new_zeros(self.batch_size),
+                    top_prob=stats.top_prob.new_zeros(self.batch_size),
+                    top_token=stats.top_token.new_zeros(self.batch_size),
+                    log_probs=None if stats.log_probs is None
+                    else stats.log_probs.new_zeros((self.batch_size, stats.log_probs.shape[-1])),
+                )
+                self.prev_stats = full
+            r = rows.to(stats.gap.device)
+            self.prev_stats.gap.index_copy_(0, r, stats.gap)
+            self.prev_stats.top_prob.index_copy_(0, r, stats.top_prob)
+            self.prev_stats.top_token.index_copy_(0, r, stats.top_token)
+            if stats.log_probs is not None:
+                self.prev_stats.log_probs.index_copy_(0, r, stats.log_probs)
+            self.prev_stats_layer = self.layer
+
+    # ------------------------------------------------------------------ vectors the cos_* features compare
+    def _track_begin(self) -> None:
+        """Moves this layer's tracked last-token vectors to "previous" before the layer runs."""
+        if "hidden" in self.needs:
+            self.hidden_prev = self.hidden_cur.clone()
+        if "sublayers" in self.needs and self.sub_cur is not None:
+            self.sub_prev = tuple(t.clone() for t in self.sub_cur)
+
+    def _install_sublayer_hooks(self) -> None:
+        for layer in arch.decoder_layers(self.model):
+            for which, module in enumerate(arch.layer_sublayers(self.model, layer)):
+                self._hooks.append(module.register_forward_hook(self._sublayer_hook(which)))
+
+    def _sublayer_hook(self, which: int):
+        def hook(module, inputs, output):
+            out = output[0] if isinstance(output, tuple) else output
+            rows = self._rows
+            if out.dim() == 2:  # OPT's fc2 runs on [rows*T, H]
+                out = out.view(rows.numel(), -1, out.shape[-1])
+            local = torch.arange(rows.numel(), device=out.device)
+            pos = self.last_pos[rows].to(out.device) + self.query_offset
+            vec = out[local, pos].detach().to(self.head_device, torch.float32)
+            if self.sub_cur is None:
+                self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
+            self.sub_cur[which].index_copy_(0, rows.to(self.head_device), vec)
+        return hook
+
+    def close(self) -> None:
+        """Removes the hooks this run installed."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------------ cache consistency
+    def _kv_for_rows(self, layer, hidden, kwargs, rows):
+        """Full-batch K/V tensors for `layer` whose `rows` entries come from those rows' frozen hidden states.
+
+        The other rows' entries are left zero: `_RowSubsetCache.update` overwrites them with the values the
+        layer computes for the running rows.
+        """
+        pos_emb = _take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
+        k, v = arch.layer_kv_states(self.model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
+        if rows.numel() == self.batch_size:
+            return k, v
+        full_k = k.new_zeros((self.batch_size, *k.shape[1:]))
+        full_v = v.new_zeros((self.batch_size, *v.shape[1:]))
+        r = rows.to(k.device)
+        return full_k.index_copy(0, r, k), full_v.index_copy(0, r, v)

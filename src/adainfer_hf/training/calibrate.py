@@ -1,0 +1,293 @@
+"""Calibrating an exit classifier to a quality target, with a finite-sample guarantee.
+
+The quality of early exit is its *agreement* with the dense model: the share of prompts whose exit-layer top-1
+equals the full-depth top-1. [`calibrate`] picks the firing rule (`min_layer`, `threshold` on
+`ExitClassifier.score`) on a calibration [`~adainfer_hf.collect.FeatureTable`] of prompts disjoint from the
+training ones, by Learn-then-Test (Angelopoulos et al., 2021): for each candidate, H0 "risk > 1 - target" is
+tested with the exact binomial tail p-value; thresholds are tested in a fixed sequence from the most
+conservative (highest) to the most lenient, stopping at the first non-rejection; a Bonferroni correction
+covers the `min_layer` grid. Among the accepted candidates the one with the fewest expected layers wins. With
+probability at least `1 - delta` (over the draw of calibration prompts) the chosen rule's agreement on new
+prompts from the same distribution is at least `target_agreement`.
+
+When no candidate is accepted -- e.g. a model whose early layers put a confident blank token on top -- the
+result exits never (`check_layers=()`): the honest answer, rather than a classifier that breaks the outputs.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Sequence
+
+import numpy as np
+
+from ..policy.classifier import ExitClassifier
+from .collect import FeatureTable
+from .schedule import binomial_upper_bound
+
+__all__ = ["binomial_tail", "calibrate", "exit_scores", "simulate_exits", "summarize_exits"]
+
+MAX_THRESHOLDS = 200  # size of the threshold grid (score quantiles)
+MAX_MIN_LAYERS = 8  # default size of the min_layer grid (each one costs a Bonferroni factor)
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """P(Binomial(n, p) <= k): the p-value of k errors in n trials under H0 "error rate >= p"."""
+    from scipy.stats import binom
+
+    return float(binom.cdf(k, n, p))
+
+
+
+
+def exit_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
+    """`clf`'s exit score for every row of `table` (float64 `[N]`).
+
+    For a CRF estimator this is the causal sequence score P(exit at k | layers 1..k) of each prompt's layer
+    sequence; for everything else `clf.score` on the rows' features.
+    """
+    X = table.columns(clf.features).astype(np.float64)
+    if hasattr(clf.estimator, "causal_scores"):
+        from .train import table_sequences
+
+        seqs, _ = table_sequences(table, clf.features)
+        out = np.empty(len(table))
+        order = np.lexsort((table.layer, table.prompt_id))
+        out[order] = np.concatenate(clf.estimator.causal_scores(seqs)) if seqs else []
+        return out
+    return clf.score(X)
+
+
+def _grid(table: FeatureTable, values: np.ndarray, fill: float) -> np.ndarray:
+    """Per-row `values` as a `[P, L-1]` matrix indexed by (prompt, layer - 1)."""
+    L = _num_layers(table)
+    out = np.full((table.num_prompts, L - 1), fill, dtype=np.float64)
+    out[table.prompt_id, table.layer - 1] = values
+    return out
+
+
+def _num_layers(table: FeatureTable) -> int:
+    layers = np.unique(table.num_layers)
+    if layers.size != 1:
+        raise ValueError(f"The table mixes models with layer counts {layers.tolist()}; expected one model.")
+    return int(layers[0])
+
+
+def summarize_exits(table: FeatureTable, exit_layer: np.ndarray) -> dict:
+    """Agreement with dense, gold accuracy and layer use of given per-prompt exit layers.
+
+    Args:
+        table ([`FeatureTable`]): the prompts.
+        exit_layer (`np.ndarray` int `[P]`): 1-based exit layer of each prompt (`L` = dense).
+
+    Returns:
+        `dict` with `n`, `agreement`, `mean_exit_layer`, `num_layers`, `pruning_ratio` and, when the table has
+        gold tokens, `gold_accuracy_dense` / `gold_accuracy_exit`; plus the same per task under `per_task`.
+    """
+    L = _num_layers(table)
+    exit_layer = np.asarray(exit_layer, dtype=np.int64)
+    top = _grid(table, table.top_token.astype(np.float64), -1).astype(np.int64)
+    early = exit_layer < L
+    exit_token = table.final_token.copy()
+    exit_token[early] = top[np.flatnonzero(early), exit_layer[early] - 1]
+
+    def figures(mask):
+        n = int(mask.sum())
+        d = {
+            "n": n,
+            "agreement": float((exit_token[mask] == table.final_token[mask]).mean()) if n else float("nan"),
+            "mean_exit_layer": float(exit_layer[mask].mean()) if n else float("nan"),
+            "num_layers": L,
+        }
+        d["pruning_ratio"] = 1.0 - d["mean_exit_layer"] / L if n else float("nan")
+        if table.has_gold and n:
+            d["gold_accuracy_dense"] = float((table.final_token[mask] == table.gold_token[mask]).mean())
+            d["gold_accuracy_exit"] = float((exit_token[mask] == table.gold_token[mask]).mean())
+        return d
+
+    summary = figures(np.ones(table.num_prompts, dtype=bool))
+    summary["per_task"] = {str(t): figures(table.task == t) for t in np.unique(table.task)}
+    return summary
+
+
+def simulate_exits(clf: ExitClassifier, table: FeatureTable) -> tuple[np.ndarray, dict]:
+    """Replays `clf`'s live rule (schedule, `min_layer`, threshold) on a collected table, without the model.
+
+    The table's rows hold exactly the features the decoder loop computes, so for row-wise estimators this equals
+    running the model with `clf` (up to float rounding at the threshold).
+
+    Returns:
+        `(exit_layer, summary)`: int `[P]` exit layers and [`summarize_exits`]'s figures.
+    """
+    L = _num_layers(table)
+    fired = np.zeros(len(table), dtype=bool)
+    if hasattr(clf.estimator, "causal_scores") and clf.threshold is not None:
+        fired = exit_scores(clf, table) >= clf.threshold
+    elif len(table):
+        fired = clf.exit_mask(table.columns(clf.features).astype(np.float64))
+    checked = np.isin(table.layer, clf.layers_to_check(L))
+    exit_layer = _first_exit(_grid(table, (fired & checked).astype(np.float64), 0.0) > 0, L)
+    return exit_layer, summarize_exits(table, exit_layer)
+
+
+def _threshold_grid(masked: np.ndarray, thresholds, score_kind: str) -> np.ndarray:
+    """Candidate thresholds, most conservative (highest) first: the given ones, or quantiles of the scores the
+    rule can see (those at layers >= min_layer)."""
+    if thresholds is None:
+        uniq = np.unique(masked[np.isfinite(masked)])
+        thresholds = (
+            np.quantile(uniq, np.linspace(0.0, 1.0, MAX_THRESHOLDS)) if uniq.size > MAX_THRESHOLDS else uniq
+        )
+    grid = np.asarray(thresholds, dtype=np.float64)
+    grid = grid[np.isfinite(grid)]
+    if score_kind == "probability":
+        grid = np.clip(grid, 0.0, 1.0)
+    return np.unique(grid)[::-1]
+
+
+def _first_exit(fire: np.ndarray, L: int) -> np.ndarray:
+    """1-based first True layer along the last axis of `fire` [..., L-1], or L where none."""
+    any_fire = fire.any(-1)
+    return np.where(any_fire, fire.argmax(-1) + 1, L)
+
+
+def calibrate(
+    clf: ExitClassifier,
+    table: FeatureTable,
+    target_agreement: float = 0.99,
+    delta: float = 0.1,
+    min_layers: Sequence[int] | None = None,
+    thresholds: Sequence[float] | None = None,
+) -> ExitClassifier:
+    """Chooses `min_layer` and `threshold` so that agreement with the dense model is at least `target_agreement`
+    with probability `1 - delta`, using as few layers as possible.
+
+    Args:
+        clf ([`ExitClassifier`]): a trained classifier (its own threshold and min_layer are ignored).
+        table ([`FeatureTable`]): calibration prompts, disjoint from the training ones.
+        target_agreement (`float`, *optional*, defaults to 0.99): required share of prompts whose exit-layer top-1
+            equals the dense top-1.
+        delta (`float`, *optional*, defaults to 0.1): allowed probability that the guarantee fails.
+        min_layers (`Sequence[int]`, *optional*): candidate `min_layer` values (Bonferroni over them); defaults to
+            up to 8 evenly spaced layers in `[1, L-1]`.
+        thresholds (`Sequence[float]`, *optional*): candidate thresholds. Defaults to up to 200 quantiles of the
+            table's scores at layers >= each `min_layer`; a grid fixed before seeing the data makes the guarantee
+            exact rather than approximate.
+
+    Returns:
+        [`ExitClassifier`]: a new classifier with the chosen `min_layer`/`threshold` -- or `check_layers=()` (never
+        exit) when no candidate passes -- and `calibration` holding the achieved figures.
+    """
+    if not 0.0 < target_agreement < 1.0:
+        raise ValueError(f"target_agreement must lie in (0, 1); got {target_agreement!r}.")
+    if not 0.0 < delta < 1.0:
+        raise ValueError(f"delta must lie in (0, 1); got {delta!r}.")
+    if table.num_prompts == 0:
+        raise ValueError("calibrate needs a table with at least one prompt.")
+    L = _num_layers(table)
+    if min_layers is None:
+        min_layers = np.unique(np.linspace(1, L - 1, min(MAX_MIN_LAYERS, L - 1)).round().astype(int))
+    min_layers = sorted({int(m) for m in min_layers})
+    if not min_layers or min_layers[0] < 1 or min_layers[-1] > L - 1:
+        raise ValueError(f"min_layers={min_layers!r} must be a non-empty list of layers in [1, {L - 1}].")
+    alpha, delta_each = 1.0 - target_agreement, delta / len(min_layers)
+
+    scores = exit_scores(clf, table)
+    S = _grid(table, scores, -np.inf)  # [P, L-1]
+    agree = _grid(table, table.labels("final").astype(np.float64), 1.0) > 0
+    n, rows = table.num_prompts, np.arange(table.num_prompts)
+    best = None  # (mean exit layer, min_layer, threshold, errors); stays None unless some prompt exits early
+    n_tested = 0
+    for m in min_layers:
+        masked = S.copy()
+        masked[:, : m - 1] = -np.inf
+        for t in _threshold_grid(masked, thresholds, clf.score_kind):
+            n_tested += 1
+            exit_layer = _first_exit(masked >= t, L)
+            early = exit_layer < L
+            errors = int((~agree[rows[early], exit_layer[early] - 1]).sum())
+            if binomial_tail(errors, n, alpha) > delta_each:
+                break  # fixed-sequence testing: the first non-rejection ends this min_layer's sequence
+            mean_layer = float(exit_layer.mean())
+            # A rule that exits nowhere would only add checks: "never" (no checks at all) is better.
+            if mean_layer < L and (best is None or mean_layer < best[0]):
+                best = (mean_layer, m, float(t), errors)
+
+    figures = {
+        "target_agreement": target_agreement,
+        "delta": delta,
+        "n_prompts": n,
+        "procedure": "learn-then-test, fixed-sequence over thresholds, Bonferroni over min_layer",
+        "p_value": "exact binomial tail",
+        "min_layer_grid": min_layers,
+        "n_tests": n_tested,
+        "score": "crf_causal_sequence" if hasattr(clf.estimator, "causal_scores") else clf.score_kind,
+    }
+    if isinstance(clf.calibration, dict) and "training" in clf.calibration:
+        figures["training"] = clf.calibration["training"]
+    if best is None:
+        result = clf.replace(min_layer=1, check_layers=[], decode_check_layers=None, calibration=None)
+        errors, chosen = 0, {"never_exit": True, "min_layer": None, "threshold": None}
+        exit_layer = np.full(n, L)
+    else:
+        _, m, t, errors = best
+        result = clf.replace(threshold=t, min_layer=m, check_layers=None, decode_check_layers=None, calibration=None)
+        chosen = {"never_exit": False, "min_layer": m, "threshold": t}
+        masked = S.copy()
+        masked[:, : m - 1] = -np.inf
+        exit_layer = _first_exit(masked >= t, L)
+        if hasattr(clf.estimator, "causal_scores"):
+            warnings.warn(
+                "A CRF was calibrated on causal sequence scores; live decisions through ExitClassifier.decide "
+                "see one layer at a time and do not reproduce them.",
+                UserWarning,
+                stacklevel=2,
+            )
+    summary = summarize_exits(table, exit_layer)
+    figures.update(chosen)
+    figures.update({k: v for k, v in summary.items() if k != "per_task"})
+    figures["errors"] = errors
+    figures["early_exits"] = int((exit_layer < L).sum())
+    # Descriptive only (it ignores the selection); the guarantee is LTT's: risk <= 1 - target w.p. >= 1 - delta.
+    figures["risk_upper_bound"] = binomial_upper_bound(errors, n, delta)
+    # Fewest prompts with which even zero errors would pass one test: below it, "never" says nothing about the model.
+    figures["min_prompts_for_target"] = math.ceil(math.log(delta_each) / math.log(target_agreement))
+    figures["conclusion"] = _conclusion(
+        chosen, summary, target_agreement, n, figures["min_prompts_for_target"], figures["early_exits"]
+    )
+    result.calibration = _jsonable(figures)
+    return result
+
+
+def _conclusion(chosen: dict, summary: dict, target: float, n: int, n_needed: int, early: int) -> str:
+    L = summary["num_layers"]
+    if chosen["never_exit"] and n < n_needed:
+        return (
+            f"{n} calibration prompts cannot certify {target:.1%} agreement (at least {n_needed} are needed even "
+            "with zero disagreements), so the calibrated classifier never exits; calibrate on more prompts or "
+            "lower the target."
+        )
+    if chosen["never_exit"]:
+        return (
+            f"No exit rule could be shown to keep {target:.1%} agreement with the dense model on the calibration "
+            "prompts: where the classifier is confident, the early layers' top-1 is not the final answer (this "
+            "model settles its answers only in its last layers), so the calibrated classifier never exits."
+        )
+    return (
+        f"Exits early on {early} of {n} calibration prompts (from layer {chosen['min_layer']} on), after "
+        f"{summary['mean_exit_layer']:.2f} of {L} layers on average, agreeing with the dense model on "
+        f"{summary['agreement']:.1%} of them (target {target:.1%})."
+    )
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

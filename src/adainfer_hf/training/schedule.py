@@ -1,0 +1,262 @@
+"""Which layers to check: a schedule that minimises expected cost (layers run + checks) under the quality target.
+
+A check (final norm + LM head + top-2 on the last token) is not free: on SmolLM2 it costs 1.7 decoder layers at
+prefill length 64 and 6.5 in single-token decode. Checking after every layer, as the paper does, can cost more than
+early exit saves. Given, for calibration prompts, where the classifier would fire and where exiting would agree
+with the dense model, `choose_schedule` picks the cheapest schedule among a family (a first checked layer and a
+stride, single checks, and "no checks at all") whose agreement with dense holds with confidence 1 - delta.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from ..architectures import core as arch
+from ..policy.features import compute_features
+
+__all__ = [
+    "ScheduleChoice",
+    "binomial_upper_bound",
+    "choose_schedule",
+    "measure_check_cost",
+    "resolve_check_cost",
+    "resolve_check_costs",
+    "schedule_classifier",
+    "schedule_cost",
+]
+
+
+@dataclass
+class ScheduleChoice:
+    """The chosen schedule and what it achieved on the calibration prompts.
+
+    Attributes:
+        check_layers (`tuple[int, ...]`): 1-based layers after which to check; empty = never check (never exit).
+        relative_cost (`float`): expected cost relative to the dense model (1.0 = as dense).
+        mean_layers (`float`): mean layers run per prompt.
+        agreement (`float`): empirical agreement with dense on the calibration prompts.
+        risk_bound (`float`): upper confidence bound (1 - delta) on the disagreement rate.
+        check_cost (`float`): cost of one check in decoder layers, as used.
+        candidates (`int`): schedules considered (the Bonferroni factor).
+    """
+
+    check_layers: tuple[int, ...]
+    relative_cost: float
+    mean_layers: float
+    agreement: float
+    risk_bound: float
+    check_cost: float
+    candidates: int
+    table: list = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        """Plain-Python summary for the artifact's `calibration` record."""
+        return {"check_layers": list(self.check_layers), "relative_cost": self.relative_cost,
+                "mean_layers": self.mean_layers, "agreement": self.agreement, "risk_bound": self.risk_bound,
+                "check_cost_layers": self.check_cost, "candidates": self.candidates}
+
+
+def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
+    """Exact (Clopper-Pearson) one-sided upper bound on an error rate: P(rate > bound) <= delta."""
+    from scipy.stats import beta
+
+    if n == 0 or errors >= n:
+        return 1.0
+    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
+
+
+def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cost: float):
+    """Exit layers, per-prompt cost (in layers) and agreement of one schedule.
+
+    Args:
+        fires (`np.ndarray`): bool [n_prompts, L]; column l-1 = the classifier fires after layer l.
+        agrees (`np.ndarray`): bool [n_prompts, L]; column l-1 = layer l's top-1 equals the dense top-1.
+        check_layers (`Sequence[int]`): 1-based checked layers.
+        check_cost (`float`): one check's cost in decoder layers (it includes the LM head, so a fired check's
+            logits are the output and the final head is saved).
+    """
+    n, L = fires.shape
+    exits = np.full(n, L)
+    checks = np.zeros(n)
+    running = np.ones(n, dtype=bool)
+    for k in sorted(check_layers):
+        checks += running
+        fired = running & fires[:, k - 1]
+        exits[fired] = k
+        running &= ~fired
+    # Rows that never fired pay the dense model's own final head (one check's worth) on top of L layers.
+    cost = exits + check_cost * checks + check_cost * running
+    agree = agrees[np.arange(n), exits - 1]
+    return exits, cost, agree
+
+
+def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, target_agreement: float = 0.99,
+                    delta: float = 0.1, min_layer: int = 1, strides=(1, 2, 3, 4, 6, 8),
+                    max_starts: int = 8) -> ScheduleChoice:
+    """The cheapest schedule whose agreement with dense is >= target with confidence 1 - delta.
+
+    Candidates: "no checks" (always allowed: it is the dense model), single checks, and (first layer, stride)
+    ladders with first layers spread over where the classifier starts firing. Each candidate's disagreement is
+    bounded with an exact binomial bound at delta / (number of candidates) (Bonferroni), so the guarantee holds for
+    the selected one.
+    """
+    n, L = fires.shape
+    first_fire = np.where(fires[:, min_layer - 1:L - 1].any(1), fires[:, min_layer - 1:L - 1].argmax(1) + min_layer, L)
+    fired_at = first_fire[first_fire < L]
+    if fired_at.size:
+        starts = sorted({int(v) for v in np.quantile(fired_at, np.linspace(0, 1, max_starts))} | {min_layer})
+    else:
+        starts = []
+    candidates = [()]
+    for s in starts:
+        if s < min_layer or s >= L:
+            continue
+        candidates.append((s,))
+        for stride in strides:
+            ladder = tuple(range(s, L, stride))
+            if len(ladder) > 1 and ladder not in candidates:
+                candidates.append(ladder)
+    dense_cost = L + check_cost
+    level = delta / len(candidates)
+    best, table = None, []
+    for cand in candidates:
+        exits, cost, agree = schedule_cost(fires, agrees, cand, check_cost)
+        errors = int((~agree).sum())
+        bound = binomial_upper_bound(errors, n, level) if cand else 0.0
+        row = ScheduleChoice(tuple(cand), float(cost.mean() / dense_cost), float(exits.mean()),
+                             float(agree.mean()), bound, check_cost, len(candidates))
+        table.append(row.as_dict())
+        if bound <= 1 - target_agreement and (best is None or row.relative_cost < best.relative_cost):
+            best = row
+    best.table = table
+    return best
+
+
+@torch.no_grad()
+def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: str = "prefill",
+                       features=("gap", "top_prob"), repeats: int = 7, check_dtype: str | None = None) -> float:
+    """Measured cost of one exit check in decoder layers, on the model's device and dtype.
+
+    Args:
+        phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
+        check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
+    """
+    if phase not in ("prefill", "decode"):
+        raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
+    layer = arch.decoder_layers(model)[0]
+    device = arch.execution_device(layer)
+    dtype = next(layer.parameters()).dtype
+    q = seq_len if phase == "prefill" else 1
+    hidden = torch.randn(batch_size, q, model.config.hidden_size, device=device, dtype=dtype)
+    pos = torch.arange(q, device=device).unsqueeze(0)
+    kw = {"position_ids": pos}
+    pe = arch.position_embeddings(model, hidden, pos)
+    if pe is not None:
+        kw["position_embeddings"] = pe
+
+    def run_layer():
+        layer(hidden, attention_mask=None, **kw)
+
+    head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
+
+    def run_check():
+        logits = arch.exit_logits(model, hidden[:, -1], head_dtype)
+        feats, _ = compute_features(features, logits)
+        feats.to("cpu")  # the decision's one device-to-host sync
+
+    def median_time(fn):
+        fn()
+        times = []
+        for _ in range(repeats):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            fn()
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    return median_time(run_check) / median_time(run_layer)
+
+
+def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,
+                        delta: float | None = None, decode_check_cost: float | None = None):
+    """Sets `clf.check_layers` (and `clf.decode_check_layers`) to the cheapest certified schedules.
+
+    Args:
+        clf (`ExitClassifier`): a calibrated classifier (its `min_layer`/`threshold` decide where it fires).
+        table (`FeatureTable`): the calibration table it was calibrated on.
+        check_cost (`float`): one check's cost in decoder layers on the target device (`measure_check_cost`); with
+            `decode_check_cost`, the cost in a prompt forward.
+        target_agreement, delta: default to the figures `calibrate` recorded.
+        decode_check_cost (`float`, *optional*): one check's cost in a cached single-token step. When given, a
+            second schedule is chosen for those steps (`decode_check_layers`), on the same calibration prompts
+            (their exits stand in for those of generated tokens); otherwise decode steps use `check_layers`.
+
+    Returns:
+        `ScheduleChoice` of `check_layers`, also stored in `clf.calibration["schedule"]` (the decode one in
+        `["decode_schedule"]`). A classifier calibrated to never exit (`check_layers=()`) is left as it is.
+    """
+    if clf.check_layers == ():
+        return None
+    cal = clf.calibration or {}
+    target = target_agreement if target_agreement is not None else cal.get("target_agreement", 0.99)
+    delta = delta if delta is not None else cal.get("delta", 0.1)
+    L = int(np.unique(table.num_layers)[0])
+    fires = np.zeros((table.num_prompts, L), dtype=bool)
+    agrees = np.ones((table.num_prompts, L), dtype=bool)
+    fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & (table.layer >= clf.min_layer)
+    fires[table.prompt_id, table.layer - 1] = fired
+    agrees[table.prompt_id, table.layer - 1] = table.labels("final")
+    procedure = "exact binomial bound, Bonferroni over the candidates"
+    choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer)
+    clf.check_layers = choice.check_layers
+    record = {**cal, "schedule": {**choice.as_dict(), "delta": delta, "procedure": procedure}}
+    record.pop("decode_schedule", None)
+    clf.decode_check_layers = None
+    if decode_check_cost is not None:
+        decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer)
+        clf.decode_check_layers = decode.check_layers
+        record["decode_schedule"] = {**decode.as_dict(), "delta": delta, "procedure": procedure}
+    clf.calibration = record
+    return choice
+
+
+def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both",
+                        check_dtype: str | None = None) -> tuple[float | None, float | None]:
+    """(cost of `check_layers`' checks, cost of decode checks or None) for `schedule_classifier`.
+
+    `phase="both"` with `spec="auto"` measures a check in a `seq_len`-token prompt and in a single-token step, so
+    prompts and generated tokens get their own schedules; "prefill" or "decode" (or a numeric `spec`) give one
+    cost and one schedule for every step.
+    """
+    if phase not in ("both", "prefill", "decode"):
+        raise ValueError(f"phase must be 'both', 'prefill' or 'decode'; got {phase!r}.")
+    if phase == "both" and spec == "auto":
+        return (resolve_check_cost(model, spec, seq_len, "prefill", check_dtype),
+                resolve_check_cost(model, spec, seq_len, "decode", check_dtype))
+    return resolve_check_cost(model, spec, seq_len, "prefill" if phase == "both" else phase, check_dtype), None
+
+
+def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",
+                       check_dtype: str | None = None) -> float | None:
+    """A check cost from a user's spec: a number (layers), "auto" (measured now on the model's device at
+    `seq_len`/`phase`, with the head in `check_dtype`), or None/"none" (no scheduling: check every layer from
+    `min_layer`)."""
+    if spec is None or spec == "none":
+        return None
+    if spec == "auto":
+        return measure_check_cost(model, seq_len=seq_len, phase=phase, check_dtype=check_dtype)
+    try:
+        value = float(spec)
+    except (TypeError, ValueError):
+        raise ValueError(f"check cost must be a number of layers, 'auto' or 'none'; got {spec!r}.") from None
+    if not value >= 0:
+        raise ValueError(f"check cost must be >= 0 layers; got {spec!r}.")
+    return value
