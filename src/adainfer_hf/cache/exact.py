@@ -21,8 +21,9 @@ import torch
 from .. import compat
 from ..architectures import core as arch
 from ..compat import DynamicCache
+from .base import ExitCacheStrategy, _inconsistent, cache_layer_lengths
 
-__all__ = ["ExactExitCache", "CACHE_MODES"]
+__all__ = ["CACHE_MODES", "ExactExitCache", "ExactStrategy"]
 
 CACHE_MODES = ("propagate", "exact")
 
@@ -67,52 +68,99 @@ class ExactExitCache(DynamicCache):
         self.pending_hidden = self.pending_positions = None
 
 
-def exact_layer_forward(run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
-    """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
-    cache: ExactExitCache = compat.layer_cache(kwargs)
-    layer_idx = layer.self_attn.layer_idx
-    owed = _owed(run, cache, layer_idx)
-    if owed == 0:
-        return forward(hidden, *args, **kwargs)
-    start = cache.pending_hidden.shape[1] - owed
-    owed_hidden = cache.pending_hidden[:, start:].to(hidden.device, hidden.dtype)
-    owed_pos = cache.pending_positions[:, start:].to(hidden.device)
-    ext_hidden = torch.cat([owed_hidden, hidden], dim=1)
-    ext_pos = torch.cat([owed_pos, run.position_ids.to(hidden.device).expand(hidden.shape[0], -1)], dim=1)
-    ext_kwargs = dict(kwargs)
-    ext_kwargs["position_ids"] = ext_pos
-    ext_kwargs["attention_mask"] = compat.causal_mask(
-        run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx)
-    if kwargs.get("position_embeddings") is not None:
-        ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos)
-    run.query_offset = owed
-    out = forward(ext_hidden, *args, **ext_kwargs)
-    run.query_offset = 0
-    # The owed positions have now run this layer: their frontier moves one layer deeper.
-    cache.pending_hidden[:, start:] = out[:, :owed].to(cache.pending_hidden.device, cache.pending_hidden.dtype)
-    return out[:, owed:]
+class ExactStrategy(ExitCacheStrategy):
+    """The exact option's loop behaviour: every row runs until the whole batch has exited (rows that exited keep
+    computing for the cache; their output stays their exit layer's), and a layer first catches up the positions
+    it still owes from earlier steps."""
+
+    name = "exact"
+    needs_position_ids = True
+
+    def __init__(self, cache):
+        super().__init__(cache)
+        self.frontier: torch.Tensor | None = None  # this step's output of the deepest layer run, when not the last
+
+    @property
+    def owes_positions(self) -> bool:
+        return self.cache.pending_hidden is not None
+
+    def layer_forward(self, run, layer, forward, hidden, args, kwargs):
+        if not run.any_active():
+            return hidden  # skipped layers wait: a later token that goes deeper runs them for these positions
+        out = run.run_all_rows(layer, lambda h, a, kw: self._catch_up_forward(run, layer, forward, h, a, kw),
+                               hidden, args, kwargs)
+        for row in run.exited_at_this_layer:
+            self.frozen_hidden[row] = out[row].clone()  # this row's output stays its exit layer's
+        if run.layer < run.num_layers and not run.any_active():
+            self.frontier = out
+        return out
+
+    def _catch_up_forward(self, run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
+        cache: ExactExitCache = self.cache
+        layer_idx = layer.self_attn.layer_idx
+        owed = self._owed(run, layer_idx)
+        if owed == 0:
+            return forward(hidden, *args, **kwargs)
+        start = cache.pending_hidden.shape[1] - owed
+        owed_hidden = cache.pending_hidden[:, start:].to(hidden.device, hidden.dtype)
+        owed_pos = cache.pending_positions[:, start:].to(hidden.device)
+        ext_hidden = torch.cat([owed_hidden, hidden], dim=1)
+        ext_pos = torch.cat([owed_pos, run.position_ids.to(hidden.device).expand(hidden.shape[0], -1)], dim=1)
+        ext_kwargs = dict(kwargs)
+        ext_kwargs["position_ids"] = ext_pos
+        ext_kwargs["attention_mask"] = compat.causal_mask(
+            run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx)
+        if kwargs.get("position_embeddings") is not None:
+            ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos)
+        self.query_offset = owed
+        try:
+            out = forward(ext_hidden, *args, **ext_kwargs)
+        finally:
+            self.query_offset = 0
+        # The owed positions have now run this layer: their frontier moves one layer deeper.
+        cache.pending_hidden[:, start:] = out[:, :owed].to(cache.pending_hidden.device, cache.pending_hidden.dtype)
+        return out[:, owed:]
+
+    def _owed(self, run, layer_idx: int) -> int:
+        if layer_idx == 0 or self.cache.pending_hidden is None:
+            return 0
+        return run.past_length - self.cache.layer_length(layer_idx)
+
+    def finish_step(self, run) -> None:
+        """After a step: remember the new positions' frontier states if some layers still owe them.
+
+        Positions every layer has seen leave the buffer.
+        """
+        cache, hidden = self.cache, self.frontier
+        total = run.past_length + run.query_length
+        if hidden is None or cache.layer_length(run.num_layers - 1) == total:
+            cache.pending_hidden = cache.pending_positions = None
+            return
+        pos = run.position_ids.expand(hidden.shape[0], -1)
+        if cache.pending_hidden is None:
+            cache.pending_hidden, cache.pending_positions = hidden.detach().clone(), pos.clone()
+            return
+        device = cache.pending_hidden.device
+        cache.pending_hidden = torch.cat(
+            [cache.pending_hidden, hidden.detach().to(device, cache.pending_hidden.dtype)], 1)
+        cache.pending_positions = torch.cat([cache.pending_positions, pos.to(device)], 1)
+
+    def check_consistent(self, run) -> None:
+        """Layer 0 holds every position; deeper layers may owe a suffix, which the pending buffer covers."""
+        lengths = cache_layer_lengths(self.cache)
+        if not [n for n in lengths if n is not None]:
+            return
+        total = run.past_length + run.query_length
+        # layers no token has reached yet may not exist: they hold nothing
+        lengths = lengths + [0] * (run.num_layers - len(lengths))
+        known = [n for n in lengths if n is not None]
+        pending = 0 if self.cache.pending_hidden is None else self.cache.pending_hidden.shape[1]
+        ok = (len(lengths) == run.num_layers and lengths[0] == total
+              and all(a >= b for a, b in zip(known, known[1:], strict=False))
+              and known[-1] + pending == total)
+        if not ok:
+            raise _inconsistent(lengths, total, run)
 
 
-def _owed(run, cache: ExactExitCache, layer_idx: int) -> int:
-    if layer_idx == 0 or cache.pending_hidden is None:
-        return 0
-    return run.past_length - cache.layer_length(layer_idx)
-
-
-def finish_step(run, cache: ExactExitCache, hidden: torch.Tensor | None) -> None:
-    """After a step: remember the new positions' frontier states if some layers still owe them.
-
-    `hidden` is the current query's output of the deepest layer this step ran (None when it ran every layer).
-    Positions every layer has seen leave the buffer.
-    """
-    total = run.past_length + run.query_length
-    if hidden is None or cache.layer_length(run.num_layers - 1) == total:
-        cache.pending_hidden = cache.pending_positions = None
-        return
-    pos = run.position_ids.expand(hidden.shape[0], -1)
-    if cache.pending_hidden is None:
-        cache.pending_hidden, cache.pending_positions = hidden.detach().clone(), pos.clone()
-        return
-    device = cache.pending_hidden.device
-    cache.pending_hidden = torch.cat([cache.pending_hidden, hidden.detach().to(device, cache.pending_hidden.dtype)], 1)
-    cache.pending_positions = torch.cat([cache.pending_positions, pos.to(device)], 1)
+ExactExitCache.exit_strategy_class = ExactStrategy

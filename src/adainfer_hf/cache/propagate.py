@@ -26,6 +26,7 @@ import torch
 
 from ..architectures import core as arch
 from ..compat import DynamicCache, DynamicLayer, new_cache_layer
+from .base import PropagateStrategy
 
 __all__ = ["PropagateExitCache"]
 
@@ -121,6 +122,8 @@ class PropagateExitCache(DynamicCache):
     `exit_cache="propagate"`); pass it as the model's cache argument to choose it yourself. With a plain `DynamicCache` the
     fill is computed at exit time instead; the cached values are the same.
     """
+
+    exit_strategy_class = PropagateStrategy  # see cache/base.py
 
     def defer(self, model, hidden: torch.Tensor, first_layer: int, position_embeddings=None) -> bool:
         """Records that layers `first_layer`..L-1 (0-based) owe K/V computed from `hidden` [B, T, H].

@@ -18,7 +18,8 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from .. import compat
 from ..architectures import core as arch
-from ..cache.exact import CACHE_MODES, ExactExitCache, finish_step
+from ..cache.base import strategy_for
+from ..cache.exact import CACHE_MODES, ExactExitCache
 from ..cache.guard import check_cache_consistent
 from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
@@ -147,7 +148,7 @@ class AdaInferMixin:
         # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
         # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
         # stock model.
-        owed = isinstance(past_key_values, ExactExitCache) and past_key_values.pending_hidden is not None
+        owed = strategy_for(past_key_values).owes_positions
         if policy is not None and not owed:
             past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
             if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(ref.shape[1], past)):
@@ -174,8 +175,7 @@ class AdaInferMixin:
             outputs = arch.base_decoder(self)(**common, adainfer_run=run, **kwargs)
         finally:
             run.close()
-        if run.exact:
-            finish_step(run, past_key_values, run.exact_frontier)
+        run.cache_strategy.finish_step(run)
         self._adainfer_record(run.exit_layers, exit_recorder)
         logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
         loss = None
@@ -218,7 +218,7 @@ class AdaInferMixin:
         else:
             keep = logits_to_keep
         logits = head(hidden[:, keep, :])
-        for row, frozen in run.frozen_hidden.items():
+        for row, frozen in run.cache_strategy.frozen_hidden.items():
             # exact cache option: the row kept running for the cache; its output is its exit layer's
             logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
         return logits
@@ -249,7 +249,7 @@ class AdaInferMixin:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
         cache = compat.pop_cache_arg(kwargs)
         if exit_cache == "exact":
-            if cache is not None and not isinstance(cache, ExactExitCache):
+            if cache is not None and strategy_for(cache).name != "exact":
                 raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
                                  f"got {type(cache).__name__}.")
             if cache is None:

@@ -54,6 +54,8 @@ class ExitPolicy:
     def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """Returns a BoolTensor [n_rows]: True where the row exits after `layer`.
 
+        Policies whose `begin_run` returns state also take it as the keyword argument `state`.
+
         Args:
             features (`torch.Tensor`): float32 [n_rows, len(self.features)] on the LM head's device.
             layer (`int`): 1-based index of the layer just run.
@@ -61,8 +63,28 @@ class ExitPolicy:
         """
         raise NotImplementedError
 
-    # Optional: `begin_run(batch_size) -> state` makes the loop create per-forward state and call
-    # `decide(features, layer, rows, state=state)`; for policies that look at the whole layer sequence (CRF).
+    def begin_run(self, batch_size: int):
+        """Called once per forward before any layer runs; returns per-call state, or None (the default).
+
+        Policies that look at the whole layer sequence (a CRF) keep their state here, never on themselves: when
+        the returned state is not None the loop calls `decide(features, layer, rows, state=state)` with it.
+
+        Args:
+            batch_size (`int`): rows of the forward's batch.
+        """
+        return None
+
+    def record(self, layer: int, rows: torch.Tensor, features: torch.Tensor, stats, logits: torch.Tensor) -> None:
+        """Called after every logit-lens layer (checked or feeding a `delta_*` feature), before `decide`; the
+        default does nothing. Feature collection overrides it to keep each layer's values.
+
+        Args:
+            layer (`int`): 1-based layer just run.
+            rows (`torch.LongTensor`): batch indices of the rows the values belong to.
+            features (`torch.Tensor`): float32 [n_rows, len(self.features)].
+            stats (`LayerStats`): the layer's gap / top_prob / top_token (and log-probs when a feature needs them).
+            logits (`torch.Tensor`): the logit lens of the rows' last tokens [n_rows, V].
+        """
 
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:
         """Raises `ValueError` when this policy cannot be used with `model`."""

@@ -19,8 +19,7 @@ from torch import nn
 
 from .. import compat
 from ..architectures import core as arch
-from ..cache.exact import ExactExitCache, exact_layer_forward
-from ..cache.propagate import PropagateExitCache
+from ..cache.base import ExitCacheStrategy, strategy_for
 from ..policy.base import ExitPolicy
 from ..policy.features import LayerStats, compute_features, feature_needs
 
@@ -94,7 +93,8 @@ class ExitRun:
         policy (`ExitPolicy`): decides, per row, after which layer to stop.
         batch_size (`int`), query_length (`int`): shape of the call's input.
         attention_mask (`torch.Tensor`, *optional*): the 2-D mask given to the model (for last-token positions).
-        past_key_values (`Cache`, *optional*): the call's KV cache; layers that rows skip are filled for them.
+        past_key_values (`Cache`, *optional*): the call's KV cache; its `ExitCacheStrategy` (cache/base.py) keeps
+            it consistent for the rows that skip layers.
     """
 
     def __init__(self, model: nn.Module, policy: ExitPolicy, batch_size: int, query_length: int,
@@ -113,15 +113,10 @@ class ExitRun:
             self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
         self.query_length = query_length
         self.attention_mask = attention_mask
-        # Exact cache option: rows are not frozen, owed positions are caught up (see exact_cache.py).
-        self.exact = isinstance(past_key_values, ExactExitCache)
-        if self.exact and position_ids is None:  # (only the exact option needs the query's positions)
+        self.cache_strategy: ExitCacheStrategy = strategy_for(past_key_values)
+        if self.cache_strategy.needs_position_ids and position_ids is None:
             position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
         self.position_ids = position_ids
-        self.query_offset = 0  # owed positions prepended to the query by the exact option
-        self.exact_frontier: torch.Tensor | None = None
-        self.frozen_hidden: dict[int, torch.Tensor] = {}
-        self.rest_filled = False  # all deeper layers' caches were filled at once (see _fill_remaining_layers)
         self.head_device = arch.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
@@ -132,12 +127,12 @@ class ExitRun:
         self.prev_stats: LayerStats | None = None
         self.prev_stats_layer = -1
         self._rows = torch.arange(batch_size)  # rows running the current layer
+        self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
         self._hooks = []
         # Policies that look at the layer sequence (CRF) keep per-call state here, never on themselves.
-        begin = getattr(policy, "begin_run", None)
-        self.policy_state = begin(batch_size) if begin is not None else None
+        self.policy_state = policy.begin_run(batch_size)
         if "sublayers" in self.needs:
             self._install_sublayer_hooks()
 
@@ -145,17 +140,24 @@ class ExitRun:
     def layer_forward(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
         """Runs one decoder layer for the rows still going; returns the full-batch hidden states."""
         self.layer += 1
-        if self.exact:
-            return self._exact_layer_forward(layer, forward, hidden, args, kwargs)
+        self.exited_at_this_layer = []
+        return self.cache_strategy.layer_forward(self, layer, forward, hidden, args, kwargs)
+
+    def any_active(self) -> bool:
+        """Whether some row has not exited yet (host-side: no device sync)."""
+        return bool(self.active.any())
+
+    def run_active_rows(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
+        """Runs `layer` on the rows that have not exited (exited rows stay frozen; the cache strategy gives their
+        skipped layers K/V), then checks; returns the full-batch hidden states."""
         n_active = int(self.active.sum())
         cache = compat.layer_cache(kwargs)
         if self.layer == 1 and "hidden" in self.needs:
             self.hidden_cur = self._last_token(hidden, torch.arange(self.batch_size)).to(self.head_device)
         if n_active == 0:
             # Nobody runs this layer; only the cache must still hold an entry for these positions.
-            if cache is not None and not self.rest_filled:
-                k, v = self._kv_for_rows(layer, hidden, kwargs, torch.arange(self.batch_size))
-                cache.update(k, v, layer.self_attn.layer_idx)
+            if cache is not None:
+                self.cache_strategy.fill_skipped_layer(self, layer, hidden, kwargs)
             return hidden
         self._track_begin()
         if n_active == self.batch_size:
@@ -170,7 +172,7 @@ class ExitRun:
             if cache is not None:
                 skipped = (~self.active).nonzero().squeeze(-1)
                 sub_kwargs = compat.with_layer_cache(sub_kwargs, _RowSubsetCache(
-                    cache, rows, lambda: self._kv_for_rows(layer, hidden, kwargs, skipped)))
+                    cache, rows, lambda: self.kv_for_rows(layer, hidden, kwargs, skipped)))
             sub_out = forward(hidden.index_select(0, rows.to(hidden.device)), *sub_args, **sub_kwargs)
             out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
         if "hidden" in self.needs:
@@ -178,47 +180,22 @@ class ExitRun:
                                         self._last_token(out, rows).to(self.head_device))
         if self.layer in self.lens_layers and self.layer < self.num_layers:
             self._check(out, rows)
-            if cache is not None and not bool(self.active.any()):
-                self._fill_remaining_layers(out, kwargs)
+            if cache is not None and not self.any_active():
+                self.cache_strategy.after_all_exited(self, out, kwargs)
         return out
 
-    def _fill_remaining_layers(self, hidden: torch.Tensor, kwargs) -> None:
-        """Every row has exited: all deeper layers' caches owe these positions K/V from the frozen states.
-
-        A `PropagateExitCache` computes them when first read (never, when no later token runs those layers);
-        any other cache gets them now, all layers in one matmul.
-        """
-        cache = compat.layer_cache(kwargs)
-        pos_emb = kwargs.get("position_embeddings")
-        if isinstance(cache, PropagateExitCache) and cache.defer(self.model, hidden, self.layer, pos_emb):
-            self.rest_filled = True
-            return
-        stacked = arch.stacked_kv_states(self.model, hidden, self.layer, pos_emb)
-        if stacked is None:
-            return  # layers on other devices: the per-layer path fills them as the loop reaches them
-        for idx, (k, v) in enumerate(stacked, start=self.layer):
-            cache.update(k, v, idx)
-        self.rest_filled = True
-
-    def _exact_layer_forward(self, layer, forward, hidden, args, kwargs):
-        """The exact option: every row runs until the whole batch has exited; skipped layers wait (no fill)."""
-        if not bool(self.active.any()):
-            return hidden
+    def run_all_rows(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
+        """Runs `layer` on every row (`forward(hidden, args, kwargs)`), then checks the rows still going."""
         all_rows = torch.arange(self.batch_size)
         if self.layer == 1 and "hidden" in self.needs:
             self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
         self._track_begin()
         self._rows = all_rows
-        out = exact_layer_forward(self, layer, forward, hidden, args, kwargs)
+        out = forward(hidden, args, kwargs)
         if "hidden" in self.needs:
             self.hidden_cur = self._last_token(out, all_rows).to(self.head_device)
         if self.layer in self.lens_layers and self.layer < self.num_layers:
-            rows = self.active.nonzero().squeeze(-1)
-            self._check(out, rows)
-            for row in rows[~self.active[rows]].tolist():
-                self.frozen_hidden[row] = out[row].clone()  # this row's output stays its exit layer's
-            if not bool(self.active.any()):
-                self.exact_frontier = out
+            self._check(out, self.active.nonzero().squeeze(-1))
         return out
 
     # ------------------------------------------------------------------ the exit check
@@ -243,9 +220,7 @@ class ExitRun:
                 prev_subl = tuple(t[r] for t in self.sub_prev)
         feats, stats = compute_features(self.policy.features, logits, prev, h_cur, h_prev, subl, prev_subl)
         self._remember(stats, rows)
-        recorder = getattr(self.policy, "record", None)
-        if recorder is not None:
-            recorder(layer, rows, feats, stats, logits)
+        self.policy.record(layer, rows, feats, stats, logits)
         if layer not in self.check_layers:
             return
         if self.policy_state is None:
@@ -256,6 +231,7 @@ class ExitRun:
         if not bool(fired_host.any()):
             return
         exited = rows[fired_host]
+        self.exited_at_this_layer = exited.tolist()
         self.exit_layers[exited] = layer
         self.active[exited] = False
         if self.exit_logits is None and exited.numel() == self.batch_size:
@@ -306,7 +282,7 @@ class ExitRun:
             if out.dim() == 2:  # OPT's fc2 runs on [rows*T, H]
                 out = out.view(rows.numel(), -1, out.shape[-1])
             local = torch.arange(rows.numel(), device=out.device)
-            pos = self.last_pos[rows].to(out.device) + self.query_offset
+            pos = self.last_pos[rows].to(out.device) + self.cache_strategy.query_offset
             vec = out[local, pos].detach().to(self.head_device, torch.float32)
             if self.sub_cur is None:
                 self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
@@ -320,12 +296,15 @@ class ExitRun:
         self._hooks.clear()
 
     # ------------------------------------------------------------------ cache consistency
-    def _kv_for_rows(self, layer, hidden, kwargs, rows):
-        """Full-batch K/V tensors for `layer` whose `rows` entries come from those rows' frozen hidden states.
+    def kv_for_rows(self, layer, hidden, kwargs, rows: torch.Tensor | None):
+        """Full-batch K/V tensors for `layer` whose `rows` entries (None: all) come from those rows' frozen hidden
+        states.
 
         The other rows' entries are left zero: `_RowSubsetCache.update` overwrites them with the values the
         layer computes for the running rows.
         """
+        if rows is None:
+            rows = torch.arange(self.batch_size)
         pos_emb = _take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
         k, v = arch.layer_kv_states(self.model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
         if rows.numel() == self.batch_size:
