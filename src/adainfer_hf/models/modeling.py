@@ -248,16 +248,16 @@ class AdaInferMixin:
         if exit_cache not in CACHE_MODES:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
         cache = compat.pop_cache_arg(kwargs)
-        if exit_cache == "exact":
-            if cache is not None and strategy_for(cache).name != "exact":
-                raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
-                                 f"got {type(cache).__name__}.")
-            if cache is None:
-                cache = ExactExitCache(config=self.config)
-        elif cache is None and kwargs.get(
-                "use_cache", kwargs.get("generation_config", self.generation_config).use_cache):
-            # skipped layers' K/V are computed when a later token needs them (same values as filling at exit)
-            cache = PropagateExitCache(config=self.config)
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = (kwargs.get("generation_config") or self.generation_config).use_cache
+        if exit_cache == "exact" and cache is not None and strategy_for(cache).name != "exact":
+            raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
+                             f"got {type(cache).__name__}.")
+        if cache is None and use_cache:  # use_cache=False: no cache, whichever option (as stock generate)
+            # propagate: skipped layers' K/V are computed when a later token needs them (same values as at exit)
+            cache = ExactExitCache(config=self.config) if exit_cache == "exact" else PropagateExitCache(
+                config=self.config)
         if cache is not None:
             kwargs[compat.CACHE_ARG] = cache
         recorder = ExitRecorder()
