@@ -11,9 +11,10 @@ from test_collect import tiny_pair, tiny_prompts, tiny_tokenizer
 
 from adainfer_hf.estimators.rules import GapThresholdRule
 from adainfer_hf.policy.classifier import ExitClassifier
-from adainfer_hf.training.calibrate import binomial_tail, calibrate, simulate_exits
+from adainfer_hf.training.calibrate import calibrate, simulate_exits
 from adainfer_hf.training.collect import FeatureTable, collect_features
 from adainfer_hf.training.train import train_exit_classifier
+from adainfer_hf.utils.stats import binomial_tail
 
 L = 9
 BLANK = 0

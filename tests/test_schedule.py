@@ -9,12 +9,9 @@ from tiny_models import llama_config, make_pair
 
 from adainfer_hf import AdaInferLlamaForCausalLM
 from adainfer_hf.compat import output_cache
-from adainfer_hf.training.schedule import (
-    binomial_upper_bound,
-    choose_schedule,
-    measure_check_cost,
-    schedule_cost,
-)
+from adainfer_hf.training.check_cost import measure_check_cost
+from adainfer_hf.training.schedule import choose_schedule, schedule_cost
+from adainfer_hf.utils.stats import binomial_upper_bound
 
 
 def test_schedule_cost_by_hand():

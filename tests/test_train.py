@@ -9,9 +9,11 @@ import pytest
 import torch
 from test_collect import tiny_pair
 
+from adainfer_hf.estimators.crf import CRFExitEstimator
 from adainfer_hf.policy.classifier import ExitClassifier
 from adainfer_hf.training.collect import FeatureTable
-from adainfer_hf.training.train import METHODS, CRFExitEstimator, table_sequences, train_exit_classifier
+from adainfer_hf.training.table import table_sequences
+from adainfer_hf.training.train import TRAIN_METHODS, train_exit_classifier
 
 L = 4
 
@@ -38,7 +40,7 @@ def separable_table(P=120, K=L - 1, seed=0):
     )
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", TRAIN_METHODS)
 def test_each_method_gives_a_classifier_the_model_accepts_and_fires(method):
     table = separable_table()
     clf = train_exit_classifier(table, method=method)

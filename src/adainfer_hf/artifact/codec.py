@@ -15,11 +15,19 @@ import warnings
 from typing import Any
 
 import numpy as np
+import safetensors.numpy
+from safetensors import safe_open
+from sklearn.linear_model import LogisticRegression, SGDClassifier
+from sklearn.pipeline import Pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
 
 from ..compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
+from ..estimators.linear import fold_standard_scalers
+from ..estimators.rules import GapThresholdRule
+from .constants import CLASSIFIER_SAFE_NAME
 
 SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encoding
-CLASSIFIER_SAFE_NAME = "exit_classifier.safetensors"
 
 
 def _qualified_name(obj: Any) -> str:
@@ -41,8 +49,6 @@ def _logit(p: float) -> float:
 
 
 def _score_kind(est) -> str:
-    from sklearn.linear_model import LogisticRegression
-
     final = est.steps[-1][1] if hasattr(est, "steps") else est
     # Logistic regression is trained to be calibrated, so its threshold is a probability; other margins are not.
     if isinstance(final, LogisticRegression) and hasattr(est, "predict_proba"):
@@ -63,9 +69,6 @@ def _probe(est, n_rows: int = 64) -> np.ndarray:
 def _linear_form(est) -> tuple[np.ndarray, float] | None:
     """`(w, b)` with `decision_function(X) == X @ w + b`, folding `StandardScaler` steps of a pipeline into `w`
     and `b`; `None` when the estimator is not of that form (checked numerically, not trusted from `coef_`)."""
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
     steps = [step for _, step in est.steps] if type(est) is Pipeline else [est]
     *pre, final = steps
     try:
@@ -77,16 +80,10 @@ def _linear_form(est) -> tuple[np.ndarray, float] | None:
         coef = coef[0]
     if coef.ndim != 1 or intercept.shape != (1,) or not hasattr(est, "decision_function"):
         return None
-    bias = float(intercept[0])
-    for step in reversed(pre):  # w . ((x - m) / s) + b  ==  (w / s) . x + (b - (w / s) . m)
-        if step is None or step == "passthrough":
-            continue
-        if type(step) is not StandardScaler:
-            return None
-        if step.with_std and step.scale_ is not None:
-            coef = coef / step.scale_
-        if step.with_mean and step.mean_ is not None:
-            bias -= float(coef @ step.mean_)
+    folded = fold_standard_scalers(pre, coef, intercept)
+    if folded is None:
+        return None
+    coef, bias = folded[0], float(folded[1][0])
     try:
         X = _probe(est)
         reference = np.asarray(est.decision_function(X), dtype=np.float64).reshape(-1)
@@ -110,12 +107,6 @@ def _safe_registry() -> dict:
     Only these classes are ever instantiated from a safetensors file, and only these attributes are set: the
     file holds arrays and JSON scalars, never code or class paths.
     """
-    from sklearn.linear_model import LogisticRegression, SGDClassifier
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
-
-    from ..estimators.rules import GapThresholdRule
-
     linear = (("coef_", "intercept_", "classes_"), ("n_features_in_",))
     return {
         "LinearSVC": (LinearSVC, *linear),
@@ -153,9 +144,6 @@ def _from_json_value(value):
 
 
 def _encode_into(est, prefix: str, tensors: dict) -> dict:
-    from sklearn.pipeline import Pipeline
-    from sklearn.preprocessing import StandardScaler
-
     if type(est) is Pipeline:
         steps = []
         for i, (name, step) in enumerate(est.steps):
@@ -189,8 +177,6 @@ def _encode_into(est, prefix: str, tensors: dict) -> dict:
 
 def _decode_from(spec: dict, prefix: str, tensors: dict):
     if spec["class"] == "Pipeline":
-        from sklearn.pipeline import Pipeline
-
         steps = [
             (name, _decode_from(s, f"{prefix}steps.{i}.", tensors))
             for i, (name, s) in enumerate(spec["steps"])
@@ -228,8 +214,6 @@ def _same_decisions(a, b) -> bool:
 
 def _safe_encode(est) -> bytes | None:
     """The safetensors bytes of `est`, verified by rebuilding it; `None` (with a warning) when not encodable."""
-    import safetensors.numpy
-
     tensors: dict = {}
     try:
         spec = _encode_into(est, "", tensors)
@@ -250,8 +234,6 @@ def _safe_encode(est) -> bytes | None:
 
 
 def _safe_load(path: str):
-    from safetensors import safe_open
-
     try:
         with safe_open(path, framework="np") as f:
             header = json.loads((f.metadata() or {}).get("adainfer_hf", "{}"))

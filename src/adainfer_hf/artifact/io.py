@@ -18,8 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import joblib
+from huggingface_hub import hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
-from .codec import CLASSIFIER_SAFE_NAME, SAFE_FORMAT, _safe_encode, _safe_load
+from .codec import SAFE_FORMAT, _safe_encode, _safe_load
+from .constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -31,8 +34,6 @@ __all__ = [
     "write_artifact",
 ]
 
-CLASSIFIER_CONFIG_NAME = "exit_classifier_config.json"
-CLASSIFIER_WEIGHTS_NAME = "exit_classifier.joblib"
 FORMAT_VERSION = 1
 
 
@@ -196,9 +197,6 @@ def read_local(directory: Path) -> tuple[ExitClassifierConfig, Any]:
 
 def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local_files_only):
     """(config, estimator) of a Hub artifact; a joblib-only repository needs `trust_remote_classifier`."""
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
-
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
 
     def fetch(filename: str) -> str:

@@ -14,14 +14,21 @@ import numpy as np
 import torch
 
 from ..architectures import core as arch
+from ..data.prompts import split_examples
+from ..estimators.rules import GapThresholdRule
 from ..policy.base import ExitPolicy
+from ..policy.classifier import ExitClassifier
+from ..training.calibrate import calibrate
+from ..training.collect import collect_features
+from ..training.train import train_exit_classifier
+from .shortgpt import shortgpt_model
 
 __all__ = [
-    "METHODS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "gap_rule_classifier", "lens_top_tokens",
+    "EVAL_METHODS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "gap_rule_classifier", "lens_top_tokens",
     "oracle_exit_layers", "prepare_baselines",
 ]
 
-METHODS = ("dense", "adainfer", "gap", "crf", "shortgpt", "oracle")
+EVAL_METHODS = ("dense", "adainfer", "gap", "crf", "shortgpt", "oracle")
 SWEEP_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 CURVE_FEATURES = ("gap", "top_prob")
 
@@ -52,9 +59,6 @@ def oracle_exit_layers(table) -> np.ndarray:
 
 def gap_rule_classifier(threshold: float = 0.8):
     """The paper's fixed rule "exit once `gap > threshold`" as an [`~adainfer_hf.classifier.ExitClassifier`]."""
-    from ..estimators.rules import GapThresholdRule
-    from ..policy.classifier import ExitClassifier
-
     return ExitClassifier(GapThresholdRule(feature_index=0, threshold=threshold).fit(np.zeros((1, 2))),
                           features=("gap", "top_prob"))
 
@@ -125,7 +129,7 @@ class Baselines:
     info: dict = field(default_factory=dict)
 
 
-def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[str] = METHODS, exit_classifier=None,
+def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[str] = EVAL_METHODS, exit_classifier=None,
                       crf_classifier=None, shortgpt_layers: int | None = None, target_agreement: float | None = None,
                       sweep_targets: Sequence[float] = SWEEP_TARGETS, seed: int = 0, batch_size: int = 8,
                       progress: bool = True) -> Baselines:
@@ -139,7 +143,7 @@ def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[s
     Args:
         model, tokenizer: an AdaInfer model and its tokenizer.
         calibration_prompts (`Sequence[data.Prompt]`): held-out prompts (may be empty when nothing needs them).
-        methods (`Sequence[str]`): subset of `METHODS`.
+        methods (`Sequence[str]`): subset of `EVAL_METHODS`.
         exit_classifier ([`ExitClassifier`], *optional*): the adainfer method's classifier (required for it).
         crf_classifier ([`ExitClassifier`], *optional*): a calibrated CRF; trained here when None.
         shortgpt_layers (`int`, *optional*): layers ShortGPT removes; default `round(L / 4)` (ShortGPT's ~25%).
@@ -147,13 +151,9 @@ def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[s
         sweep_targets (`Sequence[float]`): calibration targets of the accuracy-vs-FLOPs sweep (empty: none).
         seed, batch_size, progress: split seed, prompts per forward, progress bars.
     """
-    from ..training.calibrate import calibrate
-    from ..training.collect import collect_features
-    from .shortgpt import shortgpt_model
-
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in EVAL_METHODS]
     if unknown:
-        raise ValueError(f"Unknown method(s) {unknown}; expected names from {list(METHODS)}.")
+        raise ValueError(f"Unknown method(s) {unknown}; expected names from {list(EVAL_METHODS)}.")
     L = arch.num_layers(model)
     notes = {"dense": "full depth", "oracle": "earliest layer agreeing with dense through L (the ceiling), run "
              "with ScriptedExit; its exact match is dense's by construction"}
@@ -208,10 +208,6 @@ def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[s
 
 def _train_crf(table, target: float, seed: int):
     """A CRF trained on half of the calibration table's examples and calibrated on the other half."""
-    from ..data.prompts import split_examples
-    from ..training.calibrate import calibrate
-    from ..training.train import train_exit_classifier
-
     keys = list(zip(table.task.tolist(), table.example_index.tolist(), strict=True))
     train_keys = set(split_examples(sorted(set(keys)), [0.5], seed=seed)[0])
     is_train = np.array([k in train_keys for k in keys])

@@ -1,6 +1,6 @@
 """Paper-style evaluation: accuracy, layers, FLOPs and wall-clock of early exit against dense and the baselines.
 
-Methods (`METHODS`, built by `baselines.prepare_baselines`), all run for real on the same prompts and batches:
+Methods (`EVAL_METHODS`, built by `baselines.prepare_baselines`), all run for real on the same prompts and batches:
 
 - `dense`: full depth. `adainfer`: the given `ExitClassifier`. `gap`: the paper's rule "exit once `gap > 0.8`"
   (`rules.GapThresholdRule` in an `ExitClassifier`).
@@ -28,12 +28,16 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from ..architectures import core as arch
 from ..policy.base import ScriptedExit
+from ..training.calibrate import simulate_exits
+from ..training.collect import collect_features
+from ..utils.tokenizers import left_padding
 from .baselines import (
     CURVE_FEATURES,
-    METHODS,
+    EVAL_METHODS,
     SWEEP_TARGETS,
     Baselines,
     LiveCRFPolicy,
@@ -42,9 +46,10 @@ from .baselines import (
     oracle_exit_layers,
     prepare_baselines,
 )
+from .report import finalize_results
 
 __all__ = [  # the baselines' names are re-exported: `from adainfer_hf.evaluate import prepare_baselines` works
-    "METHODS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "evaluate", "evaluate_prompts", "flops_ratio",
+    "EVAL_METHODS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "evaluate", "evaluate_prompts", "flops_ratio",
     "gap_rule_classifier", "lens_top_tokens", "oracle_exit_layers", "prepare_baselines",
 ]
 _SUMS = ("n", "correct", "agree", "em", "em_n", "layers", "layers_sq", "flops", "flops_checks", "checks", "seconds",
@@ -99,7 +104,7 @@ def _new_sums(L: int) -> dict:
     return {**dict.fromkeys(_SUMS, 0.0), "hist": [0] * (L + 1)}
 
 
-def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: Sequence[str] = METHODS,
+def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: Sequence[str] = EVAL_METHODS,
                      batch_size: int = 8, max_new_tokens: int = 8, timing_repeats: int = 1,
                      progress: bool = True) -> dict:
     """Evaluates `prompts` with every method; returns a shard of sums (see `report.merge_shards`).
@@ -111,12 +116,7 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
     """
     if not isinstance(timing_repeats, int) or timing_repeats < 1:
         raise ValueError(f"timing_repeats must be an int >= 1; got {timing_repeats!r}.")
-    from tqdm.auto import tqdm
-
-    from ..training.calibrate import simulate_exits
-    from ..training.collect import collect_features
-
-    methods = [m for m in METHODS if m in methods]
+    methods = [m for m in EVAL_METHODS if m in methods]
     L, cfg = arch.num_layers(model), model.config
     device = next(model.parameters()).device
     shard = {"num_layers": L, "groups": {}, "curves": {}, "sweep": {}}
@@ -124,13 +124,9 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
     for p in prompts:
         groups.setdefault((p.task, int(p.shots)), []).append(p)
     stop = _NewlineStop(tokenizer, cfg.vocab_size) if max_new_tokens > 0 else None
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     feats = tuple(dict.fromkeys((*CURVE_FEATURES, *[f for _, c in baselines.sweep for f in c.features])))
     rotation = 0
-    try:
+    with left_padding(tokenizer):
         for (task, shots), group in groups.items():
             gkey = f"{task}\t{shots}"
             table = collect_features(model, tokenizer, group, features=feats, batch_size=batch_size, progress=False)
@@ -149,8 +145,6 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
                 _run_batch(model, tokenizer, [group[i] for i in idx], table.gold_token[idx], oracle[idx], baselines,
                            methods, sums, b, rotation, device, stop, max_new_tokens, L, timing_repeats)
                 rotation += 1
-    finally:
-        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
     return shard
 
 
@@ -246,7 +240,7 @@ def _add_sweep(sweep: dict, key: str, clf, table, exit_layer, lengths, cfg, L) -
     s["flops"] += float(flops_ratio(exit_layer, L, cfg.hidden_size, lengths, cfg.vocab_size).sum())
 
 
-def evaluate(model, tokenizer, prompts, calibration_prompts=(), methods: Sequence[str] = METHODS,
+def evaluate(model, tokenizer, prompts, calibration_prompts=(), methods: Sequence[str] = EVAL_METHODS,
              exit_classifier=None, crf_classifier=None, shortgpt_layers: int | None = None, batch_size: int = 8,
              max_new_tokens: int = 8, sweep_targets: Sequence[float] = SWEEP_TARGETS, seed: int = 0,
              progress: bool = True) -> dict:
@@ -266,8 +260,6 @@ def evaluate(model, tokenizer, prompts, calibration_prompts=(), methods: Sequenc
         `dict`: `{"model", "num_layers", "methods", "results": [...], "summary": [...], "layer_curves": [...],
         "calibration_sweep": [...]}`, see `report.finalize_results`.
     """
-    from .report import finalize_results
-
     baselines = prepare_baselines(model, tokenizer, calibration_prompts, methods=methods,
                                   exit_classifier=exit_classifier, crf_classifier=crf_classifier,
                                   shortgpt_layers=shortgpt_layers, sweep_targets=sweep_targets, seed=seed,

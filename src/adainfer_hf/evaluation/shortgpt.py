@@ -25,6 +25,7 @@ from torch import nn
 
 from .. import compat
 from ..architectures import core as arch
+from ..utils.tokenizers import left_padding
 
 __all__ = ["block_influence", "prune_layers", "shortgpt_layers_to_remove", "shortgpt_model"]
 
@@ -81,22 +82,18 @@ def block_influence(model: nn.Module, tokenizer, texts: Sequence[str], batch_siz
     for i, layer in enumerate(layers):
         handles.append(layer.register_forward_pre_hook(pre_hook(i), with_kwargs=True))
         handles.append(layer.register_forward_hook(post_hook(i), with_kwargs=True))
-    old_side, old_pad = tokenizer.padding_side, tokenizer.pad_token
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     device = next(model.parameters()).device
     try:
-        for start in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
-            mask_ref[:] = [enc["attention_mask"]]
-            count += int(enc["attention_mask"].sum())
-            kwargs = {"exit_policy": None} if hasattr(model, "set_exit_classifier") else {}
-            model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False, logits_to_keep=1, **kwargs)
+        with left_padding(tokenizer):
+            for start in range(0, len(texts), batch_size):
+                enc = tokenizer(texts[start:start + batch_size], return_tensors="pt", padding=True)
+                mask_ref[:] = [enc["attention_mask"]]
+                count += int(enc["attention_mask"].sum())
+                kwargs = {"exit_policy": None} if hasattr(model, "set_exit_classifier") else {}
+                model(**{k: v.to(device) for k, v in enc.items()}, use_cache=False, logits_to_keep=1, **kwargs)
     finally:
         for h in handles:
             h.remove()
-        tokenizer.padding_side, tokenizer.pad_token = old_side, old_pad
     return 1.0 - (cos_sum / count).numpy()
 
 

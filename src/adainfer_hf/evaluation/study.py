@@ -23,6 +23,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..data.prompts import build_prompts, split_examples
+from ..training.calibrate import calibrate, simulate_exits
+from ..training.collect import collect_features
+from ..training.train import train_exit_classifier
+from .baselines import lens_top_tokens
+from .evaluate import flops_ratio
+
 __all__ = ["STUDY_MODES", "generalization_study", "transfer_classifier"]
 
 STUDY_MODES = ("intra", "inter", "loto")
@@ -58,8 +65,6 @@ def transfer_classifier(clf, num_layers: int):
 
 def _splits(tasks: list[str], keys: list[tuple[str, int]], mode: str, train_tasks, train_fraction, seed):
     """(name, train example keys, test example keys) of every split of the study."""
-    from ..data.prompts import split_examples
-
     if mode == "intra":
         out = []
         for t in tasks:
@@ -78,9 +83,6 @@ def _splits(tasks: list[str], keys: list[tuple[str, int]], mode: str, train_task
 
 
 def _records(clf, table, lengths, cfg, split, train_names, model_name):
-    from ..training.calibrate import simulate_exits
-    from .evaluate import flops_ratio, lens_top_tokens
-
     L = int(table.num_layers.max())
     exit_layer, _ = simulate_exits(clf, table)
     token = lens_top_tokens(table)[np.arange(table.num_prompts), exit_layer - 1]
@@ -127,11 +129,6 @@ def generalization_study(model, tokenizer, tasks, mode: str, shots: Sequence[int
         the `results.json` keys (`seconds`, `exact_match` are None: decisions are simulated) plus `split`,
         `train_tasks`, `model`, `accuracy_dense`, `agreement_with_dense`, `calibration`.
     """
-    from ..data.prompts import build_prompts, split_examples
-    from ..training.calibrate import calibrate
-    from ..training.collect import collect_features
-    from ..training.train import train_exit_classifier
-
     if mode not in STUDY_MODES:
         raise ValueError(f"mode={mode!r} is not supported; expected one of {list(STUDY_MODES)}.")
     tasks = list(tasks)

@@ -23,22 +23,13 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..policy.classifier import ExitClassifier
-from .collect import FeatureTable
-from .schedule import binomial_upper_bound
+from ..utils.stats import binomial_tail, binomial_upper_bound
+from .table import FeatureTable, table_sequences
 
-__all__ = ["binomial_tail", "calibrate", "exit_scores", "simulate_exits", "summarize_exits"]
+__all__ = ["calibrate", "exit_scores", "simulate_exits", "summarize_exits"]
 
 MAX_THRESHOLDS = 200  # size of the threshold grid (score quantiles)
 MAX_MIN_LAYERS = 8  # default size of the min_layer grid (each one costs a Bonferroni factor)
-
-
-def binomial_tail(k: int, n: int, p: float) -> float:
-    """P(Binomial(n, p) <= k): the p-value of k errors in n trials under H0 "error rate >= p"."""
-    from scipy.stats import binom
-
-    return float(binom.cdf(k, n, p))
-
-
 
 
 def exit_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
@@ -49,8 +40,6 @@ def exit_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
     """
     X = table.columns(clf.features).astype(np.float64)
     if hasattr(clf.estimator, "causal_scores"):
-        from .train import table_sequences
-
         seqs, _ = table_sequences(table, clf.features)
         out = np.empty(len(table))
         order = np.lexsort((table.layer, table.prompt_id))

@@ -9,21 +9,16 @@ stride, single checks, and "no checks at all") whose agreement with dense holds 
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
-from ..architectures import core as arch
-from ..policy.features import compute_features
+from ..utils.stats import binomial_upper_bound
+from .check_cost import measure_check_cost
 
 __all__ = [
     "ScheduleChoice",
-    "binomial_upper_bound",
     "choose_schedule",
-    "measure_check_cost",
     "resolve_check_cost",
     "resolve_check_costs",
     "schedule_classifier",
@@ -59,15 +54,6 @@ class ScheduleChoice:
         return {"check_layers": list(self.check_layers), "relative_cost": self.relative_cost,
                 "mean_layers": self.mean_layers, "agreement": self.agreement, "risk_bound": self.risk_bound,
                 "check_cost_layers": self.check_cost, "candidates": self.candidates}
-
-
-def binomial_upper_bound(errors: int, n: int, delta: float) -> float:
-    """Exact (Clopper-Pearson) one-sided upper bound on an error rate: P(rate > bound) <= delta."""
-    from scipy.stats import beta
-
-    if n == 0 or errors >= n:
-        return 1.0
-    return float(beta.ppf(1.0 - delta, errors + 1, n - errors))
 
 
 def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cost: float):
@@ -135,54 +121,6 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
             best = row
     best.table = table
     return best
-
-
-@torch.no_grad()
-def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: str = "prefill",
-                       features=("gap", "top_prob"), repeats: int = 7, check_dtype: str | None = None) -> float:
-    """Measured cost of one exit check in decoder layers, on the model's device and dtype.
-
-    Args:
-        phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
-        check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
-    """
-    if phase not in ("prefill", "decode"):
-        raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
-    layer = arch.decoder_layers(model)[0]
-    device = arch.execution_device(layer)
-    dtype = next(layer.parameters()).dtype
-    q = seq_len if phase == "prefill" else 1
-    hidden = torch.randn(batch_size, q, model.config.hidden_size, device=device, dtype=dtype)
-    pos = torch.arange(q, device=device).unsqueeze(0)
-    kw = {"position_ids": pos}
-    pe = arch.position_embeddings(model, hidden, pos)
-    if pe is not None:
-        kw["position_embeddings"] = pe
-
-    def run_layer():
-        layer(hidden, attention_mask=None, **kw)
-
-    head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
-
-    def run_check():
-        logits = arch.exit_logits(model, hidden[:, -1], head_dtype)
-        feats, _ = compute_features(features, logits)
-        feats.to("cpu")  # the decision's one device-to-host sync
-
-    def median_time(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return median_time(run_check) / median_time(run_layer)
 
 
 def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,

@@ -8,8 +8,8 @@ calibrated):
 | `"svm"` (the paper's) | `Pipeline(StandardScaler, SVC(kernel="rbf"))` | no (scikit-learn on the CPU) |
 | `"linear_svm"` | `LinearSVC` with the scaler folded into `coef_`/`intercept_` | yes (one matmul) |
 | `"logistic"` | `LogisticRegression`, scaler folded the same way | yes |
-| `"crf"` | [`CRFExitEstimator`] over each prompt's layer sequence (`pip install adainfer-hf[crf]`) | no, see below |
-| `"gap_rule"` | `rules.GapThresholdRule(threshold=0.8)`, nothing learned | yes |
+| `"crf"` | `estimators.crf.CRFExitEstimator` over each prompt's layer sequence (`pip install adainfer-hf[crf]`) | no |
+| `"gap_rule"` | `estimators.rules.GapThresholdRule(threshold=0.8)`, nothing learned | yes |
 """
 
 from __future__ import annotations
@@ -17,22 +17,29 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from sklearn.base import BaseEstimator, ClassifierMixin
-from sklearn.utils.validation import check_array, check_is_fitted
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC, LinearSVC
 
+from ..data.prompts import split_examples
+from ..estimators.crf import CRFExitEstimator
+from ..estimators.linear import fold_scaler
+from ..estimators.rules import GapThresholdRule
 from ..policy.classifier import ExitClassifier
-from .collect import LABEL_KINDS, FeatureTable
+from .calibrate import calibrate
+from .collect import collect_features
+from .schedule import resolve_check_costs, schedule_classifier
+from .table import LABEL_KINDS, FeatureTable, table_sequences
 
 __all__ = [
-    "METHODS",
-    "CRFExitEstimator",
-    "fold_scaler",
-    "table_sequences",
+    "TRAIN_METHODS",
     "train_and_calibrate",
     "train_exit_classifier",
+    "train_on_tables",
 ]
 
-METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule")
+TRAIN_METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule")
 
 
 def _stratified_rows(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -49,138 +56,6 @@ def _stratified_rows(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
     return np.sort(np.concatenate(picked))
 
 
-def fold_scaler(pipeline, linear_cls):
-    """Rewrites a fitted `Pipeline(StandardScaler, linear model)` as one `linear_cls` on the raw features.
-
-    `w . (x - mean) / scale + b == (w / scale) . x + (b - w . mean / scale)`, so the artifact is a plain linear model
-    (`coef_`, `intercept_`) that `ExitClassifier` evaluates as one matmul on the features' device.
-    """
-    scaler, model = pipeline.steps[0][1], pipeline.steps[-1][1]
-    coef = model.coef_ / scaler.scale_
-    folded = linear_cls(**model.get_params())
-    folded.coef_ = coef.astype(np.float64)
-    folded.intercept_ = (model.intercept_ - coef @ scaler.mean_).astype(np.float64)
-    folded.classes_ = model.classes_
-    folded.n_features_in_ = coef.shape[1]
-    return folded
-
-
-class CRFExitEstimator(ClassifierMixin, BaseEstimator):
-    """A linear-chain CRF over the layer sequence of each prompt (labels: 1 = "the top-1 is already right").
-
-    The CRF scores a whole sequence of layers, so its decisions are meaningful per *sequence*:
-    [`~CRFExitEstimator.predict_sequences`] (Viterbi) and [`~CRFExitEstimator.causal_scores`] (P(label 1 at layer
-    k | layers 1..k), the score a live policy could use) take a list of `[num_layers, F]` arrays. The row-wise
-    `predict`/`predict_proba` that `ExitClassifier.decide` calls treat every row as a sequence of length one: they
-    exist for API compatibility and are NOT what calibration measured. Live CRF decisions need the decoder loop to
-    hand the policy each row's feature history (see the project notes on a stateful policy).
-
-    Args:
-        c1 (`float`, *optional*, defaults to 0.05), c2 (`float`, *optional*, defaults to 0.05): L1 / L2 penalties.
-        max_iterations (`int`, *optional*, defaults to 100): L-BFGS iterations.
-        feature_names (`Sequence[str]`, *optional*): column names, used in the CRF's feature keys.
-    """
-
-    def __init__(self, c1: float = 0.05, c2: float = 0.05, max_iterations: int = 100, feature_names=None):
-        self.c1 = c1
-        self.c2 = c2
-        self.max_iterations = max_iterations
-        self.feature_names = feature_names
-
-    @staticmethod
-    def _crfsuite():
-        try:
-            import sklearn_crfsuite
-        except ImportError as err:
-            raise ImportError("method='crf' needs sklearn-crfsuite: `pip install adainfer-hf[crf]`.") from err
-        return sklearn_crfsuite
-
-    def _names(self, width: int) -> list[str]:
-        return list(self.feature_names) if self.feature_names is not None else [f"f{i}" for i in range(width)]
-
-    def _to_dicts(self, seq: np.ndarray) -> list[dict]:
-        # The raw value is a linear term; a coarse bin adds the non-linearity a linear CRF otherwise lacks.
-        names = self._names(seq.shape[1])
-        return [
-            {
-                "bias": 1.0,
-                **{n: float(v) for n, v in zip(names, row, strict=True)},
-                **{
-                    f"{n}@{int(round(np.clip(v, -1.0, 1.0) * 5))}": 1.0
-                    for n, v in zip(names, row, strict=True)
-                },
-            }
-            for row in seq
-        ]
-
-    def fit(self, sequences: Sequence[np.ndarray], labels: Sequence[np.ndarray]):
-        """Fits on a list of `[T_i, F]` feature sequences and their `[T_i]` 0/1 label sequences."""
-        seqs = [check_array(s) for s in sequences]
-        if not seqs:
-            raise ValueError("CRFExitEstimator.fit got no sequences.")
-        crf = self._crfsuite().CRF(
-            algorithm="lbfgs",
-            c1=self.c1,
-            c2=self.c2,
-            max_iterations=self.max_iterations,
-            all_possible_transitions=True,
-        )
-        crf.fit([self._to_dicts(s) for s in seqs], [[str(int(v)) for v in y] for y in labels])
-        self.crf_ = crf
-        self.n_features_in_ = seqs[0].shape[1]
-        self.classes_ = np.array([0, 1])
-        return self
-
-    def _marginal_one(self, seq_dicts: list[dict]) -> np.ndarray:
-        return np.array([m.get("1", 0.0) for m in self.crf_.predict_marginals_single(seq_dicts)])
-
-    def predict_sequences(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """Viterbi labels (int `[T_i]`) of each whole sequence."""
-        check_is_fitted(self)
-        return [
-            np.array([int(t) for t in self.crf_.predict_single(self._to_dicts(check_array(s)))])
-            for s in sequences
-        ]
-
-    def causal_scores(self, sequences: Sequence[np.ndarray]) -> list[np.ndarray]:
-        """P(label 1 at position k | positions 1..k) for every k: what a layer-by-layer policy can know."""
-        check_is_fitted(self)
-        out = []
-        for s in sequences:
-            dicts = self._to_dicts(check_array(s))
-            out.append(np.array([self._marginal_one(dicts[: k + 1])[-1] for k in range(len(dicts))]))
-        return out
-
-    def extend_history(self, history: list, row: np.ndarray) -> float:
-        """Appends one layer's features `row` [F] to a sequence `history` (a list, initially empty, kept by the
-        caller) and returns P(label 1 at this layer | the layers so far): `causal_scores`, one layer at a time."""
-        check_is_fitted(self)
-        history.extend(self._to_dicts(np.asarray(row, dtype=np.float64).reshape(1, -1)))
-        return float(self._marginal_one(history)[-1])
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Row-wise P(exit), each row taken as a length-1 sequence (see the class docstring)."""
-        check_is_fitted(self)
-        X = check_array(X, ensure_min_samples=0)
-        p = np.array([self._marginal_one(self._to_dicts(row[None]))[0] for row in X])
-        return np.stack([1.0 - p, p], axis=1) if p.size else np.zeros((0, 2))
-
-    def predict(self, X) -> np.ndarray:
-        """Row-wise labels, each row taken as a length-1 sequence (see the class docstring)."""
-        return (self.predict_proba(X)[:, 1] > 0.5).astype(int)
-
-
-def table_sequences(table: FeatureTable, features: Sequence[str], label: str | None = None):
-    """Per-prompt `[L-1, F]` feature sequences (layer order) and, with `label`, their label sequences."""
-    X = table.columns(features)
-    y = table.labels(label) if label else None
-    order = np.lexsort((table.layer, table.prompt_id))
-    bounds = np.searchsorted(table.prompt_id[order], np.arange(table.num_prompts + 1))
-    seqs = [X[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    labs = None if y is None else [y[order[a:b]] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
-    return seqs, labs
-
-
 def train_exit_classifier(
     table: FeatureTable,
     method: str = "svm",
@@ -194,7 +69,7 @@ def train_exit_classifier(
 
     Args:
         table ([`~adainfer_hf.collect.FeatureTable`]): training rows (one per prompt and layer).
-        method (`str`, *optional*, defaults to `"svm"`): one of `METHODS` (see the module docstring).
+        method (`str`, *optional*, defaults to `"svm"`): one of `TRAIN_METHODS` (see the module docstring).
         features (`Sequence[str]`, *optional*, defaults to `("gap", "top_prob")`): columns the classifier reads.
         label (`str`, *optional*, defaults to `"final"`): `"final"` (agree with the dense model) or `"gold"`.
         class_weight (`str`, `dict` or `None`, *optional*, defaults to `"balanced"`): early layers are mostly
@@ -207,13 +82,8 @@ def train_exit_classifier(
         [`~adainfer_hf.classifier.ExitClassifier`]: `threshold=None`, `min_layer=1`; call
         `calibrate.calibrate` to choose both, then `bind(model)`.
     """
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
-
-    if method not in METHODS:
-        raise ValueError(f"method={method!r} is not supported; expected one of {list(METHODS)}.")
+    if method not in TRAIN_METHODS:
+        raise ValueError(f"method={method!r} is not supported; expected one of {list(TRAIN_METHODS)}.")
     if label not in LABEL_KINDS:
         raise ValueError(f"label={label!r} is not supported; expected one of {list(LABEL_KINDS)}.")
     if not isinstance(max_rows, int) or max_rows < 2:
@@ -227,51 +97,56 @@ def train_exit_classifier(
         "prompts": table.num_prompts,
         "positive_rate": float(y_all.mean()) if y_all.size else 0.0,
     }
-
     if method == "gap_rule":
-        from ..estimators.rules import GapThresholdRule
-
         if "gap" not in features:
             raise ValueError(f"method='gap_rule' reads the 'gap' feature; features={list(features)} lack it.")
         estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=0.8).fit(X_all[:1])
     elif method == "crf":
-        seqs, labs = table_sequences(table, features, label)
-        L = int(table.num_layers.max()) if table.num_prompts else 2
-        n_prompts = max(1, max_rows // max(1, L - 1))
-        if len(seqs) > n_prompts:
-            keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=n_prompts, replace=False))
-            seqs, labs = [seqs[i] for i in keep], [labs[i] for i in keep]
-        estimator = CRFExitEstimator(feature_names=list(features)).fit(seqs, labs)
-        info["rows_used"] = int(sum(len(s) for s in seqs))
+        estimator, info["rows_used"] = _fit_crf(table, features, label, max_rows, seed)
     else:
         rows = _stratified_rows(y_all, max_rows, seed)
-        X, y = X_all[rows], y_all[rows]
-        counts = np.bincount(y, minlength=2)
-        if counts.min() == 0:
-            raise ValueError(
-                f"label={label!r} has a single class in the training rows (counts [no-exit, exit] = "
-                f"{counts.tolist()}); collect more or more varied prompts, or use method='gap_rule'."
-            )
-        if method == "svm":
-            estimator = make_pipeline(
-                StandardScaler(),
-                SVC(kernel="rbf", class_weight=class_weight, cache_size=500, random_state=seed),
-            ).fit(X, y)
-        elif method == "linear_svm":
-            pipe = make_pipeline(
-                StandardScaler(), LinearSVC(class_weight=class_weight, max_iter=20000, random_state=seed)
-            ).fit(X, y)
-            estimator = fold_scaler(pipe, LinearSVC)
-        else:  # logistic
-            pipe = make_pipeline(
-                StandardScaler(),
-                LogisticRegression(class_weight=class_weight, max_iter=2000, random_state=seed),
-            ).fit(X, y)
-            estimator = fold_scaler(pipe, LogisticRegression)
+        estimator = _fit_row_model(method, X_all[rows], y_all[rows], label, class_weight, seed)
         info["rows_used"] = int(rows.size)
     # A table collected with a half-precision check head trains a classifier that checks the same way.
     return ExitClassifier(estimator, features=features, label=label, calibration={"training": info},
                           check_dtype=table.meta.get("check_dtype"))
+
+
+def _fit_crf(table: FeatureTable, features, label: str, max_rows: int, seed: int):
+    """A [`CRFExitEstimator`] on whole prompts (at most `max_rows // (L-1)` of them) and the rows it used."""
+    seqs, labs = table_sequences(table, features, label)
+    L = int(table.num_layers.max()) if table.num_prompts else 2
+    n_prompts = max(1, max_rows // max(1, L - 1))
+    if len(seqs) > n_prompts:
+        keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=n_prompts, replace=False))
+        seqs, labs = [seqs[i] for i in keep], [labs[i] for i in keep]
+    estimator = CRFExitEstimator(feature_names=list(features)).fit(seqs, labs)
+    return estimator, int(sum(len(s) for s in seqs))
+
+
+def _fit_row_model(method: str, X: np.ndarray, y: np.ndarray, label: str, class_weight, seed: int):
+    """A row-wise estimator (`"svm"`, `"linear_svm"` or `"logistic"`), linear ones with the scaler folded in."""
+    counts = np.bincount(y, minlength=2)
+    if counts.min() == 0:
+        raise ValueError(
+            f"label={label!r} has a single class in the training rows (counts [no-exit, exit] = "
+            f"{counts.tolist()}); collect more or more varied prompts, or use method='gap_rule'."
+        )
+    if method == "svm":
+        return make_pipeline(
+            StandardScaler(),
+            SVC(kernel="rbf", class_weight=class_weight, cache_size=500, random_state=seed),
+        ).fit(X, y)
+    if method == "linear_svm":
+        pipe = make_pipeline(
+            StandardScaler(), LinearSVC(class_weight=class_weight, max_iter=20000, random_state=seed)
+        ).fit(X, y)
+        return fold_scaler(pipe, LinearSVC)
+    pipe = make_pipeline(  # logistic
+        StandardScaler(),
+        LogisticRegression(class_weight=class_weight, max_iter=2000, random_state=seed),
+    ).fit(X, y)
+    return fold_scaler(pipe, LogisticRegression)
 
 
 def train_and_calibrate(
@@ -322,9 +197,6 @@ def train_and_calibrate(
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
     """
-    from ..data.prompts import split_examples
-    from .collect import collect_features
-
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1); got {calibration_fraction!r}.")
     prompts = list(prompts)
@@ -378,9 +250,6 @@ def train_on_tables(
     Returns:
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
-    from .calibrate import calibrate
-    from .schedule import resolve_check_costs, schedule_classifier
-
     clf = train_exit_classifier(
         train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
     )
