@@ -78,3 +78,57 @@ def test_eager_fill_with_peft_lora_matches_merged_model():
     eager, deferred = _eager_vs_propagate(wrapped.base_model.model, ids, mask)
     torch.testing.assert_close(eager, ref_eager, rtol=1e-4, atol=1e-4)
     torch.testing.assert_close(deferred, ref_eager, rtol=1e-4, atol=1e-4)
+
+
+# ---------------------------------------------------------------- 4. per-call state stays per call across threads
+class RecordingNeverExit(NeverExit):
+    features = ("cos_attn", "cos_mlp")
+
+    def __init__(self):
+        self.seen = []
+
+    def record(self, layer, rows, features, stats, logits):
+        self.seen.append(features.clone())
+
+
+def test_sublayer_features_are_per_call_across_threads():
+    import threading
+
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+    other = torch.randint(3, 99, (5, 13))
+    reference = RecordingNeverExit()
+    with torch.no_grad():
+        ada(ids, attention_mask=mask, exit_policy=reference)
+    errors, results = [], []
+    stop = threading.Event()
+
+    def plain_forwards():
+        try:
+            with torch.no_grad():
+                while not stop.is_set():
+                    ada(other, exit_policy=None)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+
+    def exit_forwards():
+        try:
+            with torch.no_grad():
+                for _ in range(5):
+                    policy = RecordingNeverExit()
+                    ada(ids, attention_mask=mask, exit_policy=policy)
+                    results.append(policy.seen)
+        except Exception as exc:  # noqa: BLE001 - reported below
+            errors.append(exc)
+        finally:
+            stop.set()
+
+    threads = [threading.Thread(target=plain_forwards), threading.Thread(target=exit_forwards)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    for seen in results:
+        for got, want in zip(seen, reference.seen, strict=True):
+            torch.testing.assert_close(got, want)

@@ -12,6 +12,7 @@ No per-call state lives on the model or its config.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 
 import torch
@@ -85,6 +86,30 @@ class _RowSubsetCache:
         return getattr(self._cache, name)
 
 
+# The `cos_attn` / `cos_mlp` features read the attention / MLP outputs through one permanent forward hook per
+# sub-module (installed once, on first use). The hook finds the run that wants the output through this thread's
+# registry: a plain forward in another thread, or a call without those features, sees no run and the hook returns
+# at once, so no state leaks between calls or threads.
+_THREAD = threading.local()  # .runs: {id(sub-module): (ExitRun, 0 = attention / 1 = MLP)} of this thread's calls
+_HOOK_LOCK = threading.Lock()
+
+
+def _sublayer_hook(module, inputs, output):
+    runs = getattr(_THREAD, "runs", None)
+    entry = runs.get(id(module)) if runs else None
+    if entry is not None:
+        run, which = entry
+        run.record_sublayer(which, output)
+
+
+def _ensure_sublayer_hooks(modules) -> None:
+    with _HOOK_LOCK:
+        for module in modules:
+            if not module.__dict__.get("_adainfer_sublayer_hook", False):
+                module.register_forward_hook(_sublayer_hook)
+                module.__dict__["_adainfer_sublayer_hook"] = True
+
+
 class ExitRun:
     """State of one forward call's early-exit loop (created by the model's `forward`, never stored on it).
 
@@ -130,7 +155,8 @@ class ExitRun:
         self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
-        self._hooks = []
+        self._sublayer_keys: list[int] = []  # sub-modules this run registered in the thread's registry
+        self._displaced: dict = {}  # entries of an enclosing run in this thread (restored by close)
         # Policies that look at the layer sequence (CRF) keep per-call state here, never on themselves.
         self.policy_state = policy.begin_run(batch_size)
         if "sublayers" in self.needs:
@@ -271,29 +297,42 @@ class ExitRun:
             self.sub_prev = tuple(t.clone() for t in self.sub_cur)
 
     def _install_sublayer_hooks(self) -> None:
-        for layer in arch.decoder_layers(self.model):
-            for which, module in enumerate(arch.layer_sublayers(self.model, layer)):
-                self._hooks.append(module.register_forward_hook(self._sublayer_hook(which)))
+        layers = arch.decoder_layers(self.model)
+        pairs = [(m, which) for layer in layers
+                 for which, m in enumerate(arch.layer_sublayers(self.model, layer))]
+        _ensure_sublayer_hooks([m for m, _ in pairs])
+        runs = _THREAD.__dict__.setdefault("runs", {})
+        for module, which in pairs:
+            key = id(module)
+            if key in runs:
+                self._displaced[key] = runs[key]
+            runs[key] = (self, which)
+            self._sublayer_keys.append(key)
 
-    def _sublayer_hook(self, which: int):
-        def hook(module, inputs, output):
-            out = output[0] if isinstance(output, tuple) else output
-            rows = self._rows
-            if out.dim() == 2:  # OPT's fc2 runs on [rows*T, H]
-                out = out.view(rows.numel(), -1, out.shape[-1])
-            local = torch.arange(rows.numel(), device=out.device)
-            pos = self.last_pos[rows].to(out.device) + self.cache_strategy.query_offset
-            vec = out[local, pos].detach().to(self.head_device, torch.float32)
-            if self.sub_cur is None:
-                self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
-            self.sub_cur[which].index_copy_(0, rows.to(self.head_device), vec)
-        return hook
+    def record_sublayer(self, which: int, output) -> None:
+        """Keeps the last-token vector of a sub-layer's output (0 = attention, 1 = MLP) for the running rows."""
+        out = output[0] if isinstance(output, tuple) else output
+        rows = self._rows
+        out = arch.sublayer_output(self.model, out, rows.numel())  # as [rows, T, H] (OPT's fc2: [rows*T, H])
+        local = torch.arange(rows.numel(), device=out.device)
+        pos = self.last_pos[rows].to(out.device) + self.cache_strategy.query_offset
+        vec = out[local, pos].detach().to(self.head_device, torch.float32)
+        if self.sub_cur is None:
+            self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
+        self.sub_cur[which].index_copy_(0, rows.to(self.head_device), vec)
 
     def close(self) -> None:
-        """Removes the hooks this run installed."""
-        for h in self._hooks:
-            h.remove()
-        self._hooks.clear()
+        """Takes this run out of the thread's sub-layer registry (the hooks themselves stay, idle)."""
+        runs = getattr(_THREAD, "runs", None)
+        if runs is not None:
+            for key in self._sublayer_keys:
+                if runs.get(key, (None,))[0] is self:
+                    if key in self._displaced:
+                        runs[key] = self._displaced[key]
+                    else:
+                        del runs[key]
+        self._sublayer_keys.clear()
+        self._displaced.clear()
 
     # ------------------------------------------------------------------ cache consistency
     def kv_for_rows(self, layer, hidden, kwargs, rows: torch.Tensor | None):
