@@ -3,7 +3,7 @@
 ```
 adainfer eval --model default --exit-classifier DIR --task-file a.json b.json --shots 0 5 --limit 20 \\
     --methods dense,adainfer,gap,crf,shortgpt,oracle --out results.json --report-dir docs/results
-accelerate launch --multi_gpu --num_processes 2 -m adainfer_hf.cli_eval eval ...   # prompts split over processes
+accelerate launch --multi_gpu --num_processes 2 -m adainfer_hf.cli.eval eval ...   # prompts split over processes
 ```
 
 (`--multi_gpu` starts the processes with torchrun; on a machine without GPUs they join over gloo on the CPU.
@@ -16,7 +16,7 @@ ShortGPT measures Block Influence on their text. Under `accelerate launch` every
 identically (same seed), evaluates its share of the prompts (`PartialState.split_between_processes`) and writes a
 shard of sums; the main process merges the shards into one `results.json` (pooled means / variances, summed seconds).
 
-`--study intra|inter|loto` runs a generalization study instead (see `adainfer_hf.study`).
+`--study intra|inter|loto` runs a generalization study instead (see `adainfer_hf.evaluation.study`).
 """
 
 from __future__ import annotations
@@ -28,26 +28,30 @@ import shlex
 import sys
 from pathlib import Path
 
-from .main import load_dense_model, tasks_from_args
+import torch
+from accelerate import PartialState
+
+from ..data.prompts import build_prompts
+from ..evaluation.evaluate import EVAL_METHODS, SWEEP_TARGETS, evaluate_prompts, prepare_baselines
+from ..evaluation.report import finalize_results, markdown_table, merge_shards, study_table, write_report
+from ..evaluation.study import STUDY_MODES, generalization_study
+from ..models.default_model import DEFAULT_MODEL_NAME
+from ..policy.classifier import ExitClassifier
+from .common import add_model_arg, add_run_args, add_task_args, load_dense_model, tasks_from_args
 
 __all__ = ["add_eval_parser", "main", "run_eval"]
 
 
 def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     """Adds the `eval` subcommand to an `argparse` subparsers object; returns its parser."""
-    from ..evaluation.evaluate import METHODS, SWEEP_TARGETS
-    from ..evaluation.study import STUDY_MODES
-
     p = subparsers.add_parser("eval", help="Evaluate early exit against dense and the baselines (paper Table 2).")
-    p.add_argument("--model", required=True, help="Llama/OPT directory or Hub id, or 'default' (SmolLM2-135M).")
+    add_model_arg(p)
     p.add_argument("--exit-classifier", help="Exit-classifier directory or Hub id (the 'adainfer' method).")
-    p.add_argument("--task-file", action="extend", nargs="+", metavar="FILE", help="Task file(s) (.json/.jsonl/.csv).")
-    p.add_argument("--builtin-task", action="extend", nargs="+", metavar="NAME", help="Built-in task(s), or 'all'.")
-    p.add_argument("--shots", type=int, nargs="+", default=[0], help="Demonstrations per prompt (default: 0).")
-    p.add_argument("--limit", type=int, default=20, help="Evaluated examples per task and shots (default 20).")
+    add_task_args(p, limit=20)
     p.add_argument("--calibration-limit", type=int, default=None,
                    help="Held-out examples per task and shots for the CRF, the sweep and ShortGPT (default: --limit).")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"Comma-separated subset of {','.join(METHODS)}.")
+    p.add_argument("--methods", default=",".join(EVAL_METHODS),
+                   help=f"Comma-separated subset of {','.join(EVAL_METHODS)}.")
     p.add_argument("--shortgpt-layers", type=int, help="Layers ShortGPT removes (default: round(L/4)).")
     p.add_argument("--crf-classifier", help="A calibrated CRF classifier directory (default: trained on the "
                    "calibration prompts, calibrated to the adainfer classifier's target).")
@@ -59,15 +63,13 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
                    help="Greedy tokens generated for exact match, stopping at a newline (0: skip; default 8).")
     p.add_argument("--timing-repeats", type=int, default=1,
                    help="Runs of each timed forward per batch; the fastest counts (default 1).")
-    p.add_argument("--seed", type=int, default=0, help="Seed of task splits and training (default 0).")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per forward pass (default 8).")
     p.add_argument("--out", required=True, help="results.json path.")
     p.add_argument("--report-dir", help="Also write the Markdown table and PNG plots here.")
     p.add_argument("--study", choices=list(STUDY_MODES), help="Run a generalization study instead.")
     p.add_argument("--study-model", help="Second model for the inter-model transfer of --study.")
     p.add_argument("--study-method", default="svm", help="Classifier trained by --study (default: svm).")
     p.add_argument("--train-tasks", nargs="+", help="Training tasks of --study inter (default: first half).")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
+    add_run_args(p)
     p.set_defaults(func=run_eval)
     return p
 
@@ -81,9 +83,6 @@ def _write_json(path, data) -> None:
 
 
 def _run_study(args, model, tok, tasks, command: str) -> int:
-    from ..evaluation.report import study_table
-    from ..evaluation.study import generalization_study
-
     other = load_dense_model(args.study_model) if args.study_model else (None, None)
     results = generalization_study(model, tok, tasks, args.study, shots=args.shots, limit=args.limit,
                                    method=args.study_method, target_agreement=args.target_agreement or 0.99,
@@ -103,18 +102,11 @@ def run_eval(args, argv=None) -> int:
     """Runs `adainfer eval` with parsed arguments (see [`add_eval_parser`]); returns the exit status.
 
     `argv` (the command's arguments, for the record in results.json) defaults to `sys.argv[1:]`."""
-    import torch
-    from accelerate import PartialState
-
-    from ..data.prompts import build_prompts
-    from ..evaluation.evaluate import METHODS, evaluate_prompts, prepare_baselines
-    from ..evaluation.report import finalize_results, markdown_table, merge_shards, write_report
-    from ..policy.classifier import ExitClassifier
-
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
-    bad = [m for m in methods if m not in METHODS]
+    bad = [m for m in methods if m not in EVAL_METHODS]
     if bad or not methods:
-        raise SystemExit(f"error: --methods {args.methods!r} has unknown names {bad}; expected from {list(METHODS)}.")
+        raise SystemExit(f"error: --methods {args.methods!r} has unknown names {bad}; "
+                         f"expected from {list(EVAL_METHODS)}.")
     # Without an accelerator, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the
     # CPU; accelerate only picks that backend when told the run is on the CPU.
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -161,8 +153,6 @@ def run_eval(args, argv=None) -> int:
               "timing": "first-token forward (prefill, use_cache=False), dense and methods interleaved per batch"}
     name = getattr(model.config, "_name_or_path", None) or args.model
     if args.model == "default":
-        from ..models.default_model import DEFAULT_MODEL_NAME
-
         name = f"{DEFAULT_MODEL_NAME} (embedded GGUF Q4_1, dequantized to float32)"
     results = finalize_results(merged, model_name=name, methods_info=baselines.info,
                                task_order=[t.name for t in tasks], config=config)
@@ -176,7 +166,7 @@ def run_eval(args, argv=None) -> int:
 
 
 def main(argv=None) -> int:
-    """Standalone entry point (`python -m adainfer_hf.cli_eval eval ...`), for use before `eval` is wired into
+    """Standalone entry point (`python -m adainfer_hf.cli.eval eval ...`), for use before `eval` is wired into
     `adainfer`; `argv` defaults to `sys.argv[1:]`."""
     parser = argparse.ArgumentParser(prog="adainfer")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

@@ -9,10 +9,34 @@ is written to a temporary name and renamed, so Ctrl-C never leaves half an artif
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import sys
 from pathlib import Path
+
+import torch
+
+from ..artifact.constants import CLASSIFIER_CONFIG_NAME
+from ..data.builtin_tasks import builtin_task, builtin_task_names
+from ..doctor import main as doctor_main
+from ..estimators.rules import GapThresholdRule
+from ..models.default_model import DEFAULT_MODEL_NAME
+from ..policy.classifier import ExitClassifier
+from ..policy.features import FEATURES
+from ..training.calibrate import simulate_exits
+from ..training.collect import collect_features
+from ..training.table import FeatureTable
+from ..training.train import TRAIN_METHODS, train_and_calibrate, train_on_tables
+from ..utils.tokenizers import left_padding
+from .common import (
+    add_model_arg,
+    add_run_args,
+    add_task_args,
+    figures_line,
+    load_dense_model,
+    prompts_from,
+    tasks_from_args,
+)
+from .eval import add_eval_parser
 
 __all__ = ["ARTIFACTS_DIR", "build_parser", "main", "shipped_classifier_dir"]
 
@@ -24,60 +48,13 @@ DEMO_TRAIN_LIMIT = 24  # prompts per built-in task and shots value when the demo
 def shipped_classifier_dir(model_subdir: str = "smollm2-135m-instruct") -> Path | None:
     """Directory of the classifier shipped in the package for a model, or None when absent."""
     path = ARTIFACTS_DIR / model_subdir
-    return path if (path / "exit_classifier_config.json").is_file() else None
-
-
-# ---------------------------------------------------------------------------------------------------- helpers
-def load_dense_model(model: str):
-    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier."""
-    from transformers import AutoTokenizer
-
-    from ..training.collect import load_adainfer_model
-
-    if model == "default":
-        from ..models.default_model import default_model_dir
-
-        model = str(default_model_dir())
-    # exit_classifier=None: collection and training must see the dense model, whatever sits beside it.
-    return load_adainfer_model(model, exit_classifier=None), AutoTokenizer.from_pretrained(model)
-
-
-def tasks_from_args(args):
-    """The tasks named by --task-file / --builtin-task."""
-    from ..data.builtin_tasks import builtin_task, builtin_task_names
-    from ..data.prompts import load_task
-
-    tasks = [load_task(f) for f in args.task_file or []]
-    names = args.builtin_task or []
-    if "all" in names:
-        names = builtin_task_names()
-    tasks += [builtin_task(n, seed=args.seed) for n in names]
-    if not tasks:
-        raise SystemExit("error: give at least one --task-file FILE or --builtin-task NAME (or 'all').")
-    return tasks
-
-
-def _prompts(tasks, shots, limit, seed):
-    from ..data.prompts import build_prompts
-
-    return [p for task in tasks for k in shots for p in build_prompts(task, k, limit=limit, seed=seed)]
-
-
-def _figures(s: dict) -> str:
-    """One line of agreement / layers / gold accuracy from a `summarize_exits` or calibration dict."""
-    gold = f" gold_acc dense={s['gold_accuracy_dense']:.3f} exit={s['gold_accuracy_exit']:.3f}"
-    return (
-        f"n={s['n']} agreement={s['agreement']:.3f} mean_layers={s['mean_exit_layer']:.2f}/{s['num_layers']}"
-        + (gold if "gold_accuracy_exit" in s else "")
-    )
+    return path if (path / CLASSIFIER_CONFIG_NAME).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------- commands
 def _cmd_collect(args) -> int:
-    from ..training.collect import collect_features
-
     model, tok = load_dense_model(args.model)
-    prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
+    prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
     run = dict(features=args.features, batch_size=args.batch_size, progress=not args.quiet,
                check_dtype=args.check_dtype)
     table = collect_features(model, tok, prompts, **run)
@@ -89,9 +66,6 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_train(args) -> int:
-    from ..training.collect import FeatureTable
-    from ..training.train import train_and_calibrate, train_on_tables
-
     model, tok = load_dense_model(args.model)
     fit = dict(
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
@@ -107,7 +81,7 @@ def _cmd_train(args) -> int:
         clf = train_on_tables(model, train_table, calib_table, check_cost=args.check_cost,
                               check_phase=args.check_phase, check_length=args.check_length or 256, **fit, **cal)
     else:
-        prompts = _prompts(tasks_from_args(args), args.shots, args.limit, args.seed)
+        prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet)
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
@@ -115,9 +89,7 @@ def _cmd_train(args) -> int:
             **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
-        from ..models.default_model import DEFAULT_MODEL_NAME
-
-        clf.base_model_name_or_path = DEFAULT_MODEL_NAME
+        clf = clf.replace(base_model_name_or_path=DEFAULT_MODEL_NAME)
     if args.tables_out:
         train_table.save(Path(args.tables_out) / "train.npz")
         calib_table.save(Path(args.tables_out) / "calibration.npz")
@@ -135,33 +107,27 @@ def _cmd_train(args) -> int:
         sched = figures["decode_schedule"]
         print(f"decode check schedule: layers {sched['check_layers'] or 'none'} (one check = "
               f"{sched['check_cost_layers']:.2f} layers in a single-token step)")
-    print(f"calibration: {_figures(figures)} risk_upper_bound={figures['risk_upper_bound']:.3f}")
+    print(f"calibration: {figures_line(figures)} risk_upper_bound={figures['risk_upper_bound']:.3f}")
     print(f"saved the exit classifier to {args.out}")
     return 0
 
 
 def _cmd_simulate(args) -> int:
-    from ..policy.classifier import ExitClassifier
-    from ..training.calibrate import simulate_exits
-    from ..training.collect import FeatureTable
-
     clf = ExitClassifier.from_pretrained(args.classifier)
     if args.uncalibrated:  # the estimator's own `predict` at every layer, as the paper uses it
         clf = ExitClassifier(clf.estimator, features=clf.features, label=clf.label)
     _, summary = simulate_exits(clf, FeatureTable.load(args.table))
     print(
-        f"{args.classifier}{' (uncalibrated)' if args.uncalibrated else ''} on {args.table}: {_figures(summary)}"
+        f"{args.classifier}{' (uncalibrated)' if args.uncalibrated else ''} on {args.table}: {figures_line(summary)}"
     )
     for task, figures in summary["per_task"].items():
-        print(f"  {task:<28} {_figures(figures)}")
+        print(f"  {task:<28} {figures_line(figures)}")
     if args.json:
         Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     return 0
 
 
 def _cmd_push(args) -> int:
-    from ..policy.classifier import ExitClassifier
-
     clf = ExitClassifier.from_pretrained(args.directory)
     info = clf.push_to_hub(args.repo_id, private=args.private or None, revision=args.revision)
     print(f"pushed {args.directory} to {args.repo_id}" + (f" ({info})" if info is not None else ""))
@@ -169,8 +135,6 @@ def _cmd_push(args) -> int:
 
 
 def _cmd_pull(args) -> int:
-    from ..policy.classifier import ExitClassifier
-
     trust = args.trust_remote_classifier
     clf = ExitClassifier.from_pretrained(args.repo_id, revision=args.revision, trust_remote_classifier=trust)
     clf.save_pretrained(args.directory)
@@ -179,18 +143,10 @@ def _cmd_pull(args) -> int:
 
 
 def _cmd_doctor(args) -> int:
-    from ..doctor import main as doctor_main
-
     return doctor_main()
 
 
 def _cmd_demo(args) -> int:
-    import torch
-
-    from ..data.builtin_tasks import builtin_task, builtin_task_names
-    from ..estimators.rules import GapThresholdRule
-    from ..policy.classifier import ExitClassifier
-
     model, tok = load_dense_model(args.model)
     shipped = shipped_classifier_dir() if args.model == "default" and not args.retrain else None
     source = args.classifier or shipped
@@ -199,25 +155,20 @@ def _cmd_demo(args) -> int:
         clf = ExitClassifier.from_pretrained(source)
         print(f"exit classifier: {source}")
     else:
-        from ..training.train import train_and_calibrate
-
         why = "--retrain" if args.retrain else "no classifier is shipped for this model"
         print(f"{why}: training a logistic exit classifier on the built-in tasks (shots 0 and {DEMO_SHOTS})")
-        prompts = _prompts(tasks, (0, DEMO_SHOTS), args.train_limit, args.seed)
+        prompts = prompts_from(tasks, (0, DEMO_SHOTS), args.train_limit, args.seed)
         run = dict(batch_size=args.batch_size, seed=args.seed, progress=not args.quiet)
         clf, _, _ = train_and_calibrate(
             model, tok, prompts, method="logistic", target_agreement=args.target_agreement, **run
         )
     model.exit_classifier = clf
     # Demo prompts come from another seed's split, so they are (mostly) not the ones the classifier saw.
-    prompts = [_prompts([t], (DEMO_SHOTS,), 1, args.seed + 1)[0] for t in tasks]
+    prompts = [prompts_from([t], (DEMO_SHOTS,), 1, args.seed + 1)[0] for t in tasks]
     gap_rule = ExitClassifier(GapThresholdRule(threshold=0.8).fit([[0.0, 0.0]])).bind(model)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    enc = tok([p.text for p in prompts], return_tensors="pt", padding=True)
-    unscheduled = copy.copy(clf)  # the same calibrated rule, checked after every layer from min_layer
-    unscheduled.check_layers = None
+    with left_padding(tok):
+        enc = tok([p.text for p in prompts], return_tensors="pt", padding=True)
+    unscheduled = clf.replace(check_layers=None)  # the same calibrated rule, checked after every layer from min_layer
     with torch.no_grad():
         dense, early, every, rule = [  # full depth, the classifier, the same without schedule, the paper's rule
             model(**enc, use_cache=False, logits_to_keep=1, **policy)
@@ -261,48 +212,18 @@ def _cmd_demo(args) -> int:
 # One flag per line or two reads better than the formatter's one keyword per line.
 # fmt: off
 def _add_data_args(p) -> None:
-    p.add_argument("--model", required=True, help="Local directory or Hub id of a Llama/OPT checkpoint, or "
-                   "'default' for the embedded SmolLM2-135M-Instruct.")
-    p.add_argument("--task-file", action="extend", nargs="+", metavar="FILE",
-                   help="Task file(s): function-vectors .json, .jsonl or .csv with input/output fields.")
-    p.add_argument("--builtin-task", action="extend", nargs="+", metavar="NAME",
-                   help="Built-in synthetic task(s) (see adainfer_hf.builtin_tasks), or 'all'.")
-    p.add_argument("--shots", type=int, nargs="+", default=[0],
-                   help="Demonstrations per prompt; several values build prompts for each (e.g. --shots 0 5).")
-    p.add_argument("--limit", type=int, default=50,
-                   help="Evaluated examples per task and shots value (default 50).")
+    add_model_arg(p)
+    add_task_args(p, limit=50)
     p.add_argument("--check-dtype", default=None, choices=["bfloat16", "float16"],
                    help="Compute the logit lens with the LM head in this dtype (cheaper checks on an fp32 model); "
                    "the classifier is trained, calibrated and run the same way. Default: the model's dtype.")
-    _add_run_args(p)
+    add_run_args(p)
 
 
-def _add_run_args(p) -> None:
-    p.add_argument("--seed", type=int, default=0,
-                   help="Seed of splits, demonstrations and training (default 0).")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per forward pass (default 8).")
-    p.add_argument("--quiet", action="store_true", help="No progress bars.")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The `adainfer` argument parser (one subparser per command)."""
-    from ..policy.features import FEATURES
-    from ..training.train import METHODS
-
-    parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for transformers models.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("collect", help="Collect per-layer exit features of prompts into a table (.npz).")
-    _add_data_args(p)
-    p.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES),
-                   help="Features to record (default: all).")
-    p.add_argument("--out", required=True, help="Output .npz file (written atomically).")
-    p.add_argument("--csv", help="Also write the table as CSV to this path.")
-    p.set_defaults(func=_cmd_collect)
-
+def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="Collect, train, calibrate and save an exit classifier for a model.")
     _add_data_args(p)
-    p.add_argument("--method", default="svm", choices=list(METHODS),
+    p.add_argument("--method", default="svm", choices=list(TRAIN_METHODS),
                    help="Classifier (default: svm, the paper's).")
     p.add_argument("--features", nargs="+", default=["gap", "top_prob"], choices=list(FEATURES),
                    help="Features the classifier reads (default: gap top_prob).")
@@ -332,6 +253,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    """The `adainfer` argument parser (one subparser per command)."""
+    parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for transformers models.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("collect", help="Collect per-layer exit features of prompts into a table (.npz).")
+    _add_data_args(p)
+    p.add_argument("--features", nargs="+", default=list(FEATURES), choices=list(FEATURES),
+                   help="Features to record (default: all).")
+    p.add_argument("--out", required=True, help="Output .npz file (written atomically).")
+    p.add_argument("--csv", help="Also write the table as CSV to this path.")
+    p.set_defaults(func=_cmd_collect)
+
+    _add_train_parser(sub)
+
     p = sub.add_parser("simulate", help="Replay a classifier's exits on a collected table (no model needed).")
     p.add_argument("--classifier", required=True, help="Exit-classifier directory.")
     p.add_argument("--table", required=True, help="Feature table written by `adainfer collect`.")
@@ -356,21 +293,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_pull)
 
     p = sub.add_parser("demo", help="Early exit on the embedded SmolLM2 with the shipped (or a fresh) classifier.")
-    p.add_argument("--model", default="default",
-                   help="Model directory or Hub id (default: the embedded SmolLM2).")
+    add_model_arg(p, default="default")
     p.add_argument("--classifier", help="Exit-classifier directory (default: the one shipped for the model).")
     p.add_argument("--retrain", action="store_true", help="Ignore the shipped classifier and train one now.")
     p.add_argument("--train-limit", type=int, default=DEMO_TRAIN_LIMIT,
                    help=f"Prompts per built-in task and shots value when training (default {DEMO_TRAIN_LIMIT}).")
     p.add_argument("--target-agreement", type=float, default=0.99, help="Calibration target when training.")
-    _add_run_args(p)
+    add_run_args(p)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("doctor", help="Check this installation's transformers/accelerate/scikit-learn against the "
                                       "internals adainfer_hf relies on (tiny random models, seconds).")
     p.set_defaults(func=_cmd_doctor)
-
-    from .eval import add_eval_parser
 
     add_eval_parser(sub)
     return parser
