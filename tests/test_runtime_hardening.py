@@ -132,3 +132,23 @@ def test_sublayer_features_are_per_call_across_threads():
     for seen in results:
         for got, want in zip(seen, reference.seen, strict=True):
             torch.testing.assert_close(got, want)
+
+
+# ---------------------------------------------------------------- 5. output_attentions with per-row exits
+@pytest.mark.parametrize("use_cache", [False, True])
+def test_output_attentions_are_full_batch_with_per_row_exits(use_cache):
+    stock, ada = make_pair("llama_gqa", attn="eager")
+    ids, mask = batch("left")
+    exit_after = [1, 3, 4]  # row 0 exits after layer 1, row 1 after layer 3, row 2 runs all 4
+    with torch.no_grad():
+        ref = stock(ids, attention_mask=mask, output_attentions=True, use_cache=use_cache).attentions
+        out = ada(ids, attention_mask=mask, output_attentions=True, use_cache=use_cache,
+                  exit_policy=ScriptedExit(exit_after)).attentions
+    assert len(out) == len(ref) == 4
+    for layer, (got, want) in enumerate(zip(out, ref, strict=True), start=1):
+        assert got.shape == want.shape
+        for row, k in enumerate(exit_after):
+            if layer <= k:
+                torch.testing.assert_close(got[row], want[row])
+            else:
+                assert not got[row].any()  # rows that exited did not run this layer: zeros

@@ -1,8 +1,9 @@
-"""Drop-in early-exit subclasses of transformers' `LlamaForCausalLM` and `OPTForCausalLM`.
+"""The early-exit behaviour shared by every AdaInfer causal-LM class (one module per family beside this one).
 
-They load stock checkpoints unchanged (same `state_dict` keys) and behave exactly like the stock classes until a
-row exits. The decoder layers are swapped for subclasses that accept an `adainfer_run` argument; everything else
-(embeddings, masks, rotary embeddings, norms, head) is transformers' own code.
+The family classes (`llama.py`, `opt.py`, `qwen2.py`, `qwen3.py`, `mistral.py`, `gemma3.py`) subclass the stock
+transformers class and this mixin: they load stock checkpoints unchanged (same `state_dict` keys) and behave
+exactly like the stock classes until a row exits. The decoder layers are swapped for subclasses that accept an
+`adainfer_run` argument; everything else (embeddings, masks, rotary embeddings, norms, head) is transformers' own.
 """
 
 from __future__ import annotations
@@ -11,10 +12,7 @@ import os
 from dataclasses import dataclass
 
 import torch
-from transformers import LlamaForCausalLM, OPTForCausalLM
 from transformers.modeling_outputs import CausalLMOutputWithPast
-from transformers.models.llama.modeling_llama import LlamaDecoderLayer
-from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from .. import compat
 from ..architectures import core as arch
@@ -26,13 +24,7 @@ from ..policy.base import ExitPolicy
 from ..runtime.exit_run import ExitRun, is_decode_step
 from ..runtime.recording import ExitRecorder, ExitStatistics
 
-__all__ = [
-    "AdaInferCausalLMOutput",
-    "AdaInferLlamaForCausalLM",
-    "AdaInferOPTForCausalLM",
-    "AdaInferLlamaDecoderLayer",
-    "AdaInferOPTDecoderLayer",
-]
+__all__ = ["AdaInferCausalLMOutput", "AdaInferMixin", "ExitLayerMixin"]
 
 _AUTO = object()  # from_pretrained's "look for an exit classifier beside the checkpoint"
 
@@ -58,7 +50,7 @@ class AdaInferCausalLMOutput(CausalLMOutputWithPast):
     exit_layers: torch.LongTensor | None = None
 
 
-class _ExitLayerMixin:
+class ExitLayerMixin:
     """Decoder-layer behaviour: hand the call to the forward's `ExitRun` when one is given."""
 
     def forward(self, hidden_states, *args, adainfer_run: ExitRun | None = None, **kwargs):
@@ -67,16 +59,12 @@ class _ExitLayerMixin:
         return adainfer_run.layer_forward(self, super().forward, hidden_states, args, kwargs)
 
 
-class AdaInferLlamaDecoderLayer(_ExitLayerMixin, LlamaDecoderLayer):
-    """`LlamaDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
-
-
-class AdaInferOPTDecoderLayer(_ExitLayerMixin, OPTDecoderLayer):
-    """`OPTDecoderLayer` that can be skipped or run on a subset of rows by the exit loop."""
-
-
 class AdaInferMixin:
-    """Early-exit behaviour shared by the Llama and OPT classes (architecture specifics live in `architectures`)."""
+    """Early-exit behaviour shared by every family's class (architecture specifics live in `architectures`).
+
+    A family class sets `_adainfer_layer_class` (its decoder layer with `ExitLayerMixin`) and calls
+    `_adainfer_setup()` at the end of `__init__`.
+    """
 
     _adainfer_layer_class: type = None
 
@@ -139,6 +127,9 @@ class AdaInferMixin:
                 (None = run full depth).
             exit_recorder (`ExitRecorder`, *optional*): collects this call's exit layers (`generate` passes one).
 
+        With `output_attentions=True` every layer's attention weights are full-batch tensors; a row that exited
+        before layer l has zeros in `attentions[l - 1][row]` (it did not run that layer).
+
         Returns:
             `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
         """
@@ -185,7 +176,8 @@ class AdaInferMixin:
         if out_cache is not None:
             check_cache_consistent(out_cache, run)
         return AdaInferCausalLMOutput(
-            loss=loss, logits=logits, hidden_states=outputs.hidden_states, attentions=outputs.attentions,
+            loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+            attentions=run.full_batch_attentions(outputs.attentions),
             exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
         )
 
@@ -211,13 +203,13 @@ class AdaInferMixin:
             running = (~exited).nonzero().squeeze(-1)
             if running.numel():
                 h = hidden[running.to(hidden.device), -1:]
-                logits[running.to(device)] = head(h).to(device, out_dtype)
+                logits[running.to(device)] = arch.head_logits(self, h).to(device, out_dtype)
             return logits
         if isinstance(logits_to_keep, int):
             keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
         else:
             keep = logits_to_keep
-        logits = head(hidden[:, keep, :])
+        logits = arch.head_logits(self, hidden[:, keep, :])  # LM head [+ the family's softcap]
         for row, frozen in run.cache_strategy.frozen_hidden.items():
             # exact cache option: the row kept running for the cache; its output is its exit layer's
             logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
@@ -347,33 +339,3 @@ def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_k
         except (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
             return None
     return ExitClassifier.from_pretrained(path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
-
-
-class AdaInferLlamaForCausalLM(AdaInferMixin, LlamaForCausalLM):
-    """`LlamaForCausalLM` with AdaInfer early exit. Loads any stock Llama checkpoint.
-
-    Example:
-    ```python
-    >>> model = AdaInferLlamaForCausalLM.from_pretrained(path, exit_classifier=clf_dir)
-    >>> out = model(**tok(prompts, return_tensors="pt", padding=True))
-    >>> out.logits, out.exit_layers
-    ```
-    """
-
-    _adainfer_layer_class = AdaInferLlamaDecoderLayer
-    _no_split_modules = ["LlamaDecoderLayer", "AdaInferLlamaDecoderLayer"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._adainfer_setup()
-
-
-class AdaInferOPTForCausalLM(AdaInferMixin, OPTForCausalLM):
-    """`OPTForCausalLM` with AdaInfer early exit. Loads any stock OPT checkpoint."""
-
-    _adainfer_layer_class = AdaInferOPTDecoderLayer
-    _no_split_modules = ["OPTDecoderLayer", "AdaInferOPTDecoderLayer"]
-
-    def __init__(self, config):
-        super().__init__(config)
-        self._adainfer_setup()

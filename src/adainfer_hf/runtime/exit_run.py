@@ -153,6 +153,7 @@ class ExitRun:
         self.prev_stats_layer = -1
         self._rows = torch.arange(batch_size)  # rows running the current layer
         self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer
+        self.ran_rows: list[torch.Tensor | None] = []  # per layer run so far: the rows that ran it (None: none)
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
         self._sublayer_keys: list[int] = []  # sub-modules this run registered in the thread's registry
@@ -167,7 +168,32 @@ class ExitRun:
         """Runs one decoder layer for the rows still going; returns the full-batch hidden states."""
         self.layer += 1
         self.exited_at_this_layer = []
+        self.ran_rows.append(None)
         return self.cache_strategy.layer_forward(self, layer, forward, hidden, args, kwargs)
+
+    def full_batch_attentions(self, attentions):
+        """The decoder's per-layer attention weights as full-batch tensors [B, heads, query, keys].
+
+        A layer call on a row subset records weights for those rows only, and a layer no row ran records none;
+        rows that did not run a layer get zeros there, so `attentions[l][i]` is always row i's.
+        """
+        if attentions is None:
+            return None
+        it = iter(attentions)
+        full = []
+        template = None
+        for rows in self.ran_rows:
+            if rows is None:
+                full.append(None)
+                continue
+            weights = next(it)
+            weights = weights[:, :, -self.query_length:]  # (exact catch-up prepends owed positions)
+            if rows.numel() != self.batch_size:
+                padded = weights.new_zeros((self.batch_size, *weights.shape[1:]))
+                weights = padded.index_copy(0, rows.to(weights.device), weights)
+            template = weights
+            full.append(weights)
+        return tuple(template.new_zeros(template.shape) if w is None else w for w in full)
 
     def any_active(self) -> bool:
         """Whether some row has not exited yet (host-side: no device sync)."""
@@ -185,6 +211,8 @@ class ExitRun:
             if cache is not None:
                 self.cache_strategy.fill_skipped_layer(self, layer, hidden, kwargs)
             return hidden
+        self.ran_rows[-1] = torch.arange(self.batch_size) if n_active == self.batch_size else \
+            self.active.nonzero().squeeze(-1)
         self._track_begin()
         if n_active == self.batch_size:
             rows = torch.arange(self.batch_size)
@@ -217,6 +245,7 @@ class ExitRun:
             self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
         self._track_begin()
         self._rows = all_rows
+        self.ran_rows[-1] = all_rows
         out = forward(hidden, args, kwargs)
         if "hidden" in self.needs:
             self.hidden_cur = self._last_token(out, all_rows).to(self.head_device)
