@@ -32,7 +32,7 @@ class NeverExit(ExitPolicy):
 def _lens(stock, hidden_states, layer, row):
     """Independent reference: the logit lens of the stock model's hidden state after `layer`."""
     if layer == L:
-        return stock.get_output_embeddings()(hidden_states[L][row])
+        return arch.head_logits(stock, hidden_states[L][row])  # LM head [+ Gemma3's final softcap]
     return arch.exit_logits(stock, hidden_states[layer][row])
 
 

@@ -6,8 +6,15 @@ from .data.prompts import build_prompts, load_task
 from .estimators.rules import GapThresholdRule
 from .evaluation.evaluate import evaluate
 from .evaluation.shortgpt import block_influence, shortgpt_model
+from .models.auto import AutoAdaInferForCausalLM
 from .models.default_model import DEFAULT_MODEL_NAME, default_model_dir
-from .models.modeling import AdaInferCausalLMOutput, AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
+from .models.gemma3 import AdaInferGemma3ForCausalLM
+from .models.llama import AdaInferLlamaForCausalLM
+from .models.mistral import AdaInferMistralForCausalLM
+from .models.modeling import AdaInferCausalLMOutput
+from .models.opt import AdaInferOPTForCausalLM
+from .models.qwen2 import AdaInferQwen2ForCausalLM
+from .models.qwen3 import AdaInferQwen3ForCausalLM
 from .policy.base import ExitPolicy, ScriptedExit
 from .policy.classifier import (
     CLASSIFIER_CONFIG_NAME,
@@ -20,13 +27,19 @@ from .policy.features import DEFAULT_FEATURES, FEATURES
 from .runtime.recording import ExitStatistics
 from .training.calibrate import calibrate, simulate_exits
 from .training.collect import FeatureTable, collect_features, load_adainfer_model
-from .training.schedule import choose_schedule, measure_check_cost, schedule_classifier
+from .training.check_cost import measure_check_cost
+from .training.schedule import choose_schedule, schedule_classifier
 from .training.train import train_and_calibrate, train_exit_classifier
 
 __all__ = [
     "AdaInferCausalLMOutput",
+    "AdaInferGemma3ForCausalLM",
     "AdaInferLlamaForCausalLM",
+    "AdaInferMistralForCausalLM",
     "AdaInferOPTForCausalLM",
+    "AdaInferQwen2ForCausalLM",
+    "AdaInferQwen3ForCausalLM",
+    "AutoAdaInferForCausalLM",
     "CACHE_MODES",
     "CLASSIFIER_CONFIG_NAME",
     "CLASSIFIER_SAFE_NAME",

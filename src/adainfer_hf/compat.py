@@ -20,7 +20,7 @@ from packaging.version import Version
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
-from transformers.masking_utils import create_causal_mask
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
 
@@ -136,13 +136,16 @@ def new_cache_layer(cache: DynamicCache):
     return None if factory is None else factory()
 
 
-def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx=None):
-    """transformers' `create_causal_mask` with the cache under the installed release's argument name."""
+def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, layer_idx=None, sliding=False):
+    """transformers' `create_causal_mask` (`create_sliding_window_causal_mask` with `sliding`: the mask the stock
+    models build for their `"sliding_attention"` layers, window `config.sliding_window`) with the cache under the
+    installed release's argument name."""
     kwargs = {_MASK_CACHE_ARG: cache}
     if layer_idx is not None:
         kwargs["layer_idx"] = layer_idx
-    return create_causal_mask(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
-                              position_ids=position_ids, **kwargs)
+    build = create_sliding_window_causal_mask if sliding else create_causal_mask
+    return build(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
+                 position_ids=position_ids, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- math we recompute

@@ -29,7 +29,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalL
 from . import compat
 from .architectures import core as arch
 from .cache.propagate import PropagateExitCache, _OwedLayer
-from .models.modeling import AdaInferLlamaForCausalLM
+from .models.llama import AdaInferLlamaForCausalLM
 from .policy.base import ScriptedExit
 
 __all__ = ["CHECKS", "CheckResult", "main", "run_checks"]

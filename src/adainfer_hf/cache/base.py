@@ -129,10 +129,11 @@ class EagerFillStrategy(ExitCacheStrategy):
         if self.deeper_filled:
             return
         k, v = run.kv_for_rows(layer, hidden, kwargs, None)
-        self.cache.update(k, v, layer.self_attn.layer_idx)
+        self.cache.update(k, v, arch.layer_index(run.model, layer))
 
     def after_all_exited(self, run, hidden, kwargs) -> None:
-        stacked = arch.stacked_kv_states(run.model, hidden, run.layer, kwargs.get("position_embeddings"))
+        stacked = arch.stacked_kv_states(run.model, hidden, run.layer,
+                                         arch.fill_position_embeddings(run.model, hidden, kwargs))
         if stacked is None:
             return  # layers on other devices (or not plain projections): filled one by one as the loop reaches them
         for idx, (k, v) in enumerate(stacked, start=run.layer):
@@ -146,7 +147,7 @@ class PropagateStrategy(EagerFillStrategy):
     name = "propagate"
 
     def after_all_exited(self, run, hidden, kwargs) -> None:
-        if self.cache.defer(run.model, hidden, run.layer, kwargs.get("position_embeddings")):
+        if self.cache.defer(run.model, hidden, run.layer, arch.fill_position_embeddings(run.model, hidden, kwargs)):
             self.deeper_filled = True
             return
         super().after_all_exited(run, hidden, kwargs)

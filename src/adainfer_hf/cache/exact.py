@@ -98,7 +98,7 @@ class ExactStrategy(ExitCacheStrategy):
     def _catch_up_forward(self, run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
         """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
         cache: ExactExitCache = self.cache
-        layer_idx = layer.self_attn.layer_idx
+        layer_idx = arch.layer_index(run.model, layer)
         owed = self._owed(run, layer_idx)
         if owed == 0:
             return forward(hidden, *args, **kwargs)
@@ -110,9 +110,10 @@ class ExactStrategy(ExitCacheStrategy):
         ext_kwargs = dict(kwargs)
         ext_kwargs["position_ids"] = ext_pos
         ext_kwargs["attention_mask"] = compat.causal_mask(
-            run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx)
+            run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx,
+            sliding=arch.sliding_window(run.model, layer_idx) is not None)  # the mask of this layer's type
         if kwargs.get("position_embeddings") is not None:
-            ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos)
+            ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos, layer)
         self.query_offset = owed
         try:
             out = forward(ext_hidden, *args, **ext_kwargs)

@@ -69,7 +69,7 @@ class _OwedLayer(DynamicLayer):
         if model is None:
             raise RuntimeError("The model this cache belongs to was deleted before its deferred K/V were computed.")
         layer = arch.decoder_layers(model)[layer_idx]
-        device = layer.self_attn.k_proj.weight.device
+        device = arch.kv_device(model, layer)
         hidden, pos_emb = _concat(chunks, device)
         with torch.no_grad():
             key, value = arch.layer_kv_states(model, layer, hidden, pos_emb)
@@ -134,8 +134,7 @@ class PropagateExitCache(DynamicCache):
         layers = arch.decoder_layers(model)
         last = arch.num_layers(model)
         for layer in layers[first_layer:last]:
-            attn = layer.self_attn
-            if attn.k_proj.weight.device.type == "meta" or attn.v_proj.weight.device.type == "meta":
+            if not arch.kv_weights_resident(model, layer):
                 return False
         while len(self.layers) < last:
             fresh = new_cache_layer(self)
