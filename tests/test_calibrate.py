@@ -124,7 +124,7 @@ def test_never_exit_classifier_runs_full_depth_on_a_model():
         train_exit_classifier(misleading_table(300, 1, 0.9), method="logistic"), misleading_table(200, 2)
     )
     _, model = tiny_pair()
-    clf.num_layers = None  # the synthetic table had 9 layers, the tiny model 4
+    clf = clf.replace(num_layers=None)  # the synthetic table had 9 layers, the tiny model 4
     model.exit_classifier = clf.bind(model)
     with torch.no_grad():
         out = model(torch.randint(3, 300, (2, 6)), use_cache=False)

@@ -219,14 +219,17 @@ def test_logistic_threshold_edges_match_sklearn_on_device():
         np.testing.assert_array_equal(clf.exit_mask(feats.numpy()), proba >= t)
 
 
-def test_threshold_can_be_changed_after_construction():
+def test_threshold_changes_through_replace_only():
     est = _fit("linear_svc")
     clf = ExitClassifier(est)
     feats = torch.tensor(X_TEST, dtype=torch.float32)
     clf.decide(feats, 1, torch.arange(len(feats)))  # builds the device cache
-    clf.threshold = 0.7  # what a calibration sweep does
-    out = clf.decide(feats, 1, torch.arange(len(feats))).numpy()
+    with pytest.raises(AttributeError, match="replace"):
+        clf.threshold = 0.7  # the config is the one source of truth: no unvalidated assignment
+    swept = clf.replace(threshold=0.7)  # what a calibration sweep does
+    out = swept.decide(feats, 1, torch.arange(len(feats))).numpy()
     np.testing.assert_array_equal(out, est.decision_function(feats.numpy()) >= 0.7)
+    assert clf.threshold is None and swept.config.threshold == 0.7
 
 
 def test_gap_rule_is_the_papers_rule():

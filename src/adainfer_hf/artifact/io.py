@@ -2,17 +2,15 @@
 
 An artifact directory holds `exit_classifier_config.json` (sorted JSON), `exit_classifier.joblib` (the estimator,
 pickled) and, for the estimators this package produces, `exit_classifier.safetensors` (pickle-free; see
-`estimator_codec`). `ExitClassifier.save_pretrained` / `from_pretrained` call these functions.
+`artifact.codec`). The config itself is `artifact.config.ExitClassifierConfig`; `ExitClassifier.save_pretrained` /
+`from_pretrained` (`artifact.hub.ArtifactMixin`) call these functions.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
-import warnings
-from dataclasses import asdict, dataclass, field, fields
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from .codec import SAFE_FORMAT, _safe_encode, _safe_load
+from .config import ExitClassifierConfig
 from .constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
 
 __all__ = [
@@ -33,92 +32,6 @@ __all__ = [
     "read_local",
     "write_artifact",
 ]
-
-FORMAT_VERSION = 1
-
-
-@dataclass
-class ExitClassifierConfig:
-    """Everything about an [`ExitClassifier`] except the fitted estimator, serialised as sorted JSON.
-
-    Args:
-        estimator_class (`str`, *optional*): qualified class name of the estimator (informational).
-        features (`list[str]`): feature names, in the column order the estimator expects.
-        threshold (`float`, *optional*): firing threshold on the score; `None` uses the estimator's `predict`.
-        min_layer (`int`, defaults to 1): first 1-based layer after which the classifier may fire.
-        check_layers (`list[int]`, *optional*): explicit 1-based schedule of checked layers.
-        decode_check_layers (`list[int]`, *optional*): the schedule of cached single-token steps; `None` = the same.
-        check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
-            model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
-            the same setting.
-        label (`str`, defaults to `"final"`): training target, `"final"` (top-1 equals the final layer's) or
-            `"gold"` (top-1 equals the gold answer).
-        base_model_name_or_path (`str`, *optional*) / base_model_revision (`str`, *optional*): the base model.
-        num_layers (`int`, *optional*): decoder layer count of the base model.
-        lm_head_fingerprint (`dict`, *optional*): `architectures.lm_head_fingerprint` of the base model.
-        calibration (`dict`, *optional*): free-form achieved figures (accuracy, mean exit layer, ...).
-        versions (`dict`): package versions at save time.
-        safe_format (`str`, *optional*): name of the pickle-free encoding saved beside the joblib file, if any.
-        format_version (`int`): version of this file format.
-    """
-
-    estimator_class: str | None = None
-    features: list[str] = field(default_factory=lambda: ["gap", "top_prob"])
-    threshold: float | None = None
-    min_layer: int = 1
-    check_layers: list[int] | None = None
-    decode_check_layers: list[int] | None = None
-    check_dtype: str | None = None
-    label: str = "final"
-    base_model_name_or_path: str | None = None
-    base_model_revision: str | None = None
-    num_layers: int | None = None
-    lm_head_fingerprint: dict | None = None
-    calibration: dict | None = None
-    versions: dict = field(default_factory=dict)
-    safe_format: str | None = None
-    format_version: int = FORMAT_VERSION
-
-    def to_json_string(self) -> str:
-        """Serialise to sorted, indented JSON (stable diffs, human-readable on the Hub)."""
-        try:
-            return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
-        except TypeError as err:
-            raise ValueError(
-                f"ExitClassifierConfig is not JSON-serialisable ({err}); check `calibration`."
-            ) from err
-
-    @classmethod
-    def from_dict(cls, data: dict, source: str = "config") -> ExitClassifierConfig:
-        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does)."""
-        if not isinstance(data, dict):
-            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            warnings.warn(
-                f"Ignoring unknown key(s) {unknown} in {source}; they may come from a newer adainfer-hf.",
-                UserWarning,
-                stacklevel=3,
-            )
-        config = cls(**{k: v for k, v in data.items() if k in known})
-        if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
-            raise ValueError(
-                f"{source} has format_version={config.format_version!r}; this adainfer-hf reads versions up to "
-                f"{FORMAT_VERSION}. Upgrade adainfer-hf to load it."
-            )
-        return config
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> ExitClassifierConfig:
-        """Read a config file; a malformed file raises `ValueError` naming it."""
-        try:
-            with open(path, encoding="utf-8") as f:
-                data = json.load(f)
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ValueError(f"Exit-classifier config {os.fspath(path)!r} is not valid JSON: {err}") from err
-        return cls.from_dict(data, source=os.fspath(path))
-
 
 def _package_version(name: str, fallback: str = "0.0.0+unknown") -> str:
     try:

@@ -19,27 +19,20 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
-import tempfile
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
+from ..architectures import core as architectures
 from ..artifact.codec import _is_int, _linear_form, _logit, _qualified_name, _score_kind
-from ..artifact.io import (
-    CLASSIFIER_CONFIG_NAME,
-    CLASSIFIER_SAFE_NAME,
-    CLASSIFIER_WEIGHTS_NAME,
-    ExitClassifierConfig,
-    read_hub,
-    read_local,
-    write_artifact,
-)
+from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
+from ..artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
+from ..artifact.hub import ArtifactMixin
 from .base import ExitPolicy, check_dtype_or_raise
+from .features import FEATURES
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -52,7 +45,34 @@ __all__ = [
 _LABELS = ("final", "gold")
 
 
-class ExitClassifier(ExitPolicy):
+class _ConfigField:
+    """A read-only view of one field of an `ExitClassifier`'s config (a change goes through `replace`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.__doc__ = f"`ExitClassifierConfig.{name}` of this classifier (read-only; see `replace`)."
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj._config, self.name)
+
+    def __set__(self, obj, value):
+        raise AttributeError(
+            f"{type(obj).__name__}.{self.name} is read-only (the config is the one source of truth); "
+            f"use `clf = clf.replace({self.name}=...)`, which validates the change."
+        )
+
+
+def _normalized(config: ExitClassifierConfig) -> ExitClassifierConfig:
+    """The policy fields of `config` in the types the classifier exposes (tuples), save-time fields reset."""
+    values = {name: getattr(config, name) for name in POLICY_FIELDS}
+    features = values["features"]
+    values["features"] = (features,) if isinstance(features, str) else tuple(features)
+    for name in ("check_layers", "decode_check_layers"):
+        values[name] = None if values[name] is None else tuple(values[name])
+    return ExitClassifierConfig(**values)
+
+
+class ExitClassifier(ArtifactMixin, ExitPolicy):
     """A fitted exit classifier with its metadata: the AdaInfer stopping signal as a shareable artifact.
 
     It reads the per-layer features named in `features` (see `adainfer_hf.features.FEATURES`) and decides, for
@@ -60,6 +80,9 @@ class ExitClassifier(ExitPolicy):
     `coef_` and `intercept_`, including `StandardScaler` pipelines and [`~adainfer_hf.rules.GapThresholdRule`])
     are evaluated on the features' device with torch, without a host synchronisation; other estimators (RBF
     `SVC`, CRF wrappers, ...) run through scikit-learn on the CPU.
+
+    The classifier holds one [`ExitClassifierConfig`]: each keyword argument below is a field of it, readable as a
+    property (`clf.threshold`, ...) and changed only through [`~ExitClassifier.replace`], which validates.
 
     Args:
         estimator (fitted scikit-learn classifier):
@@ -88,6 +111,8 @@ class ExitClassifier(ExitPolicy):
             `architectures.lm_head_fingerprint` of the base model; checked by [`~ExitClassifier.validate_for`].
         calibration (`dict`, *optional*):
             Free-form figures achieved at calibration time (saved in the config).
+        config ([`ExitClassifierConfig`], *optional*):
+            Start from this config (e.g. one read from disk); the keyword arguments above override its fields.
 
     Example:
 
@@ -100,42 +125,32 @@ class ExitClassifier(ExitPolicy):
     ```
     """
 
-    def __init__(
-        self,
-        estimator,
-        features=("gap", "top_prob"),
-        threshold: float | None = None,
-        min_layer: int = 1,
-        check_layers=None,
-        check_dtype: str | None = None,
-        label: str = "final",
-        decode_check_layers=None,
-        base_model_name_or_path: str | None = None,
-        base_model_revision: str | None = None,
-        num_layers: int | None = None,
-        lm_head_fingerprint: dict | None = None,
-        calibration: dict | None = None,
-    ):
+    def __init__(self, estimator, *, config: ExitClassifierConfig | None = None, **fields):
+        unknown = sorted(set(fields) - set(POLICY_FIELDS))
+        if unknown:
+            raise TypeError(
+                f"ExitClassifier() got unexpected keyword argument(s) {unknown}; expected fields of "
+                f"ExitClassifierConfig: {list(POLICY_FIELDS)}."
+            )
         self.estimator = estimator
-        self.features = (features,) if isinstance(features, str) else tuple(features)
-        self.threshold = threshold
-        self.min_layer = min_layer
-        self.check_layers = None if check_layers is None else tuple(check_layers)
-        self.decode_check_layers = None if decode_check_layers is None else tuple(decode_check_layers)
-        self.check_dtype = check_dtype
-        self.label = label
-        self.base_model_name_or_path = base_model_name_or_path
-        self.base_model_revision = base_model_revision
-        self.num_layers = num_layers
-        self.lm_head_fingerprint = lm_head_fingerprint
-        self.calibration = calibration
+        self._config = _normalized(dataclasses.replace(config or ExitClassifierConfig(), **fields))
         self._validate()
+
+    def _set(self, **changes) -> None:
+        """Changes config fields in place, validated as [`~ExitClassifier.replace`] validates (a failed change
+        leaves the classifier as it was). Only for [`~ExitClassifier.bind`] and
+        `training.schedule.schedule_classifier`, which document that they complete the classifier they get."""
+        old = self._config
+        self._config = _normalized(dataclasses.replace(old, **changes))
+        try:
+            self._validate()
+        except Exception:
+            self._config = old
+            raise
 
     # ------------------------------------------------------------------ validation
     def _validate(self) -> None:
         """Check every parameter against the estimator and each other; the one place that raises on bad values."""
-        from .features import FEATURES  # lazy: features.py pulls in the torch feature code
-
         est = self.estimator
         self._score_kind = _score_kind(est)
         if not hasattr(est, "predict"):
@@ -195,7 +210,7 @@ class ExitClassifier(ExitPolicy):
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):
                 raise ValueError(f"threshold must be a number or None; got {self.threshold!r}.")
-            self.threshold = float(self.threshold)
+            self._config = dataclasses.replace(self._config, threshold=float(self.threshold))
             if not math.isfinite(self.threshold):
                 raise ValueError(f"threshold must be finite; got {self.threshold!r}.")
             if self.score_kind == "probability" and not 0.0 <= self.threshold <= 1.0:
@@ -291,19 +306,18 @@ class ExitClassifier(ExitPolicy):
         Returns:
             `ExitClassifier`: `self`.
         """
-        from ..architectures import core as architectures
-
         config = getattr(model, "config", None)
+        filled = {}
         if self.num_layers is None:
-            self.num_layers = architectures.num_layers(model)
+            filled["num_layers"] = architectures.num_layers(model)
         if self.lm_head_fingerprint is None:
-            self.lm_head_fingerprint = architectures.lm_head_fingerprint(model)
+            filled["lm_head_fingerprint"] = architectures.lm_head_fingerprint(model)
         if self.base_model_name_or_path is None:
             name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
-            self.base_model_name_or_path = name or None
+            filled["base_model_name_or_path"] = name or None
         if self.base_model_revision is None:
-            self.base_model_revision = getattr(config, "_commit_hash", None) or None
-        self._validate()
+            filled["base_model_revision"] = getattr(config, "_commit_hash", None) or None
+        self._set(**filled)
         return self
 
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:
@@ -318,8 +332,6 @@ class ExitClassifier(ExitPolicy):
         Raises:
             `ValueError`: naming both values, when they differ and `ignore_mismatch` is False.
         """
-        from ..architectures import core as architectures
-
         problems = []
         n_model = architectures.num_layers(model)
         if self.num_layers is not None and n_model != self.num_layers:
@@ -349,127 +361,28 @@ class ExitClassifier(ExitPolicy):
     # ------------------------------------------------------------------ serialisation
     @property
     def config(self) -> ExitClassifierConfig:
-        """The [`ExitClassifierConfig`] describing this classifier (versions are filled at save time)."""
-        return ExitClassifierConfig(
+        """A copy of this classifier's [`ExitClassifierConfig`] in JSON types, with `estimator_class` filled
+        (versions are filled at save time)."""
+        c = self._config
+        return dataclasses.replace(
+            c,
             estimator_class=_qualified_name(self.estimator),
-            features=list(self.features),
-            threshold=self.threshold,
-            min_layer=int(self.min_layer),
-            check_layers=None if self.check_layers is None else [int(k) for k in self.check_layers],
-            decode_check_layers=None if self.decode_check_layers is None
-            else [int(k) for k in self.decode_check_layers],
-            check_dtype=self.check_dtype,
-            label=self.label,
-            base_model_name_or_path=self.base_model_name_or_path,
-            base_model_revision=self.base_model_revision,
-            num_layers=None if self.num_layers is None else int(self.num_layers),
-            lm_head_fingerprint=self.lm_head_fingerprint,
-            calibration=self.calibration,
+            features=list(c.features),
+            min_layer=int(c.min_layer),
+            check_layers=None if c.check_layers is None else [int(k) for k in c.check_layers],
+            decode_check_layers=None if c.decode_check_layers is None else [int(k) for k in c.decode_check_layers],
+            num_layers=None if c.num_layers is None else int(c.num_layers),
         )
 
     def replace(self, **changes) -> ExitClassifier:
-        """A copy with the same estimator and the given config fields changed (`threshold=`, `check_layers=`, ...)."""
-        return type(self)._from_config(dataclasses.replace(self.config, **changes), self.estimator)
+        """A copy with the same estimator and the given config fields changed (`threshold=`, `check_layers=`, ...),
+        validated as the constructor validates."""
+        return type(self)(self.estimator, config=dataclasses.replace(self._config, **changes))
 
     @classmethod
-    def _from_config(cls, config: ExitClassifierConfig, estimator) -> ExitClassifier:
-        return cls(
-            estimator,
-            features=config.features,
-            threshold=config.threshold,
-            min_layer=config.min_layer,
-            check_layers=config.check_layers,
-            decode_check_layers=config.decode_check_layers,
-            check_dtype=config.check_dtype,
-            label=config.label,
-            base_model_name_or_path=config.base_model_name_or_path,
-            base_model_revision=config.base_model_revision,
-            num_layers=config.num_layers,
-            lm_head_fingerprint=config.lm_head_fingerprint,
-            calibration=config.calibration,
-        )
-
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the config, the joblib estimator and (when possible) its pickle-free safetensors encoding.
-
-        The write is atomic per artifact: files are written to a temporary directory beside `save_directory`
-        and moved into place only once complete, so an interrupted save leaves any previous artifact intact.
-
-        Args:
-            save_directory (`str` or `os.PathLike`): target directory (created if missing).
-        """
-        write_artifact(self.estimator, self.config, save_directory)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path_or_repo_id: str | os.PathLike,
-        revision: str | None = None,
-        trust_remote_classifier: bool = False,
-        cache_dir: str | os.PathLike | None = None,
-        token: str | bool | None = None,
-        local_files_only: bool | None = None,
-    ) -> ExitClassifier:
-        """Load a classifier from a local directory or a Hugging Face Hub repository.
-
-        A local directory is loaded from its safetensors file when present, else from its joblib file. A Hub
-        repository is loaded from its safetensors file; a repository with only a joblib file (a pickle, which runs
-        code when loaded) is refused unless `trust_remote_classifier=True`. With `HF_HUB_OFFLINE=1` the Hub files
-        are read from the local cache.
-
-        Args:
-            path_or_repo_id (`str` or `os.PathLike`): a directory written by `save_pretrained`, or a repo id.
-            revision (`str`, *optional*): branch, tag or commit of the Hub repository.
-            trust_remote_classifier (`bool`, *optional*, defaults to `False`): allow unpickling a downloaded joblib.
-            cache_dir (`str` or `os.PathLike`, *optional*): Hub cache directory.
-            token (`str` or `bool`, *optional*): Hub token.
-            local_files_only (`bool`, *optional*): only read the Hub cache, never the network.
-
-        Returns:
-            `ExitClassifier`
-        """
-        path = os.fspath(path_or_repo_id)
-        if os.path.isdir(path):
-            return cls._from_config(*read_local(Path(path)))
-        if os.path.exists(path):
-            raise ValueError(
-                f"{path!r} is a file; expected a directory written by save_pretrained or a repo id."
-            )
-        return cls._from_config(*read_hub(
-            path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only)))
-
-
-    def push_to_hub(
-        self,
-        repo_id: str,
-        commit_message: str = "Upload exit classifier",
-        private: bool | None = None,
-        token: str | bool | None = None,
-        revision: str | None = None,
-    ):
-        """Save the artifact to a temporary directory and upload it as one commit (the repo is created if needed).
-
-        Args:
-            repo_id (`str`): target repository, `"namespace/name"`.
-            commit_message (`str`, *optional*, defaults to `"Upload exit classifier"`): the commit message.
-            private (`bool`, *optional*): visibility of a newly created repository.
-            token (`str` or `bool`, *optional*): Hub token.
-            revision (`str`, *optional*): branch to commit to (created from `main` if missing).
-
-        Returns:
-            `huggingface_hub.CommitInfo`: the commit.
-        """
-        from huggingface_hub import HfApi
-
-        api = HfApi(token=token)
-        api.create_repo(repo_id, private=private, exist_ok=True)
-        if revision is not None and revision != "main":
-            api.create_branch(repo_id, branch=revision, exist_ok=True)
-        with tempfile.TemporaryDirectory() as tmp:
-            self.save_pretrained(tmp)
-            return api.upload_folder(
-                repo_id=repo_id, folder_path=tmp, commit_message=commit_message, revision=revision
-            )
+    def _from_artifact(cls, config: ExitClassifierConfig, estimator) -> ExitClassifier:
+        """The classifier of a loaded artifact (see `artifact.hub.ArtifactMixin`)."""
+        return cls(estimator, config=config)
 
     def __repr__(self) -> str:
         base = f", base_model={self.base_model_name_or_path!r}" if self.base_model_name_or_path else ""
@@ -481,3 +394,8 @@ class ExitClassifier(ExitPolicy):
             f"{type(self).__name__}({type(self.estimator).__name__}, features={self.features}, "
             f"threshold={self.threshold}, min_layer={self.min_layer}{check}{base}{layers})"
         )
+
+
+for _name in POLICY_FIELDS:  # the config's fields, as read-only properties
+    setattr(ExitClassifier, _name, _ConfigField(_name))
+del _name

@@ -180,29 +180,11 @@ def calibrate(
     min_layers = sorted({int(m) for m in min_layers})
     if not min_layers or min_layers[0] < 1 or min_layers[-1] > L - 1:
         raise ValueError(f"min_layers={min_layers!r} must be a non-empty list of layers in [1, {L - 1}].")
-    alpha, delta_each = 1.0 - target_agreement, delta / len(min_layers)
+    delta_each = delta / len(min_layers)
 
-    scores = exit_scores(clf, table)
-    S = _grid(table, scores, -np.inf)  # [P, L-1]
-    agree = _grid(table, table.labels("final").astype(np.float64), 1.0) > 0
-    n, rows = table.num_prompts, np.arange(table.num_prompts)
-    best = None  # (mean exit layer, min_layer, threshold, errors); stays None unless some prompt exits early
-    n_tested = 0
-    for m in min_layers:
-        masked = S.copy()
-        masked[:, : m - 1] = -np.inf
-        for t in _threshold_grid(masked, thresholds, clf.score_kind):
-            n_tested += 1
-            exit_layer = _first_exit(masked >= t, L)
-            early = exit_layer < L
-            errors = int((~agree[rows[early], exit_layer[early] - 1]).sum())
-            if binomial_tail(errors, n, alpha) > delta_each:
-                break  # fixed-sequence testing: the first non-rejection ends this min_layer's sequence
-            mean_layer = float(exit_layer.mean())
-            # A rule that exits nowhere would only add checks: "never" (no checks at all) is better.
-            if mean_layer < L and (best is None or mean_layer < best[0]):
-                best = (mean_layer, m, float(t), errors)
-
+    S = _grid(table, exit_scores(clf, table), -np.inf)  # [P, L-1]
+    best, n_tested = _learn_then_test(clf, table, S, min_layers, thresholds, 1.0 - target_agreement, delta_each)
+    n = table.num_prompts
     figures = {
         "target_agreement": target_agreement,
         "delta": delta,
@@ -216,16 +198,14 @@ def calibrate(
     if isinstance(clf.calibration, dict) and "training" in clf.calibration:
         figures["training"] = clf.calibration["training"]
     if best is None:
-        result = clf.replace(min_layer=1, check_layers=[], decode_check_layers=None, calibration=None)
+        changes = dict(min_layer=1, check_layers=[], decode_check_layers=None)
         errors, chosen = 0, {"never_exit": True, "min_layer": None, "threshold": None}
         exit_layer = np.full(n, L)
     else:
         _, m, t, errors = best
-        result = clf.replace(threshold=t, min_layer=m, check_layers=None, decode_check_layers=None, calibration=None)
+        changes = dict(threshold=t, min_layer=m, check_layers=None, decode_check_layers=None)
         chosen = {"never_exit": False, "min_layer": m, "threshold": t}
-        masked = S.copy()
-        masked[:, : m - 1] = -np.inf
-        exit_layer = _first_exit(masked >= t, L)
+        exit_layer = _first_exit(_from_layer(S, m) >= t, L)
         if hasattr(clf.estimator, "causal_scores"):
             warnings.warn(
                 "A CRF was calibrated on causal sequence scores; live decisions through ExitClassifier.decide "
@@ -233,20 +213,59 @@ def calibrate(
                 UserWarning,
                 stacklevel=2,
             )
+    figures.update(_outcome(table, exit_layer, chosen, errors, target_agreement, delta, delta_each))
+    return clf.replace(**changes, calibration=_jsonable(figures))
+
+
+def _from_layer(S: np.ndarray, min_layer: int) -> np.ndarray:
+    """The score grid with the layers before `min_layer` masked out (they never fire)."""
+    masked = S.copy()
+    masked[:, : min_layer - 1] = -np.inf
+    return masked
+
+
+def _learn_then_test(clf, table: FeatureTable, S: np.ndarray, min_layers, thresholds, alpha: float,
+                     delta_each: float):
+    """Learn-then-Test over the (min_layer, threshold) grid: `(best, n_tested)`, with `best` the accepted candidate
+    with the fewest mean layers as `(mean exit layer, min_layer, threshold, errors)`, or None."""
+    L = _num_layers(table)
+    agree = _grid(table, table.labels("final").astype(np.float64), 1.0) > 0
+    n, rows = table.num_prompts, np.arange(table.num_prompts)
+    best = None  # stays None unless some prompt exits early
+    n_tested = 0
+    for m in min_layers:
+        masked = _from_layer(S, m)
+        for t in _threshold_grid(masked, thresholds, clf.score_kind):
+            n_tested += 1
+            exit_layer = _first_exit(masked >= t, L)
+            early = exit_layer < L
+            errors = int((~agree[rows[early], exit_layer[early] - 1]).sum())
+            if binomial_tail(errors, n, alpha) > delta_each:
+                break  # fixed-sequence testing: the first non-rejection ends this min_layer's sequence
+            mean_layer = float(exit_layer.mean())
+            # A rule that exits nowhere would only add checks: "never" (no checks at all) is better.
+            if mean_layer < L and (best is None or mean_layer < best[0]):
+                best = (mean_layer, m, float(t), errors)
+    return best, n_tested
+
+
+def _outcome(table: FeatureTable, exit_layer, chosen: dict, errors: int, target: float, delta: float,
+             delta_each: float) -> dict:
+    """The figures of the chosen rule: what it achieved on the calibration prompts and what that says."""
+    L, n = _num_layers(table), table.num_prompts
     summary = summarize_exits(table, exit_layer)
-    figures.update(chosen)
+    figures = dict(chosen)
     figures.update({k: v for k, v in summary.items() if k != "per_task"})
     figures["errors"] = errors
     figures["early_exits"] = int((exit_layer < L).sum())
     # Descriptive only (it ignores the selection); the guarantee is LTT's: risk <= 1 - target w.p. >= 1 - delta.
     figures["risk_upper_bound"] = binomial_upper_bound(errors, n, delta)
     # Fewest prompts with which even zero errors would pass one test: below it, "never" says nothing about the model.
-    figures["min_prompts_for_target"] = math.ceil(math.log(delta_each) / math.log(target_agreement))
+    figures["min_prompts_for_target"] = math.ceil(math.log(delta_each) / math.log(target))
     figures["conclusion"] = _conclusion(
-        chosen, summary, target_agreement, n, figures["min_prompts_for_target"], figures["early_exits"]
+        chosen, summary, target, n, figures["min_prompts_for_target"], figures["early_exits"]
     )
-    result.calibration = _jsonable(figures)
-    return result
+    return figures
 
 
 def _conclusion(chosen: dict, summary: dict, target: float, n: int, n_needed: int, early: int) -> str:

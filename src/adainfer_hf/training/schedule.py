@@ -125,7 +125,7 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
 
 def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,
                         delta: float | None = None, decode_check_cost: float | None = None):
-    """Sets `clf.check_layers` (and `clf.decode_check_layers`) to the cheapest certified schedules.
+    """Sets `clf.check_layers` (and `clf.decode_check_layers`) to the cheapest certified schedules, in place.
 
     Args:
         clf (`ExitClassifier`): a calibrated classifier (its `min_layer`/`threshold` decide where it fires).
@@ -154,15 +154,15 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     agrees[table.prompt_id, table.layer - 1] = table.labels("final")
     procedure = "exact binomial bound, Bonferroni over the candidates"
     choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer)
-    clf.check_layers = choice.check_layers
     record = {**cal, "schedule": {**choice.as_dict(), "delta": delta, "procedure": procedure}}
     record.pop("decode_schedule", None)
-    clf.decode_check_layers = None
+    decode_layers = None
     if decode_check_cost is not None:
         decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer)
-        clf.decode_check_layers = decode.check_layers
+        decode_layers = decode.check_layers
         record["decode_schedule"] = {**decode.as_dict(), "delta": delta, "procedure": procedure}
-    clf.calibration = record
+    # In place, as documented, and validated like `ExitClassifier.replace`.
+    clf._set(check_layers=choice.check_layers, decode_check_layers=decode_layers, calibration=record)
     return choice
 
 

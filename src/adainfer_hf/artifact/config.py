@@ -1,0 +1,106 @@
+"""The exit-classifier config: the one dataclass that describes an artifact, apart from its fitted estimator.
+
+`ExitClassifier` holds one [`ExitClassifierConfig`] and exposes its fields (`POLICY_FIELDS`) as read-only
+properties; every change goes through `ExitClassifier.replace(**changes)`, which validates. The fields in
+`SAVE_TIME_FIELDS` describe a saved file (estimator class, package versions, encodings) and are filled by the save.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, field, fields
+
+__all__ = ["FORMAT_VERSION", "POLICY_FIELDS", "SAVE_TIME_FIELDS", "ExitClassifierConfig"]
+
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ExitClassifierConfig:
+    """Everything about an [`ExitClassifier`] except the fitted estimator, serialised as sorted JSON.
+
+    Args:
+        estimator_class (`str`, *optional*): qualified class name of the estimator (informational).
+        features (`list[str]`): feature names, in the column order the estimator expects.
+        threshold (`float`, *optional*): firing threshold on the score; `None` uses the estimator's `predict`.
+        min_layer (`int`, defaults to 1): first 1-based layer after which the classifier may fire.
+        check_layers (`list[int]`, *optional*): explicit 1-based schedule of checked layers.
+        decode_check_layers (`list[int]`, *optional*): the schedule of cached single-token steps; `None` = the same.
+        check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
+            model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
+            the same setting.
+        label (`str`, defaults to `"final"`): training target, `"final"` (top-1 equals the final layer's) or
+            `"gold"` (top-1 equals the gold answer).
+        base_model_name_or_path (`str`, *optional*) / base_model_revision (`str`, *optional*): the base model.
+        num_layers (`int`, *optional*): decoder layer count of the base model.
+        lm_head_fingerprint (`dict`, *optional*): `architectures.lm_head_fingerprint` of the base model.
+        calibration (`dict`, *optional*): free-form achieved figures (accuracy, mean exit layer, ...).
+        versions (`dict`): package versions at save time.
+        safe_format (`str`, *optional*): name of the pickle-free encoding saved beside the joblib file, if any.
+        format_version (`int`): version of this file format.
+    """
+
+    estimator_class: str | None = None
+    features: list[str] = field(default_factory=lambda: ["gap", "top_prob"])
+    threshold: float | None = None
+    min_layer: int = 1
+    check_layers: list[int] | None = None
+    decode_check_layers: list[int] | None = None
+    check_dtype: str | None = None
+    label: str = "final"
+    base_model_name_or_path: str | None = None
+    base_model_revision: str | None = None
+    num_layers: int | None = None
+    lm_head_fingerprint: dict | None = None
+    calibration: dict | None = None
+    versions: dict = field(default_factory=dict)
+    safe_format: str | None = None
+    format_version: int = FORMAT_VERSION
+
+    def to_json_string(self) -> str:
+        """Serialise to sorted, indented JSON (stable diffs, human-readable on the Hub)."""
+        try:
+            return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
+        except TypeError as err:
+            raise ValueError(
+                f"ExitClassifierConfig is not JSON-serialisable ({err}); check `calibration`."
+            ) from err
+
+    @classmethod
+    def from_dict(cls, data: dict, source: str = "config") -> ExitClassifierConfig:
+        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            warnings.warn(
+                f"Ignoring unknown key(s) {unknown} in {source}; they may come from a newer adainfer-hf.",
+                UserWarning,
+                stacklevel=3,
+            )
+        config = cls(**{k: v for k, v in data.items() if k in known})
+        if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
+            raise ValueError(
+                f"{source} has format_version={config.format_version!r}; this adainfer-hf reads versions up to "
+                f"{FORMAT_VERSION}. Upgrade adainfer-hf to load it."
+            )
+        return config
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> ExitClassifierConfig:
+        """Read a config file; a malformed file raises `ValueError` naming it."""
+        try:
+            with open(path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"Exit-classifier config {os.fspath(path)!r} is not valid JSON: {err}") from err
+        return cls.from_dict(data, source=os.fspath(path))
+
+
+# Filled when an artifact is written (`artifact.io.write_artifact`), not chosen by the user.
+SAVE_TIME_FIELDS = ("estimator_class", "versions", "safe_format", "format_version")
+# What an `ExitClassifier` is made of besides its estimator: its constructor's keyword arguments and properties.
+POLICY_FIELDS = tuple(f.name for f in fields(ExitClassifierConfig) if f.name not in SAVE_TIME_FIELDS)
