@@ -152,3 +152,13 @@ def test_output_attentions_are_full_batch_with_per_row_exits(use_cache):
                 torch.testing.assert_close(got[row], want[row])
             else:
                 assert not got[row].any()  # rows that exited did not run this layer: zeros
+
+
+# ---------------------------------------------------------------- 6. flex attention is refused, never a crash
+def test_flex_attention_with_a_policy_is_refused_before_running():
+    """Row subsets do not slice flex attention's block mask (before the fix the process died of SIGFPE, seen in a
+    subprocess); now refused before any layer runs, so the check runs in-process."""
+    _, ada = make_pair("llama_gqa", attn="flex_attention")
+    ids, mask = batch("none")
+    with pytest.raises(ValueError, match="flex_attention"), torch.no_grad():
+        ada(ids, attention_mask=mask, exit_policy=ScriptedExit([1, 3, 4]))

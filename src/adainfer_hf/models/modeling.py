@@ -127,6 +127,7 @@ class AdaInferMixin:
                 (None = run full depth).
             exit_recorder (`ExitRecorder`, *optional*): collects this call's exit layers (`generate` passes one).
 
+        `attn_implementation="flex_attention"` with an active exit policy raises `ValueError` before anything runs.
         With `output_attentions=True` every layer's attention weights are full-batch tensors; a row that exited
         before layer l has zeros in `attentions[l - 1][row]` (it did not run that layer).
 
@@ -155,6 +156,10 @@ class AdaInferMixin:
             return AdaInferCausalLMOutput(**out, exit_layers=full)
         if kwargs.get("return_dict") is False:
             raise ValueError("AdaInfer models need return_dict=True (exit_layers travel in the output object).")
+        if self.config._attn_implementation == "flex_attention":
+            # Layer calls on row subsets would need the block mask sliced to the running rows.
+            raise ValueError("attn_implementation='flex_attention' is not supported with an exit policy; load the "
+                             "model with attn_implementation='sdpa' or 'eager', or pass exit_policy=None.")
         if use_cache is None:
             use_cache = self.config.use_cache
         if use_cache and past_key_values is None:
