@@ -24,11 +24,13 @@ from ..training.train import train_exit_classifier
 from .shortgpt import shortgpt_model
 
 __all__ = [
-    "EVAL_METHODS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "gap_rule_classifier", "lens_top_tokens",
+    "EVAL_METHODS", "METHOD_LABELS", "SWEEP_TARGETS", "Baselines", "LiveCRFPolicy", "gap_rule_classifier", "lens_top_tokens",
     "oracle_exit_layers", "prepare_baselines",
 ]
 
-EVAL_METHODS = ("dense", "adainfer", "gap", "crf", "shortgpt", "oracle")
+EVAL_METHODS = ("dense", "adainfer", "gap", "crf", "shortgpt", "oracle")  # also the order of tables and plots
+METHOD_LABELS = {"dense": "Dense", "adainfer": "AdaInfer", "gap": "gap>0.8", "crf": "CRF", "shortgpt": "ShortGPT",
+                 "oracle": "Oracle"}
 SWEEP_TARGETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 CURVE_FEATURES = ("gap", "top_prob")
 
