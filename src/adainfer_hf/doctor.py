@@ -24,7 +24,18 @@ import sklearn
 import torch
 from accelerate import cpu_offload
 from sklearn.svm import SVC
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (
+    Gemma3ForCausalLM,
+    Gemma3TextConfig,
+    LlamaConfig,
+    LlamaForCausalLM,
+    OPTConfig,
+    OPTForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 from . import compat
 from .architectures import core as arch
@@ -56,6 +67,42 @@ def _opt(layers: int = 3, **overrides) -> OPTForCausalLM:
     config = OPTConfig(**kw)
     config._attn_implementation = "eager"
     return OPTForCausalLM(config).eval()
+
+
+def _family(config_cls, model_cls, layers: int = 3, **overrides):
+    """A tiny Llama-layout family model whose 1-D parameters (biases, norm weights) are perturbed off their
+    init (zero biases and unit / zero norm weights would hide a missing bias or a wrong norm)."""
+    torch.manual_seed(0)
+    kw = dict(vocab_size=_VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=layers,
+              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0)
+    kw.update(overrides)
+    config = config_cls(**kw)
+    config._attn_implementation = "eager"
+    model = model_cls(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            if param.dim() == 1:
+                param.add_(0.1 * torch.randn_like(param))
+    return model
+
+
+def _qwen2(layers: int = 3, **overrides) -> Qwen2ForCausalLM:
+    """Qwen2 with q/k/v biases; its last layers attend within a window of 4."""
+    kw = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+    kw.update(overrides)
+    return _family(Qwen2Config, Qwen2ForCausalLM, layers, **kw)
+
+
+def _qwen3(layers: int = 3, **overrides) -> Qwen3ForCausalLM:
+    return _family(Qwen3Config, Qwen3ForCausalLM, layers, head_dim=8, **overrides)
+
+
+def _gemma3(layers: int = 3, **overrides) -> Gemma3ForCausalLM:
+    """Gemma3 text: local/global layers (two rotary tables), k_norm, `(1 + w)` norms, final logit softcap."""
+    kw = dict(head_dim=8, query_pre_attn_scalar=8, sliding_window=4, final_logit_softcapping=3.0,
+              layer_types=["sliding_attention", "full_attention", "sliding_attention"][:layers])
+    kw.update(overrides)
+    return _family(Gemma3TextConfig, Gemma3ForCausalLM, layers, **kw)
 
 
 def _ids(length: int = 7, batch: int = 2) -> torch.Tensor:
@@ -143,6 +190,29 @@ def check_causal_mask() -> None:
     _close(ours, kwargs["attention_mask"], "causal mask", atol=0)
 
 
+def check_sliding_window_mask() -> None:
+    """`compat.causal_mask(..., sliding=True)` builds the mask the stock Qwen2 model hands its sliding-window
+    layers (and the causal one its full layers), for a query after a cached prefix longer than the window."""
+    model = _qwen2()
+    ids = _ids(11)
+    mask = torch.ones_like(ids)
+    mask[1, :2] = 0
+    cache = compat.DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids[:, :8], attention_mask=mask[:, :8], use_cache=True, **{compat.CACHE_ARG: cache})
+        before = copy.deepcopy(cache)
+        with _Capture(model) as cap:
+            model(ids[:, 8:], attention_mask=mask, use_cache=True, **{compat.CACHE_ARG: cache})
+    hidden = model.model.embed_tokens(ids[:, 8:])
+    position_ids = torch.arange(8, 11).unsqueeze(0)
+    for idx, _, kwargs in cap.calls:
+        sliding = arch.sliding_window(model, idx) is not None
+        ours = compat.causal_mask(model.config, hidden, mask, before, position_ids, layer_idx=idx, sliding=sliding)
+        _close(ours, kwargs["attention_mask"], f"layer {idx} ({'sliding' if sliding else 'full'}) mask", atol=0)
+    if not any(arch.sliding_window(model, i) for i in range(3)):
+        raise AssertionError("the tiny Qwen2 has no sliding-window layer: the check checked nothing")
+
+
 def check_rotary_position_embeddings() -> None:
     """`arch.position_embeddings` equals the (cos, sin) the stock model passes to its decoder layers."""
     model = _llama()
@@ -184,6 +254,17 @@ def _check_propagated_kv(model) -> None:
         _close(v, ref_v, f"{model.config.model_type} layer {idx} propagated values")
         _close(stacked[0][0], ref_k, f"{model.config.model_type} layer {idx} stacked keys", atol=1e-4)
         _close(stacked[0][1], ref_v, f"{model.config.model_type} layer {idx} stacked values", atol=1e-4)
+        # the fill of every deeper layer from this layer's kwargs (each layer's own rotary table: Gemma3)
+        fill = arch.fill_position_embeddings(model, hidden, kwargs)
+        with torch.no_grad():
+            stacked = arch.stacked_kv_states(model, hidden, idx, fill)
+        for deeper in range(idx + 1, len(layers)):
+            _, _, deeper_kwargs = cap.calls[deeper]
+            deeper_kwargs = {k: v for k, v in deeper_kwargs.items() if k not in compat.CACHE_ARG_NAMES}
+            ref_k, ref_v = _stock_written_kv(model, deeper, hidden, deeper_kwargs)
+            _close(stacked[deeper - idx][0], ref_k, f"{model.config.model_type} layer {deeper} fill keys", atol=1e-4)
+            _close(stacked[deeper - idx][1], ref_v, f"{model.config.model_type} layer {deeper} fill values",
+                   atol=1e-4)
 
 
 def check_propagated_kv_llama() -> None:
@@ -198,10 +279,17 @@ def check_propagated_kv_opt() -> None:
     _check_propagated_kv(_opt(do_layer_norm_before=True, word_embed_proj_dim=32))
 
 
+def check_propagated_kv_families() -> None:
+    """The same for Qwen2 (q/k/v biases, sliding layers), Qwen3 (`k_norm` before rotary) and Gemma3 (`k_norm`,
+    `(1 + w)` norms, local/global rotary tables)."""
+    for build in (_qwen2, _qwen3, _gemma3):
+        _check_propagated_kv(build())
+
+
 def check_logit_lens() -> None:
     """The logit lens at layer k (`arch.exit_logits` of the stock hidden state) equals the logits of the stock
-    model cut to k layers, for Llama and OPT."""
-    for build in (_llama, _opt):
+    model cut to k layers, for Llama, OPT, Qwen3 and Gemma3 (final logit softcapping)."""
+    for build in (_llama, _opt, _qwen3, _gemma3):
         model = build(layers=3)
         ids = _ids()
         with torch.no_grad():
@@ -297,9 +385,11 @@ CHECKS: dict[str, Callable[[], None]] = {
     "decoder-layer cache argument": check_layer_cache_argument,
     "model forward cache argument and output field": check_model_cache_argument,
     "create_causal_mask arguments": check_causal_mask,
+    "sliding-window mask == stock per-layer-type mask": check_sliding_window_mask,
     "rotary position embeddings": check_rotary_position_embeddings,
     "propagated K/V == stock attention's cache write (llama)": check_propagated_kv_llama,
     "propagated K/V == stock attention's cache write (opt)": check_propagated_kv_opt,
+    "propagated K/V == stock attention's cache write (qwen2, qwen3, gemma3)": check_propagated_kv_families,
     "logit lens == stock model cut to k layers": check_logit_lens,
     "DynamicLayer internals and class swap": check_dynamic_layer_swap,
     "accelerate offload hook (_hf_hook)": check_accelerate_offload_hook,

@@ -1,0 +1,226 @@
+"""The families beyond Llama/OPT (Qwen2 with biases and sliding windows, Qwen3, Mistral, Gemma3 text) against the
+stock transformers classes: exits, both cache options in `generate`, sliding windows shorter than the sequence,
+the auto class and the artifact round trip. (The forward matrix of test_modeling.py covers them too.)"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from tiny_models import NEW_FAMILIES, WINDOW, batch, make_pair, truncated_stock
+from transformers import GPT2Config
+
+from adainfer_hf import (
+    AdaInferGemma3ForCausalLM,
+    AutoAdaInferForCausalLM,
+    ExitClassifier,
+    ExitPolicy,
+    ScriptedExit,
+    load_adainfer_model,
+)
+from adainfer_hf.architectures import core as arch
+from adainfer_hf.cache.exact import ExactExitCache
+from adainfer_hf.compat import output_cache
+
+L = 4
+MODES = ["propagate", "exact"]
+
+
+class FeatureHashExit(ExitPolicy):
+    """Varied, deterministic exits: fires where a digit of top_prob is even (exits differ by token and step)."""
+
+    def __init__(self):
+        self.features = ("gap", "top_prob")
+        self.min_layer = 1
+        self.check_layers = None
+
+    def decide(self, features, layer, rows):
+        return (features[:, 1] * 1e4).long() % 2 == 0
+
+
+def _gen(model, ids, mask, **kw):
+    kw.setdefault("max_new_tokens", 6)
+    kw.setdefault("do_sample", False)
+    kw.setdefault("pad_token_id", 0)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, **kw)
+
+
+def _lens(stock, hidden_states, logits, k, row):
+    return logits[row, -1] if k == L else arch.exit_logits(stock, hidden_states[k][row, -1])
+
+
+def test_sequences_run_past_the_sliding_window():
+    ids, _ = batch("left")
+    assert ids.shape[1] > 2 * WINDOW
+    for variant in ("qwen2_sliding", "mistral_sliding", "gemma3_text"):
+        stock, _ = make_pair(variant)
+        assert any(arch.sliding_window(stock, i) == WINDOW for i in range(L)), variant
+    stock, _ = make_pair("gemma3_text")
+    assert stock.config.final_logit_softcapping is not None
+    assert [arch.sliding_window(stock, i) for i in range(L)] == [WINDOW, None, WINDOW, None]
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_exit_at_k_equals_stock_cut_to_k(variant, k):
+    """Every row exits at k: last-position logits equal the stock model cut to k layers (its final norm, head and,
+    for Gemma3, the final softcap), with left padding and a prompt longer than the window."""
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        ref = truncated_stock(stock, k)(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        out = ada(ids, attention_mask=mask, use_cache=False, exit_policy=ScriptedExit(k))
+    assert out.exit_layers.tolist() == [k] * 3
+    assert (out.logits[:, -1] - ref).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_never_exit_generate_is_stock(variant, mode):
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    for kw in ({}, {"num_beams": 2}):
+        ref = _gen(stock, ids, mask, max_new_tokens=7, **kw)
+        out = _gen(ada, ids, mask, max_new_tokens=7, exit_policy=ScriptedExit(L, check_every_layer=True),
+                   exit_cache=mode, **kw)
+        assert torch.equal(out, ref), kw
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+@pytest.mark.parametrize("mode", MODES)
+def test_exit_everywhere_at_k_generates_as_the_truncated_stock(variant, mode):
+    """Every token exits at 2: greedy and beam search equal the stock model cut to 2 layers with a full cache."""
+    stock, ada = make_pair(variant)
+    short = truncated_stock(stock, 2)
+    ids, mask = batch("left")
+    for kw in ({}, {"num_beams": 2}):
+        ref = _gen(short, ids, mask, max_new_tokens=7, **kw)
+        out = _gen(ada, ids, mask, max_new_tokens=7, exit_policy=ScriptedExit(2), exit_cache=mode,
+                   return_dict_in_generate=True, **kw)
+        assert torch.equal(out.sequences, ref), kw
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_exact_cache_matches_dense_no_cache_recompute(variant):
+    """Exact option with varied exits: each token's scores are the logit lens, at its exit layer, of a dense
+    no-cache forward over the prefix (the owed positions' catch-up uses the layer's own mask and rotary table)."""
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    out = _gen(ada, ids, mask, max_new_tokens=7, exit_policy=FeatureHashExit(), exit_cache="exact",
+               return_dict_in_generate=True, output_scores=True)
+    exits = out.exit_layers
+    assert len(set(exits.flatten().tolist())) > 1
+    assert isinstance(output_cache(out), ExactExitCache)
+    n_prompt = ids.shape[1]
+    for step in range(exits.shape[1]):
+        prefix = out.sequences[:, : n_prompt + step]
+        pmask = torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
+        for row in range(3):
+            lens = _lens(stock, ref.hidden_states, ref.logits, int(exits[row, step]), row)
+            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row)
+
+
+def _propagate_reference(stock, sequences, mask, exits_per_position):
+    """No-cache recompute of state propagation: decoder layer l leaves the hidden state of every position that
+    exited before l unchanged (so its K/V in layer l come from its exit state); returns each layer's output."""
+    outputs = []
+
+    def hook(idx):
+        def fn(module, args, kwargs, output):
+            inp = args[0] if args else kwargs["hidden_states"]
+            out = output[0] if isinstance(output, tuple) else output
+            frozen = (exits_per_position <= idx).unsqueeze(-1)  # exited after a layer before this one
+            out = torch.where(frozen, inp, out)
+            outputs.append(out)
+            return (out, *output[1:]) if isinstance(output, tuple) else out
+        return fn
+
+    handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
+               for i, layer in enumerate(arch.decoder_layers(stock))]
+    try:
+        with torch.no_grad():
+            logits = stock(sequences, attention_mask=mask, use_cache=False).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, logits
+
+
+@pytest.mark.parametrize("variant", NEW_FAMILIES)
+def test_propagate_cache_matches_no_cache_propagation_recompute(variant):
+    """Propagate option with varied exits: each step's scores equal the lens, at its exit layer, of a no-cache
+    recompute where every earlier position's deeper-layer K/V come from its exit state (sliding windows, biases,
+    k_norm and Gemma3's two rotary tables all enter the fill)."""
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    out = _gen(ada, ids, mask, max_new_tokens=7, exit_policy=FeatureHashExit(), return_dict_in_generate=True,
+               output_scores=True)
+    exits = out.exit_layers  # [3, steps]: depth of the step whose input is the prompt (0) or token j-1
+    assert len(set(exits.flatten().tolist())) > 1
+    n_prompt, steps = ids.shape[1], exits.shape[1]
+    per_pos = torch.cat([exits[:, :1].expand(-1, n_prompt), exits[:, 1:]], 1)  # exit layer of each fed position
+    cache = output_cache(out)
+    assert all(cache.get_seq_length(i) == n_prompt + steps - 1 for i in range(L))
+    full_mask = torch.cat([mask, torch.ones(3, steps - 1, dtype=mask.dtype)], 1)
+    outputs, logits = _propagate_reference(stock, out.sequences[:, :-1], full_mask, per_pos)
+    for step in range(steps):
+        pos = n_prompt - 1 + step
+        for row in range(3):
+            k = int(exits[row, step])
+            lens = logits[row, pos] if k == L else arch.exit_logits(stock, outputs[k - 1][row, pos])
+            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row, k)
+
+
+def _classifier(model):
+    rng = np.random.default_rng(0)
+    X = rng.uniform(size=(200, 2))
+    y = (X[:, 1] > 0.02).astype(int)  # fires almost always
+    return ExitClassifier(LogisticRegression().fit(X, y), min_layer=2).bind(model)
+
+
+@pytest.mark.parametrize("variant", ["qwen2_sliding", "qwen3", "gemma3_text"])
+def test_artifact_round_trip_through_the_auto_class(variant, tmp_path):
+    _, ada = make_pair(variant)
+    ada.exit_classifier = _classifier(ada)
+    ids, mask = batch("left")
+    with torch.no_grad():
+        before = ada(ids, attention_mask=mask, use_cache=False)
+    ada.save_pretrained(tmp_path)
+    loaded = AutoAdaInferForCausalLM.from_pretrained(tmp_path)
+    assert type(loaded) is type(ada) and isinstance(loaded.exit_classifier, ExitClassifier)
+    assert type(load_adainfer_model(tmp_path)) is type(ada)
+    with torch.no_grad():
+        after = loaded(ids, attention_mask=mask, use_cache=False)
+    assert torch.equal(after.exit_layers, before.exit_layers) and after.exit_layers.tolist() == [2, 2, 2]
+    assert torch.allclose(after.logits, before.logits, atol=1e-6)
+
+
+def test_unsupported_model_type_is_refused_with_the_supported_list(tmp_path):
+    config = GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=99)
+    with pytest.raises(NotImplementedError, match="gemma3_text.*|.*qwen3"):
+        arch.spec_for(config)
+    config.save_pretrained(tmp_path)
+    with pytest.raises(NotImplementedError, match="'gpt2'.*supported model types.*qwen2"):
+        AutoAdaInferForCausalLM.from_pretrained(tmp_path)
+
+
+def test_gemma3_fill_uses_each_layers_rotary_table():
+    """The deeper layers of a Gemma3 model get K/V rotated with their own (local or global) table."""
+    stock, _ = make_pair("gemma3_text")
+    hidden = torch.randn(2, 9, 32)
+    pos = torch.arange(9)[None]
+    fill = arch.fill_position_embeddings(stock, hidden, {"position_ids": pos})
+    stacked = arch.stacked_kv_states(stock, hidden, 0, fill)
+    for idx, layer in enumerate(arch.decoder_layers(stock)):
+        own = arch.position_embeddings(stock, hidden, pos, layer)
+        key, _ = arch.layer_kv_states(stock, layer, hidden, own)
+        torch.testing.assert_close(stacked[idx][0], key)
+    local = arch.position_embeddings(stock, hidden, pos, arch.decoder_layers(stock)[0])
+    glob = arch.position_embeddings(stock, hidden, pos, arch.decoder_layers(stock)[1])
+    assert not torch.allclose(local[0], glob[0])  # the two tables really differ
+    assert isinstance(AutoAdaInferForCausalLM.class_for(stock.config), type)
+    assert AutoAdaInferForCausalLM.class_for(stock.config) is AdaInferGemma3ForCausalLM
