@@ -1,11 +1,11 @@
 """adainfer-hf: drop-in early-exit (AdaInfer) model classes for Hugging Face transformers."""
 
+from .artifact.config import ExitClassifierConfig
 from .cache.exact import CACHE_MODES, ExactExitCache
 from .cache.propagate import PropagateExitCache
 from .data.prompts import build_prompts, load_task
 from .estimators.rules import GapThresholdRule
 from .evaluation.evaluate import evaluate
-from .evaluation.shortgpt import block_influence, shortgpt_model
 from .models.auto import AutoAdaInferForCausalLM
 from .models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from .models.gemma3 import AdaInferGemma3ForCausalLM
@@ -16,22 +16,15 @@ from .models.opt import AdaInferOPTForCausalLM
 from .models.qwen2 import AdaInferQwen2ForCausalLM
 from .models.qwen3 import AdaInferQwen3ForCausalLM
 from .policy.base import ExitPolicy, ScriptedExit
-from .policy.classifier import (
-    CLASSIFIER_CONFIG_NAME,
-    CLASSIFIER_SAFE_NAME,
-    CLASSIFIER_WEIGHTS_NAME,
-    ExitClassifier,
-    ExitClassifierConfig,
-)
-from .policy.features import DEFAULT_FEATURES, FEATURES
-from .runtime.recording import ExitStatistics
-from .training.calibrate import calibrate, simulate_exits
-from .training.collect import FeatureTable, collect_features, load_adainfer_model
-from .training.check_cost import measure_check_cost
-from .training.schedule import choose_schedule, schedule_classifier
-from .training.train import train_and_calibrate, train_exit_classifier
+from .policy.classifier import ExitClassifier
+from .runtime.recording import ExitRecorder, ExitStatistics
+from .training.calibrate import calibrate
+from .training.collect import load_adainfer_model
+from .training.train import train_and_calibrate
 
 __all__ = [
+    "CACHE_MODES",
+    "DEFAULT_MODEL_NAME",
     "AdaInferCausalLMOutput",
     "AdaInferGemma3ForCausalLM",
     "AdaInferLlamaForCausalLM",
@@ -40,35 +33,20 @@ __all__ = [
     "AdaInferQwen2ForCausalLM",
     "AdaInferQwen3ForCausalLM",
     "AutoAdaInferForCausalLM",
-    "CACHE_MODES",
-    "CLASSIFIER_CONFIG_NAME",
-    "CLASSIFIER_SAFE_NAME",
-    "CLASSIFIER_WEIGHTS_NAME",
-    "DEFAULT_FEATURES",
-    "DEFAULT_MODEL_NAME",
     "ExactExitCache",
-    "PropagateExitCache",
     "ExitClassifier",
     "ExitClassifierConfig",
     "ExitPolicy",
+    "ExitRecorder",
     "ExitStatistics",
-    "FEATURES",
-    "FeatureTable",
     "GapThresholdRule",
+    "PropagateExitCache",
     "ScriptedExit",
-    "block_influence",
     "build_prompts",
     "calibrate",
-    "choose_schedule",
-    "collect_features",
     "default_model_dir",
     "evaluate",
     "load_adainfer_model",
     "load_task",
-    "measure_check_cost",
-    "schedule_classifier",
-    "shortgpt_model",
-    "simulate_exits",
     "train_and_calibrate",
-    "train_exit_classifier",
 ]

@@ -1,1 +1,1 @@
-"""cli"""
+"""The `adainfer` command line (`main`), its `eval` subcommand (`eval`) and what the subcommands share (`common`)."""

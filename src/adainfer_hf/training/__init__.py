@@ -1,1 +1,38 @@
-"""training"""
+"""Training an exit classifier: feature collection, the feature table, training, calibration, check schedules.
+
+The research helpers behind `adainfer_hf.train_and_calibrate`, importable from here:
+
+```python
+from adainfer_hf.training import FeatureTable, calibrate, collect_features, schedule_classifier, train_exit_classifier
+```
+"""
+
+from .calibrate import calibrate, exit_scores, simulate_exits, summarize_exits
+from .check_cost import measure_check_cost
+from .collect import RecordingPolicy, collect_features, load_adainfer_model
+from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
+from .table import LABEL_KINDS, FeatureTable, table_sequences
+from .train import TRAIN_METHODS, train_and_calibrate, train_exit_classifier, train_on_tables
+
+__all__ = [
+    "LABEL_KINDS",
+    "TRAIN_METHODS",
+    "FeatureTable",
+    "RecordingPolicy",
+    "ScheduleChoice",
+    "calibrate",
+    "choose_schedule",
+    "collect_features",
+    "exit_scores",
+    "load_adainfer_model",
+    "measure_check_cost",
+    "resolve_check_costs",
+    "schedule_classifier",
+    "schedule_cost",
+    "simulate_exits",
+    "summarize_exits",
+    "table_sequences",
+    "train_and_calibrate",
+    "train_exit_classifier",
+    "train_on_tables",
+]
