@@ -162,3 +162,85 @@ def test_flex_attention_with_a_policy_is_refused_before_running():
     ids, mask = batch("none")
     with pytest.raises(ValueError, match="flex_attention"), torch.no_grad():
         ada(ids, attention_mask=mask, exit_policy=ScriptedExit([1, 3, 4]))
+
+
+# ---------------------------------------------------------------- 7. drop-in: every generate option without a policy
+def _assistant():
+    stock, _ = make_pair("llama_gqa", seed=3)
+    return stock
+
+
+@pytest.mark.parametrize("option", ["static_cache", "assistant", "prompt_lookup"])
+def test_generate_options_without_a_policy_match_stock(option):
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("none", batch_size=1)
+    extra = {"static_cache": dict(cache_implementation="static"),
+             "assistant": dict(assistant_model=_assistant()),
+             "prompt_lookup": dict(prompt_lookup_num_tokens=2)}[option]
+    ref = stock.generate(ids, attention_mask=mask, **_gen_kwargs(**extra))
+    out = ada.generate(ids, attention_mask=mask, **_gen_kwargs(**extra))
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.parametrize("option", ["cache_implementation", "assistant_model", "prompt_lookup_num_tokens"])
+def test_generate_options_with_a_policy_are_refused_by_name(option):
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("none", batch_size=1)
+    value = {"cache_implementation": "static", "assistant_model": _assistant(), "prompt_lookup_num_tokens": 2}
+    with pytest.raises(ValueError, match=option):
+        ada.generate(ids, attention_mask=mask, exit_policy=ScriptedExit(2), **_gen_kwargs(**{option: value[option]}))
+
+
+def test_return_dict_false_returns_tuples():
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+    with torch.no_grad():
+        ref = stock(ids, attention_mask=mask, return_dict=False)
+        out = ada(ids, attention_mask=mask, return_dict=False)
+        assert isinstance(out, tuple) and len(out) == len(ref)
+        torch.testing.assert_close(out[0], ref[0])
+        as_dict = ada(ids, attention_mask=mask, exit_policy=ScriptedExit([1, 3, 4]))
+        as_tuple = ada(ids, attention_mask=mask, exit_policy=ScriptedExit([1, 3, 4]), return_dict=False)
+    assert isinstance(as_tuple, tuple)
+    torch.testing.assert_close(as_tuple[0], as_dict.logits)
+    assert torch.equal(as_tuple[-1], as_dict.exit_layers)
+
+
+# ---------------------------------------------------------------- 8. per-call policies are checked as the setter does
+def test_per_call_classifier_made_for_another_model_is_refused():
+    from adainfer_hf.estimators.rules import GapThresholdRule
+    from adainfer_hf.policy.classifier import ExitClassifier
+
+    _, ada = make_pair("llama_gqa")
+    _, other = make_pair("llama_gqa", seed=7)
+    ids, mask = batch("left")
+    clf = ExitClassifier(GapThresholdRule(threshold=0.8).fit([[0.0, 0.0]])).bind(other)
+    with pytest.raises(ValueError, match="fingerprint"):
+        ada(ids, attention_mask=mask, exit_policy=clf)
+    with pytest.raises(ValueError, match="fingerprint"):
+        ada.generate(ids, attention_mask=mask, exit_policy=clf, **_gen_kwargs())
+
+
+def test_per_call_policy_of_the_wrong_type_is_a_type_error():
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+    with pytest.raises(TypeError, match="int"):
+        ada(ids, attention_mask=mask, exit_policy=123)
+    with pytest.raises(TypeError, match="int"):
+        ada.generate(ids, attention_mask=mask, exit_policy=123, **_gen_kwargs())
+
+
+def test_per_call_policy_made_for_another_model_is_refused():
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")
+
+    class BoundElsewhere(NeverExit):
+        def validate_for(self, model, ignore_mismatch=False):
+            if model is not owner:
+                raise ValueError("made for another model")
+
+    owner = object()
+    with pytest.raises(ValueError, match="another model"):
+        ada(ids, attention_mask=mask, exit_policy=BoundElsewhere())
+    with pytest.raises(ValueError, match="another model"):
+        ada.generate(ids, attention_mask=mask, exit_policy=BoundElsewhere(), **_gen_kwargs())

@@ -9,6 +9,7 @@ exactly like the stock classes until a row exits. The decoder layers are swapped
 from __future__ import annotations
 
 import os
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -93,15 +94,31 @@ class AdaInferMixin:
                 layer count or LM-head fingerprint differ from this model's.
         """
         if value is not None:
-            if not isinstance(value, ExitPolicy):
-                raise TypeError(
-                    f"exit_classifier must be an ExitClassifier/ExitPolicy or None; got {type(value).__name__}."
-                )
-            value.validate_for(self, ignore_mismatch=ignore_mismatch)
+            self._adainfer_check_policy(value, "exit_classifier", ignore_mismatch=ignore_mismatch)
             # An unbound classifier is bound to the first model it meets, so `save_pretrained` always writes an
             # artifact that refuses another model (fills only what is unset; a mismatch was refused above).
             value.bind(self)
         self._exit_classifier = value
+
+    def _adainfer_check_policy(self, value, name: str, ignore_mismatch: bool = False) -> None:
+        """TypeError unless `value` is an `ExitPolicy`; its `validate_for` (ValueError on a mismatch) otherwise."""
+        if not isinstance(value, ExitPolicy):
+            raise TypeError(f"{name} must be an ExitClassifier/ExitPolicy or None; got {type(value).__name__} "
+                            f"({value!r}).")
+        value.validate_for(self, ignore_mismatch=ignore_mismatch)
+
+    def _adainfer_policy(self, exit_policy) -> ExitPolicy | None:
+        """The policy of one call: the model's classifier, or a per-call `exit_policy` checked as the setter
+        checks (once per policy object: generate's steps reuse the check)."""
+        if exit_policy is _AUTO:
+            return self._exit_classifier
+        if exit_policy is None or exit_policy is self._exit_classifier:
+            return exit_policy
+        checked = self.__dict__.get("_adainfer_checked_policy")
+        if checked is None or checked() is not exit_policy:
+            self._adainfer_check_policy(exit_policy, "exit_policy")
+            self.__dict__["_adainfer_checked_policy"] = weakref.ref(exit_policy)
+        return exit_policy
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -132,10 +149,14 @@ class AdaInferMixin:
         before layer l has zeros in `attentions[l - 1][row]` (it did not run that layer).
 
         Returns:
-            `AdaInferCausalLMOutput`: the stock output plus `exit_layers`.
+            `AdaInferCausalLMOutput`: the stock output plus `exit_layers` (with `return_dict=False` its
+            `to_tuple()`, `exit_layers` last; with no policy the stock tuple).
+
+        A per-call `exit_policy` is checked as `set_exit_classifier` checks (TypeError for a non-policy,
+        ValueError when it was made for another model).
         """
         past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
-        policy = self._exit_classifier if exit_policy is _AUTO else exit_policy
+        policy = self._adainfer_policy(exit_policy)
         ref = input_ids if input_ids is not None else inputs_embeds
         # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
         # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
@@ -153,9 +174,12 @@ class AdaInferMixin:
             out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
             full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
             self._adainfer_record(full, exit_recorder)
+            if not isinstance(out, dict):
+                return out  # return_dict=False: the stock tuple
             return AdaInferCausalLMOutput(**out, exit_layers=full)
-        if kwargs.get("return_dict") is False:
-            raise ValueError("AdaInfer models need return_dict=True (exit_layers travel in the output object).")
+        return_dict = kwargs.pop("return_dict", None)
+        if return_dict is None:
+            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
         if self.config._attn_implementation == "flex_attention":
             # Layer calls on row subsets would need the block mask sliced to the running rows.
             raise ValueError("attn_implementation='flex_attention' is not supported with an exit policy; load the "
@@ -180,11 +204,12 @@ class AdaInferMixin:
         out_cache = compat.output_cache(outputs)
         if out_cache is not None:
             check_cache_consistent(out_cache, run)
-        return AdaInferCausalLMOutput(
+        result = AdaInferCausalLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
             attentions=run.full_batch_attentions(outputs.attentions),
             exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
         )
+        return result if return_dict else result.to_tuple()
 
     def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
         """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
@@ -241,10 +266,35 @@ class AdaInferMixin:
 
         With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
         layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
+
+        With no policy (no classifier, or `exit_policy=None`) this is the stock `generate` for every option
+        (the output only gains `exit_layers`, all full depth). With a policy, assisted decoding
+        (`assistant_model`, `prompt_lookup_num_tokens`) and a `cache_implementation` other than `"dynamic"` are
+        refused with a `ValueError` naming the option.
         """
         if exit_cache not in CACHE_MODES:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
-        cache = compat.pop_cache_arg(kwargs)
+        policy = self._adainfer_policy(kwargs.get("exit_policy", _AUTO))
+        cache = compat.pop_cache_arg(kwargs)  # either name, on every supported release
+        if policy is None:
+            # No policy: the stock generate, every option included (the forward runs the stock path).
+            if cache is not None:
+                kwargs[compat.CACHE_ARG] = cache
+            out = super().generate(*args, **kwargs)
+            if not isinstance(out, torch.Tensor):
+                out["exit_layers"] = self._adainfer_full_depth(out, args, kwargs)
+            return out
+        gen_config = kwargs.get("generation_config") or self.generation_config
+        for option in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
+            if kwargs.get(option, getattr(gen_config, option, None)) is not None:
+                raise ValueError(f"generate({option}=...) (assisted decoding) is not supported with an exit policy "
+                                 "(the exit cache cannot be cropped); pass exit_policy=None.")
+        impl = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
+        if impl not in (None, "dynamic"):
+            raise ValueError(f"generate(cache_implementation={impl!r}) is not supported with an exit policy; the "
+                             f"exit loop uses its own dynamic cache (exit_cache={CACHE_MODES}). Pass "
+                             "exit_policy=None for the stock behaviour.")
+        kwargs.pop("cache_implementation", None)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = (kwargs.get("generation_config") or self.generation_config).use_cache
@@ -262,6 +312,14 @@ class AdaInferMixin:
         if not isinstance(out, torch.Tensor):
             out["exit_layers"] = recorder.stacked()
         return out
+
+    def _adainfer_full_depth(self, out, args, kwargs) -> torch.Tensor:
+        """`exit_layers` of a generate output without a policy: every generated token ran every layer."""
+        sequences = out["sequences"]
+        prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
+        prompt_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else 0
+        steps = max(sequences.shape[1] - prompt_len, 0)
+        return torch.full((sequences.shape[0], steps), arch.num_layers(self), dtype=torch.long)
 
     @property
     def exit_stats(self) -> ExitStatistics:
