@@ -7,61 +7,25 @@ import math
 import numpy as np
 import pytest
 import torch
-from test_collect import tiny_pair, tiny_prompts, tiny_tokenizer
+from tiny_models import (
+    TABLE_BLANK,
+    TABLE_LAYERS,
+    misleading_table,
+    settling_table,
+    task_tokenizer,
+    tiny_pair,
+    tiny_prompts,
+)
 
 from adainfer_hf.estimators.rules import GapThresholdRule
 from adainfer_hf.policy.classifier import ExitClassifier
 from adainfer_hf.training.calibrate import calibrate, simulate_exits
-from adainfer_hf.training.collect import FeatureTable, collect_features
+from adainfer_hf.training.collect import collect_features
 from adainfer_hf.training.train import train_exit_classifier
 from adainfer_hf.utils.stats import binomial_tail
 
-L = 9
-BLANK = 0
-
-
-def _table(tokens, gap, top_prob, final, gold=None):
-    P, K = tokens.shape
-    return FeatureTable(
-        X=np.stack([gap.reshape(-1), top_prob.reshape(-1)], 1),
-        feature_names=("gap", "top_prob"),
-        layer=np.tile(np.arange(1, K + 1), P),
-        prompt_id=np.repeat(np.arange(P), K),
-        top_token=tokens.reshape(-1),
-        task=[f"task{i % 3}" for i in range(P)],
-        shots=np.zeros(P),
-        example_index=np.arange(P),
-        final_token=final,
-        gold_token=final if gold is None else gold,
-        num_layers=np.full(P, K + 1),
-    )
-
-
-def settling_table(P, seed):
-    """Each prompt's top-1 settles on the final token at a random layer; gap jumps there, with noise."""
-    rng = np.random.default_rng(seed)
-    K = L - 1
-    settle = rng.integers(2, L + 1, size=P)  # == L: only the last layer is right
-    k = np.arange(1, K + 1)[None]
-    right = k >= settle[:, None]
-    final = 100 + np.arange(P)
-    tokens = np.where(right, final[:, None], 50 + rng.integers(0, 10, (P, K)))
-    gap = np.clip(0.25 + 0.5 * right + rng.normal(0, 0.15, (P, K)), 0, 1)
-    return _table(tokens, gap, np.clip(gap + 0.05, 0, 1), final)
-
-
-def misleading_table(P, seed, blank_share=0.2):
-    """SmolLM2-like: every checked layer puts a blank on top with high confidence; only the last layer has the
-    answer. Prompts whose answer is the blank itself (`blank_share`; many 0-shot prompts) are right at every
-    layer, so a classifier trained on them learns "confident => exit".
-    """
-    rng = np.random.default_rng(seed)
-    K = L - 1
-    blank_answer = rng.random(P) < blank_share
-    final = np.where(blank_answer, BLANK, 100 + np.arange(P))
-    tokens = np.full((P, K), BLANK)
-    top_prob = rng.uniform(0.85, 0.98, (P, K))
-    return _table(tokens, top_prob - rng.uniform(0.0, 0.05, (P, K)), top_prob, final)
+L = TABLE_LAYERS
+BLANK = TABLE_BLANK
 
 
 def test_binomial_tail_matches_the_sum():
@@ -166,7 +130,7 @@ def test_picks_the_fewest_layers_and_records_figures():
 
 def test_simulation_equals_the_live_model():
     _, model = tiny_pair()
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     prompts = tiny_prompts(4)
     table = collect_features(model, tok, prompts, features=("gap", "top_prob"), progress=False)
     threshold = float(np.median(table.columns(["gap"])[table.layer == 2]))

@@ -20,6 +20,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
+from tiny_models import stock_llama
 
 from adainfer_hf.estimators.rules import GapThresholdRule
 from adainfer_hf.policy.classifier import (
@@ -355,23 +356,8 @@ def test_interrupted_save_keeps_the_previous_artifact(tmp_path, monkeypatch, int
 
 
 # ---------------------------------------------------------------------- base model checks
-def _tiny_llama(seed, num_hidden_layers=4):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=num_hidden_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return LlamaForCausalLM(config).eval()
-
-
 def test_bind_and_validate_for(tmp_path):
-    model = _tiny_llama(seed=0)
+    model = stock_llama(seed=0)
     clf = ExitClassifier(_fit("gap_rule")).bind(model)
     assert clf.num_layers == 4 and clf.lm_head_fingerprint["shape"] == [99, 32]
     clf.validate_for(model)
@@ -381,8 +367,8 @@ def test_bind_and_validate_for(tmp_path):
     loaded.validate_for(model.to(torch.bfloat16))  # and a half-precision load of the same weights
 
     with pytest.raises(ValueError, match=r"num_layers: classifier 4 vs model 6.*ignore_mismatch=True"):
-        loaded.validate_for(_tiny_llama(seed=0, num_hidden_layers=6))
-    other = _tiny_llama(seed=1)
+        loaded.validate_for(stock_llama(seed=0, num_hidden_layers=6))
+    other = stock_llama(seed=1)
     with pytest.raises(
         ValueError, match=r"LM-head fingerprint: classifier \w+ \(shape \[99, 32\]\) vs model"
     ):
@@ -394,7 +380,7 @@ def test_bind_and_validate_for(tmp_path):
 
 
 def test_validate_for_skips_what_was_not_recorded():
-    ExitClassifier(_fit("gap_rule")).validate_for(_tiny_llama(seed=3, num_hidden_layers=2))
+    ExitClassifier(_fit("gap_rule")).validate_for(stock_llama(seed=3, num_hidden_layers=2))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

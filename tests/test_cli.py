@@ -12,7 +12,7 @@ import warnings
 import joblib
 import numpy as np
 import pytest
-from test_collect import save_tiny_checkpoint
+from tiny_models import save_tiny_checkpoint
 
 from adainfer_hf.cli import main as cli
 from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier

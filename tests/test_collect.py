@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import functools
 import os
 
 import numpy as np
 import pytest
 import torch
-from tiny_models import llama_config, opt_config
-from transformers import LlamaForCausalLM, OPTForCausalLM
+from tiny_models import task_tokenizer, tiny_pair, tiny_prompts
+from transformers import LlamaForCausalLM
 
-from adainfer_hf import AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
 from adainfer_hf.data.prompts import Example, Task, build_prompts, gold_first_token
@@ -21,68 +19,10 @@ from adainfer_hf.training.collect import FeatureTable, collect_features
 L = 4
 
 
-@functools.lru_cache(maxsize=1)
-def tiny_tokenizer():
-    """A byte-level BPE tokenizer (about 400 tokens) trained in-process on the built-in tasks' prompts."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tasks = [builtin_task(n) for n in builtin_task_names()]
-    corpus = [p.text + " " + p.answer for t in tasks for p in build_prompts(t, 2, limit=20)]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        corpus,
-        trainers.BpeTrainer(
-            vocab_size=400,
-            special_tokens=["<pad>", "<eos>"],
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
-
-
-def tiny_pair(kind: str = "llama", seed: int = 0):
-    """A stock model and its AdaInfer twin with the tiny tokenizer's vocabulary.
-
-    The weights are initialised wider than transformers' default (0.02) so that the layers change the logit lens'
-    top-1 and both labels occur, as in a trained model.
-    """
-    vocab = len(tiny_tokenizer())
-    if kind == "llama":
-        config = llama_config(vocab_size=vocab, pad_token_id=0, initializer_range=0.3)
-        stock_cls, ada_cls = LlamaForCausalLM, AdaInferLlamaForCausalLM
-    else:
-        config = opt_config(
-            vocab_size=vocab, pad_token_id=0, do_layer_norm_before=False, word_embed_proj_dim=16, init_std=0.1
-        )
-        stock_cls, ada_cls = OPTForCausalLM, AdaInferOPTForCausalLM
-    torch.manual_seed(seed)
-    stock = stock_cls(config).eval()
-    ada = ada_cls(config).eval()
-    ada.load_state_dict(stock.state_dict())
-    return stock, ada
-
-
-def save_tiny_checkpoint(path, kind: str = "llama"):
-    """Writes a tiny AdaInfer-loadable checkpoint (weights + tokenizer) to `path`."""
-    _, ada = tiny_pair(kind)
-    ada.save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-def tiny_prompts(n_per_task: int = 3, shots=(0, 2)):
-    tasks = [builtin_task(n) for n in ("capitalize", "first_of_list", "next_number")]
-    return [p for t in tasks for k in shots for p in build_prompts(t, k, limit=n_per_task)]
-
-
 @pytest.mark.parametrize("kind", ["llama", "opt"])
 def test_rows_equal_stock_logit_lens(kind):
     stock, ada = tiny_pair(kind)
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     prompts = tiny_prompts()
     table = collect_features(ada, tok, prompts, features=tuple(FEATURES), batch_size=4, progress=False)
     assert table.X.shape == (len(prompts) * (L - 1), len(FEATURES))
@@ -112,7 +52,7 @@ def test_rows_equal_stock_logit_lens(kind):
 
 def test_collect_restores_tokenizer_and_checks_args():
     _, ada = tiny_pair()
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     tok.padding_side = "right"
     collect_features(ada, tok, tiny_prompts(1, (0,)), features=("gap",), progress=False)
     assert tok.padding_side == "right"
@@ -246,7 +186,7 @@ def test_half_precision_check_head_is_collected_trained_and_kept():
     from adainfer_hf.training.train import train_exit_classifier
 
     stock, ada = tiny_pair()
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     prompts = tiny_prompts(2, (2,))
     table = collect_features(ada, tok, prompts, features=("gap", "top_prob"), progress=False, check_dtype="bfloat16")
     assert table.meta["check_dtype"] == "bfloat16"
@@ -276,7 +216,7 @@ def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(
     from adainfer_hf.training.train import train_and_calibrate
 
     _, ada = tiny_pair()
-    tok = tiny_tokenizer()
+    tok = task_tokenizer()
     seen = []
     costs = {"prefill": 0.5, "decode": 9.0}
     monkeypatch.setattr(schedule, "measure_check_cost",

@@ -9,6 +9,7 @@ from unittest.mock import patch
 
 import pytest
 import torch
+from tiny_models import stock_llama
 
 from adainfer_hf.models import default_model as default_model
 from adainfer_hf.models.default_model import (
@@ -103,22 +104,13 @@ def test_weights_match_the_gguf_reader(smollm2_dir):
 
 def _tiny_llama():
     from tokenizers import Tokenizer, models
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=99,
-        hidden_size=32,
-        intermediate_size=37,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
     vocab = {"<unk>": 0, "<eos>": 1}
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=Tokenizer(models.WordLevel(vocab, unk_token="<unk>")), eos_token="<eos>"
     )
-    return LlamaForCausalLM(config), tokenizer
+    return stock_llama(seed=0, num_hidden_layers=2).train(), tokenizer
 
 
 @pytest.fixture

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from tiny_models import llama_config, make_pair
+from tiny_models import TABLE_LAYERS, llama_config, make_pair, settling_table
 
 from adainfer_hf import AdaInferLlamaForCausalLM
 from adainfer_hf.compat import output_cache
@@ -89,7 +89,7 @@ def test_measure_check_cost_grows_with_the_head(phase):
 
 def test_schedule_classifier_on_a_calibrated_classifier():
     """Scheduling keeps the certified agreement, and with dear checks uses fewer of them than every layer."""
-    from test_calibrate import L, settling_table
+    L = TABLE_LAYERS
 
     from adainfer_hf.training.calibrate import calibrate, simulate_exits
     from adainfer_hf.training.schedule import schedule_classifier
@@ -111,7 +111,6 @@ def test_prompts_and_decode_steps_get_their_own_schedules(tmp_path):
     """A check that is cheap in a prompt and dear in a single-token step: the prompt schedule keeps checks, the
     decode one drops them (or keeps fewer); both survive a save/load, and the loop applies each to its phase."""
     import torch
-    from test_calibrate import settling_table
 
     from adainfer_hf.policy.classifier import ExitClassifier
     from adainfer_hf.training.calibrate import calibrate

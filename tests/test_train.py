@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 import torch
-from test_collect import tiny_pair
+from tiny_models import tiny_pair
 
 from adainfer_hf.estimators.crf import CRFExitEstimator
 from adainfer_hf.policy.classifier import ExitClassifier

@@ -1,7 +1,17 @@
-"""Tiny random models (transformers' test sizes) shared by the tests: a stock model and its AdaInfer twin."""
+"""What the tests share (the one helper module; test modules import helpers from here only).
+
+- tiny random models (transformers' test sizes): a stock model and its AdaInfer twin (`make_pair`, `VARIANTS`,
+  `truncated_stock`, `stock_llama`), random batches (`batch`) and a word-level tokenizer (`tiny_tokenizer`);
+- models that read real prompts: a BPE tokenizer trained on the built-in tasks (`task_tokenizer`), models with its
+  vocabulary (`tiny_pair`, `save_tiny_checkpoint`) and prompts (`tiny_prompts`);
+- synthetic feature tables with known answers (`feature_table`, `settling_table`, `misleading_table`).
+"""
 
 from __future__ import annotations
 
+import functools
+
+import numpy as np
 import torch
 from transformers import (
     Gemma3ForCausalLM,
@@ -26,6 +36,9 @@ from adainfer_hf import (
     AdaInferQwen2ForCausalLM,
     AdaInferQwen3ForCausalLM,
 )
+from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
+from adainfer_hf.data.prompts import build_prompts
+from adainfer_hf.training.table import FeatureTable
 
 VOCAB = 99
 
@@ -150,3 +163,119 @@ def tiny_tokenizer():
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>",
                                    unk_token="<pad>", padding_side="left")
+
+
+# ---------------------------------------------------------------------- models that read real prompts
+@functools.lru_cache(maxsize=1)
+def task_tokenizer():
+    """A byte-level BPE tokenizer (about 400 tokens) trained in-process on the built-in tasks' prompts."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tasks = [builtin_task(n) for n in builtin_task_names()]
+    corpus = [p.text + " " + p.answer for t in tasks for p in build_prompts(t, 2, limit=20)]
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        corpus,
+        trainers.BpeTrainer(
+            vocab_size=400,
+            special_tokens=["<pad>", "<eos>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>")
+
+
+def tiny_pair(kind: str = "llama", seed: int = 0):
+    """A stock model and its AdaInfer twin with the tiny tokenizer's vocabulary.
+
+    The weights are initialised wider than transformers' default (0.02) so that the layers change the logit lens'
+    top-1 and both labels occur, as in a trained model.
+    """
+    vocab = len(task_tokenizer())
+    if kind == "llama":
+        config = llama_config(vocab_size=vocab, pad_token_id=0, initializer_range=0.3)
+        stock_cls, ada_cls = LlamaForCausalLM, AdaInferLlamaForCausalLM
+    else:
+        config = opt_config(
+            vocab_size=vocab, pad_token_id=0, do_layer_norm_before=False, word_embed_proj_dim=16, init_std=0.1
+        )
+        stock_cls, ada_cls = OPTForCausalLM, AdaInferOPTForCausalLM
+    torch.manual_seed(seed)
+    stock = stock_cls(config).eval()
+    ada = ada_cls(config).eval()
+    ada.load_state_dict(stock.state_dict())
+    return stock, ada
+
+
+def save_tiny_checkpoint(path, kind: str = "llama"):
+    """Writes a tiny AdaInfer-loadable checkpoint (weights + tokenizer) to `path`."""
+    _, ada = tiny_pair(kind)
+    ada.save_pretrained(path)
+    task_tokenizer().save_pretrained(path)
+    return path
+
+
+def tiny_prompts(n_per_task: int = 3, shots=(0, 2)):
+    """Prompts of three built-in tasks, `n_per_task` examples per shots value."""
+    tasks = [builtin_task(n) for n in ("capitalize", "first_of_list", "next_number")]
+    return [p for t in tasks for k in shots for p in build_prompts(t, k, limit=n_per_task)]
+
+
+def stock_llama(seed: int = 0, num_hidden_layers: int = 4, **overrides) -> LlamaForCausalLM:
+    """A seeded stock Llama of `llama_config` (eval mode)."""
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(llama_config(num_hidden_layers=num_hidden_layers, **overrides)).eval()
+
+
+# ---------------------------------------------------------------------- synthetic feature tables
+TABLE_LAYERS = 9  # layer count L of the synthetic tables
+TABLE_BLANK = 0  # the "blank" token misleading_table puts on top
+
+
+def feature_table(tokens, gap, top_prob, final, gold=None):
+    """A two-feature (gap, top_prob) table from per-prompt `[P, K]` arrays; `K + 1` layers, three tasks."""
+    P, K = tokens.shape
+    return FeatureTable(
+        X=np.stack([gap.reshape(-1), top_prob.reshape(-1)], 1),
+        feature_names=("gap", "top_prob"),
+        layer=np.tile(np.arange(1, K + 1), P),
+        prompt_id=np.repeat(np.arange(P), K),
+        top_token=tokens.reshape(-1),
+        task=[f"task{i % 3}" for i in range(P)],
+        shots=np.zeros(P),
+        example_index=np.arange(P),
+        final_token=final,
+        gold_token=final if gold is None else gold,
+        num_layers=np.full(P, K + 1),
+    )
+
+
+def settling_table(P, seed):
+    """Each prompt's top-1 settles on the final token at a random layer; gap jumps there, with noise."""
+    rng = np.random.default_rng(seed)
+    K = TABLE_LAYERS - 1
+    settle = rng.integers(2, TABLE_LAYERS + 1, size=P)  # == TABLE_LAYERS: only the last layer is right
+    k = np.arange(1, K + 1)[None]
+    right = k >= settle[:, None]
+    final = 100 + np.arange(P)
+    tokens = np.where(right, final[:, None], 50 + rng.integers(0, 10, (P, K)))
+    gap = np.clip(0.25 + 0.5 * right + rng.normal(0, 0.15, (P, K)), 0, 1)
+    return feature_table(tokens, gap, np.clip(gap + 0.05, 0, 1), final)
+
+
+def misleading_table(P, seed, blank_share=0.2):
+    """SmolLM2-like: every checked layer puts a blank on top with high confidence; only the last layer has the
+    answer. Prompts whose answer is the blank itself (`blank_share`; many 0-shot prompts) are right at every
+    layer, so a classifier trained on them learns "confident => exit".
+    """
+    rng = np.random.default_rng(seed)
+    K = TABLE_LAYERS - 1
+    blank_answer = rng.random(P) < blank_share
+    final = np.where(blank_answer, TABLE_BLANK, 100 + np.arange(P))
+    tokens = np.full((P, K), TABLE_BLANK)
+    top_prob = rng.uniform(0.85, 0.98, (P, K))
+    return feature_table(tokens, top_prob - rng.uniform(0.0, 0.05, (P, K)), top_prob, final)
