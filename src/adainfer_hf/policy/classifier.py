@@ -4,12 +4,8 @@ An [`ExitClassifier`] lives beside a base model, like a PEFT adapter: it records
 may fire, and which model it was trained on (name, revision, layer count, LM-head fingerprint), and it implements
 the [`~adainfer_hf.policy.ExitPolicy`] contract the decoder loop calls after each checked layer.
 
-On disk an artifact is a directory with
-
-- `exit_classifier_config.json`: [`ExitClassifierConfig`] as sorted, indented JSON;
-- `exit_classifier.joblib`: the estimator, pickled (always written; readable by any scikit-learn user);
-- `exit_classifier.safetensors`: a pickle-free encoding, written for the estimators this package produces
-  (linear models, [`~adainfer_hf.rules.GapThresholdRule`], `SVC`, and `StandardScaler` pipelines of those).
+On disk an artifact is a directory with the config as sorted JSON, the estimator pickled with joblib, and a pickle-free
+safetensors encoding for the estimators this package produces (file names: `artifact.constants`).
 
 Pickles execute code when loaded, so a downloaded artifact is read from its safetensors file, and a download that
 only has the joblib file is refused unless the caller passes `trust_remote_classifier=True`.
@@ -83,6 +79,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
 
     The classifier holds one [`ExitClassifierConfig`]: each keyword argument below is a field of it, readable as a
     property (`clf.threshold`, ...) and changed only through [`~ExitClassifier.replace`], which validates.
+    A model keeps its default policy in `model.exit_classifier` (any [`ExitPolicy`], an `ExitClassifier` or not);
+    `model(..., exit_policy=...)` / `generate(..., exit_policy=...)` override it for one call (`None`: dense).
 
     Args:
         estimator (fitted scikit-learn classifier):
