@@ -16,7 +16,7 @@ import json
 import random
 from pathlib import Path
 
-TASKS = {"sentiment": "abstractive/sentiment.json", "antonym": "abstractive/antonym.json"}
+TASKS = {"sentiment": "abstractive/sentiment.json", "present_past": "abstractive/present-past.json"}
 SENTIMENT_CHOICES = ("positive", "negative")  # index = the multiple-choice label (doc_to_choice order)
 
 
