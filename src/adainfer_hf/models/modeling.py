@@ -13,6 +13,13 @@ import weakref
 from dataclasses import dataclass
 
 import torch
+from huggingface_hub import hf_hub_download, try_to_load_from_cache
+from huggingface_hub.errors import (
+    EntryNotFoundError,
+    LocalEntryNotFoundError,
+    OfflineModeIsEnabled,
+    RemoteEntryNotFoundError,
+)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import compat
@@ -22,6 +29,7 @@ from ..cache.exact import CACHE_MODES, ExactExitCache
 from ..cache.guard import check_cache_consistent
 from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
+from ..policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
 from ..runtime.exit_run import ExitRun, is_decode_step
 from ..runtime.recording import ExitRecorder, ExitStatistics
 
@@ -109,9 +117,15 @@ class AdaInferMixin:
 
     def _adainfer_policy(self, exit_policy) -> ExitPolicy | None:
         """The policy of one call: the model's classifier, or a per-call `exit_policy` checked as the setter
-        checks (once per policy object: generate's steps reuse the check)."""
+        checks (once per policy object: generate's steps reuse the check). In training mode, see `forward`."""
         if exit_policy is _AUTO:
-            return self._exit_classifier
+            return None if self.training else self._exit_classifier
+        if exit_policy is not None and self.training and torch.is_grad_enabled() and getattr(
+                self, "is_gradient_checkpointing", False):
+            raise ValueError(
+                f"exit_policy={exit_policy!r} was passed to a model in training mode with gradient checkpointing "
+                "enabled: early exit is an inference feature and checkpointing cannot recompute an exit. Pass no "
+                "exit_policy (training computes every layer), call model.eval(), or run under torch.no_grad().")
         if exit_policy is None or exit_policy is self._exit_classifier:
             return exit_policy
         checked = self.__dict__.get("_adainfer_checked_policy")
@@ -154,6 +168,9 @@ class AdaInferMixin:
 
         A per-call `exit_policy` is checked as `set_exit_classifier` checks (TypeError for a non-policy,
         ValueError when it was made for another model).
+
+        Early exit is an inference feature; training computes every layer: `model.train()` ignores `exit_classifier`
+        (stock forward and gradients); an explicit `exit_policy` with gradient checkpointing active is a ValueError.
         """
         past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
         policy = self._adainfer_policy(exit_policy)
@@ -347,8 +364,6 @@ class AdaInferMixin:
                 artifact was made for another model (layer count or LM-head fingerprint).
             kwargs: everything `PreTrainedModel.from_pretrained` takes (`dtype`, `device_map`, `revision`, ...).
         """
-        from ..policy.classifier import ExitClassifier
-
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         if exit_classifier is _AUTO:
@@ -375,28 +390,16 @@ class AdaInferMixin:
 
 def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_kwargs):
     """The `ExitClassifier` saved beside a checkpoint (local dir or Hub repo), or None when there is none."""
-    from ..policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
-
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG_NAME)):
             return None
         return ExitClassifier.from_pretrained(path)
-    from huggingface_hub import try_to_load_from_cache
-    from huggingface_hub.errors import (
-        EntryNotFoundError,
-        LocalEntryNotFoundError,
-        OfflineModeIsEnabled,
-        RemoteEntryNotFoundError,
-    )
-
     revision = hub_kwargs.get("revision")
     cached = try_to_load_from_cache(path, CLASSIFIER_CONFIG_NAME, cache_dir=hub_kwargs.get("cache_dir"),
                                     revision=revision)
     if not isinstance(cached, str):
         # Not in the cache (or cached as absent): ask the Hub, unless we are offline.
-        from huggingface_hub import hf_hub_download
-
         try:
             hf_hub_download(path, CLASSIFIER_CONFIG_NAME, **hub_kwargs)
         except (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
