@@ -277,3 +277,19 @@ def test_explicit_exit_policy_with_checkpointing_in_training_is_refused():
         ada(ids, attention_mask=mask, labels=ids, exit_policy=ScriptedExit(2))
     with torch.no_grad():  # no gradients: checkpointing is inactive, the explicit policy runs
         assert ada(ids, attention_mask=mask, exit_policy=ScriptedExit(2)).exit_layers.tolist() == [2, 2, 2]
+
+
+# ---------------------------------------------------------------- 10. policy arguments are refused by value
+@pytest.mark.parametrize("value", [True, 1.0, [2, False], "3"])
+def test_scripted_exit_refuses_non_int_layers_by_value(value):
+    with pytest.raises(ValueError, match=f"exit_layer.*{value!r}".replace("[", r"\[")):
+        ScriptedExit(value)
+
+
+def test_scripted_exit_per_row_list_of_the_wrong_length_is_refused():
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("left")  # 3 rows
+    with pytest.raises(ValueError, match="2 layers.*3 rows"):
+        ada(ids, attention_mask=mask, exit_policy=ScriptedExit([1, 2]))
+    with torch.no_grad():
+        assert ada(ids, attention_mask=mask, exit_policy=ScriptedExit([2])).exit_layers.tolist() == [2, 2, 2]

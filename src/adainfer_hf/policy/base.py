@@ -110,8 +110,9 @@ class ScriptedExit(ExitPolicy):
 
     def __init__(self, exit_layer: int | Sequence[int], check_every_layer: bool = False,
                  check_dtype: str | None = None):
-        layers = [exit_layer] if isinstance(exit_layer, int) else list(exit_layer)
-        if not layers or any(not isinstance(k, int) or k < 1 for k in layers):
+        layers = list(exit_layer) if hasattr(exit_layer, "__iter__") else [exit_layer]
+        # bool is an int subclass: ScriptedExit(True) would silently mean "exit after layer 1"
+        if not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers):
             raise ValueError(f"exit_layer must be an int >= 1 or a non-empty list of them; got {exit_layer!r}.")
         self.exit_layer = exit_layer
         self.features = ("gap", "top_prob")
@@ -120,6 +121,14 @@ class ScriptedExit(ExitPolicy):
         self.check_every_layer = check_every_layer
         self.check_dtype = check_dtype_or_raise(check_dtype)
         self.check_layers = None if check_every_layer else tuple(sorted(set(layers)))
+
+    def begin_run(self, batch_size):
+        """Checks a per-row `exit_layer` against the forward's batch (`ValueError` naming both lengths)."""
+        n = self._per_row.numel()
+        if n not in (1, batch_size):
+            raise ValueError(f"ScriptedExit got {n} layers (exit_layer={self.exit_layer!r}) for a batch of "
+                             f"{batch_size} rows; pass one layer per row or a single layer for all rows.")
+        return None
 
     def decide(self, features, layer, rows):
         target = self._per_row.to(rows.device)
