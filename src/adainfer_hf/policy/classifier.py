@@ -29,6 +29,7 @@ from ..artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, C
 from ..artifact.hub import ArtifactMixin
 from .base import ExitPolicy, check_dtype_or_raise
 from .features import FEATURES
+from .nonfinite import NonFiniteRows
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -131,6 +132,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
                 f"ExitClassifierConfig: {list(POLICY_FIELDS)}."
             )
         self.estimator = estimator
+        self._nonfinite = NonFiniteRows(f"ExitClassifier({type(estimator).__name__})")  # warns once per instance
         self._config = _normalized(dataclasses.replace(config or ExitClassifierConfig(), **fields))
         self._validate()
 
@@ -152,15 +154,11 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         est = self.estimator
         self._score_kind = _score_kind(est)
         if not hasattr(est, "predict"):
-            raise ValueError(
-                f"estimator must be a scikit-learn classifier with `predict`; got {type(est).__name__}."
-            )
+            raise ValueError(f"estimator must be a scikit-learn classifier with `predict`; got {type(est).__name__}.")
         try:
             check_is_fitted(est)
         except NotFittedError as err:
-            raise ValueError(
-                f"estimator {type(est).__name__} is not fitted; call `fit` before wrapping it."
-            ) from err
+            raise ValueError(f"estimator {type(est).__name__} is not fitted; call `fit` before wrapping it.") from err
         except TypeError as err:
             raise ValueError(f"estimator {est!r} is not a scikit-learn estimator: {err}") from err
 
@@ -173,16 +171,13 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             raise ValueError(f"features contains duplicates: {list(self.features)}.")
         n_in = getattr(est, "n_features_in_", None)
         if n_in is not None and int(n_in) != len(self.features):
-            raise ValueError(
-                f"estimator {type(est).__name__} was fitted on n_features_in_={n_in} columns but "
-                f"features={list(self.features)} names {len(self.features)}."
-            )
+            raise ValueError(f"estimator {type(est).__name__} was fitted on n_features_in_={n_in} columns but "
+                             f"features={list(self.features)} names {len(self.features)}.")
         classes = getattr(est, "classes_", None)
         if classes is not None and (len(classes) != 2 or classes[1] != 1):
             labels = np.asarray(classes).tolist()
-            raise ValueError(
-                f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}."
-            )
+            raise ValueError(f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}: "
+                             "labels must be 0/1 or bool.")
 
         if self.num_layers is not None and (not _is_int(self.num_layers) or self.num_layers < 2):
             raise ValueError(f"num_layers must be an int >= 2 or None; got {self.num_layers!r}.")
@@ -197,10 +192,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             layers = list(value)  # `()` is valid: never check, never exit (see calibrate and schedule)
             bad = [k for k in layers if not _is_int(k) or k < 1 or (top is not None and k > top)]
             if bad or layers != sorted(set(layers)):
-                raise ValueError(
-                    f"{name}={layers!r} must be a sorted list of unique ints in {allowed}"
-                    + (f"; offending value(s): {bad}." if bad else ".")
-                )
+                raise ValueError(f"{name}={layers!r} must be a sorted list of unique ints in {allowed}"
+                                 + (f"; offending value(s): {bad}." if bad else "."))
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
         check_dtype_or_raise(self.check_dtype)
@@ -212,9 +205,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             if not math.isfinite(self.threshold):
                 raise ValueError(f"threshold must be finite; got {self.threshold!r}.")
             if self.score_kind == "probability" and not 0.0 <= self.threshold <= 1.0:
-                raise ValueError(
-                    f"threshold={self.threshold} is a probability for {type(est).__name__}; expected 0 <= t <= 1."
-                )
+                raise ValueError(f"threshold={self.threshold} is a probability for {type(est).__name__}; "
+                                 "expected 0 <= t <= 1.")
         # The on-device fast path: (coef, intercept) when the estimator is exactly linear, else None.
         self._linear = _linear_form(est) if self.score_kind != "label" else None
         self._device_cache: dict = {}
@@ -251,32 +243,37 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             X (array-like of shape `(n_rows, len(features))`): feature matrix.
 
         Returns:
-            `np.ndarray` of bools, shape `(n_rows,)`.
+            `np.ndarray` of bools, shape `(n_rows,)`; False for rows with a non-finite feature (warned once).
         """
-        if self.threshold is None:
-            return np.asarray(self.estimator.predict(X)).reshape(-1) == 1
-        return self.score(X) >= self.threshold
+        X, finite = self._nonfinite.host(X)
+        if self.threshold is not None:
+            return (self.score(X) >= self.threshold) & finite
+        predicted = np.asarray(self.estimator.predict(X)).reshape(-1)
+        if predicted.dtype.kind not in "biuf":  # "yes" == 1 is False: string labels would never fire
+            raise ValueError(f"estimator {type(self.estimator).__name__} predicted {sorted(set(predicted.tolist()))!r}; "
+                             "labels must be 0/1 or bool (1 = exit).")
+        return (predicted == 1) & finite
 
     def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """The decoder loop's hook (see `ExitPolicy.decide`): a BoolTensor `[n_rows]` on `features.device`.
 
         Linear estimators run as one matmul on the features' device with no host synchronisation; others copy
-        the features to the CPU once and call scikit-learn.
+        the features to the CPU once and call scikit-learn. A row with a non-finite feature (nan/inf) never exits
+        at that layer, whatever the estimator; the classifier warns once (`RuntimeWarning`).
         """
         if features.dim() != 2 or features.shape[1] != len(self.features):
-            raise ValueError(
-                f"decide() expects features of shape [n_rows, {len(self.features)}] for {list(self.features)}; "
-                f"got {tuple(features.shape)}."
-            )
+            raise ValueError(f"decide() expects features of shape [n_rows, {len(self.features)}] for "
+                             f"{list(self.features)}; got {tuple(features.shape)}.")
         if self._linear is not None:
+            finite = self._nonfinite.finite_rows(features)
             coef, intercept = self._device_weights(features.device)
             margin = features.to(coef.dtype) @ coef + intercept
             # `threshold` may be changed after construction (calibration sweeps it), so the cut is not cached.
             if self.threshold is None:
-                return margin > 0  # exactly `predict`: class 1 where the margin is > 0
+                return (margin > 0) & finite  # exactly `predict`: class 1 where the margin is > 0
             if self.score_kind == "probability":
-                return margin >= _logit(self.threshold)  # P >= t  <=>  logit >= logit(t): stays on the device
-            return margin >= self.threshold
+                return (margin >= _logit(self.threshold)) & finite  # P >= t  <=>  logit >= logit(t), on device
+            return (margin >= self.threshold) & finite
         if features.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=features.device)
         X = features.detach().to("cpu", torch.float64).numpy()
@@ -332,6 +329,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         """
         problems = []
         n_model = architectures.num_layers(model)
+        if self.min_layer >= n_model:  # an unbound classifier would silently never exit
+            raise ValueError(f"min_layer={self.min_layer} leaves nothing to check on a model with {n_model} decoder "
+                             f"layers (checks run after layers 1..{n_model - 1}); use a min_layer < {n_model}.")
         if self.num_layers is not None and n_model != self.num_layers:
             problems.append(f"num_layers: classifier {self.num_layers} vs model {n_model}")
         if self.lm_head_fingerprint is not None:
