@@ -120,12 +120,11 @@ class AdaInferMixin:
         checks (once per policy object: generate's steps reuse the check). In training mode, see `forward`."""
         if exit_policy is _AUTO:
             return None if self.training else self._exit_classifier
-        if exit_policy is not None and self.training and torch.is_grad_enabled() and getattr(
-                self, "is_gradient_checkpointing", False):
+        if exit_policy is not None and self.training and getattr(self, "is_activation_checkpointing", False):
             raise ValueError(
                 f"exit_policy={exit_policy!r} was passed to a model in training mode with gradient checkpointing "
                 "enabled: early exit is an inference feature and checkpointing cannot recompute an exit. Pass no "
-                "exit_policy (training computes every layer), call model.eval(), or run under torch.no_grad().")
+                "exit_policy (training computes every layer) or call model.eval() first.")
         if exit_policy is None or exit_policy is self._exit_classifier:
             return exit_policy
         checked = self.__dict__.get("_adainfer_checked_policy")
@@ -170,7 +169,7 @@ class AdaInferMixin:
         ValueError when it was made for another model).
 
         Early exit is an inference feature; training computes every layer: `model.train()` ignores `exit_classifier`
-        (stock forward and gradients); an explicit `exit_policy` with gradient checkpointing active is a ValueError.
+        (stock forward and gradients); an explicit `exit_policy` there with gradient checkpointing is a ValueError.
         """
         past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
         policy = self._adainfer_policy(exit_policy)
