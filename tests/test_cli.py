@@ -63,10 +63,14 @@ def _data_args(root):
 def test_every_flag_has_help(capsys):
     parser = cli.build_parser()
     subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(subparsers.choices) == {"collect", "train", "simulate", "push", "pull", "demo", "eval", "doctor"}
+    assert set(subparsers.choices) == {"collect", "train", "simulate", "push", "pull", "demo", "eval", "doctor",
+                                       "lm-eval"}
     for name, sub in subparsers.choices.items():
         for action in sub._actions:
             assert action.help, f"{name} {action.option_strings or action.dest} has no help"
+        if name == "lm-eval":  # `--help` is the harness's (tests/test_lm_eval_harness.py); no options of its own
+            assert [a.dest for a in sub._actions] == ["harness_args"]
+            continue
         with pytest.raises(SystemExit) as exit_info:
             cli.main([name, "--help"])
         assert exit_info.value.code == 0
@@ -297,3 +301,18 @@ def test_python_dash_m():
         [sys.executable, "-m", "adainfer_hf", "--help"], capture_output=True, text=True, timeout=120
     )
     assert proc.returncode == 0 and "collect" in proc.stdout and "demo" in proc.stdout
+
+
+def test_lm_eval_hands_its_arguments_over_unchanged(monkeypatch):
+    """`adainfer lm-eval ARGS` gives ARGS, options included, to the harness wrapper as they are."""
+    args = cli.build_parser().parse_args(["lm-eval", "--model", "adainfer", "-o", "out", "--help"])
+    assert args.command == "lm-eval" and args.harness_args == ["--model", "adainfer", "-o", "out", "--help"]
+
+
+def test_lm_eval_without_the_harness_names_the_extra(monkeypatch, capsys):
+    from adainfer_hf.cli import harness
+
+    monkeypatch.setattr(harness.importlib.util, "find_spec", lambda name: None)
+    assert cli.main(["lm-eval", "--model", "adainfer"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and "pip install 'adainfer-hf[eval]'" in err[0]

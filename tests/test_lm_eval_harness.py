@@ -16,14 +16,18 @@ import numpy as np
 import pytest
 import torch
 
-lm_eval = pytest.importorskip("lm_eval")
+lm_eval = pytest.importorskip(
+    "lm_eval", reason="lm-eval (the 'eval' extra) is installed only in the 'newest' CI environment: its dependency "
+    "datasets needs tqdm >= 4.62.1, above the 'lowest' pin")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, GapThresholdRule, ScriptedExit  # noqa: E402
-from adainfer_hf.integrations import lm_eval_harness as harness  # noqa: E402
+from adainfer_hf.integrations import lm_eval as harness  # noqa: E402
+from adainfer_hf.integrations.lm_eval import model as harness_model  # noqa: E402
+from adainfer_hf.integrations.lm_eval import stats as harness_stats  # noqa: E402
 
 LAYERS = 4
 WORDS = [f"w{i}" for i in range(5, 120)]
@@ -172,6 +176,29 @@ def test_no_classifier_equals_hf(workspace):
         assert entry["flops_ratio"] == pytest.approx(1.0)
 
 
+def test_every_supported_family_loads_by_path(workspace, tmp_path):
+    """`pretrained=DIR` goes through `AutoAdaInferForCausalLM`: a Mistral checkpoint (not Llama/OPT) runs, without a
+    classifier exactly as `--model hf`, and with `exit_layer` at that depth."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from adainfer_hf import AdaInferMistralForCausalLM
+
+    config = MistralConfig(vocab_size=len(WORDS) + 5, hidden_size=32, intermediate_size=37, num_hidden_layers=LAYERS,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256, pad_token_id=0,
+                         bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    MistralForCausalLM(config).save_pretrained(tmp_path / "mistral")
+    _tiny_tokenizer().save_pretrained(tmp_path / "mistral")
+    args = {"pretrained": str(tmp_path / "mistral"), "device": "cpu", "dtype": "float32"}
+    ref = _evaluate(workspace, "hf", tasks=["tiny_mc"], model_args=args, batch_size=4)
+    lm = harness.AdaInferLM(**args, exit_classifier="none", batch_size=4)
+    assert isinstance(lm.model, AdaInferMistralForCausalLM)
+    ours = _evaluate(workspace, lm, tasks=["tiny_mc"])
+    assert _metrics(ours) == _metrics(ref) and _responses(ours, "tiny_mc") == _responses(ref, "tiny_mc")
+    cut = _evaluate(workspace, "adainfer", tasks=["tiny_mc"], model_args={**args, "exit_layer": 1}, batch_size=4)
+    assert cut["config"][harness.STATS_KEY]["all"]["mean_exit_layer"] == 1
+
+
 def test_scripted_exit_equals_truncated_model(workspace):
     """(b) exit at layer k everywhere (a loaded model + a policy) gives the metrics of the stock model cut to k."""
     k = 2
@@ -214,7 +241,7 @@ def test_exit_is_decided_on_the_last_real_token(workspace):
 
 def test_row_lengths_resolve_zero_ending_inputs():
     """An input that is another one followed by token 0 (the pad value) is matched longest first, once each."""
-    lengths = harness._RowLengths([(5, 7, 0), (5, 7), (9,)])
+    lengths = harness_model._RowLengths([(5, 7, 0), (5, 7), (9,)])
     rows = torch.tensor([[5, 7, 0, 0], [5, 7, 0, 0], [9, 0, 0, 0], [1, 1, 1, 1]])
     assert lengths.resolve(rows) == [3, 2, 1, None]
 
@@ -242,12 +269,12 @@ def test_cli_main_writes_sidecar(workspace, tmp_path, capsys):
 def test_sidecar_paths_follow_the_harness_output_file(tmp_path):
     """`--output_path out.json` makes the harness write `out_<date>.json`: the sidecar goes beside it."""
     target = tmp_path / "out.json"
-    assert harness._output_path(["--tasks", "x", "-o", str(target)]) == target
-    assert harness._output_path(["--tasks", "x"]) is None
-    before = harness._results_files(target)
+    assert harness_stats.output_path(["--tasks", "x", "-o", str(target)]) == target
+    assert harness_stats.output_path(["--tasks", "x"]) is None
+    before = harness_stats.results_files(target)
     (tmp_path / "out_2026-01-01T00-00-00.000001.json").write_text("{}")
-    new = harness._results_files(target) - before
-    (written,) = harness._write_sidecars(target, new, {"all": {}})
+    new = harness_stats.results_files(target) - before
+    (written,) = harness_stats.write_sidecars(target, new, {"all": {}})
     assert written == tmp_path / f"{harness.SIDECAR_PREFIX}_2026-01-01T00-00-00.000001.json"
     assert json.loads(written.read_text())["results_file"] == "out_2026-01-01T00-00-00.000001.json"
 
@@ -259,6 +286,12 @@ def test_bad_arguments_are_named(workspace):
         harness.AdaInferLM(pretrained=workspace["model"], exit_layer=2, exit_classifier="some/dir")
     with pytest.raises(TypeError, match="LlamaForCausalLM"):
         harness.AdaInferLM(pretrained=LlamaForCausalLM.from_pretrained(workspace["model"]))
+
+
+def test_python_dash_m_runs_the_harness_cli():
+    proc = subprocess.run([sys.executable, "-m", "adainfer_hf.integrations.lm_eval", "--help"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "--model_args" in proc.stdout
 
 
 def test_core_package_does_not_import_lm_eval():

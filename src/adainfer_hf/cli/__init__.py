@@ -1,1 +1,2 @@
-"""The `adainfer` command line (`main`), its `eval` subcommand (`eval`) and what the subcommands share (`common`)."""
+"""The `adainfer` command line (`main`), its `eval` and `lm-eval` subcommands (`eval`, `harness`) and what the
+subcommands share (`common`)."""

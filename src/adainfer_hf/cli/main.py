@@ -2,7 +2,8 @@
 
 Subcommands: `collect` (feature table), `train` (collect, train, calibrate, save an artifact), `simulate`
 (replay a classifier on a collected table), `push` / `pull` (Hugging Face Hub), `demo` (early exit on the
-embedded model), `doctor` (contract checks of the installed transformers), `eval`. Every file the commands write
+embedded model), `doctor` (contract checks of the installed transformers), `eval`, `lm-eval`
+(lm-evaluation-harness with `--model adainfer`). Every file the commands write
 is written to a temporary name and renamed, so Ctrl-C never leaves half an artifact.
 """
 
@@ -37,6 +38,7 @@ from .common import (
     tasks_from_args,
 )
 from .eval import add_eval_parser
+from .harness import add_lm_eval_parser
 
 __all__ = ["ARTIFACTS_DIR", "build_parser", "main", "shipped_classifier_dir"]
 
@@ -307,6 +309,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     add_eval_parser(sub)
+    add_lm_eval_parser(sub)
     return parser
 # fmt: on
 

@@ -1,6 +1,7 @@
 """Integrations of adainfer-hf with third-party tools.
 
-Each submodule imports its tool, so nothing here is imported eagerly: `import adainfer_hf` never needs them.
+Each subpackage imports its tool, so nothing here is imported eagerly: `import adainfer_hf` never needs them.
 
-- `lm_eval_harness`: lm-evaluation-harness (`lm-eval` 0.4.x) model type `adainfer`, with per-task exit statistics.
+- `lm_eval`: lm-evaluation-harness (`lm-eval` 0.4.x, `pip install 'adainfer-hf[eval]'`) model type `adainfer`,
+  with per-task exit statistics (`adainfer lm-eval ...`).
 """
