@@ -195,7 +195,7 @@ class AdaInferMixin:
             return AdaInferCausalLMOutput(**out, exit_layers=full)
         return_dict = kwargs.pop("return_dict", None)
         if return_dict is None:
-            return_dict = getattr(self.config, "use_return_dict", getattr(self.config, "return_dict", True))
+            return_dict = getattr(self.config, "return_dict", True)  # (`use_return_dict` is deprecated on 5.x)
         if self.config._attn_implementation == "flex_attention":
             # Layer calls on row subsets would need the block mask sliced to the running rows.
             raise ValueError("attn_implementation='flex_attention' is not supported with an exit policy; load the "
