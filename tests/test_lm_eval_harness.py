@@ -18,7 +18,7 @@ import torch
 
 lm_eval = pytest.importorskip(
     "lm_eval", reason="lm-eval (the 'eval' extra) is installed only in the 'newest' CI environment: its dependency "
-    "datasets needs tqdm >= 4.62.1, above the 'lowest' pin")
+    "datasets needs tqdm >= 4.62.1 and pyarrow NumPy >= 2, above the 'lowest' pins")
 
 from lm_eval.models.huggingface import HFLM  # noqa: E402
 from lm_eval.tasks import TaskManager  # noqa: E402
