@@ -19,7 +19,8 @@ from typing import Any
 
 import joblib
 
-from .estimator_codec import CLASSIFIER_SAFE_NAME, SAFE_FORMAT, _safe_encode, _safe_load
+from .constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
+from .estimator_codec import SAFE_FORMAT, _safe_encode, _safe_load
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -31,8 +32,6 @@ __all__ = [
     "write_artifact",
 ]
 
-CLASSIFIER_CONFIG_NAME = "exit_classifier_config.json"
-CLASSIFIER_WEIGHTS_NAME = "exit_classifier.joblib"
 FORMAT_VERSION = 1
 
 

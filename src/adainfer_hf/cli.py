@@ -14,6 +14,9 @@ import json
 import sys
 from pathlib import Path
 
+from .atomic import atomic_file
+from .constants import CLASSIFIER_CONFIG_NAME
+
 __all__ = ["ARTIFACTS_DIR", "build_parser", "main", "shipped_classifier_dir"]
 
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
@@ -24,7 +27,7 @@ DEMO_TRAIN_LIMIT = 24  # prompts per built-in task and shots value when the demo
 def shipped_classifier_dir(model_subdir: str = "smollm2-135m-instruct") -> Path | None:
     """Directory of the classifier shipped in the package for a model, or None when absent."""
     path = ARTIFACTS_DIR / model_subdir
-    return path if (path / "exit_classifier_config.json").is_file() else None
+    return path if (path / CLASSIFIER_CONFIG_NAME).is_file() else None
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
@@ -155,7 +158,8 @@ def _cmd_simulate(args) -> int:
     for task, figures in summary["per_task"].items():
         print(f"  {task:<28} {_figures(figures)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with atomic_file(args.json, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return 0
 
 

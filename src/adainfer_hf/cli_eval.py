@@ -28,6 +28,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from .atomic import atomic_file
 from .cli import load_dense_model, tasks_from_args
 
 __all__ = ["add_eval_parser", "main", "run_eval"]
@@ -75,9 +76,8 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def _write_json(path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 def _run_study(args, model, tok, tasks, command: str) -> int:
@@ -94,7 +94,8 @@ def _run_study(args, model, tok, tasks, command: str) -> int:
     table = study_table(results)
     if args.report_dir:
         Path(args.report_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.report_dir) / f"study_{args.study}.md").write_text(table, encoding="utf-8")
+        with atomic_file(Path(args.report_dir) / f"study_{args.study}.md", "w", encoding="utf-8") as f:
+            f.write(table)
     print(table)
     return 0
 

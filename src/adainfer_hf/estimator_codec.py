@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from .compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
+from .constants import CLASSIFIER_SAFE_NAME
 
 SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encoding
-CLASSIFIER_SAFE_NAME = "exit_classifier.safetensors"
 
 
 def _qualified_name(obj: Any) -> str:

@@ -1,0 +1,21 @@
+"""File names of the exit-classifier artifact: the one place that defines them (as PEFT's `utils/constants.py`).
+
+An artifact directory (standalone, or beside a checkpoint's weights) holds:
+
+- `exit_classifier_config.json` (`CLASSIFIER_CONFIG_NAME`): the `ExitClassifierConfig`, sorted JSON;
+- `exit_classifier.joblib` (`CLASSIFIER_WEIGHTS_NAME`): the estimator, pickled with joblib;
+- `exit_classifier.safetensors` (`CLASSIFIER_SAFE_NAME`): the pickle-free encoding of the estimator, when it has one.
+"""
+
+__all__ = [
+    "ARTIFACT_DATA_NAMES",
+    "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_SAFE_NAME",
+    "CLASSIFIER_WEIGHTS_NAME",
+]
+
+CLASSIFIER_CONFIG_NAME = "exit_classifier_config.json"
+CLASSIFIER_WEIGHTS_NAME = "exit_classifier.joblib"
+CLASSIFIER_SAFE_NAME = "exit_classifier.safetensors"
+# The estimator and config files, in the order a save moves them into place (the config last).
+ARTIFACT_DATA_NAMES = (CLASSIFIER_WEIGHTS_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_CONFIG_NAME)
