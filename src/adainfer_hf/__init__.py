@@ -3,6 +3,7 @@
 from .calibrate import calibrate, simulate_exits
 from .classifier import (
     CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifier,
@@ -29,6 +30,7 @@ __all__ = [
     "AdaInferOPTForCausalLM",
     "CACHE_MODES",
     "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_MANIFEST_NAME",
     "CLASSIFIER_SAFE_NAME",
     "CLASSIFIER_WEIGHTS_NAME",
     "DEFAULT_FEATURES",

@@ -9,7 +9,8 @@ On disk an artifact is a directory with
 - `exit_classifier_config.json`: [`ExitClassifierConfig`] as sorted, indented JSON;
 - `exit_classifier.joblib`: the estimator, pickled (always written; readable by any scikit-learn user);
 - `exit_classifier.safetensors`: a pickle-free encoding, written for the estimators this package produces
-  (linear models, [`~adainfer_hf.rules.GapThresholdRule`], `SVC`, and `StandardScaler` pipelines of those).
+  (linear models, [`~adainfer_hf.rules.GapThresholdRule`], `SVC`, and `StandardScaler` pipelines of those);
+- `exit_classifier_manifest.json`: the sha256 of each file above, written last and checked on load.
 
 Pickles execute code when loaded, so a downloaded artifact is read from its safetensors file, and a download that
 only has the joblib file is refused unless the caller passes `trust_remote_classifier=True`.
@@ -31,9 +32,11 @@ from sklearn.utils.validation import check_is_fitted
 
 from .classifier_io import (
     CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifierConfig,
+    encode_artifact,
     read_hub,
     read_local,
     write_artifact,
@@ -43,6 +46,7 @@ from .policy import ExitPolicy, check_dtype_or_raise
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_MANIFEST_NAME",
     "CLASSIFIER_SAFE_NAME",
     "CLASSIFIER_WEIGHTS_NAME",
     "ExitClassifier",
@@ -390,15 +394,23 @@ class ExitClassifier(ExitPolicy):
         )
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the config, the joblib estimator and (when possible) its pickle-free safetensors encoding.
+        """Save the config, the joblib estimator, (when possible) its pickle-free safetensors encoding and the manifest.
 
-        The write is atomic per artifact: files are written to a temporary directory beside `save_directory`
-        and moved into place only once complete, so an interrupted save leaves any previous artifact intact.
+        The artifact is written as one unit: every file is encoded first (a classifier that cannot be saved fails
+        before anything is written), then written to a temporary name inside `save_directory` and renamed into
+        place, the manifest (the sha256 of each file) last. A save interrupted between two renames leaves files
+        that no longer match the old manifest, which loading refuses; a save that fails or is interrupted removes
+        the artifact files it had started to replace. So a later load finds the previous artifact, or a clear
+        error, never a new estimator with an old config. Nothing is written outside `save_directory`.
 
         Args:
             save_directory (`str` or `os.PathLike`): target directory (created if missing).
         """
         write_artifact(self.estimator, self.config, save_directory)
+
+    def _artifact_files(self) -> dict[str, bytes]:
+        """The artifact's files as bytes (`classifier_io.encode_artifact`), for a save in two steps."""
+        return encode_artifact(self.estimator, self.config)
 
     @classmethod
     def from_pretrained(

@@ -7,6 +7,7 @@ row exits. The decoder layers are swapped for subclasses that accept an `adainfe
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from . import architectures as arch
 from . import compat
+from .classifier_io import artifact_state, commit_artifact, has_artifact
 from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
 from .guard import check_cache_consistent
 from .loop import ExitRun, is_decode_step
@@ -309,12 +311,29 @@ class AdaInferMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the exit classifier's files beside the weights.
 
-        `push_to_hub` saves through this method, so the artifact is uploaded with the weights.
+        The classifier's files are encoded before the weights are written (a classifier that cannot be saved fails
+        with nothing written) and written after them as one unit (see `ExitClassifier.save_pretrained`). If
+        writing them fails, this raises after the weights are saved, naming the directory and saying whether it
+        still holds its previous (complete) artifact or none; it never holds a mix. `push_to_hub` saves through
+        this method, so the artifact is uploaded with the weights.
         """
-        result = super().save_pretrained(save_directory, *args, **kwargs)
+        from .classifier import ExitClassifier
+
         clf = self._exit_classifier
-        if clf is not None and hasattr(clf, "save_pretrained"):
-            clf.save_pretrained(save_directory)
+        save = getattr(clf, "save_pretrained", None)  # a policy of another kind may save itself, or not at all
+        if isinstance(clf, ExitClassifier):
+            save = functools.partial(commit_artifact, clf._artifact_files())
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        try:
+            if save is not None:
+                save(save_directory)
+        except Exception as err:
+            message = (f"Saved the model weights to {os.fspath(save_directory)!r} but not its exit classifier "
+                       f"({type(err).__name__}: {err}); the directory {artifact_state(save_directory)}. Fix the "
+                       "cause and save again.")
+            if isinstance(err, OSError) and err.errno is not None:
+                raise OSError(err.errno, message) from err  # callers that handle disk errors still see one
+            raise RuntimeError(message) from err
         return result
 
 
@@ -324,7 +343,7 @@ def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_k
 
     path = os.fspath(name_or_path)
     if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG_NAME)):
+        if not has_artifact(path):  # a lone manifest is half of a removed artifact: read_local refuses it
             return None
         return ExitClassifier.from_pretrained(path)
     from huggingface_hub import try_to_load_from_cache
