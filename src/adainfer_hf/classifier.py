@@ -424,10 +424,11 @@ class ExitClassifier(ExitPolicy):
     ) -> ExitClassifier:
         """Load a classifier from a local directory or a Hugging Face Hub repository.
 
-        A local directory is loaded from its safetensors file when present, else from its joblib file. A Hub
-        repository is loaded from its safetensors file; a repository with only a joblib file (a pickle, which runs
-        code when loaded) is refused unless `trust_remote_classifier=True`. With `HF_HUB_OFFLINE=1` the Hub files
-        are read from the local cache.
+        A local directory you name here is loaded from its safetensors file when present, else from its joblib file
+        (naming it is the consent to unpickle it). A Hub repository is loaded from its safetensors file; a
+        repository with only a joblib file (a pickle, which runs code when loaded) is refused unless
+        `trust_remote_classifier=True`. Either way the files are checked against the artifact's manifest first.
+        With `HF_HUB_OFFLINE=1` the Hub files are read from the local cache.
 
         Args:
             path_or_repo_id (`str` or `os.PathLike`): a directory written by `save_pretrained`, or a repo id.
@@ -442,7 +443,7 @@ class ExitClassifier(ExitPolicy):
         """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
-            return cls._from_config(*read_local(Path(path)))
+            return cls._from_local(path)
         if os.path.exists(path):
             raise ValueError(
                 f"{path!r} is a file; expected a directory written by save_pretrained or a repo id."
@@ -450,6 +451,11 @@ class ExitClassifier(ExitPolicy):
         return cls._from_config(*read_hub(
             path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only)))
 
+
+    @classmethod
+    def _from_local(cls, path: str, allow_pickle: bool = True) -> ExitClassifier:
+        """A local artifact directory; `allow_pickle=False` refuses a joblib-only one (see `read_local`)."""
+        return cls._from_config(*read_local(Path(path), allow_pickle=allow_pickle))
 
     def push_to_hub(
         self,

@@ -43,6 +43,7 @@ __all__ = [
     "has_artifact",
     "read_hub",
     "read_local",
+    "save_beside_weights",
     "write_artifact",
 ]
 
@@ -229,6 +230,25 @@ def has_artifact(directory: str | os.PathLike) -> bool:
     return (directory / CLASSIFIER_CONFIG_NAME).is_file() or (directory / CLASSIFIER_MANIFEST_NAME).is_file()
 
 
+def save_beside_weights(save, save_directory: str | os.PathLike) -> None:
+    """Runs `save(save_directory)` (an artifact save) after a model's weights were written there.
+
+    A failure raises `OSError` (same errno) or `RuntimeError` saying that the weights were saved but the classifier
+    was not, and what the directory now holds ([`artifact_state`]); a `KeyboardInterrupt` propagates as it is.
+    """
+    try:
+        save(save_directory)
+    except Exception as err:
+        message = (
+            f"Saved the model weights to {os.fspath(save_directory)!r} but not its exit classifier "
+            f"({type(err).__name__}: {err}); the directory {artifact_state(save_directory)}. Fix the cause and "
+            "save again."
+        )
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, message) from err  # callers that handle disk errors still see one
+        raise RuntimeError(message) from err
+
+
 def artifact_state(directory: str | os.PathLike) -> str:
     """What `directory` holds after a failed save, in words, for error messages."""
     if not has_artifact(directory):
@@ -240,10 +260,12 @@ def artifact_state(directory: str | os.PathLike) -> str:
     return "still holds its previous exit classifier"
 
 
-def read_local(directory: Path) -> tuple[ExitClassifierConfig, Any]:
+def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifierConfig, Any]:
     """(config, estimator) of an artifact directory: the safetensors encoding when present, else joblib.
 
-    The files are checked against the manifest first (`manifest.check_local`).
+    The files are checked against the manifest first (`manifest.check_local`). With `allow_pickle=False` (an
+    artifact found beside a checkpoint that the caller only named as a model) a joblib-only artifact is refused
+    before its file is opened.
     """
     config_path = directory / CLASSIFIER_CONFIG_NAME
     where = os.fspath(directory)
@@ -257,6 +279,15 @@ def read_local(directory: Path) -> tuple[ExitClassifierConfig, Any]:
     if (directory / CLASSIFIER_SAFE_NAME).is_file():
         estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
     elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"The model directory {where!r} holds an exit classifier as {CLASSIFIER_WEIGHTS_NAME} only (no "
+                f"{CLASSIFIER_SAFE_NAME}). A joblib file is a pickle and runs arbitrary code when loaded, and a model "
+                "directory may come from the Hub (snapshot_download, `hf download --local-dir`, git clone), so it is "
+                "not loaded just because it sits beside the weights. If you trust it, name it: "
+                f"from_pretrained(..., exit_classifier={where!r}), or pass trust_remote_classifier=True; "
+                "exit_classifier=None loads the model without it."
+            )
         estimator = _load_joblib(os.fspath(directory / CLASSIFIER_WEIGHTS_NAME))
     else:
         raise FileNotFoundError(

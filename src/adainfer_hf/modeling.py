@@ -19,7 +19,7 @@ from transformers.models.opt.modeling_opt import OPTDecoderLayer
 
 from . import architectures as arch
 from . import compat
-from .classifier_io import artifact_state, commit_artifact, has_artifact
+from .classifier_io import commit_artifact, has_artifact, save_beside_weights
 from .exact_cache import CACHE_MODES, ExactExitCache, finish_step
 from .guard import check_cache_consistent
 from .loop import ExitRun, is_decode_step
@@ -289,7 +289,8 @@ class AdaInferMixin:
                 `ExitClassifier`, an instance, or None (never exit). By default the artifact saved beside the
                 checkpoint (by `save_pretrained`) is picked up when present.
             trust_remote_classifier (`bool`, *optional*, defaults to `False`): allow unpickling a joblib artifact
-                downloaded from the Hub (pickle runs code). Safe-format artifacts never need it.
+                that was not named as `exit_classifier`: one in a Hub repo, or one found beside the checkpoint
+                (a local model directory may be a download). Safe-format artifacts never need it.
             ignore_classifier_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the
                 artifact was made for another model (layer count or LM-head fingerprint).
             kwargs: everything `PreTrainedModel.from_pretrained` takes (`dtype`, `device_map`, `revision`, ...).
@@ -324,16 +325,8 @@ class AdaInferMixin:
         if isinstance(clf, ExitClassifier):
             save = functools.partial(commit_artifact, clf._artifact_files())
         result = super().save_pretrained(save_directory, *args, **kwargs)
-        try:
-            if save is not None:
-                save(save_directory)
-        except Exception as err:
-            message = (f"Saved the model weights to {os.fspath(save_directory)!r} but not its exit classifier "
-                       f"({type(err).__name__}: {err}); the directory {artifact_state(save_directory)}. Fix the "
-                       "cause and save again.")
-            if isinstance(err, OSError) and err.errno is not None:
-                raise OSError(err.errno, message) from err  # callers that handle disk errors still see one
-            raise RuntimeError(message) from err
+        if save is not None:
+            save_beside_weights(save, save_directory)
         return result
 
 
@@ -345,7 +338,8 @@ def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_k
     if os.path.isdir(path):
         if not has_artifact(path):  # a lone manifest is half of a removed artifact: read_local refuses it
             return None
-        return ExitClassifier.from_pretrained(path)
+        # The user named a model, not this pickle, and the directory may be a download: see read_local.
+        return ExitClassifier._from_local(path, allow_pickle=trust_remote_classifier)
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.errors import (
         EntryNotFoundError,
