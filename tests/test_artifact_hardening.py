@@ -345,3 +345,136 @@ def test_the_safetensors_encoding_is_preferred_beside_a_checkpoint(tmp_path):
     model = AdaInferLlamaForCausalLM.from_pretrained(path)
     assert type(model.exit_classifier.estimator) is LogisticRegression
     assert not (tmp_path / "marker").exists()
+
+
+# ---------------------------------------------------------------------- item 11: crafted files fail at load time
+def _recraft(directory: Path, edit) -> None:
+    """Rewrite the safetensors encoding with `edit(tensors, estimator_spec)` and a manifest that matches (a crafted
+    file need not be a damaged one: it can come with its own manifest)."""
+    import safetensors.numpy
+    from safetensors import safe_open
+
+    from adainfer_hf.manifest import manifest_text
+
+    path = directory / CLASSIFIER_SAFE_NAME
+    with safe_open(path, framework="np") as f:
+        header = json.loads(f.metadata()["adainfer_hf"])
+        tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    edit(tensors, header["estimator"])
+    safetensors.numpy.save_file(tensors, path, metadata={"adainfer_hf": json.dumps(header)})
+    files = {n: (directory / n).read_bytes() for n in ARTIFACT_DATA_NAMES if (directory / n).is_file()}
+    (directory / CLASSIFIER_MANIFEST_NAME).write_text(manifest_text(files))
+
+
+def _set(key, value):
+    def edit(tensors, spec):
+        tensors[key] = value
+    return edit
+
+
+def _svc_edit(key, fn):
+    def edit(tensors, spec):
+        tensors[key] = fn(tensors[key])
+    return edit
+
+
+def _scalar(name, value):
+    def edit(tensors, spec):
+        spec["scalars"][name] = value
+    return edit
+
+
+def _pipeline():
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), SVC()).fit(X, Y)
+
+
+CRAFTED = {
+    "coef_-3-columns": (lambda: LogisticRegression().fit(X, Y), _set("coef_", np.ones((1, 3))),
+                        r"coef_ has shape \(1, 3\); expected \(1, 2\)"),
+    "intercept_-2": (lambda: LogisticRegression().fit(X, Y), _set("intercept_", np.zeros(2)),
+                     r"intercept_ has shape \(2,\); expected \(1,\)"),
+    "coef_-nan": (lambda: LogisticRegression().fit(X, Y), _set("coef_", np.array([[np.nan, 1.0]])),
+                  "coef_ holds non-finite values"),
+    "n_features_in_-3": (lambda: LogisticRegression().fit(X, Y), _scalar("n_features_in_", 3),
+                         r"coef_ has shape \(1, 2\); expected \(1, 3\)"),
+    "gap-rule-feature_index": (lambda: GapThresholdRule().fit(X), lambda t, s: s["params"].update(feature_index=4),
+                               r"params.feature_index=4 must be an int in \[0, 1\]"),
+    "svc-support-vectors-3-columns": (lambda: SVC().fit(X, Y),
+                                      _svc_edit("support_vectors_", lambda v: np.hstack([v, v[:, :1]])),
+                                      r"support_vectors_ has shape \(\d+, 3\); expected \(n, 2\)"),
+    "svc-n_support-sum": (lambda: SVC().fit(X, Y), _svc_edit("_n_support", lambda v: v + np.int32(5)),
+                          r"_n_support=\[\d+, \d+\] must be >= 0 and sum to the \d+ support vectors"),
+    "svc-dual_coef-short": (lambda: SVC().fit(X, Y), _svc_edit("_dual_coef_", lambda v: v[:, 1:]),
+                            r"_dual_coef_ has shape \(1, \d+\); expected \(1, \d+\)"),
+    "svc-float32-vectors": (lambda: SVC().fit(X, Y), _svc_edit("support_vectors_", lambda v: v.astype(np.float32)),
+                            "support_vectors_ has dtype float32; expected float64"),
+    "scaler-mean_-3": (_pipeline, _set("steps.0.mean_", np.zeros(3)),
+                       r"steps.0.mean_ has shape \(3,\); expected \(2,\)"),
+    "scaler-scale_-1": (_pipeline, _set("steps.0.scale_", np.ones(1)),
+                        r"steps.0.scale_ has shape \(1,\); expected \(2,\)"),
+}
+
+
+@pytest.mark.parametrize("case", list(CRAFTED))
+def test_an_inconsistent_estimator_encoding_fails_at_load_naming_the_file_and_field(tmp_path, case):
+    fit, edit, message = CRAFTED[case]
+    ExitClassifier(fit()).save_pretrained(tmp_path)
+    _recraft(tmp_path, edit)
+    with pytest.raises(ValueError, match=rf"{CLASSIFIER_SAFE_NAME}.*invalid estimator encoding: .*{message}"):
+        ExitClassifier.from_pretrained(tmp_path)
+
+
+FP = r"lm_head_fingerprint"
+FINGERPRINTS = {
+    "not-an-object": ("abc", rf"{FP} must be an object with 'shape' and 'sample'; got str 'abc'"),
+    "no-shape": ({"sample": [0.1]}, rf"{FP}\['shape'\] must be a non-empty list of positive ints; got None"),
+    "shape-a-string": ({"shape": "99x32", "sample": [0.1]}, rf"{FP}\['shape'\] must be .*; got '99x32'"),
+    "sample-a-string": ({"shape": [99, 32], "sample": "x"}, rf"{FP}\['sample'\] must be a list of numbers; got str"),
+    "sample-with-text": ({"shape": [99, 32], "sample": [0.1, "a"]}, rf"{FP}\['sample'\]\[1\] must be a finite number"),
+    "sha256-a-number": ({"shape": [99, 32], "sample": [0.1], "sha256": 5}, rf"{FP}\['sha256'\] must be a string"),
+}
+
+
+def _edit_config(directory: Path, **changes) -> None:
+    from adainfer_hf.manifest import manifest_text
+
+    path = directory / CLASSIFIER_CONFIG_NAME
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+    files = {n: (directory / n).read_bytes() for n in ARTIFACT_DATA_NAMES if (directory / n).is_file()}
+    (directory / CLASSIFIER_MANIFEST_NAME).write_text(manifest_text(files))
+
+
+@pytest.mark.parametrize("case", list(FINGERPRINTS))
+def test_a_malformed_fingerprint_fails_at_load_naming_the_file_and_field(tmp_path, case):
+    value, message = FINGERPRINTS[case]
+    ExitClassifier(GapThresholdRule().fit(X)).save_pretrained(tmp_path / "clf")
+    _edit_config(tmp_path / "clf", lm_head_fingerprint=value)
+    with pytest.raises(ValueError, match=rf"{CLASSIFIER_CONFIG_NAME}: {message}"):
+        ExitClassifier.from_pretrained(tmp_path / "clf")
+    with pytest.raises(ValueError, match=rf"{CLASSIFIER_CONFIG_NAME}: {message}"):
+        AdaInferLlamaForCausalLM.from_pretrained(_stock_dir(tmp_path), exit_classifier=tmp_path / "clf")
+    with pytest.raises(ValueError, match=rf"^{message}"):  # built directly: no file to name
+        ExitClassifier(GapThresholdRule().fit(X), lm_head_fingerprint=value)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("features", 5, "features must be a list of feature names; got 5"),
+    ("check_layers", 3, "check_layers must be a list of ints or null; got 3"),
+    ("min_layer", "2", "min_layer must be an int; got '2'"),
+    ("threshold", True, "threshold must be a number or null; got True"),
+])
+def test_a_config_field_of_the_wrong_type_fails_naming_the_file_and_field(tmp_path, field, value, message):
+    ExitClassifier(GapThresholdRule().fit(X)).save_pretrained(tmp_path)
+    _edit_config(tmp_path, **{field: value})
+    with pytest.raises(ValueError, match=rf"{CLASSIFIER_CONFIG_NAME}: {message}"):
+        ExitClassifier.from_pretrained(tmp_path)
+
+
+def test_a_config_that_contradicts_its_estimator_names_the_file(tmp_path):
+    ExitClassifier(GapThresholdRule().fit(X)).save_pretrained(tmp_path)
+    _edit_config(tmp_path, features=["gap", "top_prob", "kl_prev"])
+    with pytest.raises(ValueError, match=rf"Invalid exit classifier in '.*{CLASSIFIER_CONFIG_NAME}': .*n_features_in_=2"):
+        ExitClassifier.from_pretrained(tmp_path)

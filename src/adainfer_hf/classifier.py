@@ -30,6 +30,7 @@ import torch
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
+from .artifact_validation import fingerprint_problem
 from .classifier_io import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_MANIFEST_NAME,
@@ -195,6 +196,9 @@ class ExitClassifier(ExitPolicy):
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
         check_dtype_or_raise(self.check_dtype)
+        problem = None if self.lm_head_fingerprint is None else fingerprint_problem(self.lm_head_fingerprint)
+        if problem is not None:
+            raise ValueError(f"lm_head_fingerprint{'' if problem[0] == '[' else ' '}{problem}.")
 
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):
@@ -448,14 +452,23 @@ class ExitClassifier(ExitPolicy):
             raise ValueError(
                 f"{path!r} is a file; expected a directory written by save_pretrained or a repo id."
             )
-        return cls._from_config(*read_hub(
-            path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only)))
+        config, estimator = read_hub(path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only))
+        return cls._checked(config, estimator, f"{CLASSIFIER_CONFIG_NAME} of Hub repo {path!r}")
 
 
     @classmethod
     def _from_local(cls, path: str, allow_pickle: bool = True) -> ExitClassifier:
         """A local artifact directory; `allow_pickle=False` refuses a joblib-only one (see `read_local`)."""
-        return cls._from_config(*read_local(Path(path), allow_pickle=allow_pickle))
+        config, estimator = read_local(Path(path), allow_pickle=allow_pickle)
+        return cls._checked(config, estimator, repr(os.path.join(path, CLASSIFIER_CONFIG_NAME)))
+
+    @classmethod
+    def _checked(cls, config: ExitClassifierConfig, estimator, source: str) -> ExitClassifier:
+        """`_from_config`, with a validation error naming the file it came from."""
+        try:
+            return cls._from_config(config, estimator)
+        except ValueError as err:
+            raise ValueError(f"Invalid exit classifier in {source}: {err}") from err
 
     def push_to_hub(
         self,

@@ -20,6 +20,7 @@ from typing import Any
 
 import joblib
 
+from .artifact_validation import check_config_types
 from .atomic import atomic_file
 from .constants import (
     ARTIFACT_DATA_NAMES,
@@ -103,7 +104,8 @@ class ExitClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> ExitClassifierConfig:
-        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does)."""
+        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does), and a known key of the
+        wrong JSON type (or a malformed `lm_head_fingerprint`) raises `ValueError` naming `source` and the field."""
         if not isinstance(data, dict):
             raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
@@ -114,6 +116,7 @@ class ExitClassifierConfig:
                 UserWarning,
                 stacklevel=3,
             )
+        check_config_types(data, source)
         config = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
             raise ValueError(

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from .artifact_validation import InvalidField, check_fitted_state, check_probe
 from .compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
 from .constants import CLASSIFIER_SAFE_NAME
 
@@ -195,6 +196,9 @@ def _decode_from(spec: dict, prefix: str, tensors: dict):
             (name, _decode_from(s, f"{prefix}steps.{i}.", tensors))
             for i, (name, s) in enumerate(spec["steps"])
         ]
+        widths = [int(step.n_features_in_) for _, step in steps]  # each checked when it was decoded
+        if len(set(widths)) > 1:  # a StandardScaler keeps the width, so every step reads the same columns
+            raise InvalidField(f"{prefix}steps: n_features_in_ differ between steps ({widths})")
         return Pipeline(steps)
     entry = _safe_registry().get(spec["class"])
     if entry is None:
@@ -206,6 +210,7 @@ def _decode_from(spec: dict, prefix: str, tensors: dict):
     for attr in scalars:
         if attr in spec["scalars"]:
             setattr(est, attr, _from_json_value(spec["scalars"][attr]))
+    check_fitted_state(spec["class"], est, prefix)
     return est
 
 
@@ -263,8 +268,12 @@ def _safe_load(path: str):
             f"{path!r} has encoding {header.get('format')!r}; this adainfer-hf reads {SAFE_FORMAT!r}."
         )
     try:
-        return _decode_from(header["estimator"], "", tensors)
+        est = _decode_from(header["estimator"], "", tensors)
+        check_probe(est, int(est.n_features_in_))
+    except InvalidField as err:
+        raise ValueError(f"{path!r} holds an invalid estimator encoding: {err}.") from err
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(
             f"{path!r} holds an invalid estimator encoding ({type(err).__name__}: {err})."
         ) from err
+    return est
