@@ -11,13 +11,13 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import sys
 from pathlib import Path
 
 from .atomic import atomic_file
+from .cli_args import UsageError, add_debug_flag, check_model_arg, fraction, int_at_least, run_command
 from .constants import CLASSIFIER_CONFIG_NAME
 
-__all__ = ["ARTIFACTS_DIR", "build_parser", "main", "shipped_classifier_dir"]
+__all__ = ["ARTIFACTS_DIR", "UsageError", "build_parser", "main", "shipped_classifier_dir"]
 
 ARTIFACTS_DIR = Path(__file__).parent / "artifacts"
 DEMO_SHOTS = 5
@@ -31,12 +31,15 @@ def shipped_classifier_dir(model_subdir: str = "smollm2-135m-instruct") -> Path 
 
 
 # ---------------------------------------------------------------------------------------------------- helpers
-def load_dense_model(model: str):
-    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier."""
+def load_dense_model(model: str, flag: str = "--model"):
+    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier.
+
+    A `model` that is none of these raises `UsageError` naming `flag`."""
     from transformers import AutoTokenizer
 
     from .collect import load_adainfer_model
 
+    check_model_arg(model, flag)
     if model == "default":
         from .default_model import default_model_dir
 
@@ -56,7 +59,7 @@ def tasks_from_args(args):
         names = builtin_task_names()
     tasks += [builtin_task(n, seed=args.seed) for n in names]
     if not tasks:
-        raise SystemExit("error: give at least one --task-file FILE or --builtin-task NAME (or 'all').")
+        raise UsageError("give at least one --task-file FILE or --builtin-task NAME (or 'all').")
     return tasks
 
 
@@ -271,9 +274,9 @@ def _add_data_args(p) -> None:
                    help="Task file(s): function-vectors .json, .jsonl or .csv with input/output fields.")
     p.add_argument("--builtin-task", action="extend", nargs="+", metavar="NAME",
                    help="Built-in synthetic task(s) (see adainfer_hf.builtin_tasks), or 'all'.")
-    p.add_argument("--shots", type=int, nargs="+", default=[0],
+    p.add_argument("--shots", type=int_at_least(0), nargs="+", default=[0],
                    help="Demonstrations per prompt; several values build prompts for each (e.g. --shots 0 5).")
-    p.add_argument("--limit", type=int, default=50,
+    p.add_argument("--limit", type=int_at_least(1), default=50,
                    help="Evaluated examples per task and shots value (default 50).")
     p.add_argument("--check-dtype", default=None, choices=["bfloat16", "float16"],
                    help="Compute the logit lens with the LM head in this dtype (cheaper checks on an fp32 model); "
@@ -282,9 +285,9 @@ def _add_data_args(p) -> None:
 
 
 def _add_run_args(p) -> None:
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="Seed of splits, demonstrations and training (default 0).")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per forward pass (default 8).")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="Prompts per forward pass (default 8).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
 
 
@@ -294,6 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .train import METHODS
 
     parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for transformers models.")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("collect", help="Collect per-layer exit features of prompts into a table (.npz).")
@@ -312,16 +316,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Features the classifier reads (default: gap top_prob).")
     p.add_argument("--label", default="final", choices=["final", "gold"],
                    help="Training target: agree with the dense model ('final', default) or the gold answer.")
-    p.add_argument("--target-agreement", type=float, default=0.99,
+    p.add_argument("--target-agreement", type=fraction(), default=0.99,
                    help="Calibrated share of prompts whose early answer equals the dense one (default 0.99).")
-    p.add_argument("--delta", type=float, default=0.1,
+    p.add_argument("--delta", type=fraction(closed_high=False), default=0.1,
                    help="Allowed failure probability of the guarantee (default 0.1).")
-    p.add_argument("--calibration-fraction", type=float, default=0.5,
+    p.add_argument("--calibration-fraction", type=fraction(closed_high=False), default=0.5,
                    help="Share of examples held out for calibration (default 0.5).")
-    p.add_argument("--min-layers", type=int, nargs="+", metavar="K",
+    p.add_argument("--min-layers", type=int_at_least(1), nargs="+", metavar="K",
                    help="Candidate min_layer values for calibration (default: up to 8 evenly spaced layers; each "
                    "candidate costs a Bonferroni factor).")
-    p.add_argument("--max-rows", type=int, default=20000, help="Cap on training rows (default 20000).")
+    p.add_argument("--max-rows", type=int_at_least(1), default=20000, help="Cap on training rows (default 20000).")
     p.add_argument("--tables-out", help="Also save the train/calibration feature tables in this directory.")
     p.add_argument("--from-tables", metavar="DIR", help="Skip collection: train and calibrate on the train.npz "
                    "and calibration.npz an earlier --tables-out wrote (task flags are then ignored).")
@@ -331,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--check-phase", default="both", choices=["both", "prefill", "decode"],
                    help="With --check-cost auto: 'both' (default) measures a check in a prompt and in a "
                    "single-token step and chooses a schedule for each; 'prefill' or 'decode' one schedule for all.")
-    p.add_argument("--check-length", type=int, default=None, help="Sequence length for the measured check cost "
+    p.add_argument("--check-length", type=int_at_least(1), default=None, help="Sequence length for the measured check cost "
                    "(default: the prompts' median length; 256 with --from-tables).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
@@ -364,9 +368,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Model directory or Hub id (default: the embedded SmolLM2).")
     p.add_argument("--classifier", help="Exit-classifier directory (default: the one shipped for the model).")
     p.add_argument("--retrain", action="store_true", help="Ignore the shipped classifier and train one now.")
-    p.add_argument("--train-limit", type=int, default=DEMO_TRAIN_LIMIT,
+    p.add_argument("--train-limit", type=int_at_least(1), default=DEMO_TRAIN_LIMIT,
                    help=f"Prompts per built-in task and shots value when training (default {DEMO_TRAIN_LIMIT}).")
-    p.add_argument("--target-agreement", type=float, default=0.99, help="Calibration target when training.")
+    p.add_argument("--target-agreement", type=fraction(), default=0.99, help="Calibration target when training.")
     _add_run_args(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -377,17 +381,16 @@ def build_parser() -> argparse.ArgumentParser:
     from .cli_eval import add_eval_parser
 
     add_eval_parser(sub)
+    for command in sub.choices.values():
+        add_debug_flag(command, top_level=False)
     return parser
 # fmt: on
 
 
 def main(argv=None) -> int:
-    """Entry point of `adainfer`; `argv` defaults to `sys.argv[1:]`. Returns the exit status."""
+    """Entry point of `adainfer`; `argv` defaults to `sys.argv[1:]`. Returns the exit status: 2 with one `error: ...`
+    line for a user error (`--debug`: its traceback), as argparse does for a malformed command line; 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "eval":
-            return args.func(args, argv)  # records the command line in results.json
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was left behind", file=sys.stderr)
-        return 130
+    if args.command == "eval":
+        return run_command(args, lambda: args.func(args, argv))  # records the command line in results.json
+    return run_command(args, lambda: args.func(args))
