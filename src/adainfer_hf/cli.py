@@ -2,8 +2,8 @@
 
 Subcommands: `collect` (feature table), `train` (collect, train, calibrate, save an artifact), `simulate`
 (replay a classifier on a collected table), `push` / `pull` (Hugging Face Hub), `demo` (early exit on the
-embedded model), `doctor` (contract checks of the installed transformers), `eval`. Every file the commands write
-is written to a temporary name and renamed, so Ctrl-C never leaves half an artifact.
+embedded model), `doctor` (contract checks of the installed transformers), `eval`. Artifacts, tables and results
+are written to a temporary name and renamed (`atomic`), so Ctrl-C never leaves half of one.
 """
 
 from __future__ import annotations
