@@ -25,6 +25,7 @@ from tiny_models import stock_llama
 from adainfer_hf.estimators.rules import GapThresholdRule
 from adainfer_hf.policy.classifier import (
     CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifier,
@@ -59,6 +60,15 @@ LINEAR = ["linear_svc", "logreg", "scaler_linear_svc", "sgd", "gap_rule"]
 
 def _fit(name):
     return ESTIMATORS[name]().fit(X_TRAIN, Y_TRAIN)
+
+
+def _edit_by_hand(directory):
+    """Tests that edit an artifact's files by hand drop its manifest, which would (rightly) refuse the edit; the
+    artifact then loads with a warning (see tests/test_artifact_hardening.py)."""
+    (directory / CLASSIFIER_MANIFEST_NAME).unlink()
+
+
+no_manifest_warning = pytest.mark.filterwarnings("ignore:.*has no exit_classifier_manifest.json:UserWarning")
 
 
 def _same_decisions(a: ExitClassifier, b: ExitClassifier, X=X_TEST):
@@ -131,8 +141,10 @@ def test_config_file_is_sorted_versioned_json(tmp_path):
     )
 
 
+@no_manifest_warning
 def test_unknown_config_key_warns_and_is_ignored(tmp_path):
     ExitClassifier(_fit("gap_rule")).save_pretrained(tmp_path)
+    _edit_by_hand(tmp_path)
     path = tmp_path / CLASSIFIER_CONFIG_NAME
     data = json.loads(path.read_text())
     data["exit_temperature"] = 3
@@ -142,8 +154,10 @@ def test_unknown_config_key_warns_and_is_ignored(tmp_path):
     assert not hasattr(loaded, "exit_temperature")
 
 
+@no_manifest_warning
 def test_newer_format_version_is_refused(tmp_path):
     ExitClassifier(_fit("gap_rule")).save_pretrained(tmp_path)
+    _edit_by_hand(tmp_path)
     path = tmp_path / CLASSIFIER_CONFIG_NAME
     path.write_text(json.dumps({**json.loads(path.read_text()), "format_version": 99}))
     with pytest.raises(ValueError, match="format_version=99"):
@@ -294,10 +308,12 @@ def test_config_from_dict_rejects_non_objects():
 
 
 # ---------------------------------------------------------------------- broken artifacts
+@no_manifest_warning
 def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match=CLASSIFIER_CONFIG_NAME):
         ExitClassifier.from_pretrained(tmp_path)  # an empty directory
     ExitClassifier(_fit("svc_rbf")).save_pretrained(tmp_path)
+    _edit_by_hand(tmp_path)
 
     safe = (tmp_path / CLASSIFIER_SAFE_NAME).read_bytes()
     (tmp_path / CLASSIFIER_SAFE_NAME).write_bytes(b"\x00garbage")
@@ -319,10 +335,12 @@ def test_corrupt_or_missing_files_give_clear_errors(tmp_path):
         ExitClassifier.from_pretrained(tmp_path)
 
 
+@no_manifest_warning
 def test_safe_file_only_rebuilds_allowlisted_classes(tmp_path):
     import safetensors.numpy
 
     ExitClassifier(_fit("gap_rule")).save_pretrained(tmp_path)
+    _edit_by_hand(tmp_path)
     header = {"format": "adainfer-sklearn-v1", "estimator": {"class": "Popen", "params": {"args": "true"}}}
     safetensors.numpy.save_file(
         {"x": np.zeros(1)}, tmp_path / CLASSIFIER_SAFE_NAME, metadata={"adainfer_hf": json.dumps(header)}

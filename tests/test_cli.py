@@ -168,9 +168,15 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
     )
     assert ExitClassifier.from_pretrained(again).calibration["n_prompts"] == calib.num_prompts
     assert ExitClassifier.from_pretrained(again).check_dtype is None  # the tables' fp32 head
+    mismatch = ["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
+                "--check-dtype", "bfloat16", "--out", str(workdir / "never")]
+    capsys.readouterr()
+    assert cli.main(mismatch) == 2
+    assert _one_error_line(capsys) == (f"error: --check-dtype bfloat16 differs from the tables' check dtype None "
+                                       f"({workdir / 'tables'}); collect the tables again with --check-dtype "
+                                       "bfloat16.")
     with pytest.raises(ValueError, match="--check-dtype bfloat16 differs from the tables' check dtype None"):
-        cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
-                  "--check-dtype", "bfloat16", "--out", str(workdir / "never")])
+        cli.main(["--debug", *mismatch])  # the traceback, on request
     assert not (workdir / "never").exists()
 
     assert (
@@ -316,3 +322,70 @@ def test_lm_eval_without_the_harness_names_the_extra(monkeypatch, capsys):
     assert cli.main(["lm-eval", "--model", "adainfer"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: ") and "pip install 'adainfer-hf[eval]'" in err[0]
+
+
+# ---------------------------------------------------------------------------------------------------- user errors
+def _one_error_line(capsys, *parts):
+    """The one `error:` line on stderr (progress bars of model loading may precede it), holding `parts`."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "Repo id must be" not in err, err
+    lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ") and sum("error" in line for line in lines) == 1, err
+    for part in parts:
+        assert part in lines[-1], err
+    return lines[-1]
+
+
+@pytest.mark.parametrize("command", ["collect", "train", "eval"])
+def test_a_missing_model_directory_is_one_error_line_and_status_2(tmp_path, capsys, command):
+    missing = str(tmp_path / "no" / "such-model")
+    argv = [command, "--model", missing, "--builtin-task", "capitalize", "--out", str(tmp_path / "out")]
+    assert cli.main(argv) == 2
+    _one_error_line(capsys, f"error: --model {missing!r}: no such directory", "'org/name'")
+    with pytest.raises(cli.UsageError, match="no such directory"):
+        cli.main([command, "--debug", *argv[1:]])  # --debug after the subcommand too
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("argv", "flag", "value"), [
+    (["eval", "--limit", "0"], "--limit", "'0'"),
+    (["collect", "--limit", "-3"], "--limit", "'-3'"),
+    (["collect", "--batch-size", "0"], "--batch-size", "'0'"),
+    (["train", "--shots", "0", "x"], "--shots", "'x'"),
+    (["train", "--target-agreement", "1.5"], "--target-agreement", "'1.5'"),
+    (["train", "--delta", "1"], "--delta", "'1'"),
+    (["eval", "--timing-repeats", "0"], "--timing-repeats", "'0'"),
+    (["eval", "--sweep-targets", "0.9", "0"], "--sweep-targets", "'0'"),
+    (["demo", "--train-limit", "0"], "--train-limit", "'0'"),
+])
+def test_numeric_flags_out_of_range_exit_2_naming_the_value(tmp_path, capsys, argv, flag, value):
+    command, *flags = argv
+    rest = [] if command == "demo" else ["--model", str(tmp_path), "--builtin-task", "capitalize", "--out",
+                                         str(tmp_path / "out")]
+    with pytest.raises(SystemExit) as info:
+        cli.main([command, *rest, *flags])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"error: argument {flag}: {value} is not" in err and "Traceback" not in err
+
+
+def test_other_user_errors_are_one_line_and_status_2(workdir, tmp_path, capsys):
+    model = ["--model", str(workdir / "model")]
+    assert cli.main(["collect", *model, "--out", str(tmp_path / "t.npz")]) == 2
+    _one_error_line(capsys, "--task-file", "--builtin-task")
+    assert cli.main(["simulate", "--classifier", str(tmp_path / "none"), "--table", str(tmp_path / "t.npz")]) == 2
+    _one_error_line(capsys, str(tmp_path / "none"))
+    assert cli.main(["eval", *model, "--builtin-task", "capitalize", "--methods", "dense,bogus", "--out",
+                     str(tmp_path / "r.json")]) == 2
+    _one_error_line(capsys, "--methods 'dense,bogus'", "['bogus']")
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_python_dash_m_reports_a_user_error_on_one_line():
+    proc = subprocess.run([sys.executable, "-m", "adainfer_hf", "collect", "--model", "./missing-model-dir",
+                           "--builtin-task", "capitalize", "--out", "never.npz"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: --model './missing-model-dir': no such directory, and not a Hub id of the form 'org/name' "
+        "(expected a checkpoint directory, a Hub id or 'default')."]

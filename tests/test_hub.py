@@ -23,6 +23,7 @@ from sklearn.tree import DecisionTreeClassifier
 
 from adainfer_hf.policy.classifier import (
     CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
     ExitClassifier,
@@ -121,7 +122,7 @@ def test_push_then_pull_through_the_client(tmp_path, local_hub):
     # The same bytes a local save_pretrained writes (the artifact is deterministic).
     expected = _artifact_files(clf, tmp_path, "local")
     assert repo["files"] == expected
-    assert set(expected) == {CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME}
+    assert set(expected) == {CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME, CLASSIFIER_MANIFEST_NAME}
 
     # Pushing again to the existing repo works (create_repo(exist_ok=True) swallows the 409).
     clf.push_to_hub("org/pushed", token="hf_test")
@@ -135,7 +136,8 @@ def test_pull_of_pushed_pickle_only_artifact_needs_trust(tmp_path, local_hub):
     clf = _pickle_only_classifier()
     with pytest.warns(UserWarning, match="only the joblib pickle"):
         clf.push_to_hub("org/tree", token="hf_test")
-    assert set(local_hub.repos["org/tree"]["files"]) == {CLASSIFIER_CONFIG_NAME, CLASSIFIER_WEIGHTS_NAME}
+    assert set(local_hub.repos["org/tree"]["files"]) == {
+        CLASSIFIER_CONFIG_NAME, CLASSIFIER_WEIGHTS_NAME, CLASSIFIER_MANIFEST_NAME}
     with pytest.raises(ValueError, match="trust_remote_classifier=True"):
         ExitClassifier.from_pretrained("org/tree", cache_dir=tmp_path / "cache", token="hf_test")
     assert not any(

@@ -26,6 +26,7 @@ from ..compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
 from ..estimators.linear import fold_standard_scalers
 from ..estimators.rules import GapThresholdRule
 from .constants import CLASSIFIER_SAFE_NAME
+from .validation import InvalidField, check_fitted_state, check_probe
 
 SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encoding
 
@@ -33,10 +34,6 @@ SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encodin
 def _qualified_name(obj: Any) -> str:
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
 
 
 def _logit(p: float) -> float:
@@ -181,6 +178,9 @@ def _decode_from(spec: dict, prefix: str, tensors: dict):
             (name, _decode_from(s, f"{prefix}steps.{i}.", tensors))
             for i, (name, s) in enumerate(spec["steps"])
         ]
+        widths = [int(step.n_features_in_) for _, step in steps]  # each checked when it was decoded
+        if len(set(widths)) > 1:  # a StandardScaler keeps the width, so every step reads the same columns
+            raise InvalidField(f"{prefix}steps: n_features_in_ differ between steps ({widths})")
         return Pipeline(steps)
     entry = _safe_registry().get(spec["class"])
     if entry is None:
@@ -192,6 +192,7 @@ def _decode_from(spec: dict, prefix: str, tensors: dict):
     for attr in scalars:
         if attr in spec["scalars"]:
             setattr(est, attr, _from_json_value(spec["scalars"][attr]))
+    check_fitted_state(spec["class"], est, prefix)
     return est
 
 
@@ -245,8 +246,12 @@ def _safe_load(path: str):
             f"{path!r} has encoding {header.get('format')!r}; this adainfer-hf reads {SAFE_FORMAT!r}."
         )
     try:
-        return _decode_from(header["estimator"], "", tensors)
+        est = _decode_from(header["estimator"], "", tensors)
+        check_probe(est, int(est.n_features_in_))
+    except InvalidField as err:
+        raise ValueError(f"{path!r} holds an invalid estimator encoding: {err}.") from err
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise ValueError(
             f"{path!r} holds an invalid estimator encoding ({type(err).__name__}: {err})."
         ) from err
+    return est

@@ -12,6 +12,8 @@ import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+from .validation import check_config_types
+
 __all__ = ["FORMAT_VERSION", "POLICY_FIELDS", "SAVE_TIME_FIELDS", "ExitClassifierConfig"]
 
 FORMAT_VERSION = 1
@@ -70,7 +72,8 @@ class ExitClassifierConfig:
 
     @classmethod
     def from_dict(cls, data: dict, source: str = "config") -> ExitClassifierConfig:
-        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does)."""
+        """Build a config from a dict; unknown keys are dropped with one warning (as PEFT does), and a known key of the
+        wrong JSON type (or a malformed `lm_head_fingerprint`) raises `ValueError` naming `source` and the field."""
         if not isinstance(data, dict):
             raise ValueError(f"{source} must hold a JSON object, got {type(data).__name__}.")
         known = {f.name for f in fields(cls)}
@@ -81,6 +84,7 @@ class ExitClassifierConfig:
                 UserWarning,
                 stacklevel=3,
             )
+        check_config_types(data, source)
         config = cls(**{k: v for k, v in data.items() if k in known})
         if not isinstance(config.format_version, int) or config.format_version > FORMAT_VERSION:
             raise ValueError(

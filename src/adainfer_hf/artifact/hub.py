@@ -2,7 +2,8 @@
 
 [`ArtifactMixin`] is what `ExitClassifier` inherits for its life on disk and on the Hub (as PEFT's `PushToHubMixin`):
 the class supplies `config` (an [`~adainfer_hf.artifact.io.ExitClassifierConfig`]), `estimator`, and
-`_from_artifact(config, estimator)`; the files themselves are read and written by `artifact.io`.
+`_from_artifact(config, estimator)`; the files themselves are read and written by `artifact.io`, and a validation
+error of a loaded artifact names the config file it came from.
 """
 
 from __future__ import annotations
@@ -13,7 +14,8 @@ from pathlib import Path
 
 from huggingface_hub import HfApi
 
-from .io import read_hub, read_local, write_artifact
+from .constants import CLASSIFIER_CONFIG_NAME
+from .io import encode_artifact, read_hub, read_local, write_artifact
 
 __all__ = ["ArtifactMixin"]
 
@@ -22,15 +24,23 @@ class ArtifactMixin:
     """Local and Hub persistence of a config-plus-estimator artifact (see the module docstring)."""
 
     def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        """Save the config, the joblib estimator and (when possible) its pickle-free safetensors encoding.
+        """Save the config, the joblib estimator, (when possible) its pickle-free safetensors encoding and the manifest.
 
-        The write is atomic per artifact: files are written to a temporary directory beside `save_directory`
-        and moved into place only once complete, so an interrupted save leaves any previous artifact intact.
+        The artifact is written as one unit: every file is encoded first (a classifier that cannot be saved fails
+        before anything is written), then written to a temporary name inside `save_directory` and renamed into
+        place, the manifest (the sha256 of each file) last. A save interrupted between two renames leaves files
+        that no longer match the old manifest, which loading refuses; a save that fails or is interrupted removes
+        the artifact files it had started to replace. So a later load finds the previous artifact, or a clear
+        error, never a new estimator with an old config. Nothing is written outside `save_directory`.
 
         Args:
             save_directory (`str` or `os.PathLike`): target directory (created if missing).
         """
         write_artifact(self.estimator, self.config, save_directory)
+
+    def _artifact_files(self) -> dict[str, bytes]:
+        """The artifact's files as bytes (`artifact.io.encode_artifact`), for a save in two steps."""
+        return encode_artifact(self.estimator, self.config)
 
     @classmethod
     def from_pretrained(
@@ -44,10 +54,11 @@ class ArtifactMixin:
     ):
         """Load a classifier from a local directory or a Hugging Face Hub repository.
 
-        A local directory is loaded from its safetensors file when present, else from its joblib file. A Hub
-        repository is loaded from its safetensors file; a repository with only a joblib file (a pickle, which runs
-        code when loaded) is refused unless `trust_remote_classifier=True`. With `HF_HUB_OFFLINE=1` the Hub files
-        are read from the local cache.
+        A local directory you name here is loaded from its safetensors file when present, else from its joblib file
+        (naming it is the consent to unpickle it). A Hub repository is loaded from its safetensors file; a
+        repository with only a joblib file (a pickle, which runs code when loaded) is refused unless
+        `trust_remote_classifier=True`. Either way the files are checked against the artifact's manifest first.
+        With `HF_HUB_OFFLINE=1` the Hub files are read from the local cache.
 
         Args:
             path_or_repo_id (`str` or `os.PathLike`): a directory written by `save_pretrained`, or a repo id.
@@ -62,13 +73,27 @@ class ArtifactMixin:
         """
         path = os.fspath(path_or_repo_id)
         if os.path.isdir(path):
-            return cls._from_artifact(*read_local(Path(path)))
+            return cls._from_local(path)
         if os.path.exists(path):
             raise ValueError(
                 f"{path!r} is a file; expected a directory written by save_pretrained or a repo id."
             )
-        return cls._from_artifact(*read_hub(
-            path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only)))
+        config, estimator = read_hub(path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only))
+        return cls._checked(config, estimator, f"{CLASSIFIER_CONFIG_NAME} of Hub repo {path!r}")
+
+    @classmethod
+    def _from_local(cls, path: str, allow_pickle: bool = True):
+        """A local artifact directory; `allow_pickle=False` refuses a joblib-only one (see `artifact.io.read_local`)."""
+        config, estimator = read_local(Path(path), allow_pickle=allow_pickle)
+        return cls._checked(config, estimator, repr(os.path.join(path, CLASSIFIER_CONFIG_NAME)))
+
+    @classmethod
+    def _checked(cls, config, estimator, source: str):
+        """`_from_artifact`, with a validation error naming the file it came from."""
+        try:
+            return cls._from_artifact(config, estimator)
+        except ValueError as err:
+            raise ValueError(f"Invalid exit classifier in {source}: {err}") from err
 
     def push_to_hub(
         self,

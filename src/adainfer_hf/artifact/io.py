@@ -1,16 +1,17 @@
 """Reading and writing exit-classifier artifacts: the typed config, atomic saves, local and Hub loading.
 
 An artifact directory holds `exit_classifier_config.json` (sorted JSON), `exit_classifier.joblib` (the estimator,
-pickled) and, for the estimators this package produces, `exit_classifier.safetensors` (pickle-free; see
-`artifact.codec`). The config itself is `artifact.config.ExitClassifierConfig`; `ExitClassifier.save_pretrained` /
-`from_pretrained` (`artifact.hub.ArtifactMixin`) call these functions.
+pickled), for the estimators this package produces `exit_classifier.safetensors` (pickle-free; see
+`artifact.codec`), and `exit_classifier_manifest.json` (the sha256 of the others, written last; see
+`artifact.manifest`). The config itself is `artifact.config.ExitClassifierConfig`; `ExitClassifier.save_pretrained`
+/ `from_pretrained` (`artifact.hub.ArtifactMixin`) and the model classes call these functions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
-import shutil
-import tempfile
 from importlib import metadata as importlib_metadata
 from pathlib import Path
 from typing import Any
@@ -19,19 +20,34 @@ import joblib
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
+from ..utils.atomic import atomic_file
 from .codec import SAFE_FORMAT, _safe_encode, _safe_load
 from .config import ExitClassifierConfig
-from .constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
+from .constants import (
+    ARTIFACT_DATA_NAMES,
+    CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
+    CLASSIFIER_SAFE_NAME,
+    CLASSIFIER_WEIGHTS_NAME,
+)
+from .manifest import check_files, check_local, manifest_text, read_manifest
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_MANIFEST_NAME",
     "CLASSIFIER_SAFE_NAME",
     "CLASSIFIER_WEIGHTS_NAME",
     "ExitClassifierConfig",
+    "artifact_state",
+    "commit_artifact",
+    "encode_artifact",
+    "has_artifact",
     "read_hub",
     "read_local",
+    "save_beside_weights",
     "write_artifact",
 ]
+
 
 def _package_version(name: str, fallback: str = "0.0.0+unknown") -> str:
     try:
@@ -57,56 +73,145 @@ def _load_joblib(path: str) -> Any:
         ) from err
 
 
-def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str | os.PathLike) -> None:
-    """Writes `config` (versions filled in here), the joblib estimator and, when the estimator has one, its
-    pickle-free safetensors encoding, atomically: files go to a temporary directory beside `save_directory` and
-    move into place only once complete, so an interrupted save leaves any previous artifact intact."""
-    target = Path(save_directory)
-    if target.exists() and not target.is_dir():
-        raise ValueError(f"save_directory {os.fspath(target)!r} exists and is not a directory.")
-    target.parent.mkdir(parents=True, exist_ok=True)
+def encode_artifact(estimator, config: ExitClassifierConfig) -> dict[str, bytes]:
+    """The artifact's files as `{file name: bytes}`: the config (versions filled in here), the joblib estimator and,
+    when the estimator has one, its pickle-free safetensors encoding. Everything that depends on the content (an
+    unserialisable `calibration`, an estimator joblib cannot pickle) fails here, before anything is written."""
     config.versions = _versions()
     safe_bytes = _safe_encode(estimator)  # None when the estimator has no safe encoding
     config.safe_format = SAFE_FORMAT if safe_bytes is not None else None
-    config_text = config.to_json_string()  # fail on a bad `calibration` before touching the disk
+    files = {CLASSIFIER_CONFIG_NAME: config.to_json_string().encode("utf-8")}
+    buffer = io.BytesIO()
+    joblib.dump(estimator, buffer)
+    files[CLASSIFIER_WEIGHTS_NAME] = buffer.getvalue()
+    if safe_bytes is not None:
+        files[CLASSIFIER_SAFE_NAME] = safe_bytes
+    return files
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+
+def commit_artifact(files: dict[str, bytes], save_directory: str | os.PathLike) -> None:
+    """Writes the files of [`encode_artifact`] into `save_directory` as one consistent unit.
+
+    Each file is written to a temporary name inside `save_directory` and renamed into place (`utils.atomic`),
+    so nothing is written outside the directory and no rename crosses a file system. The manifest goes last: until
+    it lands, a reader finds the old manifest, which no longer matches the files already moved, and refuses the
+    artifact (`manifest.check_local`). If the save fails or is interrupted after a first file has moved, the
+    artifact files are removed (manifest last), so the directory holds the old complete artifact or none.
+    """
+    target = Path(save_directory)
+    if target.exists() and not target.is_dir():
+        raise ValueError(f"save_directory {os.fspath(target)!r} exists and is not a directory.")
+    target.mkdir(parents=True, exist_ok=True)  # touches the parent only when the target is missing
+    old = {name: target / name for name in ARTIFACT_DATA_NAMES if (target / name).is_file()}
+    if old and not (target / CLASSIFIER_MANIFEST_NAME).is_file():
+        # An artifact from an earlier version: record what it holds first, so that an interruption below is
+        # detected like any other (this describes the old files exactly; they still load).
+        _write(target / CLASSIFIER_MANIFEST_NAME, manifest_text({n: p.read_bytes() for n, p in old.items()}).encode())
+    changed = False
     try:
-        joblib.dump(estimator, tmp / CLASSIFIER_WEIGHTS_NAME)
-        if safe_bytes is not None:
-            (tmp / CLASSIFIER_SAFE_NAME).write_bytes(safe_bytes)
-        (tmp / CLASSIFIER_CONFIG_NAME).write_text(config_text, encoding="utf-8")
-        target.mkdir(exist_ok=True)
-        # Data files first, the config last: until the config moves, a reader still sees a complete old
-        # artifact (a stale safetensors file would shadow the new joblib, so it goes before the config).
-        for name in (CLASSIFIER_WEIGHTS_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_CONFIG_NAME):
-            if (tmp / name).exists():
-                os.replace(tmp / name, target / name)
+        for name in ARTIFACT_DATA_NAMES:  # a stale safetensors file would shadow a new joblib: it goes too
+            if name in files:
+                _write(target / name, files[name])
+                changed = True
             elif (target / name).exists():
                 os.remove(target / name)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+                changed = True
+        _write(target / CLASSIFIER_MANIFEST_NAME, manifest_text(files).encode("utf-8"))
+    except BaseException:
+        if changed:
+            _remove_artifact(target)
+        raise
 
 
-def read_local(directory: Path) -> tuple[ExitClassifierConfig, Any]:
-    """(config, estimator) of an artifact directory: the safetensors encoding when present, else joblib."""
+def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str | os.PathLike) -> None:
+    """[`encode_artifact`] then [`commit_artifact`]: the `ExitClassifier.save_pretrained` of one artifact."""
+    commit_artifact(encode_artifact(estimator, config), save_directory)
+
+
+def _write(path: Path, data: bytes) -> None:
+    with atomic_file(path, "wb") as f:
+        f.write(data)
+
+
+def _remove_artifact(directory: Path) -> None:
+    """Best-effort removal of an artifact's files, the manifest last (a half-removed artifact stays refused)."""
+    for name in (*ARTIFACT_DATA_NAMES, CLASSIFIER_MANIFEST_NAME):
+        with contextlib.suppress(OSError):
+            os.remove(directory / name)
+
+
+def has_artifact(directory: str | os.PathLike) -> bool:
+    """Whether `directory` holds (part of) an exit-classifier artifact: a config or a manifest."""
+    directory = Path(directory)
+    return (directory / CLASSIFIER_CONFIG_NAME).is_file() or (directory / CLASSIFIER_MANIFEST_NAME).is_file()
+
+
+def save_beside_weights(save, save_directory: str | os.PathLike) -> None:
+    """Runs `save(save_directory)` (an artifact save) after a model's weights were written there.
+
+    A failure raises `OSError` (same errno) or `RuntimeError` saying that the weights were saved but the classifier
+    was not, and what the directory now holds ([`artifact_state`]); a `KeyboardInterrupt` propagates as it is.
+    """
+    try:
+        save(save_directory)
+    except Exception as err:
+        message = (
+            f"Saved the model weights to {os.fspath(save_directory)!r} but not its exit classifier "
+            f"({type(err).__name__}: {err}); the directory {artifact_state(save_directory)}. Fix the cause and "
+            "save again."
+        )
+        if isinstance(err, OSError) and err.errno is not None:
+            raise OSError(err.errno, message) from err  # callers that handle disk errors still see one
+        raise RuntimeError(message) from err
+
+
+def artifact_state(directory: str | os.PathLike) -> str:
+    """What `directory` holds after a failed save, in words, for error messages."""
+    if not has_artifact(directory):
+        return "holds no exit classifier, so loading it gives a model that never exits"
+    try:
+        check_local(Path(directory))
+    except (OSError, ValueError):
+        return "holds a partial exit classifier, which loading refuses"
+    return "still holds its previous exit classifier"
+
+
+def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifierConfig, Any]:
+    """(config, estimator) of an artifact directory: the safetensors encoding when present, else joblib.
+
+    The files are checked against the manifest first (`manifest.check_local`). With `allow_pickle=False` (an
+    artifact found beside a checkpoint that the caller only named as a model) a joblib-only artifact is refused
+    before its file is opened.
+    """
     config_path = directory / CLASSIFIER_CONFIG_NAME
+    where = os.fspath(directory)
     if not config_path.is_file():
         raise FileNotFoundError(
-            f"No exit classifier in {os.fspath(directory)!r}: {CLASSIFIER_CONFIG_NAME} is missing (expected "
+            f"No exit classifier in {where!r}: {CLASSIFIER_CONFIG_NAME} is missing (expected "
             f"{CLASSIFIER_CONFIG_NAME} plus {CLASSIFIER_SAFE_NAME} and/or {CLASSIFIER_WEIGHTS_NAME})."
         )
+    check_local(directory)
     config = ExitClassifierConfig.from_json_file(config_path)
     if (directory / CLASSIFIER_SAFE_NAME).is_file():
         estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
     elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
+        if not allow_pickle:
+            raise ValueError(
+                f"The model directory {where!r} holds an exit classifier as {CLASSIFIER_WEIGHTS_NAME} only (no "
+                f"{CLASSIFIER_SAFE_NAME}). A joblib file is a pickle and runs arbitrary code when loaded, and a model "
+                "directory may come from the Hub (snapshot_download, `hf download --local-dir`, git clone), so it is "
+                "not loaded just because it sits beside the weights. If you trust it, name it: "
+                f"from_pretrained(..., exit_classifier={where!r}), or pass trust_remote_classifier=True; "
+                "exit_classifier=None loads the model without it."
+            )
         estimator = _load_joblib(os.fspath(directory / CLASSIFIER_WEIGHTS_NAME))
     else:
         raise FileNotFoundError(
-            f"No estimator file in {os.fspath(directory)!r}: expected {CLASSIFIER_SAFE_NAME} or "
+            f"No estimator file in {where!r}: expected {CLASSIFIER_SAFE_NAME} or "
             f"{CLASSIFIER_WEIGHTS_NAME} beside {CLASSIFIER_CONFIG_NAME}."
         )
     return config, estimator
+
 
 def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local_files_only):
     """(config, estimator) of a Hub artifact; a joblib-only repository needs `trust_remote_classifier`."""
@@ -132,12 +237,21 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
         raise FileNotFoundError(
             f"Hub repo {where} has no {CLASSIFIER_CONFIG_NAME} (or it is not in the cache while offline)."
         ) from err
+    try:  # absent from repos pushed by an earlier adainfer-hf (and from a cache filled by one while offline)
+        manifest = read_manifest(fetch(CLASSIFIER_MANIFEST_NAME))
+    except EntryNotFoundError:
+        manifest = None
+    place = f"Hub repo {where}"
+    check_files({CLASSIFIER_CONFIG_NAME: config_path}, manifest, place)
     config = ExitClassifierConfig.from_json_file(config_path)
     if config.safe_format is not None:
         try:
-            return config, _safe_load(fetch(CLASSIFIER_SAFE_NAME))
+            safe_path = fetch(CLASSIFIER_SAFE_NAME)
         except EntryNotFoundError:
             pass  # announced but absent: fall through to the joblib rule below
+        else:
+            check_files({CLASSIFIER_SAFE_NAME: safe_path}, manifest, place)
+            return config, _safe_load(safe_path)
     if not trust_remote_classifier:
         raise ValueError(
             f"Hub repo {where} has no {CLASSIFIER_SAFE_NAME}, only {CLASSIFIER_WEIGHTS_NAME}: a joblib file is a "
@@ -150,4 +264,5 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
         raise FileNotFoundError(
             f"Hub repo {where} has neither {CLASSIFIER_SAFE_NAME} nor {CLASSIFIER_WEIGHTS_NAME}."
         ) from err
+    check_files({CLASSIFIER_WEIGHTS_NAME: weights_path}, manifest, place)
     return config, _load_joblib(weights_path)

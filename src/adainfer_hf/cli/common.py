@@ -12,6 +12,7 @@ from ..data.builtin_tasks import builtin_task, builtin_task_names
 from ..data.prompts import build_prompts, load_task
 from ..models.default_model import default_model_dir
 from ..training.collect import load_adainfer_model
+from .args import UsageError, check_model_arg, int_at_least
 
 __all__ = [
     "add_model_arg",
@@ -25,8 +26,11 @@ __all__ = [
 
 
 # ---------------------------------------------------------------------------------------------------- loading
-def load_dense_model(model: str):
-    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier."""
+def load_dense_model(model: str, flag: str = "--model"):
+    """(model, tokenizer) of a checkpoint dir, Hub id or 'default', with no exit classifier.
+
+    A `model` that is none of these raises `UsageError` naming `flag`."""
+    check_model_arg(model, flag)
     if model == "default":
         model = str(default_model_dir())
     # exit_classifier=None: collection and training must see the dense model, whatever sits beside it.
@@ -41,7 +45,7 @@ def tasks_from_args(args):
         names = builtin_task_names()
     tasks += [builtin_task(n, seed=args.seed) for n in names]
     if not tasks:
-        raise SystemExit("error: give at least one --task-file FILE or --builtin-task NAME (or 'all').")
+        raise UsageError("give at least one --task-file FILE or --builtin-task NAME (or 'all').")
     return tasks
 
 
@@ -75,16 +79,16 @@ def add_task_args(p, limit: int) -> None:
                    help="Task file(s): function-vectors .json, .jsonl or .csv with input/output fields.")
     p.add_argument("--builtin-task", action="extend", nargs="+", metavar="NAME",
                    help="Built-in synthetic task(s) (see adainfer_hf.data.builtin_tasks), or 'all'.")
-    p.add_argument("--shots", type=int, nargs="+", default=[0],
+    p.add_argument("--shots", type=int_at_least(0), nargs="+", default=[0],
                    help="Demonstrations per prompt; several values build prompts for each (e.g. --shots 0 5).")
-    p.add_argument("--limit", type=int, default=limit,
+    p.add_argument("--limit", type=int_at_least(1), default=limit,
                    help=f"Evaluated examples per task and shots value (default {limit}).")
 
 
 def add_run_args(p) -> None:
     """`--seed`, `--batch-size` and `--quiet`."""
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=int_at_least(0), default=0,
                    help="Seed of splits, demonstrations and training (default 0).")
-    p.add_argument("--batch-size", type=int, default=8, help="Prompts per forward pass (default 8).")
+    p.add_argument("--batch-size", type=int_at_least(1), default=8, help="Prompts per forward pass (default 8).")
     p.add_argument("--quiet", action="store_true", help="No progress bars.")
 # fmt: on

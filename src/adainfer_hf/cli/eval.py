@@ -37,6 +37,8 @@ from ..evaluation.report import finalize_results, markdown_table, merge_shards, 
 from ..evaluation.study import STUDY_MODES, generalization_study
 from ..models.default_model import DEFAULT_MODEL_NAME
 from ..policy.classifier import ExitClassifier
+from ..utils.atomic import atomic_file
+from .args import UsageError, add_debug_flag, fraction, int_at_least, run_command
 from .common import add_model_arg, add_run_args, add_task_args, load_dense_model, tasks_from_args
 
 __all__ = ["add_eval_parser", "main", "run_eval"]
@@ -48,20 +50,20 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
     add_model_arg(p)
     p.add_argument("--exit-classifier", help="Exit-classifier directory or Hub id (the 'adainfer' method).")
     add_task_args(p, limit=20)
-    p.add_argument("--calibration-limit", type=int, default=None,
+    p.add_argument("--calibration-limit", type=int_at_least(1), default=None,
                    help="Held-out examples per task and shots for the CRF, the sweep and ShortGPT (default: --limit).")
     p.add_argument("--methods", default=",".join(EVAL_METHODS),
                    help=f"Comma-separated subset of {','.join(EVAL_METHODS)}.")
-    p.add_argument("--shortgpt-layers", type=int, help="Layers ShortGPT removes (default: round(L/4)).")
+    p.add_argument("--shortgpt-layers", type=int_at_least(1), help="Layers ShortGPT removes (default: round(L/4)).")
     p.add_argument("--crf-classifier", help="A calibrated CRF classifier directory (default: trained on the "
                    "calibration prompts, calibrated to the adainfer classifier's target).")
-    p.add_argument("--target-agreement", type=float, help="CRF calibration target when trained here (default: the "
+    p.add_argument("--target-agreement", type=fraction(), help="CRF calibration target when trained here (default: the "
                    "adainfer classifier's recorded target, else 0.99).")
-    p.add_argument("--sweep-targets", type=float, nargs="*", default=list(SWEEP_TARGETS),
+    p.add_argument("--sweep-targets", type=fraction(), nargs="*", default=list(SWEEP_TARGETS),
                    help="Agreement targets of the accuracy-vs-FLOPs re-calibration sweep (none: no sweep).")
-    p.add_argument("--max-new-tokens", type=int, default=8,
+    p.add_argument("--max-new-tokens", type=int_at_least(0), default=8,
                    help="Greedy tokens generated for exact match, stopping at a newline (0: skip; default 8).")
-    p.add_argument("--timing-repeats", type=int, default=1,
+    p.add_argument("--timing-repeats", type=int_at_least(1), default=1,
                    help="Runs of each timed forward per batch; the fastest counts (default 1).")
     p.add_argument("--out", required=True, help="results.json path.")
     p.add_argument("--report-dir", help="Also write the Markdown table and PNG plots here.")
@@ -77,13 +79,12 @@ def add_eval_parser(subparsers) -> argparse.ArgumentParser:
 def _write_json(path, data) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
 
 
 def _run_study(args, model, tok, tasks, command: str) -> int:
-    other = load_dense_model(args.study_model) if args.study_model else (None, None)
+    other = load_dense_model(args.study_model, "--study-model") if args.study_model else (None, None)
     results = generalization_study(model, tok, tasks, args.study, shots=args.shots, limit=args.limit,
                                    method=args.study_method, target_agreement=args.target_agreement or 0.99,
                                    train_tasks=args.train_tasks, other_model=other[0], other_tokenizer=other[1],
@@ -93,7 +94,8 @@ def _run_study(args, model, tok, tasks, command: str) -> int:
     table = study_table(results)
     if args.report_dir:
         Path(args.report_dir).mkdir(parents=True, exist_ok=True)
-        (Path(args.report_dir) / f"study_{args.study}.md").write_text(table, encoding="utf-8")
+        with atomic_file(Path(args.report_dir) / f"study_{args.study}.md", "w", encoding="utf-8") as f:
+            f.write(table)
     print(table)
     return 0
 
@@ -105,8 +107,7 @@ def run_eval(args, argv=None) -> int:
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in EVAL_METHODS]
     if bad or not methods:
-        raise SystemExit(f"error: --methods {args.methods!r} has unknown names {bad}; "
-                         f"expected from {list(EVAL_METHODS)}.")
+        raise UsageError(f"--methods {args.methods!r} has unknown names {bad}; expected from {list(EVAL_METHODS)}.")
     # Without an accelerator, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the
     # CPU; accelerate only picks that backend when told the run is on the CPU.
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
@@ -118,7 +119,7 @@ def run_eval(args, argv=None) -> int:
     if args.study:
         return _run_study(args, model, tok, tasks, command) if state.is_main_process else 0
     if "adainfer" in methods and not args.exit_classifier:
-        raise SystemExit("error: method 'adainfer' needs --exit-classifier DIR_OR_ID (or drop it from --methods).")
+        raise UsageError("method 'adainfer' needs --exit-classifier DIR_OR_ID (or drop it from --methods).")
     clf = ExitClassifier.from_pretrained(args.exit_classifier) if args.exit_classifier else None
     crf = ExitClassifier.from_pretrained(args.crf_classifier) if args.crf_classifier else None
     n_cal = args.limit if args.calibration_limit is None else args.calibration_limit
@@ -169,10 +170,11 @@ def main(argv=None) -> int:
     """Standalone entry point (`python -m adainfer_hf.cli.eval eval ...`), for use before `eval` is wired into
     `adainfer`; `argv` defaults to `sys.argv[1:]`."""
     parser = argparse.ArgumentParser(prog="adainfer")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    add_eval_parser(sub)
+    add_debug_flag(add_eval_parser(sub), top_level=False)
     args = parser.parse_args(argv)
-    return args.func(args, argv)
+    return run_command(args, lambda: args.func(args, argv))
 
 
 if __name__ == "__main__":

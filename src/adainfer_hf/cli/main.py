@@ -3,15 +3,14 @@
 Subcommands: `collect` (feature table), `train` (collect, train, calibrate, save an artifact), `simulate`
 (replay a classifier on a collected table), `push` / `pull` (Hugging Face Hub), `demo` (early exit on the
 embedded model), `doctor` (contract checks of the installed transformers), `eval`, `lm-eval`
-(lm-evaluation-harness with `--model adainfer`). Every file the commands write
-is written to a temporary name and renamed, so Ctrl-C never leaves half an artifact.
+(lm-evaluation-harness with `--model adainfer`). Artifacts, tables and results are written to a temporary name and
+renamed (`utils.atomic`), so Ctrl-C never leaves half of one.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
@@ -27,7 +26,9 @@ from ..training.calibrate import simulate_exits
 from ..training.collect import collect_features
 from ..training.table import FeatureTable
 from ..training.train import TRAIN_METHODS, train_and_calibrate, train_on_tables
+from ..utils.atomic import atomic_file
 from ..utils.tokenizers import left_padding
+from .args import UsageError, add_debug_flag, fraction, int_at_least, run_command
 from .common import (
     add_model_arg,
     add_run_args,
@@ -40,7 +41,7 @@ from .common import (
 from .eval import add_eval_parser
 from .harness import add_lm_eval_parser
 
-__all__ = ["ARTIFACTS_DIR", "build_parser", "main", "shipped_classifier_dir"]
+__all__ = ["ARTIFACTS_DIR", "UsageError", "build_parser", "main", "shipped_classifier_dir"]
 
 ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"
 DEMO_SHOTS = 5
@@ -125,7 +126,8 @@ def _cmd_simulate(args) -> int:
     for task, figures in summary["per_task"].items():
         print(f"  {task:<28} {figures_line(figures)}")
     if args.json:
-        Path(args.json).write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        with atomic_file(args.json, "w", encoding="utf-8") as f:
+            f.write(json.dumps(summary, indent=2, sort_keys=True) + "\n")
     return 0
 
 
@@ -231,16 +233,16 @@ def _add_train_parser(sub) -> None:
                    help="Features the classifier reads (default: gap top_prob).")
     p.add_argument("--label", default="final", choices=["final", "gold"],
                    help="Training target: agree with the dense model ('final', default) or the gold answer.")
-    p.add_argument("--target-agreement", type=float, default=0.99,
+    p.add_argument("--target-agreement", type=fraction(), default=0.99,
                    help="Calibrated share of prompts whose early answer equals the dense one (default 0.99).")
-    p.add_argument("--delta", type=float, default=0.1,
+    p.add_argument("--delta", type=fraction(closed_high=False), default=0.1,
                    help="Allowed failure probability of the guarantee (default 0.1).")
-    p.add_argument("--calibration-fraction", type=float, default=0.5,
+    p.add_argument("--calibration-fraction", type=fraction(closed_high=False), default=0.5,
                    help="Share of examples held out for calibration (default 0.5).")
-    p.add_argument("--min-layers", type=int, nargs="+", metavar="K",
+    p.add_argument("--min-layers", type=int_at_least(1), nargs="+", metavar="K",
                    help="Candidate min_layer values for calibration (default: up to 8 evenly spaced layers; each "
                    "candidate costs a Bonferroni factor).")
-    p.add_argument("--max-rows", type=int, default=20000, help="Cap on training rows (default 20000).")
+    p.add_argument("--max-rows", type=int_at_least(1), default=20000, help="Cap on training rows (default 20000).")
     p.add_argument("--tables-out", help="Also save the train/calibration feature tables in this directory.")
     p.add_argument("--from-tables", metavar="DIR", help="Skip collection: train and calibrate on the train.npz "
                    "and calibration.npz an earlier --tables-out wrote (task flags are then ignored).")
@@ -250,7 +252,7 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--check-phase", default="both", choices=["both", "prefill", "decode"],
                    help="With --check-cost auto: 'both' (default) measures a check in a prompt and in a "
                    "single-token step and chooses a schedule for each; 'prefill' or 'decode' one schedule for all.")
-    p.add_argument("--check-length", type=int, default=None, help="Sequence length for the measured check cost "
+    p.add_argument("--check-length", type=int_at_least(1), default=None, help="Sequence length for the measured check cost "
                    "(default: the prompts' median length; 256 with --from-tables).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
@@ -259,6 +261,7 @@ def _add_train_parser(sub) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The `adainfer` argument parser (one subparser per command)."""
     parser = argparse.ArgumentParser(prog="adainfer", description="AdaInfer early exit for transformers models.")
+    add_debug_flag(parser)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("collect", help="Collect per-layer exit features of prompts into a table (.npz).")
@@ -298,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_arg(p, default="default")
     p.add_argument("--classifier", help="Exit-classifier directory (default: the one shipped for the model).")
     p.add_argument("--retrain", action="store_true", help="Ignore the shipped classifier and train one now.")
-    p.add_argument("--train-limit", type=int, default=DEMO_TRAIN_LIMIT,
+    p.add_argument("--train-limit", type=int_at_least(1), default=DEMO_TRAIN_LIMIT,
                    help=f"Prompts per built-in task and shots value when training (default {DEMO_TRAIN_LIMIT}).")
-    p.add_argument("--target-agreement", type=float, default=0.99, help="Calibration target when training.")
+    p.add_argument("--target-agreement", type=fraction(), default=0.99, help="Calibration target when training.")
     add_run_args(p)
     p.set_defaults(func=_cmd_demo)
 
@@ -309,18 +312,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_doctor)
 
     add_eval_parser(sub)
-    add_lm_eval_parser(sub)
+    for command in sub.choices.values():
+        add_debug_flag(command, top_level=False)
+    add_lm_eval_parser(sub)  # after --debug: its arguments all go to the harness
     return parser
 # fmt: on
 
 
 def main(argv=None) -> int:
-    """Entry point of `adainfer`; `argv` defaults to `sys.argv[1:]`. Returns the exit status."""
+    """Entry point of `adainfer`; `argv` defaults to `sys.argv[1:]`. Returns the exit status: 2 with one `error: ...`
+    line for a user error (`--debug`: its traceback), as argparse does for a malformed command line; 130 on Ctrl-C."""
     args = build_parser().parse_args(argv)
-    try:
-        if args.command == "eval":
-            return args.func(args, argv)  # records the command line in results.json
-        return args.func(args)
-    except KeyboardInterrupt:
-        print("interrupted; nothing half-written was left behind", file=sys.stderr)
-        return 130
+    if args.command == "eval":
+        return run_command(args, lambda: args.func(args, argv))  # records the command line in results.json
+    return run_command(args, lambda: args.func(args))

@@ -23,9 +23,10 @@ import json
 import logging
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from ..utils.atomic import abandoned_temporaries, atomic_directory
 
 __all__ = [
     "DEFAULT_MODEL_NAME",
@@ -122,22 +123,16 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             return target
         gguf_path = locate_gguf()
         # We hold the lock, so temporary directories left here were abandoned by a killed conversion.
-        for stale in root.glob(f".{DEFAULT_MODEL_SUBDIR}.tmp-*"):
+        for stale in abandoned_temporaries(target):
             shutil.rmtree(stale, ignore_errors=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{DEFAULT_MODEL_SUBDIR}.tmp-", dir=root))
-        try:
+        if target.exists():  # incomplete: created by hand or by a foreign tool, since we only ever rename
+            logger.warning("Replacing the incomplete model directory %s.", target)
+        with atomic_directory(target) as tmp:
             logger.info("Converting %s from %s to %s (once).", DEFAULT_MODEL_NAME, gguf_path, target)
             _convert(gguf_path, tmp)
-            # mkdtemp creates the directory private (0700); a cache is meant to be readable like any other.
+            # A cache is meant to be readable like any other, whatever the umask of the converting process.
             for path in (tmp, *tmp.iterdir()):
                 path.chmod(0o755 if path.is_dir() else 0o644)
-            if target.exists():  # incomplete: created by hand or by a foreign tool, since we only ever rename
-                logger.warning("Replacing the incomplete model directory %s.", target)
-                shutil.rmtree(target)
-            os.replace(tmp, target)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
     return target
 
 

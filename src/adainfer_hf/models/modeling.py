@@ -8,30 +8,26 @@ exactly like the stock classes until a row exits. The decoder layers are swapped
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from dataclasses import dataclass
 
 import torch
-from huggingface_hub import hf_hub_download, try_to_load_from_cache
-from huggingface_hub.errors import (
-    EntryNotFoundError,
-    LocalEntryNotFoundError,
-    OfflineModeIsEnabled,
-    RemoteEntryNotFoundError,
-)
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import compat
 from ..architectures import core as arch
+from ..artifact.io import commit_artifact, save_beside_weights
 from ..cache.base import strategy_for
 from ..cache.exact import CACHE_MODES, ExactExitCache
 from ..cache.guard import check_cache_consistent
 from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
-from ..policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+from ..policy.classifier import ExitClassifier
 from ..runtime.exit_run import ExitRun, is_decode_step
 from ..runtime.recording import ExitRecorder, ExitStatistics
+from .beside import find_classifier_beside
 
 __all__ = ["AdaInferCausalLMOutput", "AdaInferMixin", "ExitLayerMixin"]
 
@@ -358,7 +354,8 @@ class AdaInferMixin:
                 `ExitClassifier`, an instance, or None (never exit). By default the artifact saved beside the
                 checkpoint (by `save_pretrained`) is picked up when present.
             trust_remote_classifier (`bool`, *optional*, defaults to `False`): allow unpickling a joblib artifact
-                downloaded from the Hub (pickle runs code). Safe-format artifacts never need it.
+                that was not named as `exit_classifier`: one in a Hub repo, or one found beside the checkpoint
+                (a local model directory may be a download). Safe-format artifacts never need it.
             ignore_classifier_mismatch (`bool`, *optional*, defaults to `False`): warn instead of raising when the
                 artifact was made for another model (layer count or LM-head fingerprint).
             kwargs: everything `PreTrainedModel.from_pretrained` takes (`dtype`, `device_map`, `revision`, ...).
@@ -366,7 +363,7 @@ class AdaInferMixin:
         model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         hub_kwargs = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         if exit_classifier is _AUTO:
-            exit_classifier = _find_classifier_beside(
+            exit_classifier = find_classifier_beside(
                 pretrained_model_name_or_path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)
         elif isinstance(exit_classifier, (str, os.PathLike)):
             hub_kwargs.pop("revision", None)
@@ -378,29 +375,17 @@ class AdaInferMixin:
     def save_pretrained(self, save_directory, *args, **kwargs):
         """`PreTrainedModel.save_pretrained`, plus the exit classifier's files beside the weights.
 
-        `push_to_hub` saves through this method, so the artifact is uploaded with the weights.
+        The classifier's files are encoded before the weights are written (a classifier that cannot be saved fails
+        with nothing written) and written after them as one unit (see `ExitClassifier.save_pretrained`). If
+        writing them fails, this raises after the weights are saved, naming the directory and saying whether it
+        still holds its previous (complete) artifact or none; it never holds a mix. `push_to_hub` saves through
+        this method, so the artifact is uploaded with the weights.
         """
-        result = super().save_pretrained(save_directory, *args, **kwargs)
         clf = self._exit_classifier
-        if clf is not None and hasattr(clf, "save_pretrained"):
-            clf.save_pretrained(save_directory)
+        save = getattr(clf, "save_pretrained", None)  # a policy of another kind may save itself, or not at all
+        if isinstance(clf, ExitClassifier):
+            save = functools.partial(commit_artifact, clf._artifact_files())
+        result = super().save_pretrained(save_directory, *args, **kwargs)
+        if save is not None:
+            save_beside_weights(save, save_directory)
         return result
-
-
-def _find_classifier_beside(name_or_path, trust_remote_classifier=False, **hub_kwargs):
-    """The `ExitClassifier` saved beside a checkpoint (local dir or Hub repo), or None when there is none."""
-    path = os.fspath(name_or_path)
-    if os.path.isdir(path):
-        if not os.path.isfile(os.path.join(path, CLASSIFIER_CONFIG_NAME)):
-            return None
-        return ExitClassifier.from_pretrained(path)
-    revision = hub_kwargs.get("revision")
-    cached = try_to_load_from_cache(path, CLASSIFIER_CONFIG_NAME, cache_dir=hub_kwargs.get("cache_dir"),
-                                    revision=revision)
-    if not isinstance(cached, str):
-        # Not in the cache (or cached as absent): ask the Hub, unless we are offline.
-        try:
-            hf_hub_download(path, CLASSIFIER_CONFIG_NAME, **hub_kwargs)
-        except (EntryNotFoundError, RemoteEntryNotFoundError, LocalEntryNotFoundError, OfflineModeIsEnabled):
-            return None
-    return ExitClassifier.from_pretrained(path, trust_remote_classifier=trust_remote_classifier, **hub_kwargs)

@@ -4,8 +4,9 @@ An [`ExitClassifier`] lives beside a base model, like a PEFT adapter: it records
 may fire, and which model it was trained on (name, revision, layer count, LM-head fingerprint), and it implements
 the [`~adainfer_hf.policy.ExitPolicy`] contract the decoder loop calls after each checked layer.
 
-On disk an artifact is a directory with the config as sorted JSON, the estimator pickled with joblib, and a pickle-free
-safetensors encoding for the estimators this package produces (file names: `artifact.constants`).
+On disk an artifact is a directory with the config as sorted JSON, the estimator pickled with joblib, a pickle-free
+safetensors encoding for the estimators this package produces, and a manifest of the sha256 of each, written last and
+checked on load (file names: `artifact.constants`).
 
 Pickles execute code when loaded, so a downloaded artifact is read from its safetensors file, and a download that
 only has the joblib file is refused unless the caller passes `trust_remote_classifier=True`.
@@ -23,16 +24,23 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from ..architectures import core as architectures
-from ..artifact.codec import _is_int, _linear_form, _logit, _qualified_name, _score_kind
+from ..artifact.codec import _linear_form, _logit, _qualified_name, _score_kind
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
-from ..artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME, CLASSIFIER_WEIGHTS_NAME
+from ..artifact.constants import (
+    CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_MANIFEST_NAME,
+    CLASSIFIER_SAFE_NAME,
+    CLASSIFIER_WEIGHTS_NAME,
+)
 from ..artifact.hub import ArtifactMixin
+from ..artifact.validation import check_fingerprint, check_layer_fields
 from .base import ExitPolicy, check_dtype_or_raise
 from .features import FEATURES
 from .nonfinite import NonFiniteRows
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
+    "CLASSIFIER_MANIFEST_NAME",
     "CLASSIFIER_SAFE_NAME",
     "CLASSIFIER_WEIGHTS_NAME",
     "ExitClassifier",
@@ -179,24 +187,11 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             raise ValueError(f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}: "
                              "labels must be 0/1 or bool.")
 
-        if self.num_layers is not None and (not _is_int(self.num_layers) or self.num_layers < 2):
-            raise ValueError(f"num_layers must be an int >= 2 or None; got {self.num_layers!r}.")
-        top = None if self.num_layers is None else self.num_layers - 1
-        allowed = f"[1, {top}]" if top is not None else "[1, num_layers - 1]"
-        if not _is_int(self.min_layer) or self.min_layer < 1 or (top is not None and self.min_layer > top):
-            raise ValueError(f"min_layer={self.min_layer!r} is out of range; expected an int in {allowed}.")
-        for name in ("check_layers", "decode_check_layers"):
-            value = getattr(self, name)
-            if value is None:
-                continue
-            layers = list(value)  # `()` is valid: never check, never exit (see calibrate and schedule)
-            bad = [k for k in layers if not _is_int(k) or k < 1 or (top is not None and k > top)]
-            if bad or layers != sorted(set(layers)):
-                raise ValueError(f"{name}={layers!r} must be a sorted list of unique ints in {allowed}"
-                                 + (f"; offending value(s): {bad}." if bad else "."))
+        check_layer_fields(self._config)
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
         check_dtype_or_raise(self.check_dtype)
+        check_fingerprint(self.lm_head_fingerprint)
 
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):

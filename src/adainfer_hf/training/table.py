@@ -6,16 +6,16 @@
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
+
+from ..utils.atomic import atomic_file
 
 __all__ = ["LABEL_KINDS", "TABLE_FORMAT_VERSION", "FeatureTable", "table_sequences"]
 
@@ -176,7 +176,7 @@ class FeatureTable:
         arrays = {
             f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("feature_names", "meta")
         }
-        with _atomic_file(path, "wb") as f:
+        with atomic_file(path, "wb") as f:
             np.savez_compressed(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)
 
     @classmethod
@@ -207,7 +207,7 @@ class FeatureTable:
         path.parent.mkdir(parents=True, exist_ok=True)
         header = ["prompt_id", "task", "shots", "layer", *self.feature_names]
         header += ["top_token", "final_token", "gold_token", "label_final", "label_gold"]
-        with _atomic_file(path, "w", newline="", encoding="utf-8") as f:
+        with atomic_file(path, "w", newline="", encoding="utf-8") as f:
             w = csv.writer(f)
             w.writerow(header)
             for i in range(len(self)):
@@ -215,19 +215,6 @@ class FeatureTable:
                 prompt = [p, self.task[p], self.shots[p], self.layer[i]]
                 tokens = [self.top_token[i], self.final_token[p], self.gold_token[p], final[i], gold[i]]
                 w.writerow([*prompt, *(f"{v:.6g}" for v in self.X[i]), *tokens])
-
-
-@contextlib.contextmanager
-def _atomic_file(path: Path, mode: str, **kwargs):
-    """Opens a temporary file beside `path` and renames it to `path` only if the block completes."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, mode, **kwargs) as f:
-            yield f
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def table_sequences(table: FeatureTable, features: Sequence[str], label: str | None = None):
