@@ -26,6 +26,10 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import torch
+import transformers
+from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
+
 from ..utils.atomic import abandoned_temporaries, atomic_directory
 
 __all__ = [
@@ -199,9 +203,6 @@ def _sha256(path: Path) -> str:
 
 def _load_gguf(gguf_path: Path):
     """Model (float32, dequantized, quantization config removed) and tokenizer from the GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
     directory, name = str(gguf_path.parent), gguf_path.name
     # Ask for dequantization explicitly: with the `kernels` package installed, transformers would otherwise keep
     # the weights packed in GGUF blocks, which `save_pretrained` refuses to write.
@@ -228,8 +229,6 @@ def _load_gguf(gguf_path: Path):
 
 def _convert(gguf_path: Path, out_dir: Path) -> None:
     """Write the HF directory into `out_dir`; the source record goes last, marking completion."""
-    import transformers
-
     model, tokenizer = _load_gguf(gguf_path)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)

@@ -168,18 +168,8 @@ class AdaInferMixin:
         (stock forward and gradients); an explicit `exit_policy` there with gradient checkpointing is a ValueError.
         """
         past_key_values = compat.pop_cache_arg(kwargs, past_key_values=past_key_values, cache=cache)
-        policy = self._adainfer_policy(exit_policy)
         ref = input_ids if input_ids is not None else inputs_embeds
-        # While the exact cache owes positions to deeper layers, even a step without checks runs through the loop,
-        # which catches them up; otherwise a schedule with no checks (e.g. calibrated to "never exit") is the
-        # stock model.
-        owed = strategy_for(past_key_values).owes_positions
-        if policy is not None and not owed:
-            past = past_key_values.get_seq_length(0) if past_key_values is not None else 0
-            if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(ref.shape[1], past)):
-                policy = None
-        if policy is None and owed:
-            policy = _NoChecks()
+        policy = self._adainfer_step_policy(self._adainfer_policy(exit_policy), past_key_values, ref.shape[1])
         common = dict(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
         if policy is None:
@@ -209,6 +199,21 @@ class AdaInferMixin:
             run.close()
         run.cache_strategy.finish_step(run)
         self._adainfer_record(run.exit_layers, exit_recorder)
+        result = self._adainfer_output(outputs, run, labels, logits_to_keep, kwargs)
+        return result if return_dict else result.to_tuple()
+
+    def _adainfer_step_policy(self, policy, cache, query_length: int):
+        """The policy this step runs with: None (the stock path) when its schedule for this phase is empty,
+        `_NoChecks` while an exact cache owes positions (the loop catches them up even without checks)."""
+        owed = strategy_for(cache).owes_positions
+        if policy is not None and not owed:
+            past = cache.get_seq_length(0) if cache is not None else 0
+            if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(query_length, past)):
+                policy = None
+        return _NoChecks() if policy is None and owed else policy
+
+    def _adainfer_output(self, outputs, run: ExitRun, labels, logits_to_keep, kwargs) -> AdaInferCausalLMOutput:
+        """The output of a forward through the exit loop: logits (reusing the checks'), loss, the guarded cache."""
         logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
         loss = None
         if labels is not None:
@@ -216,12 +221,11 @@ class AdaInferMixin:
         out_cache = compat.output_cache(outputs)
         if out_cache is not None:
             check_cache_consistent(out_cache, run)
-        result = AdaInferCausalLMOutput(
+        return AdaInferCausalLMOutput(
             loss=loss, logits=logits, hidden_states=outputs.hidden_states,
             attentions=run.full_batch_attentions(outputs.attentions),
             exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
         )
-        return result if return_dict else result.to_tuple()
 
     def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
         """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
