@@ -110,10 +110,9 @@ def resolve_model_dir(key: str) -> Path:
 
 
 def shipped_dir() -> Path | None:
-    try:  # the brief's spelling; the CLI package does not re-export it while src/ is being restructured
-        from adainfer_hf.cli import shipped_classifier_dir
-    except ImportError:
-        from adainfer_hf.cli.main import shipped_classifier_dir
+    """The SmolLM2 classifier shipped in the package (None when absent)."""
+    from adainfer_hf.cli.main import shipped_classifier_dir
+
     return shipped_classifier_dir()
 
 

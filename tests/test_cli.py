@@ -389,3 +389,15 @@ def test_python_dash_m_reports_a_user_error_on_one_line():
     assert proc.stderr.strip().splitlines() == [
         "error: --model './missing-model-dir': no such directory, and not a Hub id of the form 'org/name' "
         "(expected a checkpoint directory, a Hub id or 'default')."]
+
+
+def test_the_console_script_entry_point_resolves_to_main():
+    """pyproject's `adainfer = "module:function"` must name a callable (the `adainfer` command runs it)."""
+    import importlib
+    import tomllib
+    from pathlib import Path
+
+    scripts = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())["project"]["scripts"]
+    module, _, attr = scripts["adainfer"].partition(":")
+    target = getattr(importlib.import_module(module), attr)
+    assert callable(target) and target is cli.main
