@@ -8,11 +8,12 @@ cd "$root"
 status=0
 lint=1
 for env_name in ${ADAINFER_TEST_ENVS:-newest lowest}; do
+  # (`set -e` does not apply inside a subshell tested by `||`: every step checks its own status)
   (
     export ADAINFER_ENV="$env_name"
-    source "$root/scripts/setup_env.sh"
+    source "$root/scripts/setup_env.sh" || exit $?
     if [ "$lint" = 1 ]; then
-      ruff check src tests benchmarks examples
+      ruff check src tests benchmarks examples || exit $?
     fi
     echo "=== pytest, '$env_name' environment: $(python -c 'import transformers, torch; print("transformers", transformers.__version__, "torch", torch.__version__)')"
     python -m pytest -q -p no:cacheprovider "$@"
