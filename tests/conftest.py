@@ -1,8 +1,15 @@
 """Shared fixtures."""
 
-import pytest
-import torch
-from fake_hub import local_hub  # noqa: F401  (the local Hub fixture, for every test module)
+import os
+import tempfile
+
+# matplotlib's font cache lives per user and names font files by path: one written by another (since deleted)
+# environment breaks plotting. The suite keeps its own.
+os.environ.setdefault("MPLCONFIGDIR", tempfile.mkdtemp(prefix="adainfer-mpl-"))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from fake_hub import local_hub  # noqa: F401, E402  (the local Hub fixture, for every test module)
 
 # The suite is mostly tiny models, for which one intra-op thread is fastest (and robust on a busy 2-core box).
 torch.set_num_threads(1)
