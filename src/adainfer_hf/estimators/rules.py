@@ -33,7 +33,7 @@ class GapThresholdRule(ClassifierMixin, BaseEstimator):
 
     ```python
     >>> import numpy as np
-    >>> from adainfer_hf.rules import GapThresholdRule
+    >>> from adainfer_hf import GapThresholdRule
     >>> rule = GapThresholdRule(threshold=0.8).fit(np.zeros((1, 2)))
     >>> rule.predict(np.array([[0.9, 0.95], [0.5, 0.7]]))
     array([1, 0])

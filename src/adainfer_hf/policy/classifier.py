@@ -80,9 +80,9 @@ def _normalized(config: ExitClassifierConfig) -> ExitClassifierConfig:
 class ExitClassifier(ArtifactMixin, ExitPolicy):
     """A fitted exit classifier with its metadata: the AdaInfer stopping signal as a shareable artifact.
 
-    It reads the per-layer features named in `features` (see `adainfer_hf.features.FEATURES`) and decides, for
+    It reads the per-layer features named in `features` (see `adainfer_hf.policy.features.FEATURES`) and decides, for
     each active row, whether to stop after the current layer. Linear estimators (anything with a single-row
-    `coef_` and `intercept_`, including `StandardScaler` pipelines and [`~adainfer_hf.rules.GapThresholdRule`])
+    `coef_` and `intercept_`, including `StandardScaler` pipelines and [`~adainfer_hf.estimators.rules.GapThresholdRule`])
     are evaluated on the features' device with torch, without a host synchronisation; other estimators (RBF
     `SVC`, CRF wrappers, ...) run through scikit-learn on the CPU.
 

@@ -33,7 +33,7 @@ class FeatureTable:
 
     Args:
         X (`np.ndarray` float32 `[N, F]`): feature values, columns in `feature_names` order.
-        feature_names (`tuple[str, ...]`): names from `adainfer_hf.features.FEATURES`.
+        feature_names (`tuple[str, ...]`): names from `adainfer_hf.policy.features.FEATURES`.
         layer (`np.ndarray` int `[N]`): 1-based layer of each row.
         prompt_id (`np.ndarray` int `[N]`): index of each row's prompt in the per-prompt arrays.
         top_token (`np.ndarray` int `[N]`): the logit lens' top-1 token at that layer.
