@@ -85,6 +85,7 @@ from adainfer_hf.models.default_model import (
     SOURCE_FILE_NAME,
     default_cache_root,
     default_model_dir,
+    load_gguf,
 )
 
 __all__ = [
@@ -565,32 +566,14 @@ def _check_architecture(spec: RealModelSpec, gguf_path: Path) -> tuple[str, str 
 
 
 def _load_gguf(spec: RealModelSpec, gguf_path: Path):
-    """Model (float32, dequantized, no quantization config) and tokenizer from the GGUF file."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
-
-    directory, name = str(gguf_path.parent), gguf_path.name
-    # Explicit dequantization: with the `kernels` package, transformers may otherwise keep packed GGUF blocks.
-    model = AutoModelForCausalLM.from_pretrained(
-        directory, gguf_file=name, dtype=torch.float32, quantization_config=GgufConfig(dequantize=True)
-    )
-    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name, padding_side="left")
-    for owner, attribute in (
-        (model, "hf_quantizer"),
-        (model, "quantization_method"),
-        (model.config, "quantization_config"),
-    ):
-        if getattr(owner, attribute, None) is not None:
-            delattr(owner, attribute)
+    """Model (float32, dequantized, no quantization config) and tokenizer from the GGUF file, checked to be of the
+    expected model type (the loading itself is the package's, shared with the embedded default model)."""
+    model, tokenizer = load_gguf(gguf_path, spec.hub_name)
     if model.config.model_type != spec.model_type:
         raise ValueError(
             f"{gguf_path} (for {spec.key!r}) loaded as model_type={model.config.model_type!r}, "
             f"expected {spec.model_type!r}."
         )
-    model.config._name_or_path = spec.hub_name
-    model.config._model_name_or_path = spec.hub_name  # saved to config.json, unlike `_name_or_path`
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
 
 

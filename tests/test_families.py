@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from tiny_models import NEW_FAMILIES, WINDOW, batch, make_pair, truncated_stock
+from tiny_models import NEW_FAMILIES, WINDOW, FeatureHashExit, batch, make_pair, truncated_stock
+from tiny_models import generate_greedy as _gen
 from transformers import GPT2Config
 
 from adainfer_hf import (
     AdaInferGemma3ForCausalLM,
     AutoAdaInferForCausalLM,
     ExitClassifier,
-    ExitPolicy,
     ScriptedExit,
     load_adainfer_model,
 )
@@ -25,26 +25,6 @@ from adainfer_hf.compat import output_cache
 
 L = 4
 MODES = ["propagate", "exact"]
-
-
-class FeatureHashExit(ExitPolicy):
-    """Varied, deterministic exits: fires where a digit of top_prob is even (exits differ by token and step)."""
-
-    def __init__(self):
-        self.features = ("gap", "top_prob")
-        self.min_layer = 1
-        self.check_layers = None
-
-    def decide(self, features, layer, rows):
-        return (features[:, 1] * 1e4).long() % 2 == 0
-
-
-def _gen(model, ids, mask, **kw):
-    kw.setdefault("max_new_tokens", 6)
-    kw.setdefault("do_sample", False)
-    kw.setdefault("pad_token_id", 0)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, **kw)
 
 
 def _lens(stock, hidden_states, logits, k, row):

@@ -4,36 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import batch, make_pair, tiny_tokenizer, truncated_stock
+from tiny_models import FeatureHashExit, batch, make_pair, tiny_tokenizer, truncated_stock
+from tiny_models import generate_greedy as _gen
 from transformers import pipeline
 
-from adainfer_hf import ExitPolicy, ScriptedExit
+from adainfer_hf import ScriptedExit
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.cache.exact import ExactExitCache
 from adainfer_hf.compat import output_cache
 
 L = 4
 MODES = ["propagate", "exact"]
-
-
-class FeatureHashExit(ExitPolicy):
-    """Varied, deterministic exits: fires where a digit of top_prob is even (exits differ by token and step)."""
-
-    def __init__(self, min_layer=1):
-        self.features = ("gap", "top_prob")
-        self.min_layer = min_layer
-        self.check_layers = None
-
-    def decide(self, features, layer, rows):
-        return (features[:, 1] * 1e4).long() % 2 == 0
-
-
-def _gen(model, ids, mask, **kw):
-    kw.setdefault("max_new_tokens", 6)
-    kw.setdefault("do_sample", False)
-    kw.setdefault("pad_token_id", 0)
-    with torch.no_grad():
-        return model.generate(ids, attention_mask=mask, **kw)
 
 
 @pytest.mark.parametrize("variant", ["llama_gqa", "opt_350m_layout"])

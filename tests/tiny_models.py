@@ -35,6 +35,7 @@ from adainfer_hf import (
     AdaInferOPTForCausalLM,
     AdaInferQwen2ForCausalLM,
     AdaInferQwen3ForCausalLM,
+    ExitPolicy,
 )
 from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
 from adainfer_hf.data.prompts import build_prompts
@@ -279,3 +280,24 @@ def misleading_table(P, seed, blank_share=0.2):
     tokens = np.full((P, K), TABLE_BLANK)
     top_prob = rng.uniform(0.85, 0.98, (P, K))
     return feature_table(tokens, top_prob - rng.uniform(0.0, 0.05, (P, K)), top_prob, final)
+
+
+class FeatureHashExit(ExitPolicy):
+    """Varied, deterministic exits: fires where a digit of top_prob is even (exits differ by token and step)."""
+
+    def __init__(self, min_layer=1):
+        self.features = ("gap", "top_prob")
+        self.min_layer = min_layer
+        self.check_layers = None
+
+    def decide(self, features, layer, rows):
+        return (features[:, 1] * 1e4).long() % 2 == 0
+
+
+def generate_greedy(model, ids, mask, **kw):
+    """`model.generate` greedy, 6 new tokens and pad id 0 unless given, without gradients."""
+    kw.setdefault("max_new_tokens", 6)
+    kw.setdefault("do_sample", False)
+    kw.setdefault("pad_token_id", 0)
+    with torch.no_grad():
+        return model.generate(ids, attention_mask=mask, **kw)

@@ -40,6 +40,7 @@ __all__ = [
     "SOURCE_FILE_NAME",
     "default_cache_root",
     "default_model_dir",
+    "load_gguf",
     "locate_gguf",
 ]
 
@@ -202,7 +203,13 @@ def _sha256(path: Path) -> str:
 
 
 def _load_gguf(gguf_path: Path):
-    """Model (float32, dequantized, quantization config removed) and tokenizer from the GGUF file."""
+    """The embedded model's `load_gguf` (one name, so tests can stand in for the slow load)."""
+    return load_gguf(gguf_path, DEFAULT_MODEL_NAME)
+
+
+def load_gguf(gguf_path: Path, name_or_path: str):
+    """Model (float32, dequantized, quantization config removed) and tokenizer from a GGUF file, recorded as
+    `name_or_path` (the checkpoint it was converted from). Shared with the benchmarks' real-model converter."""
     directory, name = str(gguf_path.parent), gguf_path.name
     # Ask for dequantization explicitly: with the `kernels` package installed, transformers would otherwise keep
     # the weights packed in GGUF blocks, which `save_pretrained` refuses to write.
@@ -220,8 +227,8 @@ def _load_gguf(gguf_path: Path):
     ):
         if getattr(owner, attribute, None) is not None:
             delattr(owner, attribute)
-    model.config._name_or_path = DEFAULT_MODEL_NAME
-    model.config._model_name_or_path = DEFAULT_MODEL_NAME  # saved to config.json, unlike `_name_or_path`
+    model.config._name_or_path = name_or_path
+    model.config._model_name_or_path = name_or_path  # saved to config.json, unlike `_name_or_path`
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

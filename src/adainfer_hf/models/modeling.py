@@ -313,7 +313,7 @@ class AdaInferMixin:
         kwargs.pop("cache_implementation", None)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
-            use_cache = (kwargs.get("generation_config") or self.generation_config).use_cache
+            use_cache = gen_config.use_cache
         if exit_cache == "exact" and cache is not None and strategy_for(cache).name != "exact":
             raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
                              f"got {type(cache).__name__}.")

@@ -151,8 +151,9 @@ class ExitRun:
         self.layer = 0
         self.prev_stats: LayerStats | None = None
         self.prev_stats_layer = -1
-        self._rows = torch.arange(batch_size)  # rows running the current layer
-        self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer
+        self._all_rows = torch.arange(batch_size)
+        self._rows = self._all_rows  # rows running the current layer
+        self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer (exact option)
         self.ran_rows: list[torch.Tensor | None] = []  # per layer run so far: the rows that ran it (None: none)
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
@@ -205,22 +206,18 @@ class ExitRun:
         n_active = int(self.active.sum())
         cache = compat.layer_cache(kwargs)
         if self.layer == 1 and "hidden" in self.needs:
-            self.hidden_cur = self._last_token(hidden, torch.arange(self.batch_size)).to(self.head_device)
+            self.hidden_cur = self._last_token(hidden, self._all_rows).to(self.head_device)
         if n_active == 0:
             # Nobody runs this layer; only the cache must still hold an entry for these positions.
             if cache is not None:
                 self.cache_strategy.fill_skipped_layer(self, layer, hidden, kwargs)
             return hidden
-        self.ran_rows[-1] = torch.arange(self.batch_size) if n_active == self.batch_size else \
-            self.active.nonzero().squeeze(-1)
+        rows = self._all_rows if n_active == self.batch_size else self.active.nonzero().squeeze(-1)
+        self._rows = self.ran_rows[-1] = rows
         self._track_begin()
         if n_active == self.batch_size:
-            rows = torch.arange(self.batch_size)
-            self._rows = rows
             out = forward(hidden, *args, **kwargs)
         else:
-            rows = self.active.nonzero().squeeze(-1)
-            self._rows = rows
             sub_args = _take_rows(args, rows, self.batch_size)
             sub_kwargs = {k: _take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
             if cache is not None:
@@ -240,7 +237,7 @@ class ExitRun:
 
     def run_all_rows(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
         """Runs `layer` on every row (`forward(hidden, args, kwargs)`), then checks the rows still going."""
-        all_rows = torch.arange(self.batch_size)
+        all_rows = self._all_rows
         if self.layer == 1 and "hidden" in self.needs:
             self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
         self._track_begin()
@@ -372,7 +369,7 @@ class ExitRun:
         layer computes for the running rows.
         """
         if rows is None:
-            rows = torch.arange(self.batch_size)
+            rows = self._all_rows
         pos_emb = _take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
         k, v = arch.layer_kv_states(self.model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
         if rows.numel() == self.batch_size:
