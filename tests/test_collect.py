@@ -50,6 +50,28 @@ def test_rows_equal_stock_logit_lens(kind):
     assert list(table.task) == [p.task for p in prompts]
 
 
+@pytest.mark.parametrize("kind", ["llama", "opt"])
+def test_recorded_hidden_states_are_the_stock_layer_outputs(kind, tmp_path):
+    stock, ada = tiny_pair(kind)
+    tok = task_tokenizer()
+    prompts = tiny_prompts(2, (0, 2))
+    table = collect_features(ada, tok, prompts, features=("gap",), batch_size=3, progress=False, hidden_states=True)
+    assert table.hidden.shape == (len(table), stock.config.hidden_size) and table.hidden.dtype == np.float16
+    for pid, prompt in enumerate(prompts):
+        ids = tok(prompt.text, return_tensors="pt")["input_ids"]  # unpadded: an independent reference
+        with torch.no_grad():
+            ref = stock(ids, output_hidden_states=True, use_cache=False).hidden_states
+        for row in np.flatnonzero(table.prompt_id == pid):
+            want = ref[int(table.layer[row])][0, -1].numpy()
+            np.testing.assert_allclose(table.hidden[row].astype(np.float32), want, rtol=2e-3, atol=2e-3)
+    table.save(tmp_path / "t.npz")  # the hidden states survive the file and a prompt selection
+    back = FeatureTable.load(tmp_path / "t.npz").select_prompts([2, 0])
+    np.testing.assert_array_equal(back.hidden, np.concatenate([table.hidden[table.prompt_id == i] for i in (2, 0)]))
+    assert collect_features(ada, tok, prompts[:1], features=("gap",), progress=False).hidden is None
+    with pytest.raises(ValueError, match="with and without hidden states"):
+        FeatureTable.concat([table, collect_features(ada, tok, prompts[:1], features=("gap",), progress=False)])
+
+
 def test_collect_restores_tokenizer_and_checks_args():
     _, ada = tiny_pair()
     tok = task_tokenizer()

@@ -39,6 +39,8 @@ class ExitClassifierConfig:
         num_layers (`int`, *optional*): decoder layer count of the base model.
         lm_head_fingerprint (`dict`, *optional*): `architectures.lm_head_fingerprint` of the base model.
         calibration (`dict`, *optional*): free-form achieved figures (accuracy, mean exit layer, ...).
+        gate_fingerprint (`str`, *optional*): `LinearGate.fingerprint()` of the classifier's gate, stored in
+            `exit_gate.safetensors`; `None` = no gate (every check computes the LM head).
         versions (`dict`): package versions at save time.
         safe_format (`str`, *optional*): name of the pickle-free encoding saved beside the joblib file, if any.
         format_version (`int`): version of this file format.
@@ -57,6 +59,7 @@ class ExitClassifierConfig:
     num_layers: int | None = None
     lm_head_fingerprint: dict | None = None
     calibration: dict | None = None
+    gate_fingerprint: str | None = None
     versions: dict = field(default_factory=dict)
     safe_format: str | None = None
     format_version: int = FORMAT_VERSION

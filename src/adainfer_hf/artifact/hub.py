@@ -1,8 +1,8 @@
 """`save_pretrained` / `from_pretrained` / `push_to_hub` for an object made of a config and a fitted estimator.
 
 [`ArtifactMixin`] is what `ExitClassifier` inherits for its life on disk and on the Hub (as PEFT's `PushToHubMixin`):
-the class supplies `config` (an [`~adainfer_hf.artifact.io.ExitClassifierConfig`]), `estimator`, and
-`_from_artifact(config, estimator)`; the files themselves are read and written by `artifact.io`, and a validation
+the class supplies `config` (an [`~adainfer_hf.artifact.io.ExitClassifierConfig`]), `estimator`, `_gate_tensors()`
+(the arrays of its gate, or None) and `_from_artifact(config, estimator, gate_tensors)`; the files themselves are read and written by `artifact.io`, and a validation
 error of a loaded artifact names the config file it came from.
 """
 
@@ -36,11 +36,15 @@ class ArtifactMixin:
         Args:
             save_directory (`str` or `os.PathLike`): target directory (created if missing).
         """
-        write_artifact(self.estimator, self.config, save_directory)
+        write_artifact(self.estimator, self.config, save_directory, self._gate_tensors())
+
+    def _gate_tensors(self):
+        """The arrays of the object's gate to store beside the estimator, or None (the default: no gate)."""
+        return None
 
     def _artifact_files(self) -> dict[str, bytes]:
         """The artifact's files as bytes (`artifact.io.encode_artifact`), for a save in two steps."""
-        return encode_artifact(self.estimator, self.config)
+        return encode_artifact(self.estimator, self.config, self._gate_tensors())
 
     @classmethod
     def from_pretrained(
@@ -78,20 +82,20 @@ class ArtifactMixin:
             raise ValueError(
                 f"{path!r} is a file; expected a directory written by save_pretrained or a repo id."
             )
-        config, estimator = read_hub(path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only))
-        return cls._checked(config, estimator, f"{CLASSIFIER_CONFIG_NAME} of Hub repo {path!r}")
+        loaded = read_hub(path, revision, trust_remote_classifier, cache_dir, token, bool(local_files_only))
+        return cls._checked(*loaded, f"{CLASSIFIER_CONFIG_NAME} of Hub repo {path!r}")
 
     @classmethod
     def _from_local(cls, path: str, allow_pickle: bool = True):
         """A local artifact directory; `allow_pickle=False` refuses a joblib-only one (see `artifact.io.read_local`)."""
-        config, estimator = read_local(Path(path), allow_pickle=allow_pickle)
-        return cls._checked(config, estimator, repr(os.path.join(path, CLASSIFIER_CONFIG_NAME)))
+        loaded = read_local(Path(path), allow_pickle=allow_pickle)
+        return cls._checked(*loaded, repr(os.path.join(path, CLASSIFIER_CONFIG_NAME)))
 
     @classmethod
-    def _checked(cls, config, estimator, source: str):
+    def _checked(cls, config, estimator, gate_tensors, source: str):
         """`_from_artifact`, with a validation error naming the file it came from."""
         try:
-            return cls._from_artifact(config, estimator)
+            return cls._from_artifact(config, estimator, gate_tensors)
         except ValueError as err:
             raise ValueError(f"Invalid exit classifier in {source}: {err}") from err
 

@@ -17,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import joblib
+import numpy as np
+import safetensors.numpy
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
@@ -26,6 +28,7 @@ from .config import ExitClassifierConfig
 from .constants import (
     ARTIFACT_DATA_NAMES,
     CLASSIFIER_CONFIG_NAME,
+    CLASSIFIER_GATE_NAME,
     CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
@@ -73,10 +76,14 @@ def _load_joblib(path: str) -> Any:
         ) from err
 
 
-def encode_artifact(estimator, config: ExitClassifierConfig) -> dict[str, bytes]:
-    """The artifact's files as `{file name: bytes}`: the config (versions filled in here), the joblib estimator and,
-    when the estimator has one, its pickle-free safetensors encoding. Everything that depends on the content (an
-    unserialisable `calibration`, an estimator joblib cannot pickle) fails here, before anything is written."""
+def encode_artifact(estimator, config: ExitClassifierConfig,
+                    gate_tensors: dict[str, np.ndarray] | None = None) -> dict[str, bytes]:
+    """The artifact's files as `{file name: bytes}`: the config (versions filled in here), the joblib estimator,
+    when the estimator has one its pickle-free safetensors encoding, and the gate's arrays when given (safetensors).
+    Everything that depends on the content (an unserialisable `calibration`, an estimator joblib cannot pickle)
+    fails here, before anything is written."""
+    if (gate_tensors is None) != (config.gate_fingerprint is None):
+        raise ValueError("gate_fingerprint and the gate's arrays go together: pass both or neither.")
     config.versions = _versions()
     safe_bytes = _safe_encode(estimator)  # None when the estimator has no safe encoding
     config.safe_format = SAFE_FORMAT if safe_bytes is not None else None
@@ -86,7 +93,17 @@ def encode_artifact(estimator, config: ExitClassifierConfig) -> dict[str, bytes]
     files[CLASSIFIER_WEIGHTS_NAME] = buffer.getvalue()
     if safe_bytes is not None:
         files[CLASSIFIER_SAFE_NAME] = safe_bytes
+    if gate_tensors is not None:
+        files[CLASSIFIER_GATE_NAME] = safetensors.numpy.save(
+            {k: np.ascontiguousarray(v) for k, v in gate_tensors.items()})
     return files
+
+
+def _load_gate(path: str) -> dict[str, np.ndarray]:
+    try:
+        return safetensors.numpy.load_file(path)
+    except Exception as err:  # a damaged header raises SafetensorError, a truncated file OSError or ValueError
+        raise ValueError(f"Could not read the gate file {path!r} ({type(err).__name__}: {err}).") from err
 
 
 def commit_artifact(files: dict[str, bytes], save_directory: str | os.PathLike) -> None:
@@ -123,9 +140,10 @@ def commit_artifact(files: dict[str, bytes], save_directory: str | os.PathLike) 
         raise
 
 
-def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str | os.PathLike) -> None:
+def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str | os.PathLike,
+                   gate_tensors: dict[str, np.ndarray] | None = None) -> None:
     """[`encode_artifact`] then [`commit_artifact`]: the `ExitClassifier.save_pretrained` of one artifact."""
-    commit_artifact(encode_artifact(estimator, config), save_directory)
+    commit_artifact(encode_artifact(estimator, config, gate_tensors), save_directory)
 
 
 def _write(path: Path, data: bytes) -> None:
@@ -176,8 +194,9 @@ def artifact_state(directory: str | os.PathLike) -> str:
     return "still holds its previous exit classifier"
 
 
-def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifierConfig, Any]:
-    """(config, estimator) of an artifact directory: the safetensors encoding when present, else joblib.
+def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifierConfig, Any, dict | None]:
+    """(config, estimator, gate arrays or None) of an artifact directory: the estimator from its safetensors
+    encoding when present, else joblib; the gate's arrays when the config names a gate.
 
     The files are checked against the manifest first (`manifest.check_local`). With `allow_pickle=False` (an
     artifact found beside a checkpoint that the caller only named as a model) a joblib-only artifact is refused
@@ -192,6 +211,12 @@ def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifi
         )
     check_local(directory)
     config = ExitClassifierConfig.from_json_file(config_path)
+    gate = None
+    if config.gate_fingerprint is not None:
+        if not (directory / CLASSIFIER_GATE_NAME).is_file():
+            raise FileNotFoundError(f"{os.fspath(config_path)!r} names a gate (gate_fingerprint="
+                                    f"{config.gate_fingerprint!r}) but {CLASSIFIER_GATE_NAME} is missing in {where!r}.")
+        gate = _load_gate(os.fspath(directory / CLASSIFIER_GATE_NAME))
     if (directory / CLASSIFIER_SAFE_NAME).is_file():
         estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
     elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
@@ -210,11 +235,12 @@ def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifi
             f"No estimator file in {where!r}: expected {CLASSIFIER_SAFE_NAME} or "
             f"{CLASSIFIER_WEIGHTS_NAME} beside {CLASSIFIER_CONFIG_NAME}."
         )
-    return config, estimator
+    return config, estimator, gate
 
 
 def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local_files_only):
-    """(config, estimator) of a Hub artifact; a joblib-only repository needs `trust_remote_classifier`."""
+    """(config, estimator, gate arrays or None) of a Hub artifact; a joblib-only repository needs
+    `trust_remote_classifier`."""
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
 
     def fetch(filename: str) -> str:
@@ -244,6 +270,15 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
     place = f"Hub repo {where}"
     check_files({CLASSIFIER_CONFIG_NAME: config_path}, manifest, place)
     config = ExitClassifierConfig.from_json_file(config_path)
+    gate = None
+    if config.gate_fingerprint is not None:
+        try:
+            gate_path = fetch(CLASSIFIER_GATE_NAME)
+        except EntryNotFoundError as err:
+            raise FileNotFoundError(f"Hub repo {where} names a gate in {CLASSIFIER_CONFIG_NAME} but has no "
+                                    f"{CLASSIFIER_GATE_NAME}.") from err
+        check_files({CLASSIFIER_GATE_NAME: gate_path}, manifest, place)
+        gate = _load_gate(gate_path)
     if config.safe_format is not None:
         try:
             safe_path = fetch(CLASSIFIER_SAFE_NAME)
@@ -251,7 +286,7 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
             pass  # announced but absent: fall through to the joblib rule below
         else:
             check_files({CLASSIFIER_SAFE_NAME: safe_path}, manifest, place)
-            return config, _safe_load(safe_path)
+            return config, _safe_load(safe_path), gate
     if not trust_remote_classifier:
         raise ValueError(
             f"Hub repo {where} has no {CLASSIFIER_SAFE_NAME}, only {CLASSIFIER_WEIGHTS_NAME}: a joblib file is a "
@@ -265,4 +300,4 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
             f"Hub repo {where} has neither {CLASSIFIER_SAFE_NAME} nor {CLASSIFIER_WEIGHTS_NAME}."
         ) from err
     check_files({CLASSIFIER_WEIGHTS_NAME: weights_path}, manifest, place)
-    return config, _load_joblib(weights_path)
+    return config, _load_joblib(weights_path), gate

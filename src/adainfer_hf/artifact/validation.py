@@ -40,6 +40,7 @@ _CONFIG_TYPES = {
     "base_model_revision": ((str, _NONE), "a string or null"),
     "num_layers": ((int, _NONE), "an int or null"),
     "calibration": ((dict, _NONE), "an object or null"),
+    "gate_fingerprint": ((str, _NONE), "a string or null"),
     "versions": ((dict,), "an object"),
     "safe_format": ((str, _NONE), "a string or null"),
     "format_version": ((int,), "an int"),

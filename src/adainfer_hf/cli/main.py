@@ -73,7 +73,8 @@ def _cmd_train(args) -> int:
     fit = dict(
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
     )
-    cal = dict(target_agreement=args.target_agreement, delta=args.delta, min_layers=args.min_layers)
+    cal = dict(target_agreement=args.target_agreement, delta=args.delta, min_layers=args.min_layers,
+               gate=None if args.gate == "none" else args.gate, gate_recall=args.gate_recall, gate_cost=args.gate_cost)
     if args.from_tables:  # reuse the tables of an earlier `--tables-out`: no collection
         train_table = FeatureTable.load(Path(args.from_tables) / "train.npz")
         calib_table = FeatureTable.load(Path(args.from_tables) / "calibration.npz")
@@ -89,7 +90,7 @@ def _cmd_train(args) -> int:
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
             check_phase=args.check_phase, check_length=args.check_length, check_dtype=args.check_dtype,
-            **fit, **cal, **run
+            hidden_states=bool(args.tables_out), **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
         clf = clf.replace(base_model_name_or_path=DEFAULT_MODEL_NAME)
@@ -105,14 +106,20 @@ def _cmd_train(args) -> int:
     if "schedule" in figures:
         sched = figures["schedule"]
         print(f"check schedule: layers {sched['check_layers'] or 'none'} (one check = "
-              f"{sched['check_cost_layers']:.2f} layers; expected cost {sched['relative_cost']:.3f} of dense)")
+              f"{sched['check_cost_layers']:.2f} layers{_gate_part(sched)}; expected cost "
+              f"{sched['relative_cost']:.3f} of dense)")
     if "decode_schedule" in figures:
         sched = figures["decode_schedule"]
         print(f"decode check schedule: layers {sched['check_layers'] or 'none'} (one check = "
-              f"{sched['check_cost_layers']:.2f} layers in a single-token step)")
+              f"{sched['check_cost_layers']:.2f} layers in a single-token step{_gate_part(sched)})")
     print(f"calibration: {figures_line(figures)} risk_upper_bound={figures['risk_upper_bound']:.3f}")
     print(f"saved the exit classifier to {args.out}")
     return 0
+
+
+def _gate_part(schedule: dict) -> str:
+    gate = schedule.get("gate_cost_layers") or 0.0
+    return f", behind a gate of {gate:.3f} layers" if gate else ""
 
 
 def _cmd_simulate(args) -> int:
@@ -243,7 +250,8 @@ def _add_train_parser(sub) -> None:
                    help="Candidate min_layer values for calibration (default: up to 8 evenly spaced layers; each "
                    "candidate costs a Bonferroni factor).")
     p.add_argument("--max-rows", type=int_at_least(1), default=20000, help="Cap on training rows (default 20000).")
-    p.add_argument("--tables-out", help="Also save the train/calibration feature tables in this directory.")
+    p.add_argument("--tables-out", help="Also save the train/calibration feature tables in this directory (with "
+                   "the hidden states a gate trains on).")
     p.add_argument("--from-tables", metavar="DIR", help="Skip collection: train and calibrate on the train.npz "
                    "and calibration.npz an earlier --tables-out wrote (task flags are then ignored).")
     p.add_argument("--check-cost", default="auto", help="One exit check's cost in decoder layers, used to choose "
@@ -254,6 +262,14 @@ def _add_train_parser(sub) -> None:
                    "single-token step and chooses a schedule for each; 'prefill' or 'decode' one schedule for all.")
     p.add_argument("--check-length", type=int_at_least(1), default=None, help="Sequence length for the measured check cost "
                    "(default: the prompts' median length; 256 with --from-tables).")
+    p.add_argument("--gate", default="none", choices=["none", "linear"],
+                   help="'linear' puts a linear probe on the hidden state in front of every check, so a check "
+                   "computes the LM head only where the probe passes (cheap checks in decode); calibration and the "
+                   "schedule cover the gate. Default: none.")
+    p.add_argument("--gate-recall", type=fraction(), default=0.99,
+                   help="Share of the training rows whose lens agrees that the gate passes (default 0.99).")
+    p.add_argument("--gate-cost", default="auto", help="The gate's cost per check in decoder layers for the "
+                   "schedule: a number or 'auto' (measured now; default).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
 

@@ -35,6 +35,9 @@ class ExitPolicy:
     # (one LM head against one token's layer), in a long prompt a fraction of one. None = `check_layers`.
     decode_check_layers: tuple[int, ...] | None = None
     check_dtype: str | None = None  # dtype of the LM head the checks use (see CHECK_DTYPES)
+    # A gate (`policy.gate.LinearGate`) in front of each check: where it does not pass, the check computes no LM
+    # head and no features and the row keeps going. None = every check runs in full.
+    gate = None
 
     def layers_to_check(self, num_layers: int, decode: bool = False) -> list[int]:
         """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output).
@@ -85,6 +88,10 @@ class ExitPolicy:
             stats (`LayerStats`): the layer's gap / top_prob / top_token (and log-probs when a feature needs them).
             logits (`torch.Tensor`): the logit lens of the rows' last tokens [n_rows, V].
         """
+
+    def record_hidden(self, layer: int, rows: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Called after every logit-lens layer, before any gate, with the rows' last-token hidden states `[n_rows, H]`
+        (before the final norm); the default does nothing. Feature collection overrides it to train a gate."""
 
     def validate_for(self, model, ignore_mismatch: bool = False) -> None:
         """Raises `ValueError` when this policy cannot be used with `model`."""

@@ -20,8 +20,6 @@ import warnings
 
 import numpy as np
 import torch
-from sklearn.exceptions import NotFittedError
-from sklearn.utils.validation import check_is_fitted
 
 from ..architectures import core as architectures
 from ..artifact.codec import _linear_form, _logit, _qualified_name, _score_kind
@@ -35,7 +33,8 @@ from ..artifact.constants import (
 from ..artifact.hub import ArtifactMixin
 from ..artifact.validation import check_fingerprint, check_layer_fields
 from .base import ExitPolicy, check_dtype_or_raise
-from .features import FEATURES
+from .classifier_support import ConfigField, check_estimator, normalized
+from .gate import LinearGate
 from .nonfinite import NonFiniteRows
 
 __all__ = [
@@ -48,33 +47,6 @@ __all__ = [
 ]
 
 _LABELS = ("final", "gold")
-
-
-class _ConfigField:
-    """A read-only view of one field of an `ExitClassifier`'s config (a change goes through `replace`)."""
-
-    def __init__(self, name: str):
-        self.name = name
-        self.__doc__ = f"`ExitClassifierConfig.{name}` of this classifier (read-only; see `replace`)."
-
-    def __get__(self, obj, owner=None):
-        return self if obj is None else getattr(obj._config, self.name)
-
-    def __set__(self, obj, value):
-        raise AttributeError(
-            f"{type(obj).__name__}.{self.name} is read-only (the config is the one source of truth); "
-            f"use `clf = clf.replace({self.name}=...)`, which validates the change."
-        )
-
-
-def _normalized(config: ExitClassifierConfig) -> ExitClassifierConfig:
-    """The policy fields of `config` in the types the classifier exposes (tuples), save-time fields reset."""
-    values = {name: getattr(config, name) for name in POLICY_FIELDS}
-    features = values["features"]
-    values["features"] = (features,) if isinstance(features, str) else tuple(features)
-    for name in ("check_layers", "decode_check_layers"):
-        values[name] = None if values[name] is None else tuple(values[name])
-    return ExitClassifierConfig(**values)
 
 
 class ExitClassifier(ArtifactMixin, ExitPolicy):
@@ -120,6 +92,11 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             Free-form figures achieved at calibration time (saved in the config).
         config ([`ExitClassifierConfig`], *optional*):
             Start from this config (e.g. one read from disk); the keyword arguments above override its fields.
+        gate ([`~adainfer_hf.policy.gate.LinearGate`], *optional*):
+            A cheap probe in front of each check: where it does not pass, the check computes no LM head and the
+            row goes on. Its fingerprint is recorded in the config (`gate_fingerprint`) and its arrays are saved
+            in `exit_gate.safetensors`. Only features that do not read the previous layer's lens can be gated
+            (`policy.gate.GATEABLE_FEATURES`). Calibrate with the gate in place: the guarantee covers what runs.
 
     Example:
 
@@ -132,24 +109,38 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
     ```
     """
 
-    def __init__(self, estimator, *, config: ExitClassifierConfig | None = None, **fields):
+    def __init__(self, estimator, *, config: ExitClassifierConfig | None = None, gate: LinearGate | None = None,
+                 **fields):
         unknown = sorted(set(fields) - set(POLICY_FIELDS))
         if unknown:
             raise TypeError(
                 f"ExitClassifier() got unexpected keyword argument(s) {unknown}; expected fields of "
                 f"ExitClassifierConfig: {list(POLICY_FIELDS)}."
             )
+        if "gate_fingerprint" in fields:
+            raise TypeError("gate_fingerprint is set from the gate: pass gate=LinearGate(...) (or gate=None).")
+        if gate is not None and not isinstance(gate, LinearGate):
+            raise TypeError(f"gate must be a LinearGate or None; got {type(gate).__name__}.")
         self.estimator = estimator
+        self._gate = gate
         self._nonfinite = NonFiniteRows(f"ExitClassifier({type(estimator).__name__})")  # warns once per instance
-        self._config = _normalized(dataclasses.replace(config or ExitClassifierConfig(), **fields))
+        config = config or ExitClassifierConfig()
+        if gate is not None or config.gate_fingerprint is None:
+            fields["gate_fingerprint"] = None if gate is None else gate.fingerprint()
+        self._config = normalized(dataclasses.replace(config, **fields))
         self._validate()
+
+    @property
+    def gate(self) -> LinearGate | None:
+        """The [`~adainfer_hf.policy.gate.LinearGate`] in front of each check, or None (read-only; see `replace`)."""
+        return self._gate
 
     def _set(self, **changes) -> None:
         """Changes config fields in place, validated as [`~ExitClassifier.replace`] validates (a failed change
         leaves the classifier as it was). Only for [`~ExitClassifier.bind`] and
         `training.schedule.schedule_classifier`, which document that they complete the classifier they get."""
         old = self._config
-        self._config = _normalized(dataclasses.replace(old, **changes))
+        self._config = normalized(dataclasses.replace(old, **changes))
         try:
             self._validate()
         except Exception:
@@ -161,33 +152,10 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         """Check every parameter against the estimator and each other; the one place that raises on bad values."""
         est = self.estimator
         self._score_kind = _score_kind(est)
-        if not hasattr(est, "predict"):
-            raise ValueError(f"estimator must be a scikit-learn classifier with `predict`; got {type(est).__name__}.")
-        try:
-            check_is_fitted(est)
-        except NotFittedError as err:
-            raise ValueError(f"estimator {type(est).__name__} is not fitted; call `fit` before wrapping it.") from err
-        except TypeError as err:
-            raise ValueError(f"estimator {est!r} is not a scikit-learn estimator: {err}") from err
-
-        if not self.features or not all(isinstance(f, str) for f in self.features):
-            raise ValueError(f"features must be a non-empty sequence of names; got {self.features!r}.")
-        unknown = [f for f in self.features if f not in FEATURES]
-        if unknown:
-            raise ValueError(f"Unknown feature(s) {unknown}; expected names from {sorted(FEATURES)}.")
-        if len(set(self.features)) != len(self.features):
-            raise ValueError(f"features contains duplicates: {list(self.features)}.")
-        n_in = getattr(est, "n_features_in_", None)
-        if n_in is not None and int(n_in) != len(self.features):
-            raise ValueError(f"estimator {type(est).__name__} was fitted on n_features_in_={n_in} columns but "
-                             f"features={list(self.features)} names {len(self.features)}.")
-        classes = getattr(est, "classes_", None)
-        if classes is not None and (len(classes) != 2 or classes[1] != 1):
-            labels = np.asarray(classes).tolist()
-            raise ValueError(f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}: "
-                             "labels must be 0/1 or bool.")
+        check_estimator(est, self.features)
 
         check_layer_fields(self._config)
+        self._validate_gate()
         if self.label not in _LABELS:
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
         check_dtype_or_raise(self.check_dtype)
@@ -206,6 +174,18 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         self._linear = _linear_form(est) if self.score_kind != "label" else None
         self._device_cache: dict = {}
         self._warned: set = set()
+
+    def _validate_gate(self) -> None:
+        fingerprint = self._config.gate_fingerprint
+        if self._gate is None:
+            if fingerprint is not None:
+                raise ValueError(f"gate_fingerprint={fingerprint!r} names a gate, but no gate was given.")
+            return
+        if fingerprint != self._gate.fingerprint():
+            raise ValueError(f"gate_fingerprint={fingerprint!r} does not match the gate's arrays "
+                             f"({self._gate.fingerprint()!r}); the gate file was changed or belongs to another "
+                             "classifier.")
+        self._gate.check_for(self.features, self.num_layers)
 
     @property
     def score_kind(self) -> str:
@@ -327,6 +307,10 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         if self.min_layer >= n_model:  # an unbound classifier would silently never exit
             raise ValueError(f"min_layer={self.min_layer} leaves nothing to check on a model with {n_model} decoder "
                              f"layers (checks run after layers 1..{n_model - 1}); use a min_layer < {n_model}.")
+        hidden_size = getattr(getattr(model, "config", None), "hidden_size", None)
+        if self._gate is not None and hidden_size is not None and self._gate.hidden_size != hidden_size:
+            raise ValueError(f"the gate reads hidden states of size {self._gate.hidden_size}, but the model's "
+                             f"hidden_size is {hidden_size}.")
         if self.num_layers is not None and n_model != self.num_layers:
             problems.append(f"num_layers: classifier {self.num_layers} vs model {n_model}")
         if self.lm_head_fingerprint is not None:
@@ -368,19 +352,34 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         )
 
     def replace(self, **changes) -> ExitClassifier:
-        """A copy with the same estimator and the given config fields changed (`threshold=`, `check_layers=`, ...),
-        validated as the constructor validates."""
-        return type(self)(self.estimator, config=dataclasses.replace(self._config, **changes))
+        """A copy with the same estimator (and gate) and the given config fields changed (`threshold=`,
+        `check_layers=`, `gate=`, ...), validated as the constructor validates."""
+        gate = changes.pop("gate", self._gate)
+        config = dataclasses.replace(self._config, gate_fingerprint=None)
+        return type(self)(self.estimator, config=dataclasses.replace(config, **changes), gate=gate)
+
+    def _gate_tensors(self):
+        """The gate's arrays, saved as `exit_gate.safetensors` (see `artifact.hub.ArtifactMixin`)."""
+        return None if self._gate is None else self._gate.to_tensors()
 
     @classmethod
-    def _from_artifact(cls, config: ExitClassifierConfig, estimator) -> ExitClassifier:
-        """The classifier of a loaded artifact (see `artifact.hub.ArtifactMixin`)."""
-        return cls(estimator, config=config)
+    def _from_artifact(cls, config: ExitClassifierConfig, estimator, gate_tensors=None) -> ExitClassifier:
+        """The classifier of a loaded artifact (see `artifact.hub.ArtifactMixin`); a gate that does not match the
+        config's fingerprint is refused."""
+        gate = None
+        if gate_tensors is not None:
+            gate = LinearGate.from_tensors(gate_tensors, source="exit_gate.safetensors")
+            if gate.fingerprint() != config.gate_fingerprint:
+                raise ValueError(f"exit_gate.safetensors has fingerprint {gate.fingerprint()!r} but the config "
+                                 f"records gate_fingerprint={config.gate_fingerprint!r}.")
+        return cls(estimator, config=config, gate=gate)
 
     def __repr__(self) -> str:
         base = f", base_model={self.base_model_name_or_path!r}" if self.base_model_name_or_path else ""
         layers = f", num_layers={self.num_layers}" if self.num_layers is not None else ""
         check = f", check_layers={self.check_layers}" if self.check_layers is not None else ""
+        if self._gate is not None:
+            check += f", gate={self._gate!r}"
         if self.decode_check_layers is not None:
             check += f", decode_check_layers={self.decode_check_layers}"
         return (
@@ -390,5 +389,5 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
 
 
 for _name in POLICY_FIELDS:  # the config's fields, as read-only properties
-    setattr(ExitClassifier, _name, _ConfigField(_name))
+    setattr(ExitClassifier, _name, ConfigField(_name))
 del _name

@@ -115,6 +115,30 @@ class LinearGate:
         w, b, t = cached
         return rms_normalize(hidden) @ w + b >= t
 
+    def select(self, rows: torch.Tensor, hidden: torch.Tensor, layer: int):
+        """`(rows, hidden)` of the rows that pass at `layer` (all of them where it has no probe), or `(None, None)`
+        when none does. `rows` [n] are host batch indices, `hidden` [n, H] their last-token states; the answer costs
+        one device-to-host copy of n bools, in place of an LM head."""
+        passed = self.passes(hidden, layer)
+        if passed is None:
+            return rows, hidden
+        passed_host = passed.to("cpu", torch.bool)
+        if not bool(passed_host.any()):
+            return None, None
+        if bool(passed_host.all()):
+            return rows, hidden
+        return rows[passed_host], hidden[passed_host.nonzero().squeeze(-1).to(hidden.device)]
+
+    def check_for(self, features, num_layers: int | None) -> None:
+        """Raises `ValueError` when a classifier reading `features` on a model of `num_layers` cannot use the gate."""
+        ungateable = [f for f in features if f not in GATEABLE_FEATURES]
+        if ungateable:
+            raise ValueError(f"features {ungateable} read the previous layer's logit lens, which a gated-out layer "
+                             f"does not compute; a gated classifier reads only {list(GATEABLE_FEATURES)}.")
+        if num_layers is not None and max(self.layers) >= num_layers:
+            raise ValueError(f"the gate has a probe after layer {max(self.layers)}, but the model has {num_layers} "
+                             f"layers (checks run after layers 1..{num_layers - 1}).")
+
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the probes' arrays: recorded in the artifact and checked on load."""
         h = hashlib.sha256()

@@ -133,6 +133,10 @@ class ExitRun:
         self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
                                                                                                 self.past_length)))
         self.needs = feature_needs(policy.features)
+        self.gate = policy.gate
+        if self.gate is not None and "prev_stats" in self.needs:
+            raise ValueError(f"features {list(policy.features)} read the previous layer's logit lens, which a gate "
+                             "may skip; a gated policy reads only features of the current layer.")
         self.lens_layers = set(self.check_layers)
         if "prev_stats" in self.needs:
             self.lens_layers |= {k - 1 for k in self.check_layers if k > 1}
@@ -161,6 +165,9 @@ class ExitRun:
         self._displaced: dict = {}  # entries of an enclosing run in this thread (restored by close)
         # Policies that look at the layer sequence (CRF) keep per-call state here, never on themselves.
         self.policy_state = policy.begin_run(batch_size)
+        if self.gate is not None and self.policy_state is not None:
+            raise ValueError(f"{type(policy).__name__} keeps per-call state over the layer sequence, which a gate "
+                             "would leave with gaps; use a row-wise classifier with a gate.")
         if "sublayers" in self.needs:
             self._install_sublayer_hooks()
 
@@ -258,6 +265,11 @@ class ExitRun:
     def _check(self, hidden: torch.Tensor, rows: torch.Tensor) -> None:
         layer = self.layer
         h_last = self._last_token(hidden, rows)
+        self.policy.record_hidden(layer, rows, h_last)
+        if self.gate is not None and layer in self.check_layers:
+            rows, h_last = self.gate.select(rows, h_last, layer)
+            if rows is None:
+                return
         logits = arch.exit_logits(self.model, h_last, self.check_dtype)
         prev = None
         if self.prev_stats is not None and self.prev_stats_layer == layer - 1:

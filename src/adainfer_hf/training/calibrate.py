@@ -10,6 +10,9 @@ covers the `min_layer` grid. Among the accepted candidates the one with the fewe
 probability at least `1 - delta` (over the draw of calibration prompts) the chosen rule's agreement on new
 prompts from the same distribution is at least `target_agreement`.
 
+A classifier with a gate (`ExitClassifier.gate`) is calibrated as it runs: a row the gate stops computes no
+features and cannot fire, so its score is -inf (the table must hold the hidden states the gate reads).
+
 When no candidate is accepted -- e.g. a model whose early layers put a confident blank token on top -- the
 result exits never (`check_layers=()`): the honest answer, rather than a classifier that breaks the outputs.
 """
@@ -26,18 +29,34 @@ from ..policy.classifier import ExitClassifier
 from ..utils.stats import binomial_tail, binomial_upper_bound
 from .table import FeatureTable, table_sequences
 
-__all__ = ["calibrate", "exit_scores", "simulate_exits", "summarize_exits"]
+__all__ = ["calibrate", "exit_scores", "gate_passes", "simulate_exits", "summarize_exits"]
 
 MAX_THRESHOLDS = 200  # size of the threshold grid (score quantiles)
 MAX_MIN_LAYERS = 8  # default size of the min_layer grid (each one costs a Bonferroni factor)
+
+
+def gate_passes(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
+    """Bool `[N]`: where `clf`'s gate lets a row's check compute the head (all True without a gate)."""
+    if clf.gate is None:
+        return np.ones(len(table), dtype=bool)
+    if table.hidden is None:
+        raise ValueError("The classifier has a gate, which reads hidden states, but this table has none; collect it "
+                         "with collect_features(..., hidden_states=True) (CLI: --tables-out).")
+    return clf.gate.passes_table(table.hidden, table.layer)
 
 
 def exit_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
     """`clf`'s exit score for every row of `table` (float64 `[N]`).
 
     For a CRF estimator this is the causal sequence score P(exit at k | layers 1..k) of each prompt's layer
-    sequence; for everything else `clf.score` on the rows' features.
+    sequence; for everything else `clf.score` on the rows' features. Rows a gate stops score -inf.
     """
+    if clf.gate is not None:
+        scores = np.full(len(table), -np.inf)
+        passed = gate_passes(clf, table)
+        if passed.any():
+            scores[passed] = clf.score(table.columns(clf.features)[passed].astype(np.float64))
+        return scores
     X = table.columns(clf.features).astype(np.float64)
     if hasattr(clf.estimator, "causal_scores"):
         seqs, _ = table_sequences(table, clf.features)
@@ -114,7 +133,7 @@ def simulate_exits(clf: ExitClassifier, table: FeatureTable) -> tuple[np.ndarray
     if hasattr(clf.estimator, "causal_scores") and clf.threshold is not None:
         fired = exit_scores(clf, table) >= clf.threshold
     elif len(table):
-        fired = clf.exit_mask(table.columns(clf.features).astype(np.float64))
+        fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & gate_passes(clf, table)
     checked = np.isin(table.layer, clf.layers_to_check(L))
     exit_layer = _first_exit(_grid(table, (fired & checked).astype(np.float64), 0.0) > 0, L)
     return exit_layer, summarize_exits(table, exit_layer)

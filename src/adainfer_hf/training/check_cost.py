@@ -1,7 +1,8 @@
 """What one exit check costs on the model's device, in decoder layers (the input of schedule choice).
 
 A check (final norm + LM head + top-2 on the last token) is timed against one decoder layer, in a prompt forward
-("prefill") or in a single-token step ("decode"), with the LM head in the dtype the checks will use.
+("prefill") or in a single-token step ("decode"), with the LM head in the dtype the checks will use. A gate in
+front of the checks (`policy.gate.LinearGate`) is timed the same way, with its one device-to-host sync.
 """
 
 from __future__ import annotations
@@ -14,7 +15,44 @@ import torch
 from ..architectures import core as arch
 from ..policy.features import compute_features
 
-__all__ = ["measure_check_cost"]
+__all__ = ["measure_check_cost", "measure_gate_cost"]
+
+
+class _LayerClock:
+    """Times callables against one decoder layer of `model` run on a random `[batch, q, H]` input."""
+
+    def __init__(self, model, seq_len: int, batch_size: int, phase: str, repeats: int):
+        if phase not in ("prefill", "decode"):
+            raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
+        self.layer = arch.decoder_layers(model)[0]
+        self.device = arch.execution_device(self.layer)
+        dtype = next(self.layer.parameters()).dtype
+        q = seq_len if phase == "prefill" else 1
+        self.hidden = torch.randn(batch_size, q, model.config.hidden_size, device=self.device, dtype=dtype)
+        pos = torch.arange(q, device=self.device).unsqueeze(0)
+        self.kwargs = {"position_ids": pos}
+        pe = arch.position_embeddings(model, self.hidden, pos)
+        if pe is not None:
+            self.kwargs["position_embeddings"] = pe
+        self.repeats = repeats
+
+    def median_time(self, fn) -> float:
+        fn()
+        times = []
+        for _ in range(self.repeats):
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            t0 = time.perf_counter()
+            fn()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times)
+
+    def in_layers(self, fn) -> float:
+        """Median time of `fn()` over the median time of the layer."""
+        return self.median_time(fn) / self.median_time(lambda: self.layer(self.hidden, attention_mask=None,
+                                                                          **self.kwargs))
 
 
 @torch.no_grad()
@@ -26,40 +64,26 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
         phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
         check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
     """
-    if phase not in ("prefill", "decode"):
-        raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
-    layer = arch.decoder_layers(model)[0]
-    device = arch.execution_device(layer)
-    dtype = next(layer.parameters()).dtype
-    q = seq_len if phase == "prefill" else 1
-    hidden = torch.randn(batch_size, q, model.config.hidden_size, device=device, dtype=dtype)
-    pos = torch.arange(q, device=device).unsqueeze(0)
-    kw = {"position_ids": pos}
-    pe = arch.position_embeddings(model, hidden, pos)
-    if pe is not None:
-        kw["position_embeddings"] = pe
-
-    def run_layer():
-        layer(hidden, attention_mask=None, **kw)
-
+    clock = _LayerClock(model, seq_len, batch_size, phase, repeats)
     head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
 
     def run_check():
-        logits = arch.exit_logits(model, hidden[:, -1], head_dtype)
+        logits = arch.exit_logits(model, clock.hidden[:, -1], head_dtype)
         feats, _ = compute_features(features, logits)
         feats.to("cpu")  # the decision's one device-to-host sync
 
-    def median_time(fn):
-        fn()
-        times = []
-        for _ in range(repeats):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t0 = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t0)
-        return statistics.median(times)
+    return clock.in_layers(run_check)
 
-    return median_time(run_check) / median_time(run_layer)
+
+@torch.no_grad()
+def measure_gate_cost(model, gate, seq_len: int = 256, batch_size: int = 1, phase: str = "decode",
+                      repeats: int = 7) -> float:
+    """Measured cost of `gate` (a `LinearGate`) in front of one check, in decoder layers, as the decoder loop runs
+    it: the probe on the rows' last-token hidden states and the one device-to-host copy of its answer."""
+    clock = _LayerClock(model, seq_len, batch_size, phase, repeats)
+    layer = gate.layers[0]
+
+    def run_gate():
+        gate.passes(clock.hidden[:, -1], layer).to("cpu")
+
+    return clock.in_layers(run_gate)

@@ -36,15 +36,25 @@ class RecordingPolicy(ExitPolicy):
         features (`Sequence[str]`): feature names to compute, in column order.
         batch_size (`int`), num_layers (`int`): shape of the forward call about to run.
         check_dtype (`str`, *optional*): LM-head dtype of the checks (see `policy.CHECK_DTYPES`).
+        hidden_size (`int`, *optional*): also store each row's last-token hidden state per layer (float16), what a
+            gate is trained on; None stores none.
     """
 
-    def __init__(self, features: Sequence[str], batch_size: int, num_layers: int, check_dtype: str | None = None):
+    def __init__(self, features: Sequence[str], batch_size: int, num_layers: int, check_dtype: str | None = None,
+                 hidden_size: int | None = None):
         self.features = tuple(features)
         self.min_layer = 1
         self.check_layers = None
         self.check_dtype = check_dtype
         self.feats = torch.full((batch_size, num_layers - 1, len(self.features)), float("nan"))
         self.top_token = torch.full((batch_size, num_layers - 1), -1, dtype=torch.long)
+        self.hidden = None if hidden_size is None else torch.zeros((batch_size, num_layers - 1, hidden_size),
+                                                                    dtype=torch.float16)
+
+    def record_hidden(self, layer, rows, hidden) -> None:
+        """Stores the last-token hidden states of `rows` after `layer` (when asked for at construction)."""
+        if self.hidden is not None:
+            self.hidden[rows.to("cpu"), layer - 1] = hidden.detach().to("cpu", torch.float16)
 
     def record(self, layer, rows, feats, stats, logits) -> None:
         """Stores the features and the logit lens' top-1 of `rows` after `layer` (1-based)."""
@@ -64,6 +74,7 @@ def collect_features(
     batch_size: int = 8,
     progress: bool = True,
     check_dtype: str | None = None,
+    hidden_states: bool = False,
 ) -> FeatureTable:
     """Collects per-layer exit features for `prompts` with one forward per batch through the model's exit loop.
 
@@ -77,6 +88,8 @@ def collect_features(
         progress (`bool`, *optional*, defaults to `True`): show a tqdm bar.
         check_dtype (`str`, *optional*): compute the logit lens with the LM head in this dtype ("bfloat16",
             "float16"), as a classifier with the same `check_dtype` will at run time; recorded in `meta`.
+        hidden_states (`bool`, *optional*, defaults to `False`): also record each row's last-token hidden state
+            (`FeatureTable.hidden`, float16), what `policy.gate.fit_linear_gate` trains on.
 
     Returns:
         [`FeatureTable`]: rows ordered by prompt, then layer.
@@ -102,7 +115,9 @@ def collect_features(
         [gold_first_token(tokenizer, p.text, p.answer) if p.answer.strip() else -1 for p in prompts],
         dtype=np.int64,
     )
-    feats, tops, final = _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype)
+    hidden_size = int(model.config.hidden_size) if hidden_states else None
+    feats, tops, final, hidden = _record_layers(model, tokenizer, prompts, features, batch_size, progress,
+                                                check_dtype, hidden_size)
 
     layers = np.arange(1, L, dtype=np.int64)
     return FeatureTable(
@@ -118,14 +133,17 @@ def collect_features(
         gold_token=gold,
         num_layers=np.full(P, L, dtype=np.int64),
         meta={"model": getattr(model.config, "_name_or_path", None) or None, "check_dtype": check_dtype},
+        hidden=None if hidden is None else hidden.reshape(P * (L - 1), -1),
     )
 
 
-def _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype):
+def _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype, hidden_size=None):
     """Runs every prompt through the exit loop with a [`RecordingPolicy`]: features `[P, L-1, F]`, top-1 tokens
-    `[P, L-1]` and the dense top-1 `[P]`, each prompt in its own slot."""
+    `[P, L-1]`, the dense top-1 `[P]` and (with `hidden_size`) hidden states `[P, L-1, H]` (else None), each
+    prompt in its own slot."""
     L, P = arch.num_layers(model), len(prompts)
     feats = np.zeros((P, L - 1, len(features)), dtype=np.float32)
+    hidden = None if hidden_size is None else np.zeros((P, L - 1, hidden_size), dtype=np.float16)
     tops = np.zeros((P, L - 1), dtype=np.int64)
     final = np.zeros(P, dtype=np.int64)
     device = next(model.parameters()).device
@@ -140,7 +158,7 @@ def _record_layers(model, tokenizer, prompts, features, batch_size, progress, ch
             for idx in tqdm(batches, desc="collecting features", unit="batch", disable=not progress):
                 enc = tokenizer([prompts[i].text for i in idx], return_tensors="pt", padding=True)
                 enc = {k: v.to(device) for k, v in enc.items()}
-                policy = RecordingPolicy(features, len(idx), L, check_dtype=check_dtype)
+                policy = RecordingPolicy(features, len(idx), L, check_dtype=check_dtype, hidden_size=hidden_size)
                 out = model(**enc, use_cache=False, logits_to_keep=1, exit_policy=policy)
                 if bool((policy.top_token < 0).any()):
                     raise RuntimeError(
@@ -148,10 +166,12 @@ def _record_layers(model, tokenizer, prompts, features, batch_size, progress, ch
                     )
                 feats[idx] = policy.feats.numpy()
                 tops[idx] = policy.top_token.numpy()
+                if hidden is not None:
+                    hidden[idx] = policy.hidden.numpy()
                 final[idx] = out.logits[:, -1].argmax(-1).cpu().numpy()
     finally:
         model.train(was_training)
-    return feats, tops, final
+    return feats, tops, final, hidden
 
 
 def load_adainfer_model(name_or_path: str | os.PathLike, **kwargs):

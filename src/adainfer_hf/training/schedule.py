@@ -5,6 +5,9 @@ prefill length 64 and 6.5 in single-token decode. Checking after every layer, as
 early exit saves. Given, for calibration prompts, where the classifier would fire and where exiting would agree
 with the dense model, `choose_schedule` picks the cheapest schedule among a family (a first checked layer and a
 stride, single checks, and "no checks at all") whose agreement with dense holds with confidence 1 - delta.
+
+With a gate in front of the checks (`ExitClassifier.gate`) a check costs the gate plus, where the gate passes, the
+head: `gate_cost + P(pass) * check_cost` per running row, read per prompt and layer from the calibration table.
 """
 
 from __future__ import annotations
@@ -14,13 +17,15 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..utils.stats import binomial_upper_bound
-from .check_cost import measure_check_cost
+from .calibrate import gate_passes
+from .check_cost import measure_check_cost, measure_gate_cost
 
 __all__ = [
     "ScheduleChoice",
     "choose_schedule",
     "resolve_check_cost",
     "resolve_check_costs",
+    "resolve_gate_costs",
     "schedule_classifier",
     "schedule_cost",
 ]
@@ -36,7 +41,8 @@ class ScheduleChoice:
         mean_layers (`float`): mean layers run per prompt.
         agreement (`float`): empirical agreement with dense on the calibration prompts.
         risk_bound (`float`): upper confidence bound (1 - delta) on the disagreement rate.
-        check_cost (`float`): cost of one check in decoder layers, as used.
+        check_cost (`float`): cost of one check's head in decoder layers, as used.
+        gate_cost (`float`): cost of the gate in front of a check, in decoder layers (0: no gate).
         candidates (`int`): schedules considered (the Bonferroni factor).
     """
 
@@ -48,15 +54,18 @@ class ScheduleChoice:
     check_cost: float
     candidates: int
     table: list = field(default_factory=list)
+    gate_cost: float = 0.0
 
     def as_dict(self) -> dict:
         """Plain-Python summary for the artifact's `calibration` record."""
         return {"check_layers": list(self.check_layers), "relative_cost": self.relative_cost,
                 "mean_layers": self.mean_layers, "agreement": self.agreement, "risk_bound": self.risk_bound,
-                "check_cost_layers": self.check_cost, "candidates": self.candidates}
+                "check_cost_layers": self.check_cost, "gate_cost_layers": self.gate_cost,
+                "candidates": self.candidates}
 
 
-def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cost: float):
+def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cost: float,
+                  passes: np.ndarray | None = None, gate_cost: float = 0.0):
     """Exit layers, per-prompt cost (in layers) and agreement of one schedule.
 
     Args:
@@ -65,31 +74,36 @@ def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cos
         check_layers (`Sequence[int]`): 1-based checked layers.
         check_cost (`float`): one check's cost in decoder layers (it includes the LM head, so a fired check's
             logits are the output and the final head is saved).
+        passes (`np.ndarray`, *optional*): bool [n_prompts, L]; where a gate lets the check compute the head
+            (`fires` must already be False where it does not). None: no gate, every check computes the head.
+        gate_cost (`float`, *optional*, defaults to 0): the gate's cost per check, in decoder layers.
     """
     n, L = fires.shape
     exits = np.full(n, L)
-    checks = np.zeros(n)
+    cost = np.zeros(n)
     running = np.ones(n, dtype=bool)
     for k in sorted(check_layers):
-        checks += running
+        heads = running if passes is None else running & passes[:, k - 1]
+        cost += gate_cost * running + check_cost * heads
         fired = running & fires[:, k - 1]
         exits[fired] = k
         running &= ~fired
     # Rows that never fired pay the dense model's own final head (one check's worth) on top of L layers.
-    cost = exits + check_cost * checks + check_cost * running
+    cost += exits + check_cost * running
     agree = agrees[np.arange(n), exits - 1]
     return exits, cost, agree
 
 
 def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, target_agreement: float = 0.99,
                     delta: float = 0.1, min_layer: int = 1, strides=(1, 2, 3, 4, 6, 8),
-                    max_starts: int = 8) -> ScheduleChoice:
+                    max_starts: int = 8, passes: np.ndarray | None = None,
+                    gate_cost: float = 0.0) -> ScheduleChoice:
     """The cheapest schedule whose agreement with dense is >= target with confidence 1 - delta.
 
     Candidates: "no checks" (always allowed: it is the dense model), single checks, and (first layer, stride)
     ladders with first layers spread over where the classifier starts firing. Each candidate's disagreement is
     bounded with an exact binomial bound at delta / (number of candidates) (Bonferroni), so the guarantee holds for
-    the selected one.
+    the selected one. `passes` and `gate_cost` describe a gate in front of the checks (see [`schedule_cost`]).
     """
     n, L = fires.shape
     first_fire = np.where(fires[:, min_layer - 1:L - 1].any(1), fires[:, min_layer - 1:L - 1].argmax(1) + min_layer, L)
@@ -111,11 +125,11 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
     level = delta / len(candidates)
     best, table = None, []
     for cand in candidates:
-        exits, cost, agree = schedule_cost(fires, agrees, cand, check_cost)
+        exits, cost, agree = schedule_cost(fires, agrees, cand, check_cost, passes, gate_cost)
         errors = int((~agree).sum())
         bound = binomial_upper_bound(errors, n, level) if cand else 0.0
         row = ScheduleChoice(tuple(cand), float(cost.mean() / dense_cost), float(exits.mean()),
-                             float(agree.mean()), bound, check_cost, len(candidates))
+                             float(agree.mean()), bound, check_cost, len(candidates), gate_cost=gate_cost)
         table.append(row.as_dict())
         if bound <= 1 - target_agreement and (best is None or row.relative_cost < best.relative_cost):
             best = row
@@ -124,7 +138,8 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
 
 
 def schedule_classifier(clf, table, check_cost: float, target_agreement: float | None = None,
-                        delta: float | None = None, decode_check_cost: float | None = None):
+                        delta: float | None = None, decode_check_cost: float | None = None,
+                        gate_cost: float = 0.0, decode_gate_cost: float | None = None):
     """Sets `clf.check_layers` (and `clf.decode_check_layers`) to the cheapest certified schedules, in place.
 
     Args:
@@ -136,6 +151,9 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
         decode_check_cost (`float`, *optional*): one check's cost in a cached single-token step. When given, a
             second schedule is chosen for those steps (`decode_check_layers`), on the same calibration prompts
             (their exits stand in for those of generated tokens); otherwise decode steps use `check_layers`.
+        gate_cost (`float`, *optional*, defaults to 0), decode_gate_cost (`float`, *optional*): the cost of the
+            classifier's gate per check in prompts and in decode steps (default: `gate_cost`), in decoder layers;
+            where the gate passes is read from the table (`calibrate.gate_passes`).
 
     Returns:
         `ScheduleChoice` of `check_layers`, also stored in `clf.calibration["schedule"]` (the decode one in
@@ -149,16 +167,25 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     L = int(np.unique(table.num_layers)[0])
     fires = np.zeros((table.num_prompts, L), dtype=bool)
     agrees = np.ones((table.num_prompts, L), dtype=bool)
-    fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & (table.layer >= clf.min_layer)
+    passed = gate_passes(clf, table)
+    fired = clf.exit_mask(table.columns(clf.features).astype(np.float64)) & (table.layer >= clf.min_layer) & passed
     fires[table.prompt_id, table.layer - 1] = fired
     agrees[table.prompt_id, table.layer - 1] = table.labels("final")
+    passes = None
+    if clf.gate is not None:
+        passes = np.ones((table.num_prompts, L), dtype=bool)
+        passes[table.prompt_id, table.layer - 1] = passed
+    else:
+        gate_cost = decode_gate_cost = 0.0
     procedure = "exact binomial bound, Bonferroni over the candidates"
-    choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer)
+    choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer, passes=passes,
+                             gate_cost=gate_cost)
     record = {**cal, "schedule": {**choice.as_dict(), "delta": delta, "procedure": procedure}}
     record.pop("decode_schedule", None)
     decode_layers = None
     if decode_check_cost is not None:
-        decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer)
+        decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer,
+                                 passes=passes, gate_cost=gate_cost if decode_gate_cost is None else decode_gate_cost)
         decode_layers = decode.check_layers
         record["decode_schedule"] = {**decode.as_dict(), "delta": delta, "procedure": procedure}
     # In place, as documented, and validated like `ExitClassifier.replace`.
@@ -180,6 +207,25 @@ def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both",
         return (resolve_check_cost(model, spec, seq_len, "prefill", check_dtype),
                 resolve_check_cost(model, spec, seq_len, "decode", check_dtype))
     return resolve_check_cost(model, spec, seq_len, "prefill" if phase == "both" else phase, check_dtype), None
+
+
+def resolve_gate_costs(model, gate, spec, seq_len: int = 256, phase: str = "both") -> tuple[float, float | None]:
+    """(gate cost in prompts, gate cost in decode steps or None) for `schedule_classifier`, like
+    [`resolve_check_costs`]: `spec` is "auto" (measured now) or a number of layers; no gate costs 0."""
+    if gate is None:
+        return 0.0, None
+    if spec != "auto":
+        try:
+            value = float(spec)
+        except (TypeError, ValueError):
+            raise ValueError(f"gate cost must be a number of layers or 'auto'; got {spec!r}.") from None
+        if not value >= 0:
+            raise ValueError(f"gate cost must be >= 0 layers; got {spec!r}.")
+        return value, None
+    if phase == "both":
+        return (measure_gate_cost(model, gate, seq_len, phase="prefill"),
+                measure_gate_cost(model, gate, seq_len, phase="decode"))
+    return measure_gate_cost(model, gate, seq_len, phase=phase), None
 
 
 def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",

@@ -43,6 +43,9 @@ class FeatureTable:
         gold_token (`np.ndarray` int `[P]`): first token of the gold answer, `-1` when unknown.
         num_layers (`np.ndarray` int `[P]`): decoder layer count `L` of the model that produced the prompt's rows.
         meta (`dict`): free-form JSON-serialisable information (model name, ...).
+        hidden (`np.ndarray` float16 `[N, H]`, *optional*): each row's last-token hidden state after its layer
+            (before the final norm), what a gate (`policy.gate.LinearGate`) reads; recorded only on request
+            (`collect_features(..., hidden_states=True)`).
     """
 
     X: np.ndarray
@@ -57,6 +60,7 @@ class FeatureTable:
     gold_token: np.ndarray
     num_layers: np.ndarray
     meta: dict = field(default_factory=dict)
+    hidden: np.ndarray | None = None
 
     def __post_init__(self):
         self.X = np.asarray(self.X, dtype=np.float32).reshape(-1, len(self.feature_names))
@@ -75,6 +79,10 @@ class FeatureTable:
                 raise ValueError(
                     f"FeatureTable.{name} has {getattr(self, name).shape[0]} prompts; expected {p}."
                 )
+        if self.hidden is not None:
+            self.hidden = np.asarray(self.hidden, dtype=np.float16)
+            if self.hidden.ndim != 2 or self.hidden.shape[0] != n:
+                raise ValueError(f"FeatureTable.hidden has shape {self.hidden.shape}; expected ({n}, hidden_size).")
         if n and (self.prompt_id.min() < 0 or self.prompt_id.max() >= p):
             raise ValueError(
                 f"FeatureTable.prompt_id must lie in [0, {p}); got range "
@@ -139,6 +147,7 @@ class FeatureTable:
             top_token=self.top_token[rows],
             **{name: getattr(self, name)[ids] for name in _PROMPT_FIELDS},
             meta=dict(self.meta),
+            hidden=None if self.hidden is None else self.hidden[rows],
         )
 
     @classmethod
@@ -152,6 +161,9 @@ class FeatureTable:
                 raise ValueError(
                     f"Cannot concat tables with features {list(t.feature_names)} and {list(names)}."
                 )
+        with_hidden = [t.hidden is not None for t in tables]
+        if any(with_hidden) and not all(with_hidden):
+            raise ValueError("Cannot concat tables with and without hidden states; collect them alike.")
         offsets = np.cumsum([0] + [t.num_prompts for t in tables[:-1]])
         return cls(
             X=np.concatenate([t.X for t in tables]),
@@ -161,6 +173,7 @@ class FeatureTable:
             top_token=np.concatenate([t.top_token for t in tables]),
             **{name: np.concatenate([getattr(t, name) for t in tables]) for name in _PROMPT_FIELDS},
             meta=dict(tables[0].meta),
+            hidden=np.concatenate([t.hidden for t in tables]) if all(with_hidden) else None,
         )
 
     # ------------------------------------------------------------------ files
@@ -174,7 +187,8 @@ class FeatureTable:
             "meta": self.meta,
         }
         arrays = {
-            f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("feature_names", "meta")
+            f.name: getattr(self, f.name) for f in fields(self)
+            if f.name not in ("feature_names", "meta") and getattr(self, f.name) is not None
         }
         with atomic_file(path, "wb") as f:
             np.savez_compressed(f, meta=np.array(json.dumps(meta, sort_keys=True)), **arrays)

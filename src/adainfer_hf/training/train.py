@@ -27,12 +27,14 @@ from ..estimators.crf import CRFExitEstimator
 from ..estimators.linear import fold_scaler
 from ..estimators.rules import GapThresholdRule
 from ..policy.classifier import ExitClassifier
+from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
-from .schedule import resolve_check_costs, schedule_classifier
+from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 
 __all__ = [
+    "GATES",
     "TRAIN_METHODS",
     "train_and_calibrate",
     "train_exit_classifier",
@@ -40,6 +42,7 @@ __all__ = [
 ]
 
 TRAIN_METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule")
+GATES = (None, "linear")  # what may stand in front of the checks (None: every check computes the head)
 
 
 def _stratified_rows(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -168,6 +171,10 @@ def train_and_calibrate(
     check_phase: str = "both",
     check_length: int | None = None,
     check_dtype: str | None = None,
+    hidden_states: bool = False,
+    gate: str | None = None,
+    gate_recall: float = 0.99,
+    gate_cost: float | str = "auto",
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
@@ -214,7 +221,8 @@ def train_and_calibrate(
             f"({len(keys)} examples)."
         )
     table = collect_features(model, tokenizer, prompts, features=tuple(features), batch_size=batch_size,
-                             progress=progress, check_dtype=check_dtype)
+                             progress=progress, check_dtype=check_dtype,
+                             hidden_states=hidden_states or gate is not None)
     train_table = table.select_prompts(np.flatnonzero(is_train))
     calib_table = table.select_prompts(np.flatnonzero(~is_train))
     if check_length is None:
@@ -222,7 +230,7 @@ def train_and_calibrate(
     clf = train_on_tables(
         model, train_table, calib_table, method=method, features=features, label=label, max_rows=max_rows,
         seed=seed, target_agreement=target_agreement, delta=delta, min_layers=min_layers, check_cost=check_cost,
-        check_phase=check_phase, check_length=check_length)
+        check_phase=check_phase, check_length=check_length, gate=gate, gate_recall=gate_recall, gate_cost=gate_cost)
     return clf, train_table, calib_table
 
 
@@ -241,21 +249,44 @@ def train_on_tables(
     check_cost: float | str | None = "auto",
     check_phase: str = "both",
     check_length: int = 256,
+    gate: str | None = None,
+    gate_recall: float = 0.99,
+    gate_cost: float | str = "auto",
 ):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
     The tables' `check_dtype` (see `collect.collect_features`) carries into the classifier and the measured check
     cost. Arguments as in [`train_and_calibrate`]; `check_length` is the prompt length a check is measured at.
 
+    Args:
+        gate (`str`, *optional*): `"linear"` puts a `policy.gate.LinearGate` in front of every check, fitted on
+            `train_table`'s hidden states to pass `gate_recall` of the rows whose lens agrees (`label`); the
+            classifier is trained as without it, and calibration and the schedule measure the composed rule.
+            None (default): no gate.
+        gate_recall (`float`, *optional*, defaults to 0.99): share of the training rows labelled 1 the gate passes.
+        gate_cost (`float` or `"auto"`, *optional*, defaults to `"auto"`): the gate's cost per check in decoder
+            layers for the schedule; "auto" measures it (in prompts and in decode steps with `check_phase="both"`).
+
     Returns:
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is not supported; expected one of {list(GATES)}.")
+    if gate is not None and (train_table.hidden is None or calib_table.hidden is None):
+        raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
+                         "them with hidden_states=True (CLI: --tables-out, or train with --gate linear).")
     clf = train_exit_classifier(
         train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
     )
+    if gate is not None:
+        probe = fit_linear_gate(train_table.hidden, train_table.layer, train_table.labels(label), recall=gate_recall,
+                                seed=seed)
+        clf = clf.replace(gate=probe)
     clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers)
     cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
                                             check_dtype=clf.check_dtype)
     if cost is not None:
-        schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost)
+        g_cost, g_decode = resolve_gate_costs(model, clf.gate, gate_cost, seq_len=check_length, phase=check_phase)
+        schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost, gate_cost=g_cost,
+                            decode_gate_cost=g_decode)
     return clf.bind(model)
