@@ -178,7 +178,7 @@ def econ_methods(model, thresholds, min_layer):
     return methods
 
 
-def ada_methods(path, tokenizer, model_type, thresholds, min_layer, prompt_threshold):
+def ada_methods(path, tokenizer, model_type, thresholds, min_layer, prompt_threshold, classifiers=()):
     import adainfer_hf
     from adainfer_hf import ExitClassifier, GapThresholdRule
 
@@ -200,6 +200,11 @@ def ada_methods(path, tokenizer, model_type, thresholds, min_layer, prompt_thres
             policies["ada-shipped-checks"] = clf.replace(check_layers=None, decode_check_layers=None)
         except ValueError as err:
             print(f"[skip] shipped classifier does not fit this model: {err}")
+    for spec in classifiers:  # NAME=DIR: calibrated classifiers saved by benchmarks/gate_real.py --save-dir
+        name, _, directory = spec.partition("=")
+        clf = ExitClassifier.from_pretrained(directory)
+        clf.validate_for(model)
+        policies[f"ada-{name}"] = clf
     rule_layers = tuple(range(min_layer, num_layers))
 
     def gap(t, **schedule):
@@ -255,6 +260,8 @@ def main(argv=None):
     p.add_argument("--prompt-threshold", type=float, default=0.9,
                    help="gap rule also run with the package's default schedule (prompt step may exit); -1: skip")
     p.add_argument("--no-adainfer", action="store_true", help="HF vs economize only")
+    p.add_argument("--exit-classifier", action="append", default=[], metavar="NAME=DIR",
+                   help="also run this calibrated classifier (e.g. one gate_real.py --save-dir wrote); repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="default: docs/results/peer_economize_<model>.json")
@@ -280,7 +287,8 @@ def main(argv=None):
     if args.no_adainfer:
         skipped = "--no-adainfer"
     else:
-        ada, ada_model = ada_methods(path, tokenizer, model_type, thresholds, args.min_layer, prompt_threshold)
+        ada, ada_model = ada_methods(path, tokenizer, model_type, thresholds, args.min_layer, prompt_threshold,
+                                     args.exit_classifier)
         methods += ada
         if not ada:
             skipped = f"adainfer_hf has no class for model_type {model_type!r}"

@@ -1,0 +1,227 @@
+"""Full-vocabulary checks against gated checks on a real checkpoint: what one check costs, and what the calibrated
+early exit gains with each, in first-token scoring and in generation.
+
+    python benchmarks/gate_real.py qwen2.5-0.5b [--tables DIR] [--prompts 32] [--gen-prompts 6] [--new-tokens 64]
+
+1. Check cost, in decoder layers, measured on this device (`training.check_cost`): the full check (final norm +
+   LM head + top-2) and the gate alone (a probe on the hidden state plus its one host copy), at prefill lengths
+   64/256/1024 and in a single-token decode step; plus what a gated check costs on average at the schedule's
+   layers, `gate + P(pass) x head`, with P(pass) read from the calibration table.
+2. Four classifiers trained on the same tables (`benchmarks/eval_real.sh` writes them with hidden states; the
+   evaluated tasks are not among their tasks): the paper's SVM on gap/top_prob, without and with a linear gate,
+   each calibrated at 0.99 and 0.95 (Learn-then-Test on the composed rule) with schedules for prompts and decode
+   steps from the measured costs.
+3. First-token scoring on held-out prompts of four unseen tasks (5-shot, batches of 8): agreement of the top-1 with
+   dense, mean layers, wall-clock ratio dense / early exit. 64-token greedy generation of free-text prompts
+   (batch 1): token agreement, common prefix, mean layers per token, wall-clock ratio. Dense is the stock
+   `AutoModelForCausalLM` with the same weights; each early-exit run is timed right after a dense run of the same
+   input (alternating), and ratios are medians over inputs of the per-input ratios (also the ratio of sums).
+
+Writes docs/results/<key>/gate.json (and prints markdown tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from real_models import model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adainfer_hf import AutoAdaInferForCausalLM
+from adainfer_hf.data.prompts import build_prompts, load_task
+from adainfer_hf.training.calibrate import gate_passes
+from adainfer_hf.training.check_cost import measure_check_cost, measure_gate_cost
+from adainfer_hf.training.table import FeatureTable
+from adainfer_hf.training.train import train_on_tables
+
+FV = Path(os.environ.get("FV", "/work/shared/data/function_vectors"))
+EVAL_TASKS = ("abstractive/sentiment", "abstractive/antonym", "abstractive/country-capital", "abstractive/capitalize")
+FREE_TEXT = [
+    "Explain why the sky is blue.", "Write a short poem about the sea.", "What is photosynthesis?",
+    "Give three tips for learning a new language.", "What causes the seasons on Earth?",
+    "How does a bicycle stay upright?", "Summarize the story of Little Red Riding Hood.",
+    "What is the difference between weather and climate?",
+]
+
+
+def _timed(fn, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(**kwargs)
+    return out, time.perf_counter() - t0
+
+
+def check_costs(model, gate, calib, classifiers, repeats):
+    """Full vs gated check cost in layers per phase, and the mean gated cost at each classifier's schedule."""
+    rows = []
+    for phase, length in (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 256)):
+        full = measure_check_cost(model, seq_len=length, phase=phase, repeats=repeats)
+        g = measure_gate_cost(model, gate, seq_len=length, phase=phase, repeats=repeats)
+        rows.append({"phase": phase, "length": length if phase == "prefill" else 1, "full_check_layers": full,
+                     "gate_layers": g})
+    pass_rate = {}
+    for name, clf in classifiers.items():
+        if clf.gate is None:
+            continue
+        passed = gate_passes(clf, calib)
+        layers = clf.layers_to_check(int(calib.num_layers[0]), decode=True) or list(range(1, int(calib.num_layers[0])))
+        at = np.isin(calib.layer, layers)
+        pass_rate[name] = float(passed[at].mean()) if at.any() else float("nan")
+    return rows, pass_rate
+
+
+def first_token(dense, ada, tok, prompts, classifiers, batch_size):
+    """Agreement / mean layers / wall-clock of each classifier on the prompts' first token."""
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    out = {name: {"agree": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0} for name in classifiers}
+    with torch.no_grad():
+        warm = tok(batches[0][:1], return_tensors="pt", padding=True)
+        dense(**warm, logits_to_keep=1)
+        for clf in classifiers.values():
+            ada(**warm, logits_to_keep=1, exit_policy=clf)
+        for texts in batches:
+            enc = tok(texts, return_tensors="pt", padding=True)
+            for name, clf in classifiers.items():
+                ref, t_dense = _timed(dense, **enc, logits_to_keep=1, use_cache=False)
+                got, t = _timed(ada, **enc, logits_to_keep=1, use_cache=False, exit_policy=clf)
+                r = out[name]
+                r["agree"] += (ref.logits[:, -1].argmax(-1) == got.logits[:, -1].argmax(-1)).tolist()
+                r["layers"] += got.exit_layers.tolist()
+                r["ratios"].append(t_dense / t)
+                r["dense_s"] += t_dense
+                r["s"] += t
+    return {name: {"n": len(r["agree"]), "agreement": float(np.mean(r["agree"])),
+                   "mean_layers": float(np.mean(r["layers"])), "speedup_median": statistics.median(r["ratios"]),
+                   "speedup_sum": r["dense_s"] / r["s"], "dense_s": r["dense_s"], "s": r["s"]}
+            for name, r in out.items()}
+
+
+def generation(dense, ada, tok, texts, classifiers, new_tokens):
+    """Token agreement / prefix / layers per token / wall-clock of 64-token greedy generation at batch 1."""
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
+           for name in classifiers}
+    with torch.no_grad():
+        warm = tok(texts[:1], return_tensors="pt")
+        dense.generate(**warm, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+        for text in texts:
+            enc = tok([text], return_tensors="pt")
+            n = enc.input_ids.shape[1]
+            for name, clf in classifiers.items():
+                ref, t_dense = _timed(dense.generate, **enc, **gen)
+                res, t = _timed(ada.generate, **enc, **gen, exit_policy=clf, exit_cache="propagate",
+                                return_dict_in_generate=True)
+                ref, got = ref[0, n:], res.sequences[0, n:]
+                same = (ref == got)
+                r = out[name]
+                r["same"] += int(same.sum())
+                r["prefix"].append(int(same.long().cumprod(0).sum()))
+                r["layers"] += res.exit_layers.float().reshape(-1).tolist()
+                r["ratios"].append(t_dense / t)
+                r["dense_s"] += t_dense
+                r["s"] += t
+    total = len(texts) * new_tokens
+    return {name: {"prompts": len(texts), "new_tokens": new_tokens, "token_agreement": r["same"] / total,
+                   "mean_prefix": float(np.mean(r["prefix"])), "mean_layers_per_token": float(np.mean(r["layers"])),
+                   "speedup_median": statistics.median(r["ratios"]), "speedup_sum": r["dense_s"] / r["s"],
+                   "dense_s": r["dense_s"], "s": r["s"]}
+            for name, r in out.items()}
+
+
+def _chat(tok, text):
+    if getattr(tok, "chat_template", None):
+        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+    return text
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("--tables", default=None, help="dir with train.npz / calibration.npz holding hidden states "
+                   "(default: the one benchmarks/eval_real.sh wrote for KEY)")
+    p.add_argument("--prompts", type=int, default=32, help="held-out first-token prompts (over the four tasks)")
+    p.add_argument("--gen-prompts", type=int, default=6)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--gate-recall", type=float, default=0.99)
+    p.add_argument("--targets", default="0.99,0.95")
+    p.add_argument("--repeats", type=int, default=9, help="timing repeats of the check-cost measurement")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--json", default=None)
+    p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<name> (for "
+                   "peer_economize.py --exit-classifier NAME=DIR/<name>)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    path = model_dir(args.key)
+    root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
+    tables = Path(args.tables) if args.tables else next(root.glob(f"{args.key}-svm-10tasks-*/tables"))
+    train, calib = FeatureTable.load(tables / "train.npz"), FeatureTable.load(tables / "calibration.npz")
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+    L = ada.config.num_hidden_layers
+
+    classifiers, train_s = {}, {}
+    for target in [float(t) for t in args.targets.split(",")]:
+        for gate in (None, "linear"):
+            name = f"{'gated' if gate else 'full'}@{target}"
+            t0 = time.perf_counter()
+            classifiers[name] = train_on_tables(ada, train, calib, method="svm", target_agreement=target, gate=gate,
+                                                gate_recall=args.gate_recall, check_cost="auto", check_phase="both",
+                                                check_length=128)
+            train_s[name] = time.perf_counter() - t0
+            if args.save_dir:
+                classifiers[name].save_pretrained(Path(args.save_dir) / name)
+    gate = next(c.gate for c in classifiers.values() if c.gate is not None)
+    costs, pass_rate = check_costs(ada, gate, calib, classifiers, args.repeats)
+
+    rng = np.random.default_rng(0)
+    per_task = max(1, args.prompts // len(EVAL_TASKS))
+    prompts = [q.text for t in EVAL_TASKS for q in build_prompts(load_task(FV / f"{t}.json"), 5, limit=per_task,
+                                                                 seed=0)]
+    rng.shuffle(prompts)
+    scoring = first_token(dense, ada, tok, prompts, classifiers, batch_size=8)
+    texts = [_chat(tok, t) for t in FREE_TEXT[: args.gen_prompts]]
+    generated = generation(dense, ada, tok, texts, classifiers, args.new_tokens)
+
+    record = {
+        "benchmark": "gate_real", "model": args.key, "num_layers": L, "vocab_size": ada.config.vocab_size,
+        "hidden_size": ada.config.hidden_size, "threads": torch.get_num_threads(), "tables": os.fspath(tables),
+        "train_prompts": train.num_prompts, "calibration_prompts": calib.num_prompts,
+        "check_costs": costs, "gate_pass_rate_at_decode_schedule": pass_rate,
+        "classifiers": {name: {"calibration": c.calibration.get("conclusion"), "min_layer": c.min_layer,
+                               "check_layers": c.check_layers, "decode_check_layers": c.decode_check_layers,
+                               "train_seconds": train_s[name],
+                               "schedule": c.calibration.get("schedule"),
+                               "decode_schedule": c.calibration.get("decode_schedule")}
+                        for name, c in classifiers.items()},
+        "first_token": scoring, "generation": generated,
+        "versions": {"torch": torch.__version__},
+    }
+    out = Path(args.json or f"docs/results/{args.key}/gate.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
+    print(f"{args.key}: L={L}, V={ada.config.vocab_size}, threads={torch.get_num_threads()}")
+    print("| phase | tokens | full check (layers) | gate (layers) |")
+    print("|---|---|---|---|")
+    for r in costs:
+        print(f"| {r['phase']} | {r['length']} | {r['full_check_layers']:.3f} | {r['gate_layers']:.4f} |")
+    print("| classifier | first-token agree | layers | speedup | gen agree | layers/token | gen speedup |")
+    print("|---|---|---|---|---|---|---|")
+    for name in classifiers:
+        s, g = scoring[name], generated[name]
+        print(f"| {name} | {s['agreement']:.3f} | {s['mean_layers']:.2f}/{L} | {s['speedup_median']:.2f}x | "
+              f"{g['token_agreement']:.3f} | {g['mean_layers_per_token']:.2f}/{L} | {g['speedup_median']:.2f}x |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
