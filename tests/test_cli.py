@@ -171,6 +171,14 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
     )
     assert ExitClassifier.from_pretrained(again).calibration["n_prompts"] == calib.num_prompts
     assert ExitClassifier.from_pretrained(again).check_dtype is None  # the tables' fp32 head
+    assert train.hidden is not None and calib.hidden is not None  # --tables-out keeps what a gate trains on
+    gated = workdir / "clf_gated"
+    assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
+                     "--method", "logistic", "--target-agreement", "0.9", "--gate", "linear", "--gate-recall", "0.95",
+                     "--check-cost", "2", "--gate-cost", "0.01", "--out", str(gated)]) == 0
+    loaded = ExitClassifier.from_pretrained(gated)
+    assert (gated / "exit_gate.safetensors").is_file() and loaded.gate is not None
+    assert loaded.gate_fingerprint == loaded.gate.fingerprint() and loaded.gate.hidden_size == train.hidden.shape[1]
     mismatch = ["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
                 "--check-dtype", "bfloat16", "--out", str(workdir / "never")]
     capsys.readouterr()
@@ -223,12 +231,14 @@ def test_push_and_pull_through_a_local_hub(workdir, tmp_path, local_hub, monkeyp
     monkeypatch.setenv("HF_TOKEN", "hf_test")
     monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
     src = workdir / "pushme"
-    assert cli.main(["train", *_data_args(workdir), "--method", "linear_svm", "--out", str(src)]) == 0
+    assert cli.main(["train", *_data_args(workdir), "--method", "linear_svm", "--gate", "linear", "--out",
+                     str(src)]) == 0
     assert cli.main(["push", str(src), "org/exit-clf"]) == 0
-    assert "exit_classifier.safetensors" in local_hub.repos["org/exit-clf"]["files"]
+    assert {"exit_classifier.safetensors", "exit_gate.safetensors"} <= set(local_hub.repos["org/exit-clf"]["files"])
     assert cli.main(["pull", "org/exit-clf", str(tmp_path / "pulled")]) == 0
     pulled = ExitClassifier.from_pretrained(tmp_path / "pulled")
     assert pulled.calibration == ExitClassifier.from_pretrained(src).calibration
+    assert pulled.gate is not None and pulled.gate_fingerprint == ExitClassifier.from_pretrained(src).gate_fingerprint
 
 
 def test_train_builtin_tasks_crf_gold_label(workdir):
