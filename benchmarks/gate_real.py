@@ -35,9 +35,10 @@ from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
+from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.prompts import build_prompts, load_task
 from adainfer_hf.training.calibrate import gate_passes
-from adainfer_hf.training.check_cost import measure_check_cost, measure_gate_cost
+from adainfer_hf.training.check_cost import LayerClock, measure_check_cost, measure_gate_cost
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -57,14 +58,40 @@ def _timed(fn, **kwargs):
     return out, time.perf_counter() - t0
 
 
+def alternative_costs(model, length, phase, repeats, shortlist=1024, rank=64):
+    """What the alternatives to a gate cost, in layers: a bfloat16 head, a shortlist head (logits of `shortlist`
+    candidate tokens) and a rank-`rank` factorised head (cost only: neither gives the full-vocabulary gap)."""
+    clock = LayerClock(model, length, 1, phase, repeats)
+    head = model.get_output_embeddings().weight
+    g = torch.Generator().manual_seed(0)
+    rows = torch.randperm(head.shape[0], generator=g)[:shortlist].to(head.device)
+    short = head.index_select(0, rows).contiguous()
+    a = torch.randn(head.shape[1], rank, dtype=head.dtype, device=head.device)
+    b = torch.randn(rank, head.shape[0], dtype=head.dtype, device=head.device)
+    spec = arch.spec_for(model)
+
+    def lens(weight_fn):
+        def run():
+            x = spec.exit_norm(model, clock.hidden[:, -1])
+            weight_fn(x).softmax(-1).topk(2).values.to("cpu")
+        return run
+
+    return {"bf16_check_layers": measure_check_cost(model, seq_len=length, phase=phase, repeats=repeats,
+                                                    check_dtype="bfloat16"),
+            f"shortlist{shortlist}_layers": clock.in_layers(lens(lambda x: x @ short.T)),
+            f"lowrank{rank}_layers": clock.in_layers(lens(lambda x: (x @ a) @ b))}
+
+
 def check_costs(model, gate, calib, classifiers, repeats):
-    """Full vs gated check cost in layers per phase, and the mean gated cost at each classifier's schedule."""
+    """Full vs gated check cost in layers per phase (and the alternatives), and the gate's pass rate at each
+    gated classifier's decode schedule."""
     rows = []
-    for phase, length in (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 256)):
-        full = measure_check_cost(model, seq_len=length, phase=phase, repeats=repeats)
-        g = measure_gate_cost(model, gate, seq_len=length, phase=phase, repeats=repeats)
-        rows.append({"phase": phase, "length": length if phase == "prefill" else 1, "full_check_layers": full,
-                     "gate_layers": g})
+    with torch.no_grad():
+        for phase, length in (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 256)):
+            full = measure_check_cost(model, seq_len=length, phase=phase, repeats=repeats)
+            g = measure_gate_cost(model, gate, seq_len=length, phase=phase, repeats=repeats)
+            rows.append({"phase": phase, "length": length if phase == "prefill" else 1, "full_check_layers": full,
+                         "gate_layers": g, **alternative_costs(model, length, phase, repeats)})
     pass_rate = {}
     for name, clf in classifiers.items():
         if clf.gate is None:
@@ -210,10 +237,11 @@ def main(argv=None):
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
     print(f"{args.key}: L={L}, V={ada.config.vocab_size}, threads={torch.get_num_threads()}")
-    print("| phase | tokens | full check (layers) | gate (layers) |")
-    print("|---|---|---|---|")
+    print("| phase | tokens | full check | gate | bf16 check | shortlist 1024 | low-rank 64 | (layers) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in costs:
-        print(f"| {r['phase']} | {r['length']} | {r['full_check_layers']:.3f} | {r['gate_layers']:.4f} |")
+        print(f"| {r['phase']} | {r['length']} | {r['full_check_layers']:.3f} | {r['gate_layers']:.4f} | "
+              f"{r['bf16_check_layers']:.3f} | {r['shortlist1024_layers']:.3f} | {r['lowrank64_layers']:.3f} | |")
     print("| classifier | first-token agree | layers | speedup | gen agree | layers/token | gen speedup |")
     print("|---|---|---|---|---|---|---|")
     for name in classifiers:

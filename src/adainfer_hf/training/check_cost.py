@@ -15,10 +15,10 @@ import torch
 from ..architectures import core as arch
 from ..policy.features import compute_features
 
-__all__ = ["measure_check_cost", "measure_gate_cost"]
+__all__ = ["LayerClock", "measure_check_cost", "measure_gate_cost"]
 
 
-class _LayerClock:
+class LayerClock:
     """Times callables against one decoder layer of `model` run on a random `[batch, q, H]` input."""
 
     def __init__(self, model, seq_len: int, batch_size: int, phase: str, repeats: int):
@@ -64,7 +64,7 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
         phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
         check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
     """
-    clock = _LayerClock(model, seq_len, batch_size, phase, repeats)
+    clock = LayerClock(model, seq_len, batch_size, phase, repeats)
     head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
 
     def run_check():
@@ -80,7 +80,7 @@ def measure_gate_cost(model, gate, seq_len: int = 256, batch_size: int = 1, phas
                       repeats: int = 7) -> float:
     """Measured cost of `gate` (a `LinearGate`) in front of one check, in decoder layers, as the decoder loop runs
     it: the probe on the rows' last-token hidden states and the one device-to-host copy of its answer."""
-    clock = _LayerClock(model, seq_len, batch_size, phase, repeats)
+    clock = LayerClock(model, seq_len, batch_size, phase, repeats)
     layer = gate.layers[0]
 
     def run_gate():
