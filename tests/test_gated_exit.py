@@ -128,6 +128,8 @@ def test_the_gate_survives_replace_save_and_load_and_a_changed_gate_is_refused(t
     gate = _gate([np.inf, 0.0, -np.inf], H, np.random.default_rng(1).normal(size=(3, H)).astype(np.float32))
     clf = _always_fires(gate=gate).replace(threshold=-0.5)
     assert clf.gate is gate and clf.gate_fingerprint == gate.fingerprint()
+    with pytest.raises(ValueError, match="read-only"):  # the fingerprint describes the arrays for good
+        gate.weight[0, 0] = 1.0
     assert clf.replace(gate=None).gate_fingerprint is None
     clf.save_pretrained(tmp_path / "clf")
     config = json.loads((tmp_path / "clf" / "exit_classifier_config.json").read_text())

@@ -56,9 +56,12 @@ class LinearGate:
 
     def __init__(self, layers, weight, bias, threshold):
         self.layers = tuple(int(k) for k in layers)
-        self.weight = np.asarray(weight, dtype=np.float32)
-        self.bias = np.asarray(bias, dtype=np.float32).reshape(-1)
-        self.threshold = np.asarray(threshold, dtype=np.float32).reshape(-1)
+        # own read-only copies: the fingerprint and the per-device copies describe these arrays for good
+        self.weight = np.array(weight, dtype=np.float32)
+        self.bias = np.array(bias, dtype=np.float32).reshape(-1)
+        self.threshold = np.array(threshold, dtype=np.float32).reshape(-1)
+        for array in (self.weight, self.bias, self.threshold):
+            array.setflags(write=False)
         n = len(self.layers)
         if n == 0 or any(k < 1 for k in self.layers) or len(set(self.layers)) != n:
             raise ValueError(f"LinearGate layers must be distinct 1-based ints; got {layers!r}.")
@@ -73,6 +76,7 @@ class LinearGate:
             raise ValueError("LinearGate threshold must not be NaN.")
         self._index = {k: i for i, k in enumerate(self.layers)}
         self._device_cache: dict = {}
+        self._fingerprint: str | None = None
 
     @property
     def hidden_size(self) -> int:
@@ -141,10 +145,12 @@ class LinearGate:
 
     def fingerprint(self) -> str:
         """sha256 (16 hex digits) of the probes' arrays: recorded in the artifact and checked on load."""
-        h = hashlib.sha256()
-        for a in (np.asarray(self.layers, dtype=np.int64), self.weight, self.bias, self.threshold):
-            h.update(np.ascontiguousarray(a).tobytes())
-        return h.hexdigest()[:16]
+        if self._fingerprint is None:
+            h = hashlib.sha256()
+            for a in (np.asarray(self.layers, dtype=np.int64), self.weight, self.bias, self.threshold):
+                h.update(np.ascontiguousarray(a).tobytes())
+            self._fingerprint = h.hexdigest()[:16]
+        return self._fingerprint
 
     def to_tensors(self, prefix: str = "gate.") -> dict[str, np.ndarray]:
         """The arrays to store (safetensors, no pickle)."""
