@@ -1,0 +1,110 @@
+"""The README's cross-model tables (the paper's Table 2 shape) from the runs of eval_real.sh and gate_real.py.
+
+    python benchmarks/paper_table.py [--keys smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b] [--plot docs/results/models.png]
+
+Reads docs/results/<key>/results.json (eval at the 0.99 classifier), docs/results/<key>/target-0.95/results.json
+(the 0.95 classifier) and docs/results/<key>/gate.json (full vs gated checks); a model without a run is skipped
+with a note. Prints markdown tables and writes one plot: pruning ratio per model, AdaInfer at each target beside
+the oracle ceiling.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+KEYS = ("smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b")
+NAMES = {"smollm2": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B", "gemma3-270m": "Gemma-3-270M",
+         "qwen2.5-1.5b": "Qwen2.5-Coder-1.5B"}
+
+
+def _summary(path: Path) -> dict:
+    data = json.loads(path.read_text())
+    return {row["method"]: row for row in data["summary"] if row["task"] == "all"}, data
+
+
+def _cell(row: dict | None, L: int, speed: bool = True) -> str:
+    if row is None:
+        return "-"
+    text = f"{100 * row['accuracy']:.1f} / {row['mean_layers']:.1f} ({100 * row['pruning_ratio']:.0f}%)"
+    return text + (f" / {row['speedup']:.2f}x" if speed else "")
+
+
+def load(root: Path, key: str):
+    d = root / key
+    if not (d / "results.json").is_file():
+        return None
+    s99, data = _summary(d / "results.json")
+    s95 = _summary(d / "target-0.95" / "results.json")[0] if (d / "target-0.95" / "results.json").is_file() else {}
+    gate = json.loads((d / "gate.json").read_text()) if (d / "gate.json").is_file() else None
+    return {"key": key, "L": data["num_layers"], "n": s99["dense"]["n"], "s99": s99, "s95": s95, "gate": gate,
+            "command": data["config"].get("command")}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--keys", nargs="+", default=list(KEYS))
+    p.add_argument("--root", default="docs/results")
+    p.add_argument("--plot", default="docs/results/models_pruning.png")
+    args = p.parse_args(argv)
+    runs = [r for r in (load(Path(args.root), k) for k in args.keys) if r is not None]
+    missing = [k for k in args.keys if k not in {r["key"] for r in runs}]
+    print("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
+          "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        s, L = r["s99"], r["L"]
+        print(f"| {NAMES[r['key']]} ({L}) | {r['n']} | {100 * s['dense']['accuracy']:.1f} | "
+              f"{_cell(s.get('adainfer'), L)} | {_cell(r['s95'].get('adainfer'), L)} | {_cell(s.get('gap'), L)} | "
+              f"{_cell(s.get('crf'), L)} | {_cell(s.get('shortgpt'), L)} | {_cell(s.get('oracle'), L, speed=False)} |")
+    print()
+    print("| model | FLOPs ratio (paper's formula) @0.99 / @0.95 / oracle | accuracy change @0.99 / @0.95 (points) |")
+    print("|---|---|---|")
+    for r in runs:
+        s, s95 = r["s99"], r["s95"]
+        dense = s["dense"]["accuracy"]
+        a99, a95 = s.get("adainfer"), s95.get("adainfer")
+        flops = " / ".join(f"{x['flops_ratio']:.3f}" if x else "-" for x in (a99, a95, s.get("oracle")))
+        change = " / ".join(f"{100 * (x['accuracy'] - dense):+.1f}" if x else "-" for x in (a99, a95))
+        print(f"| {NAMES[r['key']]} | {flops} | {change} |")
+    gated = [r for r in runs if r["gate"]]
+    if gated:
+        print()
+        print("| model | one check in decode: full / gated (layers) | classifier | first token: agreement / layers / "
+              "speedup | 64-token generation: agreement / layers per token / speedup |")
+        print("|---|---|---|---|---|")
+        for r in gated:
+            g = r["gate"]
+            dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
+            for name in g["classifiers"]:
+                f, t = g["first_token"][name], g["generation"][name]
+                print(f"| {NAMES[r['key']]} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | {name} | "
+                      f"{f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
+                      f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / {t['speedup_median']:.2f}x |")
+    if missing:
+        print(f"\n(no run yet for {', '.join(missing)})")
+    if runs and args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        width = 0.25
+        for i, (label, pick) in enumerate((("AdaInfer @0.99", lambda r: r["s99"].get("adainfer")),
+                                           ("AdaInfer @0.95", lambda r: r["s95"].get("adainfer")),
+                                           ("oracle ceiling", lambda r: r["s99"].get("oracle")))):
+            values = [100 * (pick(r) or {"pruning_ratio": 0.0})["pruning_ratio"] for r in runs]
+            ax.bar([j + (i - 1) * width for j in range(len(runs))], values, width, label=label)
+        ax.set_xticks(range(len(runs)), [NAMES[r["key"]] for r in runs], fontsize=8)
+        ax.set_ylabel("layers pruned (%)")
+        ax.set_title("First-token early exit on unseen tasks (5-shot)")
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        print(f"\nwrote {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
