@@ -7,10 +7,12 @@ early exit gains with each, in first-token scoring and in generation.
    LM head + top-2) and the gate alone (a probe on the hidden state plus its one host copy), at prefill lengths
    64/256/1024 and in a single-token decode step; plus what a gated check costs on average at the schedule's
    layers, `gate + P(pass) x head`, with P(pass) read from the calibration table.
-2. Four classifiers trained on the same tables (`benchmarks/eval_real.sh` writes them with hidden states; the
-   evaluated tasks are not among their tasks): the paper's SVM on gap/top_prob, without and with a linear gate,
+2. Four classifiers trained on the same tables: the paper's SVM on gap/top_prob, without and with a linear gate,
    each calibrated at 0.99 and 0.95 (Learn-then-Test on the composed rule) with schedules for prompts and decode
-   steps from the measured costs.
+   steps from the measured costs. The tables are, by default, those `benchmarks/eval_real.sh` wrote (ten other
+   tasks: the evaluated tasks are unseen); with `--in-distribution N` they are collected here from N further
+   examples of each evaluated task (disjoint from the evaluated examples; half train, half calibrate), the
+   paper's intra-task setting.
 3. First-token scoring on held-out prompts of four unseen tasks (5-shot, batches of 8): agreement of the top-1 with
    dense, mean layers, wall-clock ratio dense / early exit. 64-token greedy generation of free-text prompts
    (batch 1): token agreement, common prefix, mean layers per token, wall-clock ratio. Dense is the stock
@@ -36,9 +38,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.architectures import core as arch
-from adainfer_hf.data.prompts import build_prompts, load_task
+from adainfer_hf.data.prompts import build_prompts, load_task, split_examples
 from adainfer_hf.training.calibrate import gate_passes
 from adainfer_hf.training.check_cost import LayerClock, measure_check_cost, measure_gate_cost
+from adainfer_hf.training.collect import collect_features
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -161,6 +164,17 @@ def generation(dense, ada, tok, texts, classifiers, new_tokens):
             for name, r in out.items()}
 
 
+def in_distribution_tables(model, tok, tasks, skip: int, n: int):
+    """Train / calibration tables (with hidden states) of the `n` examples of each task that follow the first
+    `skip` (the evaluated ones: `build_prompts` takes a prefix of one permutation), split by example."""
+    prompts = [q for t in tasks for q in build_prompts(t, 5, limit=skip + n, seed=0)[skip:]]
+    table = collect_features(model, tok, prompts, features=("gap", "top_prob"), progress=False, hidden_states=True)
+    keys = sorted({(q.task, q.index) for q in prompts})
+    train_keys = set(split_examples(keys, [0.5], seed=0)[0])
+    is_train = np.array([(q.task, q.index) in train_keys for q in prompts])
+    return table.select_prompts(np.flatnonzero(is_train)), table.select_prompts(np.flatnonzero(~is_train))
+
+
 def _chat(tok, text):
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -180,21 +194,29 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=9, help="timing repeats of the check-cost measurement")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--in-distribution", type=int, default=0, metavar="N",
+                   help="train and calibrate on N other examples of each evaluated task (default 0: the tables)")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<name> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     path = model_dir(args.key)
-    root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
-    tables = Path(args.tables) if args.tables else next(root.glob(f"{args.key}-svm-10tasks-*/tables"))
-    train, calib = FeatureTable.load(tables / "train.npz"), FeatureTable.load(tables / "calibration.npz")
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     dense = AutoModelForCausalLM.from_pretrained(path).eval()
     ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
     L = ada.config.num_hidden_layers
+    per_task = max(1, args.prompts // len(EVAL_TASKS))
+    tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
+    if args.in_distribution:
+        tables = f"collected here: {args.in_distribution} examples per evaluated task after the evaluated ones"
+        train, calib = in_distribution_tables(ada, tok, tasks, per_task, args.in_distribution)
+    else:
+        root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
+        tables = Path(args.tables) if args.tables else next(root.glob(f"{args.key}-svm-10tasks-*/tables"))
+        train, calib = FeatureTable.load(tables / "train.npz"), FeatureTable.load(tables / "calibration.npz")
 
     classifiers, train_s = {}, {}
     for target in [float(t) for t in args.targets.split(",")]:
@@ -211,9 +233,7 @@ def main(argv=None):
     costs, pass_rate = check_costs(ada, gate, calib, classifiers, args.repeats)
 
     rng = np.random.default_rng(0)
-    per_task = max(1, args.prompts // len(EVAL_TASKS))
-    prompts = [q.text for t in EVAL_TASKS for q in build_prompts(load_task(FV / f"{t}.json"), 5, limit=per_task,
-                                                                 seed=0)]
+    prompts = [q.text for t in tasks for q in build_prompts(t, 5, limit=per_task, seed=0)]
     rng.shuffle(prompts)
     scoring = first_token(dense, ada, tok, prompts, classifiers, batch_size=8)
     texts = [_chat(tok, t) for t in FREE_TEXT[: args.gen_prompts]]
@@ -222,6 +242,7 @@ def main(argv=None):
     record = {
         "benchmark": "gate_real", "model": args.key, "num_layers": L, "vocab_size": ada.config.vocab_size,
         "hidden_size": ada.config.hidden_size, "threads": torch.get_num_threads(), "tables": os.fspath(tables),
+        "in_distribution": args.in_distribution,
         "train_prompts": train.num_prompts, "calibration_prompts": calib.num_prompts,
         "check_costs": costs, "gate_pass_rate_at_decode_schedule": pass_rate,
         "classifiers": {name: {"calibration": c.calibration.get("conclusion"), "min_layer": c.min_layer,
