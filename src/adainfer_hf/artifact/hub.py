@@ -2,8 +2,8 @@
 
 [`ArtifactMixin`] is what `ExitClassifier` inherits for its life on disk and on the Hub (as PEFT's `PushToHubMixin`):
 the class supplies `config` (an [`~adainfer_hf.artifact.io.ExitClassifierConfig`]), `estimator`, `_gate_tensors()`
-(the arrays of its gate, or None) and `_from_artifact(config, estimator, gate_tensors)`; the files themselves are read and written by `artifact.io`, and a validation
-error of a loaded artifact names the config file it came from.
+(the arrays of its gate, or None) and `_from_artifact(config, estimator, gate_tensors)`; the files themselves are
+read and written by `artifact.io`, and a validation error of a loaded artifact names the config file it came from.
 """
 
 from __future__ import annotations
