@@ -39,6 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.prompts import build_prompts, load_task, split_examples
+from adainfer_hf.policy.gate import LinearGate
 from adainfer_hf.training.calibrate import gate_passes
 from adainfer_hf.training.check_cost import LayerClock, measure_check_cost, measure_gate_cost
 from adainfer_hf.training.collect import collect_features
@@ -96,7 +97,7 @@ def check_costs(model, gate, calib, classifiers, repeats):
             rows.append({"phase": phase, "length": length if phase == "prefill" else 1, "full_check_layers": full,
                          "gate_layers": g, **alternative_costs(model, length, phase, repeats)})
     pass_rate = {}
-    for name, clf in classifiers.items():
+    for name, clf in classifiers.items():  # (none with --costs-only: no calibration table)
         if clf.gate is None:
             continue
         passed = gate_passes(clf, calib)
@@ -175,6 +176,15 @@ def in_distribution_tables(model, tok, tasks, skip: int, n: int):
     return table.select_prompts(np.flatnonzero(is_train)), table.select_prompts(np.flatnonzero(~is_train))
 
 
+def _print_costs(key, L, model, costs):
+    print(f"{key}: L={L}, V={model.config.vocab_size}, threads={torch.get_num_threads()}")
+    print("| phase | tokens | full check | gate | bf16 check | shortlist 1024 | low-rank 64 | (layers) |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in costs:
+        print(f"| {r['phase']} | {r['length']} | {r['full_check_layers']:.3f} | {r['gate_layers']:.4f} | "
+              f"{r['bf16_check_layers']:.3f} | {r['shortlist1024_layers']:.3f} | {r['lowrank64_layers']:.3f} | |")
+
+
 def _chat(tok, text):
     if getattr(tok, "chat_template", None):
         return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
@@ -196,6 +206,8 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--in-distribution", type=int, default=0, metavar="N",
                    help="train and calibrate on N other examples of each evaluated task (default 0: the tables)")
+    p.add_argument("--costs-only", action="store_true", help="only part 1, with a random gate of the model's shape "
+                   "(a gate's cost does not depend on its values); no tables needed")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<name> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
     args = p.parse_args(argv)
@@ -208,6 +220,18 @@ def main(argv=None):
     dense = AutoModelForCausalLM.from_pretrained(path).eval()
     ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
     L = ada.config.num_hidden_layers
+    if args.costs_only:
+        H = ada.config.hidden_size
+        gate = LinearGate(range(1, L), np.random.default_rng(0).normal(size=(L - 1, H)), np.zeros(L - 1), np.zeros(L - 1))
+        costs = check_costs(ada, gate, None, {}, args.repeats)[0]
+        record = {"benchmark": "gate_real --costs-only", "model": args.key, "num_layers": L,
+                  "vocab_size": ada.config.vocab_size, "hidden_size": H, "threads": torch.get_num_threads(),
+                  "check_costs": costs}
+        out = Path(args.json or f"docs/results/{args.key}/gate_costs.json")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=1) + "\n")
+        _print_costs(args.key, L, ada, costs)
+        return
     per_task = max(1, args.prompts // len(EVAL_TASKS))
     tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
     if args.in_distribution:
@@ -257,12 +281,7 @@ def main(argv=None):
     out = Path(args.json or f"docs/results/{args.key}/gate.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
-    print(f"{args.key}: L={L}, V={ada.config.vocab_size}, threads={torch.get_num_threads()}")
-    print("| phase | tokens | full check | gate | bf16 check | shortlist 1024 | low-rank 64 | (layers) |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in costs:
-        print(f"| {r['phase']} | {r['length']} | {r['full_check_layers']:.3f} | {r['gate_layers']:.4f} | "
-              f"{r['bf16_check_layers']:.3f} | {r['shortlist1024_layers']:.3f} | {r['lowrank64_layers']:.3f} | |")
+    _print_costs(args.key, L, ada, costs)
     print("| classifier | first-token agree | layers | speedup | gen agree | layers/token | gen speedup |")
     print("|---|---|---|---|---|---|---|")
     for name in classifiers:
