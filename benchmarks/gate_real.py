@@ -206,6 +206,8 @@ def main(argv=None):
     p.add_argument("--json", default=None)
     p.add_argument("--in-distribution", type=int, default=0, metavar="N",
                    help="train and calibrate on N other examples of each evaluated task (default 0: the tables)")
+    p.add_argument("--forced-checks", action="store_true", help="also run each classifier with its schedules "
+                   "replaced by a check after every layer from its min_layer (the cost of checks that rarely fire)")
     p.add_argument("--costs-only", action="store_true", help="only part 1, with a random gate of the model's shape "
                    "(a gate's cost does not depend on its values); no tables needed")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<name> (for "
@@ -253,6 +255,9 @@ def main(argv=None):
             train_s[name] = time.perf_counter() - t0
             if args.save_dir:
                 classifiers[name].save_pretrained(Path(args.save_dir) / name)
+    if args.forced_checks:  # what checking costs where nothing exits: every layer from min_layer, in every step
+        for name in list(classifiers):
+            classifiers[f"{name} every layer"] = classifiers[name].replace(check_layers=None, decode_check_layers=None)
     gate = next(c.gate for c in classifiers.values() if c.gate is not None)
     costs, pass_rate = check_costs(ada, gate, calib, classifiers, args.repeats)
 

@@ -37,8 +37,9 @@ def load(root: Path, key: str):
         return None
     s99, data = _summary(d / "results.json")
     s95 = _summary(d / "target-0.95" / "results.json")[0] if (d / "target-0.95" / "results.json").is_file() else {}
-    gate = json.loads((d / "gate.json").read_text()) if (d / "gate.json").is_file() else None
-    return {"key": key, "L": data["num_layers"], "n": s99["dense"]["n"], "s99": s99, "s95": s95, "gate": gate,
+    gates = {name: json.loads((d / f"{name}.json").read_text())
+             for name in ("gate", "gate_indist", "gate_forced") if (d / f"{name}.json").is_file()}
+    return {"key": key, "L": data["num_layers"], "n": s99["dense"]["n"], "s99": s99, "s95": s95, "gates": gates,
             "command": data["config"].get("command")}
 
 
@@ -68,20 +69,24 @@ def main(argv=None):
         flops = " / ".join(f"{x['flops_ratio']:.3f}" if x else "-" for x in (a99, a95, s.get("oracle")))
         change = " / ".join(f"{100 * (x['accuracy'] - dense):+.1f}" if x else "-" for x in (a99, a95))
         print(f"| {NAMES[r['key']]} | {flops} | {change} |")
-    gated = [r for r in runs if r["gate"]]
+    gated = [r for r in runs if r["gates"]]
     if gated:
         print()
-        print("| model | one check in decode: full / gated (layers) | classifier | first token: agreement / layers / "
-              "speedup | 64-token generation: agreement / layers per token / speedup |")
-        print("|---|---|---|---|---|")
+        print("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
+              "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
+        print("|---|---|---|---|---|---|")
         for r in gated:
-            g = r["gate"]
-            dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
-            for name in g["classifiers"]:
-                f, t = g["first_token"][name], g["generation"][name]
-                print(f"| {NAMES[r['key']]} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | {name} | "
-                      f"{f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
-                      f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / {t['speedup_median']:.2f}x |")
+            for kind, g in r["gates"].items():
+                where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"
+                dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
+                for name, info in g["classifiers"].items():
+                    f, t = g["first_token"][name], g["generation"][name]
+                    stock = not info["check_layers"] and not info["decode_check_layers"]
+                    note = " (no check scheduled: the stock code path, ratio = noise)" if stock else ""
+                    print(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
+                          f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
+                          f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / "
+                          f"{t['speedup_median']:.2f}x{note} |")
     if missing:
         print(f"\n(no run yet for {', '.join(missing)})")
     if runs and args.plot:
