@@ -87,6 +87,24 @@ def main(argv=None):
                           f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
                           f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / "
                           f"{t['speedup_median']:.2f}x{note} |")
+    costs = []
+    for key in args.keys:
+        for name in ("gate_costs", "gate"):
+            path = Path(args.root) / key / f"{name}.json"
+            if path.is_file():
+                costs.append((key, json.loads(path.read_text())))
+                break
+    if costs:
+        print()
+        print("| model | layers / vocab | phase | full check | gate | bf16 head | shortlist head (1,024) | "
+              "rank-64 head |")
+        print("|---|---|---|---|---|---|---|---|")
+        for key, g in costs:
+            for c in g["check_costs"]:
+                tokens = "decode" if c["phase"] == "decode" else f"prefill {c['length']}"
+                print(f"| {NAMES[key]} | {g['num_layers']} / {g['vocab_size']:,} | {tokens} | "
+                      f"{c['full_check_layers']:.3f} | {c['gate_layers']:.4f} | {c['bf16_check_layers']:.3f} | "
+                      f"{c['shortlist1024_layers']:.3f} | {c['lowrank64_layers']:.3f} |")
     if missing:
         print(f"\n(no run yet for {', '.join(missing)})")
     if runs and args.plot:
