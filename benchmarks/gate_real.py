@@ -276,7 +276,7 @@ def main(argv=None):
         "check_costs": costs, "gate_pass_rate_at_decode_schedule": pass_rate,
         "classifiers": {name: {"calibration": c.calibration.get("conclusion"), "min_layer": c.min_layer,
                                "check_layers": c.check_layers, "decode_check_layers": c.decode_check_layers,
-                               "train_seconds": train_s[name],
+                               "train_seconds": train_s.get(name),
                                "schedule": c.calibration.get("schedule"),
                                "decode_schedule": c.calibration.get("decode_schedule")}
                         for name, c in classifiers.items()},
