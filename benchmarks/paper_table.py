@@ -48,9 +48,26 @@ def main(argv=None):
     p.add_argument("--keys", nargs="+", default=list(KEYS))
     p.add_argument("--root", default="docs/results")
     p.add_argument("--plot", default="docs/results/models_pruning.png")
+    p.add_argument("--section", default="all", choices=["all", "table2", "gates", "costs"],
+                   help="print one group of tables only")
     args = p.parse_args(argv)
+    show = {"table2", "gates", "costs"} if args.section == "all" else {args.section}
     runs = [r for r in (load(Path(args.root), k) for k in args.keys) if r is not None]
     missing = [k for k in args.keys if k not in {r["key"] for r in runs}]
+    if "table2" in show:
+        _table2(runs)
+    gated = [r for r in runs if r["gates"]]
+    if gated and "gates" in show:
+        _gates(gated)
+    if "costs" in show:
+        _costs(args)
+    if missing:
+        print(f"\n(no run yet for {', '.join(missing)})")
+    if runs and args.plot:
+        _plot(runs, args.plot)
+
+
+def _table2(runs):
     print("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
           "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -69,24 +86,27 @@ def main(argv=None):
         flops = " / ".join(f"{x['flops_ratio']:.3f}" if x else "-" for x in (a99, a95, s.get("oracle")))
         change = " / ".join(f"{100 * (x['accuracy'] - dense):+.1f}" if x else "-" for x in (a99, a95))
         print(f"| {NAMES[r['key']]} | {flops} | {change} |")
-    gated = [r for r in runs if r["gates"]]
-    if gated:
-        print()
-        print("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
-              "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
-        print("|---|---|---|---|---|---|")
-        for r in gated:
-            for kind, g in r["gates"].items():
-                where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"
-                dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
-                for name, info in g["classifiers"].items():
-                    f, t = g["first_token"][name], g["generation"][name]
-                    stock = not info["check_layers"] and not info["decode_check_layers"]
-                    note = " (no check scheduled: the stock code path, ratio = noise)" if stock else ""
-                    print(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
-                          f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
-                          f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / "
-                          f"{t['speedup_median']:.2f}x{note} |")
+
+
+def _gates(gated):
+    print("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
+          "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
+    print("|---|---|---|---|---|---|")
+    for r in gated:
+        for kind, g in r["gates"].items():
+            where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"
+            dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
+            for name, info in g["classifiers"].items():
+                f, t = g["first_token"][name], g["generation"][name]
+                stock = not info["check_layers"] and not info["decode_check_layers"]
+                note = " (no check scheduled: the stock code path, ratio = noise)" if stock else ""
+                print(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
+                      f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
+                      f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / "
+                      f"{t['speedup_median']:.2f}x{note} |")
+
+
+def _costs(args):
     costs = []
     for key in args.keys:
         for name in ("gate_costs", "gate"):
@@ -105,28 +125,28 @@ def main(argv=None):
                 print(f"| {NAMES[key]} | {g['num_layers']} / {g['vocab_size']:,} | {tokens} | "
                       f"{c['full_check_layers']:.3f} | {c['gate_layers']:.4f} | {c['bf16_check_layers']:.3f} | "
                       f"{c['shortlist1024_layers']:.3f} | {c['lowrank64_layers']:.3f} |")
-    if missing:
-        print(f"\n(no run yet for {', '.join(missing)})")
-    if runs and args.plot:
-        import matplotlib
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7, 3.5))
-        width = 0.25
-        for i, (label, pick) in enumerate((("AdaInfer @0.99", lambda r: r["s99"].get("adainfer")),
-                                           ("AdaInfer @0.95", lambda r: r["s95"].get("adainfer")),
-                                           ("oracle ceiling", lambda r: r["s99"].get("oracle")))):
-            values = [100 * (pick(r) or {"pruning_ratio": 0.0})["pruning_ratio"] for r in runs]
-            ax.bar([j + (i - 1) * width for j in range(len(runs))], values, width, label=label)
-        ax.set_xticks(range(len(runs)), [NAMES[r["key"]] for r in runs], fontsize=8)
-        ax.set_ylabel("layers pruned (%)")
-        ax.set_title("First-token early exit on unseen tasks (5-shot)")
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        fig.savefig(args.plot, dpi=120)
-        print(f"\nwrote {args.plot}")
+def _plot(runs, plot):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    width = 0.25
+    for i, (label, pick) in enumerate((("AdaInfer @0.99", lambda r: r["s99"].get("adainfer")),
+                                       ("AdaInfer @0.95", lambda r: r["s95"].get("adainfer")),
+                                       ("oracle ceiling", lambda r: r["s99"].get("oracle")))):
+        values = [100 * (pick(r) or {"pruning_ratio": 0.0})["pruning_ratio"] for r in runs]
+        ax.bar([j + (i - 1) * width for j in range(len(runs))], values, width, label=label)
+    ax.set_xticks(range(len(runs)), [NAMES[r["key"]] for r in runs], fontsize=8)
+    ax.set_ylabel("layers pruned (%)")
+    ax.set_title("First-token early exit on unseen tasks (5-shot)")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(plot, dpi=120)
+    print(f"\nwrote {plot}")
 
 
 if __name__ == "__main__":
