@@ -98,7 +98,8 @@ def _gates(gated):
             dec = next(c for c in g["check_costs"] if c["phase"] == "decode")
             for name, info in g["classifiers"].items():
                 f, t = g["first_token"][name], g["generation"][name]
-                stock = not info["check_layers"] and not info["decode_check_layers"]
+                # [] = no checks; None = every layer from min_layer (decode: as in prompts)
+                stock = info["check_layers"] == [] and info["decode_check_layers"] in ([], None)
                 note = " (no check scheduled: the stock code path, ratio = noise)" if stock else ""
                 print(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
                       f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
