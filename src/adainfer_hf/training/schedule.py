@@ -215,13 +215,7 @@ def resolve_gate_costs(model, gate, spec, seq_len: int = 256, phase: str = "both
     if gate is None:
         return 0.0, None
     if spec != "auto":
-        try:
-            value = float(spec)
-        except (TypeError, ValueError):
-            raise ValueError(f"gate cost must be a number of layers or 'auto'; got {spec!r}.") from None
-        if not value >= 0:
-            raise ValueError(f"gate cost must be >= 0 layers; got {spec!r}.")
-        return value, None
+        return _layers(spec, "gate cost", "a number of layers or 'auto'"), None
     if phase == "both":
         return (measure_gate_cost(model, gate, seq_len, phase="prefill"),
                 measure_gate_cost(model, gate, seq_len, phase="decode"))
@@ -237,10 +231,15 @@ def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",
         return None
     if spec == "auto":
         return measure_check_cost(model, seq_len=seq_len, phase=phase, check_dtype=check_dtype)
+    return _layers(spec, "check cost", "a number of layers, 'auto' or 'none'")
+
+
+def _layers(spec, what: str, expected: str) -> float:
+    """`spec` as a number of layers >= 0; `ValueError` naming `what` and the value otherwise."""
     try:
         value = float(spec)
     except (TypeError, ValueError):
-        raise ValueError(f"check cost must be a number of layers, 'auto' or 'none'; got {spec!r}.") from None
+        raise ValueError(f"{what} must be {expected}; got {spec!r}.") from None
     if not value >= 0:
-        raise ValueError(f"check cost must be >= 0 layers; got {spec!r}.")
+        raise ValueError(f"{what} must be >= 0 layers; got {spec!r}.")
     return value
