@@ -22,7 +22,7 @@ from ..estimators.rules import GapThresholdRule
 from ..models.default_model import DEFAULT_MODEL_NAME
 from ..policy.classifier import ExitClassifier
 from ..policy.features import FEATURES
-from ..training.calibrate import simulate_exits
+from ..training.calibrate import KNOBS, simulate_exits
 from ..training.collect import collect_features
 from ..training.table import FeatureTable
 from ..training.train import TRAIN_METHODS, train_and_calibrate, train_on_tables
@@ -74,7 +74,8 @@ def _cmd_train(args) -> int:
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
     )
     cal = dict(target_agreement=args.target_agreement, delta=args.delta, min_layers=args.min_layers,
-               gate=None if args.gate == "none" else args.gate, gate_recall=args.gate_recall, gate_cost=args.gate_cost)
+               gate=None if args.gate == "none" else args.gate, gate_recall=args.gate_recall, gate_cost=args.gate_cost,
+               knob=args.knob)
     if args.from_tables:  # reuse the tables of an earlier `--tables-out`: no collection
         train_table = FeatureTable.load(Path(args.from_tables) / "train.npz")
         calib_table = FeatureTable.load(Path(args.from_tables) / "calibration.npz")
@@ -86,7 +87,8 @@ def _cmd_train(args) -> int:
                               check_phase=args.check_phase, check_length=args.check_length or 256, **fit, **cal)
     else:
         prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
-        run = dict(batch_size=args.batch_size, progress=not args.quiet)
+        run = dict(batch_size=args.batch_size, progress=not args.quiet, generation_tokens=args.generation_tokens,
+                   first_layer=args.first_layer)
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
             check_phase=args.check_phase, check_length=args.check_length, check_dtype=args.check_dtype,
@@ -99,9 +101,8 @@ def _cmd_train(args) -> int:
         calib_table.save(Path(args.tables_out) / "calibration.npz")
     clf.save_pretrained(args.out)
     figures = clf.calibration
-    print(
-        f"trained {args.method} on {train_table.num_prompts} prompts, calibrated on {calib_table.num_prompts}"
-    )
+    unit = "prompts" if not train_table.is_generation else "generations"
+    print(f"trained {args.method} on {train_table.num_sequences} {unit}, calibrated on {calib_table.num_sequences}")
     print(figures["conclusion"])
     if "schedule" in figures:
         sched = figures["schedule"]
@@ -270,6 +271,17 @@ def _add_train_parser(sub) -> None:
                    help="Share of the training rows whose lens agrees that the gate passes (default 0.99).")
     p.add_argument("--gate-cost", default="auto", help="The gate's cost per check in decoder layers for the "
                    "schedule: a number or 'auto' (measured now; default).")
+    p.add_argument("--knob", default="classifier", choices=list(KNOBS),
+                   help="What calibration tunes: the classifier's threshold ('classifier', default) or, with --gate "
+                   "linear, the gate's thresholds ('gate': the probe on the hidden state decides, the classifier at "
+                   "its own decision is a veto where the head runs).")
+    p.add_argument("--generation-tokens", type=int_at_least(1), default=None, metavar="N",
+                   help="Train and calibrate on the first N tokens the dense model generates per prompt (a "
+                   "classifier for generate; calibration then bounds the share of a generation's tokens that agree, "
+                   "generations as the draws). Default: the prompt's next token only, as in the paper.")
+    p.add_argument("--first-layer", type=int_at_least(1), default=1, metavar="K",
+                   help="With --generation-tokens: record layers K..L-1 only (each recorded layer computes the LM "
+                   "head for every token; default 1).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
 

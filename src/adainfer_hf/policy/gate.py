@@ -94,13 +94,33 @@ class LinearGate:
                 out[at] = x[at] @ self.weight[i] + self.bias[i]
         return out
 
-    def passes_table(self, hidden: np.ndarray, layer: np.ndarray) -> np.ndarray:
-        """Bool [n]: the gate lets the row's check compute the head (always True at ungated layers)."""
+    def margins(self, hidden: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """Probe score minus the layer's threshold per row (float64 [n]; `inf` at ungated layers and at layers that
+        always pass, `-inf` at layers that never do): the row passes where the margin is >= 0, and passes
+        `shifted(c)` where it is >= c."""
         layer = np.asarray(layer).reshape(-1)
-        thr = np.full(layer.shape[0], -np.inf, dtype=np.float32)
+        thr = np.full(layer.shape[0], -np.inf)
         for k, i in self._index.items():
             thr[layer == k] = self.threshold[i]
-        return self.scores(hidden, layer) >= thr
+        score = self.scores(hidden, layer).astype(np.float64)
+        out = np.full(layer.shape[0], np.inf)  # ungated layers (score inf) and always-passing ones (threshold -inf)
+        finite = np.isfinite(thr) & np.isfinite(score)
+        out[finite] = score[finite] - thr[finite]
+        out[np.isposinf(thr)] = -np.inf
+        return out
+
+    def passes_table(self, hidden: np.ndarray, layer: np.ndarray) -> np.ndarray:
+        """Bool [n]: the gate lets the row's check compute the head (always True at ungated layers)."""
+        return self.margins(hidden, layer) >= 0
+
+    def shifted(self, offset: float) -> LinearGate:
+        """The same probes with every finite threshold raised by `offset` (`> 0`: stricter; what calibrating the
+        gate as the exit rule chooses, see `training.calibrate(..., knob="gate")`)."""
+        offset = float(offset)
+        if not np.isfinite(offset):
+            raise ValueError(f"offset must be a finite number; got {offset!r}.")
+        thr = np.where(np.isfinite(self.threshold), self.threshold + np.float32(offset), self.threshold)
+        return LinearGate(self.layers, self.weight, self.bias, thr)
 
     def passes(self, hidden: torch.Tensor, layer: int) -> torch.Tensor | None:
         """BoolTensor [n] for last-token hidden states [n, H] at 1-based `layer`; None when `layer` has no probe.

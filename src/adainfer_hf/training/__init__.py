@@ -10,6 +10,7 @@ from adainfer_hf.training import FeatureTable, calibrate, collect_features, sche
 from .calibrate import calibrate, exit_scores, simulate_exits, summarize_exits
 from .check_cost import measure_check_cost
 from .collect import RecordingPolicy, collect_features, load_adainfer_model
+from .collect_generation import collect_generation_features
 from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 from .train import TRAIN_METHODS, train_and_calibrate, train_exit_classifier, train_on_tables
@@ -23,6 +24,7 @@ __all__ = [
     "calibrate",
     "choose_schedule",
     "collect_features",
+    "collect_generation_features",
     "exit_scores",
     "load_adainfer_model",
     "measure_check_cost",

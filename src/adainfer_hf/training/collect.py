@@ -38,12 +38,13 @@ class RecordingPolicy(ExitPolicy):
         check_dtype (`str`, *optional*): LM-head dtype of the checks (see `policy.CHECK_DTYPES`).
         hidden_size (`int`, *optional*): also store each row's last-token hidden state per layer (float16), what a
             gate is trained on; None stores none.
+        min_layer (`int`, *optional*, defaults to 1): first layer recorded (the earlier ones run unchecked).
     """
 
     def __init__(self, features: Sequence[str], batch_size: int, num_layers: int, check_dtype: str | None = None,
-                 hidden_size: int | None = None):
+                 hidden_size: int | None = None, min_layer: int = 1):
         self.features = tuple(features)
-        self.min_layer = 1
+        self.min_layer = min_layer
         self.check_layers = None
         self.check_dtype = check_dtype
         self.feats = torch.full((batch_size, num_layers - 1, len(self.features)), float("nan"))

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..utils.stats import binomial_upper_bound
+from ..utils.stats import risk_upper_bound
 from .calibrate import gate_passes
 from .check_cost import measure_check_cost, measure_gate_cost
 
@@ -97,13 +97,15 @@ def schedule_cost(fires: np.ndarray, agrees: np.ndarray, check_layers, check_cos
 def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, target_agreement: float = 0.99,
                     delta: float = 0.1, min_layer: int = 1, strides=(1, 2, 3, 4, 6, 8),
                     max_starts: int = 8, passes: np.ndarray | None = None,
-                    gate_cost: float = 0.0) -> ScheduleChoice:
+                    gate_cost: float = 0.0, groups: np.ndarray | None = None) -> ScheduleChoice:
     """The cheapest schedule whose agreement with dense is >= target with confidence 1 - delta.
 
     Candidates: "no checks" (always allowed: it is the dense model), single checks, and (first layer, stride)
     ladders with first layers spread over where the classifier starts firing. Each candidate's disagreement is
     bounded with an exact binomial bound at delta / (number of candidates) (Bonferroni), so the guarantee holds for
     the selected one. `passes` and `gate_cost` describe a gate in front of the checks (see [`schedule_cost`]).
+    `groups` (int `[n_prompts]`, optional) names the i.i.d. draws when the rows are tokens of generated sequences:
+    the bound is then Hoeffding-Bentkus on the per-sequence disagreement shares (`utils.stats.risk_upper_bound`).
     """
     n, L = fires.shape
     first_fire = np.where(fires[:, min_layer - 1:L - 1].any(1), fires[:, min_layer - 1:L - 1].argmax(1) + min_layer, L)
@@ -126,8 +128,7 @@ def choose_schedule(fires: np.ndarray, agrees: np.ndarray, check_cost: float, ta
     best, table = None, []
     for cand in candidates:
         exits, cost, agree = schedule_cost(fires, agrees, cand, check_cost, passes, gate_cost)
-        errors = int((~agree).sum())
-        bound = binomial_upper_bound(errors, n, level) if cand else 0.0
+        bound = risk_upper_bound(~agree, groups, level) if cand else 0.0
         row = ScheduleChoice(tuple(cand), float(cost.mean() / dense_cost), float(exits.mean()),
                              float(agree.mean()), bound, check_cost, len(candidates), gate_cost=gate_cost)
         table.append(row.as_dict())
@@ -149,8 +150,10 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
             `decode_check_cost`, the cost in a prompt forward.
         target_agreement, delta: default to the figures `calibrate` recorded.
         decode_check_cost (`float`, *optional*): one check's cost in a cached single-token step. When given, a
-            second schedule is chosen for those steps (`decode_check_layers`), on the same calibration prompts
-            (their exits stand in for those of generated tokens); otherwise decode steps use `check_layers`.
+            second schedule is chosen for those steps (`decode_check_layers`): on the decode steps of a generation
+            table (`collect_generation_features`; its first tokens choose `check_layers`), or on the same
+            calibration prompts (their exits standing in for those of generated tokens); otherwise decode steps
+            use `check_layers`.
         gate_cost (`float`, *optional*, defaults to 0), decode_gate_cost (`float`, *optional*): the cost of the
             classifier's gate per check in prompts and in decode steps (default: `gate_cost`), in decoder layers;
             where the gate passes is read from the table (`calibrate.gate_passes`).
@@ -177,17 +180,34 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
         passes[table.prompt_id, table.layer - 1] = passed
     else:
         gate_cost = decode_gate_cost = 0.0
+    # A generation table holds both phases: its first tokens choose the prompt schedule, its decode steps (with
+    # their sequences as the draws) the decode one. A first-token table's prompts stand in for both.
+    phases = {"prefill": np.ones(table.num_prompts, dtype=bool), "decode": np.ones(table.num_prompts, dtype=bool)}
+    groups = None
+    if table.is_generation:
+        phases = {"prefill": table.step == 0, "decode": table.step > 0}
+        groups = table.sequence
     procedure = "exact binomial bound, Bonferroni over the candidates"
-    choice = choose_schedule(fires, agrees, check_cost, target, delta, min_layer=clf.min_layer, passes=passes,
-                             gate_cost=gate_cost)
-    record = {**cal, "schedule": {**choice.as_dict(), "delta": delta, "procedure": procedure}}
+
+    def choose(phase, cost, g_cost):
+        rows = phases[phase]
+        g = None if groups is None or phase == "prefill" else groups[rows]
+        return choose_schedule(fires[rows], agrees[rows], cost, target, delta, min_layer=clf.min_layer,
+                               passes=None if passes is None else passes[rows], gate_cost=g_cost, groups=g)
+
+    def described(choice, phase):
+        how = procedure if groups is None or phase == "prefill" else (
+            "Hoeffding-Bentkus bound on per-sequence disagreement shares, Bonferroni over the candidates")
+        return {**choice.as_dict(), "delta": delta, "procedure": how}
+
+    choice = choose("prefill", check_cost, gate_cost)
+    record = {**cal, "schedule": described(choice, "prefill")}
     record.pop("decode_schedule", None)
     decode_layers = None
     if decode_check_cost is not None:
-        decode = choose_schedule(fires, agrees, decode_check_cost, target, delta, min_layer=clf.min_layer,
-                                 passes=passes, gate_cost=gate_cost if decode_gate_cost is None else decode_gate_cost)
+        decode = choose("decode", decode_check_cost, gate_cost if decode_gate_cost is None else decode_gate_cost)
         decode_layers = decode.check_layers
-        record["decode_schedule"] = {**decode.as_dict(), "delta": delta, "procedure": procedure}
+        record["decode_schedule"] = described(decode, "decode")
     # In place, as documented, and validated like `ExitClassifier.replace`.
     clf._set(check_layers=choice.check_layers, decode_check_layers=decode_layers, calibration=record)
     return choice

@@ -23,6 +23,7 @@ TABLE_FORMAT_VERSION = 1
 LABEL_KINDS = ("final", "gold")
 _ROW_FIELDS = ("X", "layer", "prompt_id", "top_token")
 _PROMPT_FIELDS = ("task", "shots", "example_index", "final_token", "gold_token", "num_layers")
+_UNIT_FIELDS = ("sequence", "step")
 
 
 @dataclass
@@ -46,6 +47,12 @@ class FeatureTable:
         hidden (`np.ndarray` float16 `[N, H]`, *optional*): each row's last-token hidden state after its layer
             (before the final norm), what a gate (`policy.gate.LinearGate`) reads; recorded only on request
             (`collect_features(..., hidden_states=True)`).
+        sequence (`np.ndarray` int `[P]`, *optional*): the generated sequence each prompt (unit) belongs to;
+            defaults to one sequence per prompt. `collect_generation_features` records one unit per generated
+            token, and the units of one generation share a sequence (calibration treats sequences, not tokens,
+            as its independent draws).
+        step (`np.ndarray` int `[P]`, *optional*): which generated token a unit predicts: 0 = the first one (the
+            prompt's forward), k >= 1 = the k-th single-token decode step. Defaults to 0.
     """
 
     X: np.ndarray
@@ -61,6 +68,8 @@ class FeatureTable:
     num_layers: np.ndarray
     meta: dict = field(default_factory=dict)
     hidden: np.ndarray | None = None
+    sequence: np.ndarray | None = None
+    step: np.ndarray | None = None
 
     def __post_init__(self):
         self.X = np.asarray(self.X, dtype=np.float32).reshape(-1, len(self.feature_names))
@@ -69,12 +78,16 @@ class FeatureTable:
             setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(-1))
         self.task = np.asarray(self.task, dtype=str).reshape(-1)
         n, p = self.X.shape[0], self.task.shape[0]
+        self.sequence = np.arange(p) if self.sequence is None else self.sequence
+        self.step = np.zeros(p) if self.step is None else self.step
+        for name in _UNIT_FIELDS:
+            setattr(self, name, np.asarray(getattr(self, name), dtype=np.int64).reshape(-1))
         for name in _ROW_FIELDS[1:]:
             if getattr(self, name).shape[0] != n:
                 raise ValueError(
                     f"FeatureTable.{name} has {getattr(self, name).shape[0]} rows; expected {n} (X)."
                 )
-        for name in _PROMPT_FIELDS[1:]:
+        for name in _PROMPT_FIELDS[1:] + _UNIT_FIELDS:
             if getattr(self, name).shape[0] != p:
                 raise ValueError(
                     f"FeatureTable.{name} has {getattr(self, name).shape[0]} prompts; expected {p}."
@@ -94,6 +107,16 @@ class FeatureTable:
     def num_prompts(self) -> int:
         """Number of prompts `P`."""
         return int(self.task.shape[0])
+
+    @property
+    def num_sequences(self) -> int:
+        """Number of distinct generated sequences (`num_prompts` for a first-token table)."""
+        return int(np.unique(self.sequence).size)
+
+    @property
+    def is_generation(self) -> bool:
+        """True when some sequence holds more than one unit (a `collect_generation_features` table)."""
+        return self.num_sequences < self.num_prompts
 
     def __len__(self) -> int:
         return int(self.X.shape[0])
@@ -145,7 +168,7 @@ class FeatureTable:
             layer=self.layer[rows],
             prompt_id=new_id[self.prompt_id[rows]],
             top_token=self.top_token[rows],
-            **{name: getattr(self, name)[ids] for name in _PROMPT_FIELDS},
+            **{name: getattr(self, name)[ids] for name in _PROMPT_FIELDS + _UNIT_FIELDS},
             meta=dict(self.meta),
             hidden=None if self.hidden is None else self.hidden[rows],
         )
@@ -165,6 +188,7 @@ class FeatureTable:
         if any(with_hidden) and not all(with_hidden):
             raise ValueError("Cannot concat tables with and without hidden states; collect them alike.")
         offsets = np.cumsum([0] + [t.num_prompts for t in tables[:-1]])
+        seq_offsets = np.cumsum([0] + [int(t.sequence.max()) + 1 if t.num_prompts else 0 for t in tables[:-1]])
         return cls(
             X=np.concatenate([t.X for t in tables]),
             feature_names=names,
@@ -174,6 +198,8 @@ class FeatureTable:
             **{name: np.concatenate([getattr(t, name) for t in tables]) for name in _PROMPT_FIELDS},
             meta=dict(tables[0].meta),
             hidden=np.concatenate([t.hidden for t in tables]) if all(with_hidden) else None,
+            sequence=np.concatenate([t.sequence + o for t, o in zip(tables, seq_offsets, strict=True)]),
+            step=np.concatenate([t.step for t in tables]),
         )
 
     # ------------------------------------------------------------------ files

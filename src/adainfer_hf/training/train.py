@@ -30,6 +30,7 @@ from ..policy.classifier import ExitClassifier
 from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
+from .collect_generation import collect_generation_features
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 
@@ -175,6 +176,9 @@ def train_and_calibrate(
     gate: str | None = None,
     gate_recall: float = 0.99,
     gate_cost: float | str = "auto",
+    knob: str = "classifier",
+    generation_tokens: int | None = None,
+    first_layer: int = 1,
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
@@ -200,38 +204,54 @@ def train_and_calibrate(
             median length).
         check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
             model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
+        gate, gate_recall, gate_cost, knob: see [`train_on_tables`].
+        generation_tokens (`int`, *optional*): train and calibrate on the first `generation_tokens` tokens the dense
+            model generates per prompt (`collect_generation_features`, recording from `first_layer`), for
+            `generate`: calibration bounds the share of a generation's tokens that agree. None: the next token.
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
     """
+    prompts = list(prompts)
+    is_train = _split_by_example(prompts, calibration_fraction, seed)
+    record = dict(features=tuple(features), batch_size=batch_size, progress=progress, check_dtype=check_dtype,
+                  hidden_states=hidden_states or gate is not None)
+    if generation_tokens is None:
+        table = collect_features(model, tokenizer, prompts, **record)
+        unit_is_train = is_train
+    else:
+        table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation_tokens,
+                                            first_layer=first_layer, **record)
+        unit_is_train = is_train[table.sequence]
+    train_table = table.select_prompts(np.flatnonzero(unit_is_train))
+    calib_table = table.select_prompts(np.flatnonzero(~unit_is_train))
+    if check_length is None:
+        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
+    clf = train_on_tables(
+        model, train_table, calib_table, method=method, features=features, label=label, max_rows=max_rows,
+        seed=seed, target_agreement=target_agreement, delta=delta, min_layers=min_layers, check_cost=check_cost,
+        check_phase=check_phase, check_length=check_length, gate=gate, gate_recall=gate_recall, gate_cost=gate_cost,
+        knob=knob)
+    return clf, train_table, calib_table
+
+
+def _split_by_example(prompts, calibration_fraction: float, seed: int) -> np.ndarray:
+    """Bool per prompt: True on the training side; one example (task, index) lands on one side only."""
     if not 0.0 < calibration_fraction < 1.0:
         raise ValueError(f"calibration_fraction must lie in (0, 1); got {calibration_fraction!r}.")
-    prompts = list(prompts)
     keys = sorted({(p.task, p.index) for p in prompts})
     if len(keys) < 2:
         raise ValueError(
             f"Need prompts for at least 2 distinct examples to split train/calibration; got {len(keys)}."
         )
-    train_keys = split_examples(keys, [1.0 - calibration_fraction], seed=seed)[0]
-    train_keys = set(train_keys)
+    train_keys = set(split_examples(keys, [1.0 - calibration_fraction], seed=seed)[0])
     is_train = np.array([(p.task, p.index) in train_keys for p in prompts])
     if is_train.all() or not is_train.any():
         raise ValueError(
             f"calibration_fraction={calibration_fraction} leaves one side of the split empty "
             f"({len(keys)} examples)."
         )
-    table = collect_features(model, tokenizer, prompts, features=tuple(features), batch_size=batch_size,
-                             progress=progress, check_dtype=check_dtype,
-                             hidden_states=hidden_states or gate is not None)
-    train_table = table.select_prompts(np.flatnonzero(is_train))
-    calib_table = table.select_prompts(np.flatnonzero(~is_train))
-    if check_length is None:
-        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
-    clf = train_on_tables(
-        model, train_table, calib_table, method=method, features=features, label=label, max_rows=max_rows,
-        seed=seed, target_agreement=target_agreement, delta=delta, min_layers=min_layers, check_cost=check_cost,
-        check_phase=check_phase, check_length=check_length, gate=gate, gate_recall=gate_recall, gate_cost=gate_cost)
-    return clf, train_table, calib_table
+    return is_train
 
 
 def train_on_tables(
@@ -252,6 +272,7 @@ def train_on_tables(
     gate: str | None = None,
     gate_recall: float = 0.99,
     gate_cost: float | str = "auto",
+    knob: str = "classifier",
 ):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
@@ -266,6 +287,11 @@ def train_on_tables(
         gate_recall (`float`, *optional*, defaults to 0.99): share of the training rows labelled 1 the gate passes.
         gate_cost (`float` or `"auto"`, *optional*, defaults to `"auto"`): the gate's cost per check in decoder
             layers for the schedule; "auto" measures it (in prompts and in decode steps with `check_phase="both"`).
+        knob (`str`, *optional*, defaults to `"classifier"`): what calibration tunes, the classifier's threshold
+            or (`"gate"`, with a gate) the gate's thresholds; see `calibrate.calibrate`.
+
+    Tables from `collect_generation_features` (one unit per generated token) are calibrated with their sequences
+    as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
 
     Returns:
         The calibrated, scheduled, bound [`ExitClassifier`].
@@ -282,7 +308,8 @@ def train_on_tables(
         probe = fit_linear_gate(train_table.hidden, train_table.layer, train_table.labels(label), recall=gate_recall,
                                 seed=seed)
         clf = clf.replace(gate=probe)
-    clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers)
+    clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers,
+                    knob=knob)
     cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
                                             check_dtype=clf.check_dtype)
     if cost is not None:

@@ -1,0 +1,180 @@
+"""Early exit in generation on a real model: classifiers calibrated on generated tokens, measured in decode.
+
+`gate_real.py` calibrates on the prompt's next token; a generation is mostly decode steps, whose tokens settle
+earlier and differently. This benchmark
+
+1. records generation tables (`collect_generation_features`): `--shots`-shot prompts of the ten training tasks of
+   `eval_real.sh` (never evaluated), the dense model's first `--tokens` greedy tokens each, every layer from
+   `--first-layer` on, with hidden states; the first `--train` examples of each task train, the next `--cal`
+   calibrate (cached under `<adainfer cache>/eval/<key>-gen-.../`);
+2. trains an SVM on (gap, top_prob) and a linear gate, and calibrates three rules per target with Learn-then-Test,
+   sequences as the draws (Hoeffding-Bentkus): `full` (no gate; the classifier's threshold), `gated` (gate at
+   recall 0.99 in front, the classifier's threshold calibrated) and `gate-knob` (the classifier at its own
+   decision, the gate's thresholds shifted by the calibrated amount); the schedules are chosen per phase with the
+   measured check and gate costs (prefill on the first tokens, decode on the later ones);
+3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
+   tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
+   dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
+   forward alone (first-token scoring, batch 8) for the prefill ratio.
+
+Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--cache exact]
+Writes docs/results/<key>/generation.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat, first_token
+from real_models import model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adainfer_hf import AutoAdaInferForCausalLM
+from adainfer_hf.data.prompts import build_prompts, load_task
+from adainfer_hf.training.collect_generation import collect_generation_features
+from adainfer_hf.training.table import FeatureTable
+from adainfer_hf.training.train import train_on_tables
+
+TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstractive/english-french",
+               "abstractive/english-german", "abstractive/landmark-country", "abstractive/person-sport",
+               "abstractive/product-company", "abstractive/park-country", "abstractive/person-occupation",
+               "extractive/choose_last_of_5")
+RULES = {"full": dict(gate=None, knob="classifier"), "gated": dict(gate="linear", knob="classifier"),
+         "gate-knob": dict(gate="linear", knob="gate")}
+
+
+def tables(ada, tok, args):
+    """(train, calibration) generation tables, recorded once per configuration and cached."""
+    L = ada.config.num_hidden_layers
+    first = args.first_layer or L // 2
+    root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
+    where = root / f"{args.key}-gen-{args.shots}shot-{args.tokens}tok-from{first}-{args.train}-{args.cal}"
+    if (where / "calibration.npz").exists():
+        return FeatureTable.load(where / "train.npz"), FeatureTable.load(where / "calibration.npz"), where
+    tasks = [load_task(FV / f"{t}.json") for t in TRAIN_TASKS]
+    prompts = [q for t in tasks for q in build_prompts(t, args.shots, limit=args.train + args.cal, seed=0)]
+    order = {}
+    for q in prompts:  # the first `train` examples of each task train, the rest calibrate
+        order.setdefault(q.task, []).append(q)
+    train_p = [q for qs in order.values() for q in qs[: args.train]]
+    cal_p = [q for qs in order.values() for q in qs[args.train:]]
+    out = []
+    for name, ps in (("train", train_p), ("calibration", cal_p)):
+        t0 = time.perf_counter()
+        table = collect_generation_features(ada, tok, ps, new_tokens=args.tokens, features=("gap", "top_prob"),
+                                            batch_size=args.batch_size, hidden_states=True, first_layer=first)
+        table.meta["seconds"] = time.perf_counter() - t0
+        table.save(where / f"{name}.npz")
+        out.append(table)
+    return out[0], out[1], where
+
+
+def generation(dense, ada, tok, texts, classifiers, new_tokens, cache):
+    """Token agreement / prefix / layers per token / wall-clock ratio of greedy generation at batch 1."""
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
+           for name in classifiers}
+    with torch.no_grad():
+        warm = tok(texts[:1], return_tensors="pt")
+        dense.generate(**warm, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
+        for text in texts:
+            enc = tok([text], return_tensors="pt")
+            n = enc.input_ids.shape[1]
+            for name, clf in classifiers.items():
+                t0 = time.perf_counter()
+                ref = dense.generate(**enc, **gen)
+                t_dense = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                res = ada.generate(**enc, **gen, exit_policy=clf, exit_cache=cache, return_dict_in_generate=True)
+                t = time.perf_counter() - t0
+                same = ref[0, n:] == res.sequences[0, n:]
+                r = out[name]
+                r["same"] += int(same.sum())
+                r["prefix"].append(int(same.long().cumprod(0).sum()))
+                r["layers"] += res.exit_layers.float().reshape(-1).tolist()
+                r["ratios"].append(t_dense / t)
+                r["dense_s"] += t_dense
+                r["s"] += t
+    total = len(texts) * new_tokens
+    return {name: {"prompts": len(texts), "new_tokens": new_tokens, "token_agreement": r["same"] / total,
+                   "mean_prefix": float(np.mean(r["prefix"])), "mean_layers_per_token": float(np.mean(r["layers"])),
+                   "speedup_median": statistics.median(r["ratios"]), "speedup_sum": r["dense_s"] / r["s"],
+                   "dense_s": r["dense_s"], "s": r["s"]}
+            for name, r in out.items()}
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("--shots", type=int, default=1)
+    p.add_argument("--tokens", type=int, default=12, help="generated tokens recorded per prompt")
+    p.add_argument("--first-layer", type=int, default=None, help="first recorded layer (default L // 2)")
+    p.add_argument("--train", type=int, default=10, help="training examples per task")
+    p.add_argument("--cal", type=int, default=30, help="calibration examples per task")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--targets", default="0.95,0.9")
+    p.add_argument("--rules", default=",".join(RULES))
+    p.add_argument("--eval-per-task", type=int, default=3, help="held-out prompts per evaluated task")
+    p.add_argument("--chat", type=int, default=4, help="chat questions (out of the training format)")
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--cache", default="exact", choices=("exact", "propagate"))
+    p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    path = model_dir(args.key)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+    L = ada.config.num_hidden_layers
+    train, calib, where = tables(ada, tok, args)
+    print(f"tables: {where} ({train.num_sequences} + {calib.num_sequences} sequences)")
+    if args.collect_only:
+        return
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    classifiers = {}
+    for target in [float(t) for t in args.targets.split(",")]:
+        for rule in args.rules.split(","):
+            classifiers[f"{rule}@{target}"] = train_on_tables(
+                ada, train, calib, method="svm", target_agreement=target, check_cost="auto", check_phase="both",
+                check_length=64, **RULES[rule])
+    for name, c in classifiers.items():
+        print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
+
+    eval_tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
+    held_out = [q.text for t in eval_tasks for q in build_prompts(t, args.shots, limit=args.eval_per_task, seed=0)]
+    texts = held_out + [_chat(tok, t) for t in FREE_TEXT[: args.chat]]
+    generated = generation(dense, ada, tok, texts, classifiers, args.new_tokens, args.cache)
+    scoring = first_token(dense, ada, tok, held_out, classifiers, batch_size=8)
+    record = {
+        "benchmark": "generation_real", "model": args.key, "num_layers": L, "tables": os.fspath(where),
+        "args": vars(args), "threads": torch.get_num_threads(),
+        "train_sequences": train.num_sequences, "calibration_sequences": calib.num_sequences,
+        "classifiers": {name: {"calibration": c.calibration, "min_layer": c.min_layer, "threshold": c.threshold,
+                               "check_layers": c.check_layers, "decode_check_layers": c.decode_check_layers}
+                        for name, c in classifiers.items()},
+        "generation": generated, "first_token": scoring, "versions": {"torch": torch.__version__},
+    }
+    out = Path(args.json or f"docs/results/{args.key}/generation.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
+    print("| rule | generation: token agreement / prefix / layers per token / speedup | first token: agreement / "
+          "layers / speedup |")
+    print("|---|---|---|")
+    for name in classifiers:
+        g, s = generated[name], scoring[name]
+        print(f"| {name} | {g['token_agreement']:.3f} / {g['mean_prefix']:.1f} / {g['mean_layers_per_token']:.2f} "
+              f"of {L} / {g['speedup_median']:.2f}x | {s['agreement']:.3f} / {s['mean_layers']:.2f} / "
+              f"{s['speedup_median']:.2f}x |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
