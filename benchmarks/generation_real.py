@@ -17,7 +17,7 @@ earlier and differently. This benchmark
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
    forward alone (first-token scoring, batch 8) for the prefill ratio.
 
-Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--cache exact]
+Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--propagate gate-knob]
 Writes docs/results/<key>/generation.json and prints a markdown table.
 """
 
@@ -76,8 +76,9 @@ def tables(ada, tok, args):
     return out[0], out[1], where
 
 
-def generation(dense, ada, tok, texts, classifiers, new_tokens, cache):
-    """Token agreement / prefix / layers per token / wall-clock ratio of greedy generation at batch 1."""
+def generation(dense, ada, tok, texts, classifiers, new_tokens):
+    """Token agreement / prefix / layers per token / wall-clock ratio of greedy generation at batch 1;
+    `classifiers` maps a name to `(classifier, exit cache option)`."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
            for name in classifiers}
@@ -87,7 +88,7 @@ def generation(dense, ada, tok, texts, classifiers, new_tokens, cache):
         for text in texts:
             enc = tok([text], return_tensors="pt")
             n = enc.input_ids.shape[1]
-            for name, clf in classifiers.items():
+            for name, (clf, cache) in classifiers.items():
                 t0 = time.perf_counter()
                 ref = dense.generate(**enc, **gen)
                 t_dense = time.perf_counter() - t0
@@ -124,7 +125,8 @@ def main(argv=None):
     p.add_argument("--eval-per-task", type=int, default=3, help="held-out prompts per evaluated task")
     p.add_argument("--chat", type=int, default=4, help="chat questions (out of the training format)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--cache", default="exact", choices=("exact", "propagate"))
+    p.add_argument("--propagate", default="gate-knob", help="rules also run with exit_cache='propagate' (all run "
+                   "with 'exact', whose later tokens see the dense model's states)")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -151,7 +153,11 @@ def main(argv=None):
     eval_tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
     held_out = [q.text for t in eval_tasks for q in build_prompts(t, args.shots, limit=args.eval_per_task, seed=0)]
     texts = held_out + [_chat(tok, t) for t in FREE_TEXT[: args.chat]]
-    generated = generation(dense, ada, tok, texts, classifiers, args.new_tokens, args.cache)
+    runs = {name: (clf, "exact") for name, clf in classifiers.items()}
+    propagate = set(args.propagate.split(",")) if args.propagate else set()
+    runs.update({f"{name} propagate": (clf, "propagate") for name, clf in classifiers.items()
+                 if name.split("@")[0] in propagate})
+    generated = generation(dense, ada, tok, texts, runs, args.new_tokens)
     scoring = first_token(dense, ada, tok, held_out, classifiers, batch_size=8)
     record = {
         "benchmark": "generation_real", "model": args.key, "num_layers": L, "tables": os.fspath(where),
@@ -168,8 +174,8 @@ def main(argv=None):
     print("| rule | generation: token agreement / prefix / layers per token / speedup | first token: agreement / "
           "layers / speedup |")
     print("|---|---|---|")
-    for name in classifiers:
-        g, s = generated[name], scoring[name]
+    for name in runs:
+        g, s = generated[name], scoring[name.split(" ")[0]]
         print(f"| {name} | {g['token_agreement']:.3f} / {g['mean_prefix']:.1f} / {g['mean_layers_per_token']:.2f} "
               f"of {L} / {g['speedup_median']:.2f}x | {s['agreement']:.3f} / {s['mean_layers']:.2f} / "
               f"{s['speedup_median']:.2f}x |")

@@ -411,3 +411,24 @@ def test_the_console_script_entry_point_resolves_to_main():
     module, _, attr = entry.partition(":")
     target = getattr(importlib.import_module(module), attr)
     assert callable(target) and target is cli.main
+
+
+def test_train_on_generated_tokens_with_the_gate_as_knob(workdir, capsys):
+    out = workdir / "clf_generation"
+    assert cli.main(["train", *_data_args(workdir), "--method", "logistic", "--target-agreement", "0.5",
+                     "--delta", "0.5", "--generation-tokens", "3", "--first-layer", "2", "--gate", "linear",
+                     "--knob", "gate", "--check-cost", "2", "--gate-cost", "0.01", "--tables-out",
+                     str(workdir / "gen_tables"), "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    loaded = ExitClassifier.from_pretrained(out)
+    calib = FeatureTable.load(workdir / "gen_tables" / "calibration.npz")
+    assert calib.is_generation and set(calib.step.tolist()) == {0, 1, 2} and int(calib.layer.min()) == 2
+    assert loaded.calibration["knob"] == "gate" and loaded.gate is not None
+    assert loaded.calibration["n_sequences"] == calib.num_sequences
+    assert f"calibrated on {calib.num_sequences}" in printed and "generations" in printed
+    # the knob needs a gate: refused before anything is written
+    never = workdir / "never_knob"
+    assert cli.main(["train", *_data_args(workdir), "--knob", "gate", "--check-cost", "none", "--out",
+                     str(never)]) == 2
+    _one_error_line(capsys, "knob='gate' calibrates the gate's thresholds, but the classifier has no gate")
+    assert not never.exists()

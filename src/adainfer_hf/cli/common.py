@@ -56,11 +56,10 @@ def prompts_from(tasks, shots, limit, seed):
 
 def figures_line(s: dict) -> str:
     """One line of agreement / layers / gold accuracy from a `summarize_exits` or calibration dict."""
-    gold = f" gold_acc dense={s['gold_accuracy_dense']:.3f} exit={s['gold_accuracy_exit']:.3f}"
-    return (
-        f"n={s['n']} agreement={s['agreement']:.3f} mean_layers={s['mean_exit_layer']:.2f}/{s['num_layers']}"
-        + (gold if "gold_accuracy_exit" in s else "")
-    )
+    line = f"n={s['n']} agreement={s['agreement']:.3f} mean_layers={s['mean_exit_layer']:.2f}/{s['num_layers']}"
+    if "gold_accuracy_exit" in s:  # tables without gold answers (generated tokens) have none
+        line += f" gold_acc dense={s['gold_accuracy_dense']:.3f} exit={s['gold_accuracy_exit']:.3f}"
+    return line
 
 
 # ---------------------------------------------------------------------------------------------------- flags
