@@ -10,14 +10,15 @@ earlier and differently. This benchmark
 2. trains an SVM on (gap, top_prob) and a linear gate, and calibrates three rules per target with Learn-then-Test,
    sequences as the draws (Hoeffding-Bentkus): `full` (no gate; the classifier's threshold), `gated` (gate at
    recall 0.99 in front, the classifier's threshold calibrated) and `gate-knob` (the classifier at its own
-   decision, the gate's thresholds shifted by the calibrated amount); the schedules are chosen per phase with the
-   measured check and gate costs (prefill on the first tokens, decode on the later ones);
+   decision, the gate's thresholds shifted by the calibrated amount), and `probe` (the gate alone: a classifier that
+   fires wherever its check runs, gate as the knob); the schedules are chosen per phase with the measured check and
+   gate costs (prefill on the first tokens, decode on the later ones);
 3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
    tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
    forward alone (first-token scoring, batch 8) for the prefill ratio.
 
-Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--propagate gate-knob]
+Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--rules full,gate-knob,probe] [--propagate probe]
 Writes docs/results/<key>/generation.json and prints a markdown table.
 """
 
@@ -38,7 +39,12 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.data.prompts import build_prompts, load_task
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.classifier import ExitClassifier
+from adainfer_hf.policy.gate import fit_linear_gate
+from adainfer_hf.training.calibrate import calibrate
 from adainfer_hf.training.collect_generation import collect_generation_features
+from adainfer_hf.training.schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -47,7 +53,21 @@ TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstr
                "abstractive/product-company", "abstractive/park-country", "abstractive/person-occupation",
                "extractive/choose_last_of_5")
 RULES = {"full": dict(gate=None, knob="classifier"), "gated": dict(gate="linear", knob="classifier"),
-         "gate-knob": dict(gate="linear", knob="gate")}
+         "gate-knob": dict(gate="linear", knob="gate"), "probe": None}
+
+
+def probe_rule(ada, train, calib, target):
+    """The gate alone as the exit rule: a classifier that fires wherever its check runs (`gap > -1`), behind a
+    gate calibrated as the knob; every check the gate passes is an exit, so no head is computed in vain."""
+    L = ada.config.num_hidden_layers
+    gate = fit_linear_gate(train.hidden, train.layer, train.labels("final"), recall=0.99)
+    clf = ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), features=("gap", "top_prob"),
+                         num_layers=L, gate=gate)
+    clf = calibrate(clf, calib, target_agreement=target, knob="gate")
+    cost, decode_cost = resolve_check_costs(ada, "auto", seq_len=64, phase="both")
+    g_cost, g_decode = resolve_gate_costs(ada, clf.gate, "auto", seq_len=64, phase="both")
+    schedule_classifier(clf, calib, cost, decode_check_cost=decode_cost, gate_cost=g_cost, decode_gate_cost=g_decode)
+    return clf.bind(ada)
 
 
 def tables(ada, tok, args):
@@ -121,13 +141,15 @@ def main(argv=None):
     p.add_argument("--cal", type=int, default=30, help="calibration examples per task")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--targets", default="0.95,0.9")
-    p.add_argument("--rules", default=",".join(RULES))
-    p.add_argument("--eval-per-task", type=int, default=3, help="held-out prompts per evaluated task")
+    p.add_argument("--rules", default="full,gate-knob,probe", help=f"of {list(RULES)}")
+    p.add_argument("--eval-per-task", type=int, default=2, help="held-out prompts per evaluated task")
     p.add_argument("--chat", type=int, default=4, help="chat questions (out of the training format)")
     p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--propagate", default="gate-knob", help="rules also run with exit_cache='propagate' (all run "
+    p.add_argument("--propagate", default="probe", help="rules also run with exit_cache='propagate' (all run "
                    "with 'exact', whose later tokens see the dense model's states)")
     p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<rule>@<target> (for "
+                   "peer_economize.py --exit-classifier NAME=DIR/<name>)")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     path = model_dir(args.key)
@@ -144,11 +166,16 @@ def main(argv=None):
     classifiers = {}
     for target in [float(t) for t in args.targets.split(",")]:
         for rule in args.rules.split(","):
+            if RULES[rule] is None:
+                classifiers[f"{rule}@{target}"] = probe_rule(ada, train, calib, target)
+                continue
             classifiers[f"{rule}@{target}"] = train_on_tables(
                 ada, train, calib, method="svm", target_agreement=target, check_cost="auto", check_phase="both",
                 check_length=64, **RULES[rule])
     for name, c in classifiers.items():
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
+        if args.save_dir:
+            c.save_pretrained(Path(args.save_dir) / name)
 
     eval_tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
     held_out = [q.text for t in eval_tasks for q in build_prompts(t, args.shots, limit=args.eval_per_task, seed=0)]

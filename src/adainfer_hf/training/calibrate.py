@@ -231,10 +231,9 @@ def calibrate(
         exit_layer = np.full(table.num_prompts, L)
     else:
         _, m, t, errors = best
-        changes = dict(threshold=t, min_layer=m, check_layers=None, decode_check_layers=None)
-        if knob == "gate":
-            changes = dict(gate=clf.gate.shifted(t), min_layer=m, check_layers=None, decode_check_layers=None)
-        chosen = {"never_exit": False, "min_layer": m, "threshold": t if knob == "classifier" else clf.threshold}
+        knobbed = dict(threshold=t) if knob == "classifier" else dict(gate=clf.gate.shifted(t))
+        changes = dict(**knobbed, min_layer=m, check_layers=None, decode_check_layers=None)
+        chosen = {"never_exit": False, "min_layer": m, "threshold": knobbed.get("threshold", clf.threshold)}
         if knob == "gate":
             chosen["gate_offset"] = t
         exit_layer = _first_exit(_from_layer(S, m) >= t, L)
