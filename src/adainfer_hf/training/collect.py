@@ -67,6 +67,13 @@ class RecordingPolicy(ExitPolicy):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 
+def check_feature_names(features: tuple[str, ...]) -> None:
+    """`ValueError` naming the unknown names when `features` is empty or holds a name not in `FEATURES`."""
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown or not features:
+        raise ValueError(f"Unknown feature(s) {unknown or features}; expected names from {sorted(FEATURES)}.")
+
+
 def collect_features(
     model,
     tokenizer,
@@ -104,9 +111,7 @@ def collect_features(
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
     check_dtype_or_raise(check_dtype)
     features = tuple(features)
-    unknown = [f for f in features if f not in FEATURES]
-    if unknown or not features:
-        raise ValueError(f"Unknown feature(s) {unknown or features}; expected names from {sorted(FEATURES)}.")
+    check_feature_names(features)
     prompts = list(prompts)
     if not prompts:
         raise ValueError("collect_features got no prompts.")

@@ -21,7 +21,7 @@ from ..architectures import core as arch
 from ..policy.base import check_dtype_or_raise
 from ..policy.features import FEATURES
 from ..utils.tokenizers import left_padding
-from .collect import RecordingPolicy
+from .collect import RecordingPolicy, check_feature_names
 from .table import FeatureTable
 
 __all__ = ["collect_generation_features"]
@@ -96,9 +96,7 @@ def _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype,
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
     check_dtype_or_raise(check_dtype)
-    unknown = [f for f in features if f not in FEATURES]
-    if unknown or not features:
-        raise ValueError(f"Unknown feature(s) {unknown or features}; expected names from {sorted(FEATURES)}.")
+    check_feature_names(features)
     if not prompts:
         raise ValueError("collect_generation_features got no prompts.")
     L = arch.num_layers(model)
