@@ -285,3 +285,15 @@ def test_train_and_calibrate_on_generated_tokens_splits_by_example():
     keys = lambda t: {(t.task[u], int(t.example_index[u])) for u in range(t.num_prompts)}  # noqa: E731
     assert not keys(train) & keys(calib)
     assert clf.calibration["knob"] == "gate" and clf.calibration["n_sequences"] == calib.num_sequences
+
+
+def test_one_schedule_for_every_step_of_a_generation_table_uses_all_its_tokens():
+    train, calib = _generation_table(60, 6, seed=1), _generation_table(150, 6, seed=2)
+    clf = calibrate(train_exit_classifier(train, method="logistic"), calib, target_agreement=0.9, delta=0.1)
+    schedule_classifier(clf, calib, check_cost=0.5)  # no decode cost: one schedule for prompts and decode steps
+    figures = clf.calibration
+    assert clf.decode_check_layers is None and "decode_schedule" not in figures
+    assert figures["schedule"]["procedure"].startswith("Hoeffding-Bentkus")
+    replay = simulate_exits(clf, calib)[1]  # every token of the table, replayed independently
+    assert replay["agreement"] == pytest.approx(figures["schedule"]["agreement"])
+    assert replay["mean_exit_layer"] == pytest.approx(figures["schedule"]["mean_layers"])

@@ -181,22 +181,27 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     else:
         gate_cost = decode_gate_cost = 0.0
     # A generation table holds both phases: its first tokens choose the prompt schedule, its decode steps (with
-    # their sequences as the draws) the decode one. A first-token table's prompts stand in for both.
-    phases = {"prefill": np.ones(table.num_prompts, dtype=bool), "decode": np.ones(table.num_prompts, dtype=bool)}
-    groups = None
-    if table.is_generation:
+    # their sequences as the draws) the decode one; a single schedule for every step is chosen on all its tokens.
+    # A first-token table's prompts stand in for both.
+    every = np.ones(table.num_prompts, dtype=bool)
+    phases = {"prefill": every, "decode": every}
+    groups = table.sequence if table.is_generation else None
+    if groups is not None and decode_check_cost is not None:
         phases = {"prefill": table.step == 0, "decode": table.step > 0}
-        groups = table.sequence
     procedure = "exact binomial bound, Bonferroni over the candidates"
+
+    def draws(phase):  # None where every unit is its own sequence (the exact binomial applies)
+        rows = phases[phase]
+        return None if groups is None or np.unique(groups[rows]).size == rows.sum() else groups[rows]
 
     def choose(phase, cost, g_cost):
         rows = phases[phase]
-        g = None if groups is None or phase == "prefill" else groups[rows]
         return choose_schedule(fires[rows], agrees[rows], cost, target, delta, min_layer=clf.min_layer,
-                               passes=None if passes is None else passes[rows], gate_cost=g_cost, groups=g)
+                               passes=None if passes is None else passes[rows], gate_cost=g_cost,
+                               groups=draws(phase))
 
     def described(choice, phase):
-        how = procedure if groups is None or phase == "prefill" else (
+        how = procedure if draws(phase) is None else (
             "Hoeffding-Bentkus bound on per-sequence disagreement shares, Bonferroni over the candidates")
         return {**choice.as_dict(), "delta": delta, "procedure": how}
 
