@@ -432,3 +432,6 @@ def test_train_on_generated_tokens_with_the_gate_as_knob(workdir, capsys):
                      str(never)]) == 2
     _one_error_line(capsys, "knob='gate' calibrates the gate's thresholds, but the classifier has no gate")
     assert not never.exists()
+    assert cli.main(["train", *_data_args(workdir), "--first-layer", "2", "--out", str(never)]) == 2
+    _one_error_line(capsys, "--first-layer 2 selects the layers --generation-tokens records")
+    assert not never.exists()

@@ -69,6 +69,9 @@ def _cmd_collect(args) -> int:
 
 
 def _cmd_train(args) -> int:
+    if args.first_layer != 1 and args.generation_tokens is None:
+        raise ValueError(f"--first-layer {args.first_layer} selects the layers --generation-tokens records; pass "
+                         "--generation-tokens N as well (prompt tables always record every layer).")
     model, tok = load_dense_model(args.model)
     fit = dict(
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
