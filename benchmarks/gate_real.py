@@ -133,8 +133,10 @@ def first_token(dense, ada, tok, prompts, classifiers, batch_size):
             for name, r in out.items()}
 
 
-def generation(dense, ada, tok, texts, classifiers, new_tokens):
-    """Token agreement / prefix / layers per token / wall-clock of 64-token greedy generation at batch 1."""
+def generation(dense, ada, tok, texts, classifiers, new_tokens, caches=None):
+    """Token agreement / prefix / layers per token / wall-clock of 64-token greedy generation at batch 1;
+    `caches` maps a classifier's name to its exit cache option (default "propagate")."""
+    caches = caches or {}
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
            for name in classifiers}
@@ -146,8 +148,8 @@ def generation(dense, ada, tok, texts, classifiers, new_tokens):
             n = enc.input_ids.shape[1]
             for name, clf in classifiers.items():
                 ref, t_dense = _timed(dense.generate, **enc, **gen)
-                res, t = _timed(ada.generate, **enc, **gen, exit_policy=clf, exit_cache="propagate",
-                                return_dict_in_generate=True)
+                res, t = _timed(ada.generate, **enc, **gen, exit_policy=clf,
+                                exit_cache=caches.get(name, "propagate"), return_dict_in_generate=True)
                 ref, got = ref[0, n:], res.sequences[0, n:]
                 same = (ref == got)
                 r = out[name]

@@ -27,13 +27,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat, first_token
+from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat, first_token, generation
 from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -96,41 +95,6 @@ def tables(ada, tok, args):
     return out[0], out[1], where
 
 
-def generation(dense, ada, tok, texts, classifiers, new_tokens):
-    """Token agreement / prefix / layers per token / wall-clock ratio of greedy generation at batch 1;
-    `classifiers` maps a name to `(classifier, exit cache option)`."""
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
-           for name in classifiers}
-    with torch.no_grad():
-        warm = tok(texts[:1], return_tensors="pt")
-        dense.generate(**warm, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
-        for text in texts:
-            enc = tok([text], return_tensors="pt")
-            n = enc.input_ids.shape[1]
-            for name, (clf, cache) in classifiers.items():
-                t0 = time.perf_counter()
-                ref = dense.generate(**enc, **gen)
-                t_dense = time.perf_counter() - t0
-                t0 = time.perf_counter()
-                res = ada.generate(**enc, **gen, exit_policy=clf, exit_cache=cache, return_dict_in_generate=True)
-                t = time.perf_counter() - t0
-                same = ref[0, n:] == res.sequences[0, n:]
-                r = out[name]
-                r["same"] += int(same.sum())
-                r["prefix"].append(int(same.long().cumprod(0).sum()))
-                r["layers"] += res.exit_layers.float().reshape(-1).tolist()
-                r["ratios"].append(t_dense / t)
-                r["dense_s"] += t_dense
-                r["s"] += t
-    total = len(texts) * new_tokens
-    return {name: {"prompts": len(texts), "new_tokens": new_tokens, "token_agreement": r["same"] / total,
-                   "mean_prefix": float(np.mean(r["prefix"])), "mean_layers_per_token": float(np.mean(r["layers"])),
-                   "speedup_median": statistics.median(r["ratios"]), "speedup_sum": r["dense_s"] / r["s"],
-                   "dense_s": r["dense_s"], "s": r["s"]}
-            for name, r in out.items()}
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("key", help="a key of benchmarks/real_models.py")
@@ -180,11 +144,14 @@ def main(argv=None):
     eval_tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
     held_out = [q.text for t in eval_tasks for q in build_prompts(t, args.shots, limit=args.eval_per_task, seed=0)]
     texts = held_out + [_chat(tok, t) for t in FREE_TEXT[: args.chat]]
-    runs = {name: (clf, "exact") for name, clf in classifiers.items()}
+    runs = dict(classifiers)
+    caches = {name: "exact" for name in classifiers}
     propagate = set(args.propagate.split(",")) if args.propagate else set()
-    runs.update({f"{name} propagate": (clf, "propagate") for name, clf in classifiers.items()
-                 if name.split("@")[0] in propagate})
-    generated = generation(dense, ada, tok, texts, runs, args.new_tokens)
+    for name, clf in classifiers.items():
+        if name.split("@")[0] in propagate:
+            runs[f"{name} propagate"] = clf
+            caches[f"{name} propagate"] = "propagate"
+    generated = generation(dense, ada, tok, texts, runs, args.new_tokens, caches)
     scoring = first_token(dense, ada, tok, held_out, classifiers, batch_size=8)
     record = {
         "benchmark": "generation_real", "model": args.key, "num_layers": L, "tables": os.fspath(where),
