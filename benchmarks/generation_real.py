@@ -10,8 +10,8 @@ earlier and differently. This benchmark
 2. trains an SVM on (gap, top_prob) and a linear gate, and calibrates three rules per target with Learn-then-Test,
    sequences as the draws (Hoeffding-Bentkus): `full` (no gate; the classifier's threshold), `gated` (gate at
    recall 0.99 in front, the classifier's threshold calibrated) and `gate-knob` (the classifier at its own
-   decision, the gate's thresholds shifted by the calibrated amount), and `probe` (the gate alone: a classifier that
-   fires wherever its check runs, gate as the knob); the schedules are chosen per phase with the measured check and
+   decision, the gate's thresholds shifted by the calibrated amount), and `probe` (`method="gate_only"`: the gate
+   alone, calibrated as the knob); the schedules are chosen per phase with the measured check and
    gate costs (prefill on the first tokens, decode on the later ones);
 3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
    tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
@@ -30,7 +30,6 @@ import os
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat, first_token, generation
 from real_models import model_dir
@@ -38,12 +37,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.data.prompts import build_prompts, load_task
-from adainfer_hf.estimators.rules import GapThresholdRule
-from adainfer_hf.policy.classifier import ExitClassifier
-from adainfer_hf.policy.gate import fit_linear_gate
-from adainfer_hf.training.calibrate import calibrate
 from adainfer_hf.training.collect_generation import collect_generation_features
-from adainfer_hf.training.schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -51,22 +45,10 @@ TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstr
                "abstractive/english-german", "abstractive/landmark-country", "abstractive/person-sport",
                "abstractive/product-company", "abstractive/park-country", "abstractive/person-occupation",
                "extractive/choose_last_of_5")
-RULES = {"full": dict(gate=None, knob="classifier"), "gated": dict(gate="linear", knob="classifier"),
-         "gate-knob": dict(gate="linear", knob="gate"), "probe": None}
-
-
-def probe_rule(ada, train, calib, target):
-    """The gate alone as the exit rule: a classifier that fires wherever its check runs (`gap > -1`), behind a
-    gate calibrated as the knob; every check the gate passes is an exit, so no head is computed in vain."""
-    L = ada.config.num_hidden_layers
-    gate = fit_linear_gate(train.hidden, train.layer, train.labels("final"), recall=0.99)
-    clf = ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), features=("gap", "top_prob"),
-                         num_layers=L, gate=gate)
-    clf = calibrate(clf, calib, target_agreement=target, knob="gate")
-    cost, decode_cost = resolve_check_costs(ada, "auto", seq_len=64, phase="both")
-    g_cost, g_decode = resolve_gate_costs(ada, clf.gate, "auto", seq_len=64, phase="both")
-    schedule_classifier(clf, calib, cost, decode_check_cost=decode_cost, gate_cost=g_cost, decode_gate_cost=g_decode)
-    return clf.bind(ada)
+RULES = {"full": dict(method="svm", gate=None, knob="classifier"),
+         "gated": dict(method="svm", gate="linear", knob="classifier"),
+         "gate-knob": dict(method="svm", gate="linear", knob="gate"),
+         "probe": dict(method="gate_only")}
 
 
 def tables(ada, tok, args):
@@ -130,12 +112,9 @@ def main(argv=None):
     classifiers = {}
     for target in [float(t) for t in args.targets.split(",")]:
         for rule in args.rules.split(","):
-            if RULES[rule] is None:
-                classifiers[f"{rule}@{target}"] = probe_rule(ada, train, calib, target)
-                continue
             classifiers[f"{rule}@{target}"] = train_on_tables(
-                ada, train, calib, method="svm", target_agreement=target, check_cost="auto", check_phase="both",
-                check_length=64, **RULES[rule])
+                ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
+                **RULES[rule])
     for name, c in classifiers.items():
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
         if args.save_dir:

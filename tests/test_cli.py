@@ -426,6 +426,19 @@ def test_train_on_generated_tokens_with_the_gate_as_knob(workdir, capsys):
     assert loaded.calibration["knob"] == "gate" and loaded.gate is not None
     assert loaded.calibration["n_sequences"] == calib.num_sequences
     assert f"calibrated on {calib.num_sequences}" in printed and "generations" in printed
+    # the gate alone as the exit rule: --method gate_only brings its gate and calibrates it
+    alone = workdir / "clf_gate_only"
+    assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "gen_tables"),
+                     "--method", "gate_only", "--target-agreement", "0.5", "--delta", "0.5", "--check-cost", "2", "--gate-cost", "0.01",
+                     "--out", str(alone)]) == 0
+    loaded = ExitClassifier.from_pretrained(alone)
+    assert loaded.calibration["knob"] == "gate" and loaded.gate is not None
+    assert loaded.calibration["training"]["method"] == "gate_only" and loaded.estimator.threshold == -1.0
+    assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "gen_tables"),
+                     "--method", "gate_only", "--knob", "classifier", "--out", str(workdir / "never_alone")]) == 2
+    _one_error_line(capsys, "method='gate_only' exits wherever its gate passes, so calibration tunes the gate: "
+                    "knob must be 'gate' (or None); got knob='classifier'")
+    assert not (workdir / "never_alone").exists()
     # the knob needs a gate: refused before anything is written
     never = workdir / "never_knob"
     assert cli.main(["train", *_data_args(workdir), "--knob", "gate", "--check-cost", "none", "--out",

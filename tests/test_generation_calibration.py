@@ -275,6 +275,53 @@ def test_gate_knob_rule_on_a_generation_table_is_what_generate_runs():
             assert int(out.exit_layers[0]) == expected[np.flatnonzero(table.sequence == s)[t]]
 
 
+def test_gate_only_exits_where_its_probe_passes_on_the_stock_hidden_state():
+    stock, model = tiny_pair()
+    tok = task_tokenizer()
+    prompts = tiny_prompts(4, (0,))
+    table = collect_generation_features(model, tok, prompts, new_tokens=T, features=("gap", "top_prob"),
+                                        progress=False, hidden_states=True)
+    half = table.num_sequences // 2
+    train = table.select_prompts(np.flatnonzero(table.sequence < half))
+    calib = table.select_prompts(np.flatnonzero(table.sequence >= half))
+    clf = train_on_tables(model, train, calib, method="gate_only", check_cost=None, target_agreement=0.5,
+                          delta=0.5)
+    assert clf.gate is not None and clf.calibration["knob"] == "gate"
+    # an offset halfway between two table scores (no ties), so that the live run both exits and runs on
+    margins = np.unique(clf.gate.margins(table.hidden, table.layer))
+    margins = margins[np.isfinite(margins)]
+    mid = len(margins) // 2
+    clf = clf.replace(gate=clf.gate.shifted(float(margins[mid - 1] + margins[mid]) / 2), min_layer=1,
+                      check_layers=None)
+    L = model.config.num_hidden_layers
+    w, b, t = clf.gate.weight, clf.gate.bias, clf.gate.threshold
+    exits = []
+    for s, prompt in enumerate(prompts):
+        ids = tok(prompt.text, return_tensors="pt")["input_ids"]
+        dense = table.final_token[table.sequence == s]
+        for step in range(T):
+            prefix = torch.cat([ids, torch.tensor([dense[:step].tolist()], dtype=torch.long)], 1)
+            with torch.no_grad():
+                hs = stock(prefix, use_cache=False, output_hidden_states=True).hidden_states
+                out = model(prefix, use_cache=False, exit_policy=clf, logits_to_keep=1)
+            expected = L  # the first layer whose probe, written out on the stock model's state, passes
+            for layer in range(1, L):
+                h = hs[layer][0, -1].float().numpy()
+                x = h / np.sqrt((h * h).mean() + 1e-6)
+                i = clf.gate.layers.index(layer)
+                if x @ w[i] + b[i] >= t[i]:
+                    expected = layer
+                    break
+            assert int(out.exit_layers[0]) == expected
+            exits.append(expected)
+            if expected < L:  # the exit's logits: the stock final norm and head on that layer's state
+                ref = stock.lm_head(stock.model.norm(hs[expected][:, -1:]))
+                torch.testing.assert_close(out.logits[:, -1:], ref, rtol=1e-4, atol=1e-5)
+    assert min(exits) < L and max(exits) == L
+    with pytest.raises(ValueError, match="knob must be 'gate' \\(or None\\); got knob='classifier'"):
+        train_on_tables(model, train, calib, method="gate_only", knob="classifier", check_cost=None)
+
+
 def test_train_and_calibrate_on_generated_tokens_splits_by_example():
     _, model = tiny_pair()
     tok = task_tokenizer()

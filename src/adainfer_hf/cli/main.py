@@ -239,7 +239,8 @@ def _add_train_parser(sub) -> None:
     p = sub.add_parser("train", help="Collect, train, calibrate and save an exit classifier for a model.")
     _add_data_args(p)
     p.add_argument("--method", default="svm", choices=list(TRAIN_METHODS),
-                   help="Classifier (default: svm, the paper's).")
+                   help="Classifier (default: svm, the paper's). 'gate_only': no classifier, the linear gate on the "
+                   "hidden state is the exit rule (implies --gate linear --knob gate; the cheapest decode checks).")
     p.add_argument("--features", nargs="+", default=["gap", "top_prob"], choices=list(FEATURES),
                    help="Features the classifier reads (default: gap top_prob).")
     p.add_argument("--label", default="final", choices=["final", "gold"],
@@ -274,8 +275,9 @@ def _add_train_parser(sub) -> None:
                    help="Share of the training rows whose lens agrees that the gate passes (default 0.99).")
     p.add_argument("--gate-cost", default="auto", help="The gate's cost per check in decoder layers for the "
                    "schedule: a number or 'auto' (measured now; default).")
-    p.add_argument("--knob", default="classifier", choices=list(KNOBS),
-                   help="What calibration tunes: the classifier's threshold ('classifier', default) or, with --gate "
+    p.add_argument("--knob", default=None, choices=list(KNOBS),
+                   help="What calibration tunes: the classifier's threshold ('classifier', default; 'gate' with "
+                   "--method gate_only) or, with --gate "
                    "linear, the gate's thresholds ('gate': the probe on the hidden state decides, the classifier at "
                    "its own decision is a veto where the head runs).")
     p.add_argument("--generation-tokens", type=int_at_least(1), default=None, metavar="N",

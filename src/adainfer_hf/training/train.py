@@ -10,6 +10,10 @@ calibrated):
 | `"logistic"` | `LogisticRegression`, scaler folded the same way | yes |
 | `"crf"` | `estimators.crf.CRFExitEstimator` over each prompt's layer sequence (`pip install adainfer-hf[crf]`) | no |
 | `"gap_rule"` | `estimators.rules.GapThresholdRule(threshold=0.8)`, nothing learned | yes |
+| `"gate_only"` | the linear gate alone: `GapThresholdRule(threshold=-1)` fires wherever its check runs (the gap is never below 0), so a check exits exactly where the gate passes; `train_on_tables` adds the gate and calibrates its thresholds (`gate="linear"`, `knob="gate"`) | yes |
+
+`"gate_only"` is the cheapest rule in decode steps: a check that the gate stops costs only the probe, and every
+check it passes is an exit, so the LM head never runs in vain.
 """
 
 from __future__ import annotations
@@ -37,13 +41,28 @@ from .table import LABEL_KINDS, FeatureTable, table_sequences
 __all__ = [
     "GATES",
     "TRAIN_METHODS",
+    "resolve_gate_and_knob",
     "train_and_calibrate",
     "train_exit_classifier",
     "train_on_tables",
 ]
 
-TRAIN_METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule")
+TRAIN_METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule", "gate_only")
 GATES = (None, "linear")  # what may stand in front of the checks (None: every check computes the head)
+
+
+def resolve_gate_and_knob(method: str, gate: str | None, knob: str | None) -> tuple[str | None, str]:
+    """The gate and the calibration knob a training method runs with: `"gate_only"` is the linear gate calibrated
+    as the knob (a `gate` of None means "linear" there, and any knob but "gate" is refused); other methods keep
+    `gate` and default the knob to the classifier's threshold."""
+    if gate not in GATES:
+        raise ValueError(f"gate={gate!r} is not supported; expected one of {list(GATES)}.")
+    if method != "gate_only":
+        return gate, "classifier" if knob is None else knob
+    if knob not in (None, "gate"):
+        raise ValueError(f"method='gate_only' exits wherever its gate passes, so calibration tunes the gate: knob "
+                         f"must be 'gate' (or None); got knob={knob!r}.")
+    return gate or "linear", "gate"
 
 
 def _stratified_rows(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
@@ -77,7 +96,7 @@ def train_exit_classifier(
         features (`Sequence[str]`, *optional*, defaults to `("gap", "top_prob")`): columns the classifier reads.
         label (`str`, *optional*, defaults to `"final"`): `"final"` (agree with the dense model) or `"gold"`.
         class_weight (`str`, `dict` or `None`, *optional*, defaults to `"balanced"`): early layers are mostly
-            label 0, so classes are reweighted (ignored by `"crf"` and `"gap_rule"`).
+            label 0, so classes are reweighted (ignored by `"crf"`, `"gap_rule"` and `"gate_only"`).
         max_rows (`int`, *optional*, defaults to 20000): cap on training rows, drawn stratified by class (for
             `"crf"`: whole prompts, `max_rows // (L-1)` of them).
         seed (`int`, *optional*, defaults to 0): seed of the subsample and of the estimators.
@@ -101,10 +120,11 @@ def train_exit_classifier(
         "prompts": table.num_prompts,
         "positive_rate": float(y_all.mean()) if y_all.size else 0.0,
     }
-    if method == "gap_rule":
+    if method in ("gap_rule", "gate_only"):
         if "gap" not in features:
-            raise ValueError(f"method='gap_rule' reads the 'gap' feature; features={list(features)} lack it.")
-        estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=0.8).fit(X_all[:1])
+            raise ValueError(f"method={method!r} reads the 'gap' feature; features={list(features)} lack it.")
+        threshold = 0.8 if method == "gap_rule" else -1.0  # gate_only: always true, the gate decides
+        estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=threshold).fit(X_all[:1])
     elif method == "crf":
         estimator, info["rows_used"] = _fit_crf(table, features, label, max_rows, seed)
     else:
@@ -176,7 +196,7 @@ def train_and_calibrate(
     gate: str | None = None,
     gate_recall: float = 0.99,
     gate_cost: float | str = "auto",
-    knob: str = "classifier",
+    knob: str | None = None,
     generation_tokens: int | None = None,
     first_layer: int = 1,
 ):
@@ -192,8 +212,7 @@ def train_and_calibrate(
         method, features, label, max_rows, seed: see [`train_exit_classifier`].
         target_agreement, delta, min_layers: see `calibrate.calibrate`.
         calibration_fraction (`float`, *optional*, defaults to 0.5): share of examples held out for calibration.
-        batch_size (`int`, *optional*, defaults to 8), progress (`bool`, *optional*, defaults to `True`): see
-            `collect.collect_features`.
+        batch_size (`int`, *optional*, defaults to 8), progress (`bool`, *optional*): see `collect_features`.
         check_cost (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): one check's cost in decoder
             layers for `schedule.schedule_classifier`; "auto" measures it on the model's device at the prompts'
             median length and for one token; None checks every layer.
@@ -213,6 +232,7 @@ def train_and_calibrate(
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
     """
     prompts = list(prompts)
+    gate, knob = resolve_gate_and_knob(method, gate, knob)
     is_train = _split_by_example(prompts, calibration_fraction, seed)
     record = dict(features=tuple(features), batch_size=batch_size, progress=progress, check_dtype=check_dtype,
                   hidden_states=hidden_states or gate is not None)
@@ -272,7 +292,7 @@ def train_on_tables(
     gate: str | None = None,
     gate_recall: float = 0.99,
     gate_cost: float | str = "auto",
-    knob: str = "classifier",
+    knob: str | None = None,
 ):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
@@ -287,8 +307,9 @@ def train_on_tables(
         gate_recall (`float`, *optional*, defaults to 0.99): share of the training rows labelled 1 the gate passes.
         gate_cost (`float` or `"auto"`, *optional*, defaults to `"auto"`): the gate's cost per check in decoder
             layers for the schedule; "auto" measures it (in prompts and in decode steps with `check_phase="both"`).
-        knob (`str`, *optional*, defaults to `"classifier"`): what calibration tunes, the classifier's threshold
-            or (`"gate"`, with a gate) the gate's thresholds; see `calibrate.calibrate`.
+        knob (`str`, *optional*): what calibration tunes, the classifier's threshold (`"classifier"`, the default)
+            or (`"gate"`, with a gate) the gate's thresholds; see `calibrate.calibrate`. `method="gate_only"`
+            always tunes the gate (and uses `gate="linear"` when `gate` is None).
 
     Tables from `collect_generation_features` (one unit per generated token) are calibrated with their sequences
     as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
@@ -296,8 +317,7 @@ def train_on_tables(
     Returns:
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
-    if gate not in GATES:
-        raise ValueError(f"gate={gate!r} is not supported; expected one of {list(GATES)}.")
+    gate, knob = resolve_gate_and_knob(method, gate, knob)
     if gate is not None and (train_table.hidden is None or calib_table.hidden is None):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
                          "them with hidden_states=True (CLI: --tables-out, or train with --gate linear).")
