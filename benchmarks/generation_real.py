@@ -52,13 +52,12 @@ RULES = {"full": dict(method="svm", gate=None, knob="classifier"),
 
 
 def tables(ada, tok, args):
-    """(train, calibration) generation tables, recorded once per configuration and cached."""
+    """(train, calibration) generation tables, each recorded once per configuration and cached on its own (the
+    first `train` prompts of a task do not depend on `cal`, so a train table may be copied between directories)."""
     L = ada.config.num_hidden_layers
     first = args.first_layer or L // 2
     root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
     where = root / f"{args.key}-gen-{args.shots}shot-{args.tokens}tok-from{first}-{args.train}-{args.cal}"
-    if (where / "calibration.npz").exists():
-        return FeatureTable.load(where / "train.npz"), FeatureTable.load(where / "calibration.npz"), where
     tasks = [load_task(FV / f"{t}.json") for t in TRAIN_TASKS]
     prompts = [q for t in tasks for q in build_prompts(t, args.shots, limit=args.train + args.cal, seed=0)]
     order = {}
@@ -68,6 +67,9 @@ def tables(ada, tok, args):
     cal_p = [q for qs in order.values() for q in qs[args.train:]]
     out = []
     for name, ps in (("train", train_p), ("calibration", cal_p)):
+        if (where / f"{name}.npz").exists():
+            out.append(FeatureTable.load(where / f"{name}.npz"))
+            continue
         t0 = time.perf_counter()
         table = collect_generation_features(ada, tok, ps, new_tokens=args.tokens, features=("gap", "top_prob"),
                                             batch_size=args.batch_size, hidden_states=True, first_layer=first)
