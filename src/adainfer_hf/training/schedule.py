@@ -190,18 +190,19 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
         phases = {"prefill": table.step == 0, "decode": table.step > 0}
     procedure = "exact binomial bound, Bonferroni over the candidates"
 
-    def draws(phase):  # None where every unit is its own sequence (the exact binomial applies)
-        rows = phases[phase]
+    def grouped(rows):  # None where every unit is its own sequence (the exact binomial applies)
         return None if groups is None or np.unique(groups[rows]).size == rows.sum() else groups[rows]
+
+    draws = {phase: grouped(rows) for phase, rows in phases.items()}
 
     def choose(phase, cost, g_cost):
         rows = phases[phase]
         return choose_schedule(fires[rows], agrees[rows], cost, target, delta, min_layer=clf.min_layer,
                                passes=None if passes is None else passes[rows], gate_cost=g_cost,
-                               groups=draws(phase))
+                               groups=draws[phase])
 
     def described(choice, phase):
-        how = procedure if draws(phase) is None else (
+        how = procedure if draws[phase] is None else (
             "Hoeffding-Bentkus bound on per-sequence disagreement shares, Bonferroni over the candidates")
         return {**choice.as_dict(), "delta": delta, "procedure": how}
 
