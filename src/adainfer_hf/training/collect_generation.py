@@ -62,10 +62,11 @@ def collect_generation_features(
     _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype, first_layer)
     L, P, T = arch.num_layers(model), len(prompts), new_tokens
     hidden_size = int(model.config.hidden_size) if hidden_states else None
-    feats = np.zeros((P, T, L - 1, len(features)), dtype=np.float32)
-    tops = np.zeros((P, T, L - 1), dtype=np.int64)
+    kept = slice(first_layer - 1, L - 1)  # the recorded layers first_layer..L-1, 0-based
+    feats = np.zeros((P, T, L - first_layer, len(features)), dtype=np.float32)
+    tops = np.zeros((P, T, L - first_layer), dtype=np.int64)
     final = np.zeros((P, T), dtype=np.int64)
-    hidden = None if hidden_size is None else np.zeros((P, T, L - 1, hidden_size), dtype=np.float16)
+    hidden = None if hidden_size is None else np.zeros((P, T, L - first_layer, hidden_size), dtype=np.float16)
     was_training = model.training
     try:
         with left_padding(tokenizer), torch.no_grad():
@@ -75,17 +76,14 @@ def collect_generation_features(
                 steps = _record_batch(model, tokenizer, [prompts[i].text for i in idx], T, features, check_dtype,
                                       hidden_size, first_layer)
                 for t, (policy, token) in enumerate(steps):
-                    feats[idx, t] = policy.feats.numpy()
-                    tops[idx, t] = policy.top_token.numpy()
+                    feats[idx, t] = policy.feats.numpy()[:, kept]
+                    tops[idx, t] = policy.top_token.numpy()[:, kept]
                     final[idx, t] = token
                     if hidden is not None:
-                        hidden[idx, t] = policy.hidden.numpy()
+                        hidden[idx, t] = policy.hidden.numpy()[:, kept]
     finally:
         model.train(was_training)
-    kept = slice(first_layer - 1, L - 1)
-    hidden = None if hidden is None else hidden[:, :, kept]
-    return _generation_table(model, prompts, features, feats[:, :, kept], tops[:, :, kept], final, hidden,
-                             first_layer, check_dtype)
+    return _generation_table(model, prompts, features, feats, tops, final, hidden, first_layer, check_dtype)
 
 
 def _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype, first_layer) -> None:
