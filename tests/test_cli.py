@@ -413,6 +413,24 @@ def test_the_console_script_entry_point_resolves_to_main():
     assert callable(target) and target is cli.main
 
 
+def test_train_certifies_free_running_generations(workdir, capsys):
+    out = workdir / "clf_free_running"
+    assert cli.main(["train", *_data_args(workdir), "--method", "logistic", "--target-agreement", "0.5",
+                     "--delta", "0.5", "--generation-tokens", "3", "--free-running", "4", "--exit-cache", "exact",
+                     "--check-cost", "none", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    loaded = ExitClassifier.from_pretrained(out)
+    figures = loaded.calibration["free_running"]
+    assert figures["new_tokens"] == 4 and figures["exit_cache"] == "exact" and figures["tests"]
+    assert loaded.calibration["conclusion"].startswith("Free-running") and "Free-running" in printed
+    # the calibration prompts are generated on, so saved tables cannot stand in for them
+    never = workdir / "never_free"
+    assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "missing"),
+                     "--free-running", "4", "--out", str(never)]) == 2
+    _one_error_line(capsys, "--free-running 4 generates on the calibration prompts, which --from-tables does not")
+    assert not never.exists()
+
+
 def test_train_on_generated_tokens_with_the_gate_as_knob(workdir, capsys):
     out = workdir / "clf_generation"
     assert cli.main(["train", *_data_args(workdir), "--method", "logistic", "--target-agreement", "0.5",

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from ..artifact.constants import CLASSIFIER_CONFIG_NAME
+from ..cache.exact import CACHE_MODES
 from ..data.builtin_tasks import builtin_task, builtin_task_names
 from ..doctor import main as doctor_main
 from ..estimators.rules import GapThresholdRule
@@ -72,6 +73,9 @@ def _cmd_train(args) -> int:
     if args.first_layer != 1 and args.generation_tokens is None:
         raise ValueError(f"--first-layer {args.first_layer} selects the layers --generation-tokens records; pass "
                          "--generation-tokens N as well (prompt tables always record every layer).")
+    if args.free_running is not None and args.from_tables:
+        raise ValueError(f"--free-running {args.free_running} generates on the calibration prompts, which "
+                         "--from-tables does not have; pass the task flags instead of --from-tables.")
     model, tok = load_dense_model(args.model)
     fit = dict(
         method=args.method, features=args.features, label=args.label, max_rows=args.max_rows, seed=args.seed
@@ -91,7 +95,7 @@ def _cmd_train(args) -> int:
     else:
         prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet, generation_tokens=args.generation_tokens,
-                   first_layer=args.first_layer)
+                   first_layer=args.first_layer, free_running_tokens=args.free_running, exit_cache=args.exit_cache)
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
             check_phase=args.check_phase, check_length=args.check_length, check_dtype=args.check_dtype,
@@ -287,6 +291,13 @@ def _add_train_parser(sub) -> None:
     p.add_argument("--first-layer", type=int_at_least(1), default=1, metavar="K",
                    help="With --generation-tokens: record layers K..L-1 only (each recorded layer computes the LM "
                    "head for every token; default 1).")
+    p.add_argument("--free-running", type=int_at_least(1), default=None, metavar="N",
+                   help="Certify what generate produces: candidates calibrated on the training prompts, from strict "
+                   "to loose, are tested by generating N tokens per calibration prompt, and the target bounds the "
+                   "share of a generation's tokens before its first difference from dense. Default: off.")
+    p.add_argument("--exit-cache", default="propagate", choices=list(CACHE_MODES),
+                   help="With --free-running: the KV-cache option the generations use (default: propagate, "
+                   "generate's default).")
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
 

@@ -35,6 +35,7 @@ from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
+from .free_running import calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 
@@ -199,12 +200,13 @@ def train_and_calibrate(
     knob: str | None = None,
     generation_tokens: int | None = None,
     first_layer: int = 1,
+    free_running_tokens: int | None = None,
+    exit_cache: str = "propagate",
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
 
-    Prompts are split by example (task and example index), so the same question asked with different numbers of
-    shots lands on one side only: the calibration prompts are disjoint from the training ones.
+    Prompts are split by example (task and example index): calibration prompts are disjoint from training ones.
 
     Args:
         model, tokenizer: an AdaInfer model (see `collect.load_adainfer_model`) and its tokenizer.
@@ -219,14 +221,16 @@ def train_and_calibrate(
         check_phase (`str`, *optional*, defaults to `"both"`): "both" chooses one schedule for prompts and one for
             generated tokens (`decode_check_layers`) from the two measured costs; "prefill" or "decode" chooses one
             schedule for all steps from that phase's cost.
-        check_length (`int`, *optional*): prompt length at which a check is measured (default: the prompts'
-            median length).
+        check_length (`int`, *optional*): prompt length a check is measured at (default: the prompts' median).
         check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
             model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
         gate, gate_recall, gate_cost, knob: see [`train_on_tables`].
         generation_tokens (`int`, *optional*): train and calibrate on the first `generation_tokens` tokens the dense
             model generates per prompt (`collect_generation_features`, recording from `first_layer`), for
             `generate`: calibration bounds the share of a generation's tokens that agree. None: the next token.
+        free_running_tokens (`int`, *optional*): certify free-running generations of this many tokens with
+            `exit_cache` instead (`free_running.calibrate_free_running`, candidates from the training table): the
+            target then bounds the share of a generation's tokens before its first difference from dense.
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
@@ -236,6 +240,24 @@ def train_and_calibrate(
     is_train = _split_by_example(prompts, calibration_fraction, seed)
     record = dict(features=tuple(features), batch_size=batch_size, progress=progress, check_dtype=check_dtype,
                   hidden_states=hidden_states or gate is not None)
+    train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer,
+                                              record)
+    check_length = check_length or int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
+    fit = dict(method=method, features=features, label=label, max_rows=max_rows, seed=seed, gate=gate,
+               gate_recall=gate_recall)
+    cal = dict(target_agreement=target_agreement, delta=delta, knob=knob, min_layers=min_layers)
+    cost_args = dict(check_cost=check_cost, check_length=check_length, check_phase=check_phase, gate_cost=gate_cost)
+    if free_running_tokens is None:
+        clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args)
+    else:
+        held_out = [prompts[i] for i in np.flatnonzero(~is_train)]
+        clf = _train_free_running(model, tokenizer, train_table, held_out, fit, cal, cost_args,
+                                  free_running_tokens, exit_cache, batch_size)
+    return clf, train_table, calib_table
+
+
+def _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer, record):
+    """(train, calibration) tables of the prompts' next token, or of their first `generation_tokens` tokens."""
     if generation_tokens is None:
         table = collect_features(model, tokenizer, prompts, **record)
         unit_is_train = is_train
@@ -243,16 +265,7 @@ def train_and_calibrate(
         table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation_tokens,
                                             first_layer=first_layer, **record)
         unit_is_train = is_train[table.sequence]
-    train_table = table.select_prompts(np.flatnonzero(unit_is_train))
-    calib_table = table.select_prompts(np.flatnonzero(~unit_is_train))
-    if check_length is None:
-        check_length = int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
-    clf = train_on_tables(
-        model, train_table, calib_table, method=method, features=features, label=label, max_rows=max_rows,
-        seed=seed, target_agreement=target_agreement, delta=delta, min_layers=min_layers, check_cost=check_cost,
-        check_phase=check_phase, check_length=check_length, gate=gate, gate_recall=gate_recall, gate_cost=gate_cost,
-        knob=knob)
-    return clf, train_table, calib_table
+    return table.select_prompts(np.flatnonzero(unit_is_train)), table.select_prompts(np.flatnonzero(~unit_is_train))
 
 
 def _split_by_example(prompts, calibration_fraction: float, seed: int) -> np.ndarray:
@@ -321,19 +334,47 @@ def train_on_tables(
     if gate is not None and (train_table.hidden is None or calib_table.hidden is None):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
                          "them with hidden_states=True (CLI: --tables-out, or train with --gate linear).")
-    clf = train_exit_classifier(
-        train_table, method=method, features=features, label=label, max_rows=max_rows, seed=seed
-    )
-    if gate is not None:
-        probe = fit_linear_gate(train_table.hidden, train_table.layer, train_table.labels(label), recall=gate_recall,
-                                seed=seed)
-        clf = clf.replace(gate=probe)
+    clf = _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall)
     clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers,
                     knob=knob)
+    costs = _costs(model, clf, check_cost, check_length, check_phase, gate_cost)
+    return _scheduled(model, clf, calib_table, costs)
+
+
+def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall) -> ExitClassifier:
+    """The trained, uncalibrated classifier, with its gate fitted on the same table."""
+    clf = train_exit_classifier(train_table, method=method, features=features, label=label, max_rows=max_rows,
+                                seed=seed)
+    if gate is None:
+        return clf
+    return clf.replace(gate=fit_linear_gate(train_table.hidden, train_table.layer, train_table.labels(label),
+                                            recall=gate_recall, seed=seed))
+
+
+def _costs(model, clf, check_cost, check_length, check_phase, gate_cost):
+    """(check, decode check, gate, decode gate) costs in layers for the schedule; None first = check every layer."""
     cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
                                             check_dtype=clf.check_dtype)
-    if cost is not None:
-        g_cost, g_decode = resolve_gate_costs(model, clf.gate, gate_cost, seq_len=check_length, phase=check_phase)
-        schedule_classifier(clf, calib_table, cost, decode_check_cost=decode_cost, gate_cost=g_cost,
-                            decode_gate_cost=g_decode)
+    if cost is None:
+        return None, None, None, None
+    return (cost, decode_cost, *resolve_gate_costs(model, clf.gate, gate_cost, seq_len=check_length,
+                                                   phase=check_phase))
+
+
+def _scheduled(model, clf, table, costs) -> ExitClassifier:
+    if costs[0] is not None:
+        schedule_classifier(clf, table, costs[0], decode_check_cost=costs[1], gate_cost=costs[2],
+                            decode_gate_cost=costs[3])
     return clf.bind(model)
+
+
+def _train_free_running(model, tokenizer, train_table, calib_prompts, fit: dict, cal: dict, cost_args: dict,
+                        free_running_tokens, exit_cache, batch_size) -> ExitClassifier:
+    """The classifier of `free_running_tokens`: a ladder of candidates calibrated and scheduled on the training
+    table, tested by generating on the calibration prompts (`free_running.calibrate_free_running`)."""
+    clf = _fit(train_table, **fit)
+    costs = _costs(model, clf, **cost_args)
+    ladder = candidate_ladder(clf, train_table, **cal, finish=lambda c: _scheduled(model, c, train_table, costs))
+    return calibrate_free_running(model, tokenizer, calib_prompts, ladder, target_agreement=cal["target_agreement"],
+                                  delta=cal["delta"], new_tokens=free_running_tokens, exit_cache=exit_cache,
+                                  batch_size=batch_size)

@@ -1,0 +1,187 @@
+"""Calibrating exits on what `generate` produces: free-running generations compared with the dense model's.
+
+Teacher-forced calibration (`collect_generation_features` + `calibrate`) certifies each token given the dense
+model's prefix. In a free-running generation one changed token changes the prefix of every later one, so the text
+can drift much further from dense than that per-token bound says (on the real models in the README: per-token
+agreement 0.95-0.98 in calibration, 0.34-0.66 of the positions of 64-token generations). This module certifies
+what users see instead:
+
+* the loss of one generation is the share of its `new_tokens` tokens from the first one that differs from the
+  dense model's greedy continuation on (0: identical; 1: the first token already differs);
+* candidate rules, ordered from the most to the least conservative before any calibration prompt is seen
+  (`candidate_ladder`: the classifier calibrated teacher-forced on another table at stricter and stricter
+  per-token targets), are tested in that order by generating with each (fixed-sequence Learn-then-Test:
+  Hoeffding-Bentkus p-value of H0 "expected loss > 1 - target" over the generations, each test at level `delta`,
+  stopping at the first that fails);
+* the result is the last candidate that passed, or a classifier that never exits (empty schedules: the stock
+  code path) when the first one fails.
+
+So with probability at least `1 - delta` over the calibration prompts, the expected share of a generation that
+equals dense before its first change is at least the target, for prompts like them and the same `new_tokens`,
+cache option and batch size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from ..cache.exact import CACHE_MODES
+from ..policy.classifier import ExitClassifier
+from ..utils.stats import hb_p_value, hb_upper_bound
+from ..utils.tokenizers import left_padding
+from .calibrate import calibrate
+from .table import FeatureTable
+
+__all__ = ["calibrate_free_running", "candidate_ladder", "prefix_losses"]
+
+
+def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 4,
+                     delta: float = 0.1, knob: str = "classifier", min_layers=None,
+                     finish=None) -> list[ExitClassifier]:
+    """Candidates for [`calibrate_free_running`], from the most to the least conservative: `classifier` calibrated
+    (teacher-forced, `calibrate.calibrate`) on `table` at per-token targets `1 - (1 - target) / 2**k` for
+    `k = levels - 1, ..., 0`.
+
+    `table` must not hold the prompts the candidates are then tested on (the order has to be fixed before they are
+    seen); the classifier's training table is the natural choice. `knob` and `min_layers` are `calibrate`'s;
+    `finish(clf)`, if given, is applied to each candidate (e.g. choosing its check schedules).
+    """
+    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
+        raise ValueError(f"levels must be an int >= 1; got {levels!r}.")
+    if not 0.0 < target_agreement < 1.0:
+        raise ValueError(f"target_agreement must lie in (0, 1); got {target_agreement!r}.")
+    out = []
+    for k in range(levels - 1, -1, -1):
+        per_token = 1.0 - (1.0 - target_agreement) / 2 ** k
+        clf = calibrate(classifier, table, target_agreement=per_token, delta=delta, knob=knob, min_layers=min_layers)
+        out.append(clf if finish is None else finish(clf))
+    return out
+
+
+def prefix_losses(reference: torch.Tensor, generated: torch.Tensor) -> np.ndarray:
+    """Per row, the share of the generated tokens from the first that differs from `reference` on ([B, N] each)."""
+    if reference.shape != generated.shape:
+        raise ValueError(f"reference {tuple(reference.shape)} and generated {tuple(generated.shape)} tokens differ "
+                         "in shape.")
+    same = (reference.cpu() == generated.cpu()).long()
+    prefix = same.cumprod(-1).sum(-1)
+    return (1.0 - prefix.double() / reference.shape[-1]).numpy()
+
+
+def _never_exits(clf: ExitClassifier, num_layers: int) -> bool:
+    return not clf.layers_to_check(num_layers) and not clf.layers_to_check(num_layers, decode=True)
+
+
+def _continuations(model, tokenizer, texts, new_tokens, batch_size, policy, exit_cache):
+    """Greedy continuations `[P, new_tokens]` of `texts` (batched, left-padded) and the mean layers a generated
+    token ran; `policy=None` is the dense model."""
+    tokens, layers = [], []
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+               pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+    if policy is not None:
+        gen.update(exit_policy=policy, exit_cache=exit_cache)
+    with left_padding(tokenizer), torch.no_grad():
+        for i in range(0, len(texts), batch_size):
+            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
+            out = model.generate(**enc, **gen)
+            tokens.append(out.sequences[:, enc["input_ids"].shape[1]:].cpu())
+            layers.append(out.exit_layers.float().reshape(-1).cpu())
+    return torch.cat(tokens), float(torch.cat(layers).mean())
+
+
+def _check_args(model, tokenizer, texts, candidates, target_agreement, delta, new_tokens, exit_cache, batch_size):
+    if not hasattr(model, "set_exit_classifier"):
+        raise TypeError(f"calibrate_free_running needs an AdaInfer model class; got {type(model).__name__}.")
+    if not texts:
+        raise ValueError("calibrate_free_running got no prompts.")
+    if not candidates or not all(isinstance(c, ExitClassifier) for c in candidates):
+        raise ValueError(f"candidates must be a non-empty sequence of ExitClassifier; got {candidates!r}.")
+    for name, value in (("target_agreement", target_agreement), ("delta", delta)):
+        if not 0.0 < value < 1.0:
+            raise ValueError(f"{name} must lie in (0, 1); got {value!r}.")
+    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
+    if exit_cache not in CACHE_MODES:
+        raise ValueError(f"exit_cache={exit_cache!r} is not supported; expected one of {list(CACHE_MODES)}.")
+    if tokenizer.pad_token_id is None and len(texts) > 1 and batch_size > 1:
+        raise ValueError("the tokenizer has no pad token, which batched generation needs; set "
+                         "tokenizer.pad_token (e.g. to its eos token) or pass batch_size=1.")
+
+
+def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitClassifier],
+                           target_agreement: float = 0.9, delta: float = 0.1, new_tokens: int = 32,
+                           exit_cache: str = "propagate", batch_size: int = 8) -> ExitClassifier:
+    """Chooses the least conservative of `candidates` whose free-running generations stay equal to dense for at
+    least `target_agreement` of their tokens, in expectation, with confidence `1 - delta` (see the module
+    docstring).
+
+    Args:
+        model: an AdaInfer model; tokenizer: its tokenizer.
+        prompts (`Sequence[str | data.Prompt]`): calibration prompts (texts or `Prompt`s), not used to build
+            `candidates`.
+        candidates (`Sequence[ExitClassifier]`): ordered from the most to the least conservative (e.g.
+            [`candidate_ladder`]).
+        target_agreement (`float`, *optional*, defaults to 0.9): the certified expected share of a generation's
+            tokens before its first difference from dense.
+        delta (`float`, *optional*, defaults to 0.1): allowed failure probability of the guarantee.
+        new_tokens (`int`, *optional*, defaults to 32): tokens generated per prompt (EOS does not stop early).
+        exit_cache (`str`, *optional*, defaults to `"propagate"`): the cache option generation will use.
+        batch_size (`int`, *optional*, defaults to 8): prompts per `generate` call.
+
+    Returns:
+        [`ExitClassifier`]: the chosen candidate, bound to `model`, with `calibration["free_running"]` (each test's
+        mean loss, p-value and layers per token) and a conclusion; if the first candidate fails, that candidate
+        with empty schedules (it never exits).
+    """
+    texts = [getattr(p, "text", p) for p in prompts]
+    candidates = list(candidates)
+    _check_args(model, tokenizer, texts, candidates, target_agreement, delta, new_tokens, exit_cache, batch_size)
+    L, n, alpha = model.config.num_hidden_layers, len(texts), 1.0 - target_agreement
+    reference, _ = _continuations(model, tokenizer, texts, new_tokens, batch_size, None, exit_cache)
+    tests, chosen = [], None
+    for i, clf in enumerate(candidates):
+        clf = candidates[i] = clf.bind(model)
+        if _never_exits(clf, L):
+            losses, layers = np.zeros(n), float(L)  # the stock code path: the dense tokens themselves
+        else:
+            generated, layers = _continuations(model, tokenizer, texts, new_tokens, batch_size, clf, exit_cache)
+            losses = prefix_losses(reference, generated)
+        p = hb_p_value(float(losses.mean()), n, alpha)
+        tests.append({"candidate": i, "mean_loss": float(losses.mean()), "p_value": p, "passed": p <= delta,
+                      "loss_upper_bound": hb_upper_bound(float(losses.mean()), n, delta), "mean_layers": layers})
+        if p > delta:
+            break
+        chosen = i
+    return _result(candidates, chosen, tests, model, dict(
+        target_agreement=target_agreement, delta=delta, new_tokens=new_tokens, exit_cache=exit_cache,
+        batch_size=batch_size, n_generations=n, loss="share of a generation's tokens from its first difference "
+        "from the dense greedy continuation on", procedure="fixed-sequence Learn-then-Test over the candidates, "
+        "Hoeffding-Bentkus p-values over generations"))
+
+
+def _result(candidates, chosen, tests, model, figures) -> ExitClassifier:
+    """The chosen candidate (or the first one with empty schedules) with the free-running figures recorded."""
+    target, n = figures["target_agreement"], figures["n_generations"]
+    figures = {**figures, "tests": tests, "chosen": chosen}
+    if chosen is None:
+        clf = candidates[0].replace(check_layers=[], decode_check_layers=None)
+        first = tests[0]
+        conclusion = (f"Free-running: even the most conservative candidate changed {first['mean_loss']:.1%} of "
+                      f"its generations' tokens on average (from the first difference on; {n} generations of "
+                      f"{figures['new_tokens']} tokens), more than certifiable for target {target:.1%}, so the "
+                      "calibrated classifier never exits.")
+    else:
+        clf, test = candidates[chosen], tests[chosen]
+        conclusion = (f"Free-running: {n} generations of {figures['new_tokens']} tokens ({figures['exit_cache']} "
+                      f"cache) kept {1 - test['mean_loss']:.1%} of their tokens before the first difference from "
+                      f"dense on average (certified >= {1 - test['loss_upper_bound']:.1%}, target {target:.1%}), "
+                      f"after {test['mean_layers']:.2f} of {model.config.num_hidden_layers} layers per token; "
+                      f"candidate {chosen + 1} of {len(candidates)}.")
+    calibration = dict(clf.calibration) if isinstance(clf.calibration, dict) else {}
+    calibration["teacher_forced_conclusion"] = calibration.get("conclusion")
+    calibration.update(free_running=figures, conclusion=conclusion)
+    return clf.replace(calibration=calibration).bind(model)

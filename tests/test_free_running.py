@@ -1,0 +1,117 @@
+"""Free-running calibration: candidates tested by generating with them, against the dense model's own text.
+
+References: the stock model's greedy `generate` (the dense continuation) and, for each candidate, a step-by-step
+greedy loop without a cache (`use_cache=False`: every step recomputes the whole prefix, so with the exact KV option
+the cached generation must produce the same tokens); prefix losses and the fixed-sequence decision are recomputed
+here in plain Python.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from tiny_models import task_tokenizer, tiny_pair, tiny_prompts
+
+from adainfer_hf import ExitClassifier
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.training import calibrate_free_running, candidate_ladder, collect_generation_features, prefix_losses
+from adainfer_hf.training.train import train_exit_classifier
+from adainfer_hf.utils.stats import hb_p_value
+
+N = 5
+
+
+def _gap_rule(threshold, L):
+    rule = GapThresholdRule(threshold=threshold).fit(np.zeros((1, 2)))
+    return ExitClassifier(rule, features=("gap", "top_prob"), num_layers=L, min_layer=1)
+
+
+def _no_cache_continuation(model, ids, policy):
+    """Greedy tokens, one full-prefix forward per step (no KV cache at all)."""
+    out = []
+    with torch.no_grad():
+        for _ in range(N):
+            logits = model(ids, use_cache=False, exit_policy=policy, logits_to_keep=1).logits
+            tok = logits[:, -1].argmax(-1, keepdim=True)
+            out.append(int(tok))
+            ids = torch.cat([ids, tok], 1)
+    return out
+
+
+def test_free_running_calibration_keeps_the_last_candidate_whose_generations_pass():
+    stock, model = tiny_pair()
+    tok = task_tokenizer()
+    prompts = tiny_prompts(3, (0,))
+    L = model.config.num_hidden_layers
+    table = collect_generation_features(model, tok, prompts, new_tokens=N, progress=False)
+    gaps = table.columns(("gap",))[:, 0]
+    # strict -> loose: never fires, then gap thresholds that fire more and more often
+    candidates = [_gap_rule(t, L) for t in (2.0, *np.quantile(gaps, [0.95, 0.8, 0.5, 0.2, 0.0]))]
+    target, delta = 0.6, 0.3
+    result = calibrate_free_running(model, tok, prompts, candidates, target_agreement=target, delta=delta,
+                                    new_tokens=N, exit_cache="exact", batch_size=4)
+    figures = result.calibration["free_running"]
+    # the reference: dense tokens from the stock model's generate, each candidate's from the no-cache loop
+    expected_losses, expected_chosen = [], None
+    for i, cand in enumerate(candidates):
+        losses = []
+        for p in prompts:
+            ids = tok(p.text, return_tensors="pt")["input_ids"]
+            with torch.no_grad():
+                dense = stock.generate(ids, max_new_tokens=N, min_new_tokens=N, do_sample=False,
+                                       pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+            got = _no_cache_continuation(model, ids, cand.bind(model))
+            prefix = next((j for j in range(N) if got[j] != dense[j]), N)
+            losses.append(1 - prefix / N)
+        expected_losses.append(float(np.mean(losses)))
+        if hb_p_value(float(np.mean(losses)), len(prompts), 1 - target) > delta:
+            break
+        expected_chosen = i
+    assert [t["mean_loss"] for t in figures["tests"]] == pytest.approx(expected_losses)
+    assert figures["chosen"] == expected_chosen
+    # a non-trivial case: some candidate passed after exits, and the ladder stopped at one that changed text
+    assert expected_chosen is not None and expected_chosen >= 1 and max(expected_losses) > 0
+    assert result.estimator.threshold == candidates[expected_chosen].estimator.threshold
+    assert "Free-running" in result.calibration["conclusion"] and figures["n_generations"] == len(prompts)
+
+
+def test_free_running_calibration_never_exits_when_the_first_candidate_fails():
+    stock, model = tiny_pair()
+    tok = task_tokenizer()
+    prompts = tiny_prompts(2, (0,))
+    L = model.config.num_hidden_layers
+    always = _gap_rule(-1.0, L)  # exits after layer 1 on every token
+    result = calibrate_free_running(model, tok, prompts, [always], target_agreement=0.95, delta=0.1, new_tokens=N,
+                                    exit_cache="exact")
+    assert result.calibration["free_running"]["chosen"] is None and "never exits" in result.calibration["conclusion"]
+    assert result.layers_to_check(L) == [] and result.layers_to_check(L, decode=True) == []
+    ids = tok(prompts[0].text, return_tensors="pt")["input_ids"]
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        torch.testing.assert_close(model.generate(ids, exit_policy=result, **gen), stock.generate(ids, **gen))
+
+
+def test_candidate_ladder_goes_from_strict_to_loose_and_arguments_are_checked():
+    _, model = tiny_pair()
+    tok = task_tokenizer()
+    prompts = tiny_prompts(3, (0,))
+    table = collect_generation_features(model, tok, prompts, new_tokens=N, progress=False)
+    clf = train_exit_classifier(table, method="logistic")
+    ladder = candidate_ladder(clf, table, target_agreement=0.6, levels=3, delta=0.3)
+    targets = [c.calibration["target_agreement"] for c in ladder]
+    assert targets == pytest.approx([0.9, 0.8, 0.6])  # 1 - 0.4 / 4, 1 - 0.4 / 2, 1 - 0.4
+    assert np.testing.assert_array_equal(prefix_losses(torch.tensor([[1, 2, 3, 4]] * 3),
+                                                       torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]])),
+                                         [0.0, 0.75, 1.0]) is None
+    bad = [(dict(candidates=[]), "candidates must be a non-empty sequence of ExitClassifier"),
+           (dict(target_agreement=1.0), "target_agreement must lie in \\(0, 1\\); got 1.0"),
+           (dict(new_tokens=0), "new_tokens must be an int >= 1; got 0"),
+           (dict(exit_cache="lazy"), "exit_cache='lazy' is not supported; expected one of \\['propagate', 'exact'\\]")]
+    for change, message in bad:
+        kwargs = dict(candidates=ladder, target_agreement=0.6, new_tokens=N, **{})
+        kwargs.update(change)
+        with pytest.raises(ValueError, match=message):
+            calibrate_free_running(model, tok, prompts, **kwargs)
+    with pytest.raises(ValueError, match="levels must be an int >= 1; got 0"):
+        candidate_ladder(clf, table, 0.6, levels=0)
