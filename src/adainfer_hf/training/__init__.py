@@ -11,7 +11,7 @@ from .calibrate import calibrate, exit_scores, simulate_exits, summarize_exits
 from .check_cost import measure_check_cost
 from .collect import RecordingPolicy, collect_features, load_adainfer_model
 from .collect_generation import collect_generation_features
-from .free_running import calibrate_free_running, candidate_ladder, prefix_losses
+from .free_running import FreeRunning, calibrate_free_running, candidate_ladder, prefix_losses
 from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 from .train import TRAIN_METHODS, train_and_calibrate, train_exit_classifier, train_on_tables
@@ -20,6 +20,7 @@ __all__ = [
     "LABEL_KINDS",
     "TRAIN_METHODS",
     "FeatureTable",
+    "FreeRunning",
     "RecordingPolicy",
     "ScheduleChoice",
     "calibrate",

@@ -24,6 +24,8 @@ cache option and batch size.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,7 +37,27 @@ from ..utils.tokenizers import left_padding
 from .calibrate import calibrate
 from .table import FeatureTable
 
-__all__ = ["calibrate_free_running", "candidate_ladder", "prefix_losses"]
+__all__ = ["FreeRunning", "calibrate_free_running", "candidate_ladder", "prefix_losses"]
+
+
+@dataclass(frozen=True)
+class FreeRunning:
+    """What free-running calibration generates on (`train.train_on_tables(..., free_running=FreeRunning(...))`).
+
+    Args:
+        tokenizer: the model's tokenizer.
+        prompts (`Sequence[str | data.Prompt]`): calibration prompts, disjoint from the training table's.
+        new_tokens (`int`, *optional*, defaults to 32), exit_cache (`str`, *optional*, defaults to `"propagate"`),
+        batch_size (`int`, *optional*, defaults to 8): see [`calibrate_free_running`].
+        levels (`int`, *optional*, defaults to 4): candidates of the ladder (see [`candidate_ladder`]).
+    """
+
+    tokenizer: Any
+    prompts: Sequence
+    new_tokens: int = 32
+    exit_cache: str = "propagate"
+    batch_size: int = 8
+    levels: int = 4
 
 
 def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 4,

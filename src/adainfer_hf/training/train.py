@@ -35,7 +35,7 @@ from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
-from .free_running import calibrate_free_running, candidate_ladder
+from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
 
@@ -247,12 +247,9 @@ def train_and_calibrate(
                gate_recall=gate_recall)
     cal = dict(target_agreement=target_agreement, delta=delta, knob=knob, min_layers=min_layers)
     cost_args = dict(check_cost=check_cost, check_length=check_length, check_phase=check_phase, gate_cost=gate_cost)
-    if free_running_tokens is None:
-        clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args)
-    else:
-        held_out = [prompts[i] for i in np.flatnonzero(~is_train)]
-        clf = _train_free_running(model, tokenizer, train_table, held_out, fit, cal, cost_args,
-                                  free_running_tokens, exit_cache, batch_size)
+    free = None if free_running_tokens is None else FreeRunning(
+        tokenizer, [prompts[i] for i in np.flatnonzero(~is_train)], free_running_tokens, exit_cache, batch_size)
+    clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args, free_running=free)
     return clf, train_table, calib_table
 
 
@@ -306,6 +303,7 @@ def train_on_tables(
     gate_recall: float = 0.99,
     gate_cost: float | str = "auto",
     knob: str | None = None,
+    free_running: FreeRunning | None = None,
 ):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
@@ -323,6 +321,9 @@ def train_on_tables(
         knob (`str`, *optional*): what calibration tunes, the classifier's threshold (`"classifier"`, the default)
             or (`"gate"`, with a gate) the gate's thresholds; see `calibrate.calibrate`. `method="gate_only"`
             always tunes the gate (and uses `gate="linear"` when `gate` is None).
+        free_running ([`free_running.FreeRunning`], *optional*): certify free-running generations instead: a ladder
+            of candidates calibrated and scheduled on `train_table` is tested by generating on its prompts
+            (`free_running.calibrate_free_running`); `calib_table` is then not used (it may be None).
 
     Tables from `collect_generation_features` (one unit per generated token) are calibrated with their sequences
     as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
@@ -331,14 +332,21 @@ def train_on_tables(
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
     gate, knob = resolve_gate_and_knob(method, gate, knob)
-    if gate is not None and (train_table.hidden is None or calib_table.hidden is None):
+    tables = [train_table] if free_running is not None else [train_table, calib_table]
+    if gate is not None and any(t.hidden is None for t in tables):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
                          "them with hidden_states=True (CLI: --tables-out, or train with --gate linear).")
     clf = _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall)
-    clf = calibrate(clf, calib_table, target_agreement=target_agreement, delta=delta, min_layers=min_layers,
-                    knob=knob)
     costs = _costs(model, clf, check_cost, check_length, check_phase, gate_cost)
-    return _scheduled(model, clf, calib_table, costs)
+    cal = dict(target_agreement=target_agreement, delta=delta, min_layers=min_layers, knob=knob)
+    if free_running is not None:
+        ladder = candidate_ladder(clf, train_table, levels=free_running.levels, **cal,
+                                  finish=lambda c: _scheduled(model, c, train_table, costs))
+        return calibrate_free_running(model, free_running.tokenizer, free_running.prompts, ladder,
+                                      target_agreement=target_agreement, delta=delta,
+                                      new_tokens=free_running.new_tokens, exit_cache=free_running.exit_cache,
+                                      batch_size=free_running.batch_size)
+    return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
 
 
 def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall) -> ExitClassifier:
@@ -366,15 +374,3 @@ def _scheduled(model, clf, table, costs) -> ExitClassifier:
         schedule_classifier(clf, table, costs[0], decode_check_cost=costs[1], gate_cost=costs[2],
                             decode_gate_cost=costs[3])
     return clf.bind(model)
-
-
-def _train_free_running(model, tokenizer, train_table, calib_prompts, fit: dict, cal: dict, cost_args: dict,
-                        free_running_tokens, exit_cache, batch_size) -> ExitClassifier:
-    """The classifier of `free_running_tokens`: a ladder of candidates calibrated and scheduled on the training
-    table, tested by generating on the calibration prompts (`free_running.calibrate_free_running`)."""
-    clf = _fit(train_table, **fit)
-    costs = _costs(model, clf, **cost_args)
-    ladder = candidate_ladder(clf, train_table, **cal, finish=lambda c: _scheduled(model, c, train_table, costs))
-    return calibrate_free_running(model, tokenizer, calib_prompts, ladder, target_agreement=cal["target_agreement"],
-                                  delta=cal["delta"], new_tokens=free_running_tokens, exit_cache=exit_cache,
-                                  batch_size=batch_size)
