@@ -12,7 +12,9 @@ earlier and differently. This benchmark
    recall 0.99 in front, the classifier's threshold calibrated) and `gate-knob` (the classifier at its own
    decision, the gate's thresholds shifted by the calibrated amount), and `probe` (`method="gate_only"`: the gate
    alone, calibrated as the knob); the schedules are chosen per phase with the measured check and
-   gate costs (prefill on the first tokens, decode on the later ones);
+   gate costs (prefill on the first tokens, decode on the later ones); with `--free-running N` each rule is
+   instead calibrated free-running (`training.free_running`: candidates from the train table, tested by
+   generating N tokens on calibration prompts, propagate cache) and named `<rule>@<target>+free`;
 3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
    tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
@@ -38,6 +40,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.data.prompts import build_prompts, load_task
 from adainfer_hf.training.collect_generation import collect_generation_features
+from adainfer_hf.training.free_running import FreeRunning
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -65,6 +68,7 @@ def tables(ada, tok, args):
         order.setdefault(q.task, []).append(q)
     train_p = [q for qs in order.values() for q in qs[: args.train]]
     cal_p = [q for qs in order.values() for q in qs[args.train:]]
+    args.calibration_prompts = cal_p  # (--free-running generates on them)
     out = []
     for name, ps in (("train", train_p), ("calibration", cal_p)):
         if (where / f"{name}.npz").exists():
@@ -95,6 +99,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--propagate", default="probe", help="rules also run with exit_cache='propagate' (all run "
                    "with 'exact', whose later tokens see the dense model's states)")
+    p.add_argument("--free-running", type=int, default=0, metavar="N", help="calibrate free-running instead: "
+                   "candidates from the train table, tested by generating N tokens (propagate cache) on the first "
+                   "--free-running-prompts calibration prompts (training.free_running)")
+    p.add_argument("--free-running-prompts", type=int, default=100)
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<rule>@<target> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
@@ -114,9 +122,11 @@ def main(argv=None):
     classifiers = {}
     for target in [float(t) for t in args.targets.split(",")]:
         for rule in args.rules.split(","):
-            classifiers[f"{rule}@{target}"] = train_on_tables(
+            free = None if not args.free_running else FreeRunning(
+                tok, args.calibration_prompts[: args.free_running_prompts], args.free_running, "propagate")
+            classifiers[f"{rule}@{target}{'+free' if free else ''}"] = train_on_tables(
                 ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
-                **RULES[rule])
+                free_running=free, **RULES[rule])
     for name, c in classifiers.items():
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
         if args.save_dir:
