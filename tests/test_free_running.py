@@ -15,7 +15,13 @@ from tiny_models import task_tokenizer, tiny_pair, tiny_prompts
 
 from adainfer_hf import ExitClassifier
 from adainfer_hf.estimators.rules import GapThresholdRule
-from adainfer_hf.training import calibrate_free_running, candidate_ladder, collect_generation_features, prefix_losses
+from adainfer_hf.training import (
+    FreeRunning,
+    calibrate_free_running,
+    candidate_ladder,
+    collect_generation_features,
+    prefix_losses,
+)
 from adainfer_hf.training.train import train_exit_classifier
 from adainfer_hf.utils.stats import hb_p_value
 
@@ -101,17 +107,20 @@ def test_candidate_ladder_goes_from_strict_to_loose_and_arguments_are_checked():
     ladder = candidate_ladder(clf, table, target_agreement=0.6, levels=3, delta=0.3)
     targets = [c.calibration["target_agreement"] for c in ladder]
     assert targets == pytest.approx([0.9, 0.8, 0.6])  # 1 - 0.4 / 4, 1 - 0.4 / 2, 1 - 0.4
-    assert np.testing.assert_array_equal(prefix_losses(torch.tensor([[1, 2, 3, 4]] * 3),
-                                                       torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]])),
-                                         [0.0, 0.75, 1.0]) is None
+    losses = prefix_losses(torch.tensor([[1, 2, 3, 4]] * 3), torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]]))
+    np.testing.assert_array_equal(losses, [0.0, 0.75, 1.0])  # identical; first change at 2 of 4; at once
     bad = [(dict(candidates=[]), "candidates must be a non-empty sequence of ExitClassifier"),
            (dict(target_agreement=1.0), "target_agreement must lie in \\(0, 1\\); got 1.0"),
            (dict(new_tokens=0), "new_tokens must be an int >= 1; got 0"),
            (dict(exit_cache="lazy"), "exit_cache='lazy' is not supported; expected one of \\['propagate', 'exact'\\]")]
     for change, message in bad:
-        kwargs = dict(candidates=ladder, target_agreement=0.6, new_tokens=N, **{})
+        kwargs = dict(candidates=ladder, target_agreement=0.6, new_tokens=N)
         kwargs.update(change)
         with pytest.raises(ValueError, match=message):
             calibrate_free_running(model, tok, prompts, **kwargs)
     with pytest.raises(ValueError, match="levels must be an int >= 1; got 0"):
         candidate_ladder(clf, table, 0.6, levels=0)
+    with pytest.raises(ValueError, match="FreeRunning exit_cache='lazy' is not supported"):
+        FreeRunning(tok, prompts, exit_cache="lazy")
+    with pytest.raises(ValueError, match="FreeRunning new_tokens must be an int >= 1; got 0"):
+        FreeRunning(tok, prompts, new_tokens=0)

@@ -59,6 +59,17 @@ class FreeRunning:
     batch_size: int = 8
     levels: int = 4
 
+    def __post_init__(self):  # refuse a bad setting before any collection or training starts
+        for name in ("new_tokens", "batch_size", "levels"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"FreeRunning {name} must be an int >= 1; got {value!r}.")
+        if self.exit_cache not in CACHE_MODES:
+            raise ValueError(f"FreeRunning exit_cache={self.exit_cache!r} is not supported; expected one of "
+                             f"{list(CACHE_MODES)}.")
+        if not self.prompts:
+            raise ValueError("FreeRunning got no prompts.")
+
 
 def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 4,
                      delta: float = 0.1, knob: str = "classifier", min_layers=None,
