@@ -92,6 +92,11 @@ def test_free_running_calibration_never_exits_when_the_first_candidate_fails():
                                     exit_cache="exact")
     assert result.calibration["free_running"]["chosen"] is None and "never exits" in result.calibration["conclusion"]
     assert result.layers_to_check(L) == [] and result.layers_to_check(L, decode=True) == []
+    # a candidate without checks passes, the exiting one after it fails: the result says why it never exits
+    after = calibrate_free_running(model, tok, prompts, [always.replace(check_layers=[]), always], target_agreement=0.5,
+                                   delta=0.5, new_tokens=N, exit_cache="exact")
+    assert after.calibration["free_running"]["chosen"] == 0 and after.layers_to_check(L, decode=True) == []
+    assert "the first that exits (candidate 2 of 2" in after.calibration["conclusion"]
     ids = tok(prompts[0].text, return_tensors="pt")["input_ids"]
     gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
     with torch.no_grad():

@@ -207,6 +207,16 @@ def _result(candidates, chosen, tests, model, figures) -> ExitClassifier:
                       f"its generations' tokens on average (from the first difference on; {n} generations of "
                       f"{figures['new_tokens']} tokens), more than certifiable for target {target:.1%}, so the "
                       "calibrated classifier never exits.")
+    elif _never_exits(candidates[chosen], model.config.num_hidden_layers) and tests[-1]["passed"]:
+        clf = candidates[chosen]
+        conclusion = "Free-running: no candidate exits (each one's schedules are empty), so the classifier never exits."
+    elif _never_exits(candidates[chosen], model.config.num_hidden_layers):
+        clf, failed = candidates[chosen], tests[-1]
+        conclusion = (f"Free-running: the candidates that pass never exit; the first that exits (candidate "
+                      f"{failed['candidate'] + 1} of {len(candidates)}, {failed['mean_layers']:.2f} layers per "
+                      f"token) changed {failed['mean_loss']:.1%} of its generations' tokens on average ({n} "
+                      f"generations of {figures['new_tokens']} tokens), more than certifiable for target "
+                      f"{target:.1%}, so the calibrated classifier never exits.")
     else:
         clf, test = candidates[chosen], tests[chosen]
         conclusion = (f"Free-running: {n} generations of {figures['new_tokens']} tokens ({figures['exit_cache']} "
