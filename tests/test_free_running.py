@@ -55,6 +55,7 @@ def test_free_running_calibration_keeps_the_last_candidate_whose_generations_pas
     # strict -> loose: never fires, then gap thresholds that fire more and more often
     candidates = [_gap_rule(t, L) for t in (2.0, *np.quantile(gaps, [0.95, 0.8, 0.5, 0.2, 0.0]))]
     target, delta = 0.6, 0.3
+    model.exit_classifier = candidates[-1].bind(model)  # a classifier on the model must not become the reference
     result = calibrate_free_running(model, tok, prompts, candidates, target_agreement=target, delta=delta,
                                     new_tokens=N, exit_cache="exact", batch_size=4)
     figures = result.calibration["free_running"]

@@ -113,9 +113,10 @@ def _continuations(model, tokenizer, texts, new_tokens, batch_size, policy, exit
     token ran; `policy=None` is the dense model."""
     tokens, layers = [], []
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-               pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True)
+               pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
+               exit_policy=policy)  # None: dense, even when the model carries a classifier
     if policy is not None:
-        gen.update(exit_policy=policy, exit_cache=exit_cache)
+        gen.update(exit_cache=exit_cache)
     with left_padding(tokenizer), torch.no_grad():
         for i in range(0, len(texts), batch_size):
             enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
