@@ -60,15 +60,18 @@ class FreeRunning:
     levels: int = 4
 
     def __post_init__(self):  # refuse a bad setting before any collection or training starts
-        for name in ("new_tokens", "batch_size", "levels"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"FreeRunning {name} must be an int >= 1; got {value!r}.")
-        if self.exit_cache not in CACHE_MODES:
-            raise ValueError(f"FreeRunning exit_cache={self.exit_cache!r} is not supported; expected one of "
-                             f"{list(CACHE_MODES)}.")
+        _check_settings("FreeRunning ", self.new_tokens, self.batch_size, self.exit_cache, levels=self.levels)
         if not self.prompts:
             raise ValueError("FreeRunning got no prompts.")
+
+
+def _check_settings(who: str, new_tokens, batch_size, exit_cache, **counts) -> None:
+    """The generation settings both entry points take (`who` prefixes the messages)."""
+    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size), *counts.items()):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{who}{name} must be an int >= 1; got {value!r}.")
+    if exit_cache not in CACHE_MODES:
+        raise ValueError(f"{who}exit_cache={exit_cache!r} is not supported; expected one of {list(CACHE_MODES)}.")
 
 
 def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 4,
@@ -136,11 +139,7 @@ def _check_args(model, tokenizer, texts, candidates, target_agreement, delta, ne
     for name, value in (("target_agreement", target_agreement), ("delta", delta)):
         if not 0.0 < value < 1.0:
             raise ValueError(f"{name} must lie in (0, 1); got {value!r}.")
-    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1; got {value!r}.")
-    if exit_cache not in CACHE_MODES:
-        raise ValueError(f"exit_cache={exit_cache!r} is not supported; expected one of {list(CACHE_MODES)}.")
+    _check_settings("", new_tokens, batch_size, exit_cache)
     if tokenizer.pad_token_id is None and len(texts) > 1 and batch_size > 1:
         raise ValueError("the tokenizer has no pad token, which batched generation needs; set "
                          "tokenizer.pad_token (e.g. to its eos token) or pass batch_size=1.")
