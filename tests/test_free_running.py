@@ -15,8 +15,10 @@ from tiny_models import task_tokenizer, tiny_pair, tiny_prompts
 
 from adainfer_hf import ExitClassifier
 from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.gate import fit_linear_gate
 from adainfer_hf.training import (
     FreeRunning,
+    calibrate,
     calibrate_free_running,
     candidate_ladder,
     collect_generation_features,
@@ -104,15 +106,51 @@ def test_free_running_calibration_never_exits_when_the_first_candidate_fails():
         torch.testing.assert_close(model.generate(ids, exit_policy=result, **gen), stock.generate(ids, **gen))
 
 
+def _unit_best(table, unit_scores, min_layer):
+    """Per unit (token), its highest score at layers >= min_layer, in plain numpy."""
+    best = np.full(table.num_prompts, -np.inf)
+    for unit, layer, score in zip(table.prompt_id, table.layer, unit_scores, strict=True):
+        if layer >= min_layer:
+            best[unit] = max(best[unit], score)
+    return best
+
+
 def test_candidate_ladder_goes_from_strict_to_loose_and_arguments_are_checked():
     _, model = tiny_pair()
     tok = task_tokenizer()
     prompts = tiny_prompts(3, (0,))
-    table = collect_generation_features(model, tok, prompts, new_tokens=N, progress=False)
+    table = collect_generation_features(model, tok, prompts, new_tokens=N, progress=False, hidden_states=True)
     clf = train_exit_classifier(table, method="logistic")
     ladder = candidate_ladder(clf, table, target_agreement=0.6, levels=3, delta=0.3)
-    targets = [c.calibration["target_agreement"] for c in ladder]
-    assert targets == pytest.approx([0.9, 0.8, 0.6])  # 1 - 0.4 / 4, 1 - 0.4 / 2, 1 - 0.4
+    # the loosest rung is the per-token calibration itself
+    base = calibrate(clf, table, target_agreement=0.6, delta=0.3)
+    assert ladder[-1].threshold == base.threshold and ladder[-1].min_layer == base.min_layer
+    assert not base.calibration["never_exit"]
+    # the stricter ones: the same rule at higher thresholds, exiting on ~1/4 and ~1/2 of its exiting tokens, where
+    # a token exits iff scikit-learn's probability reaches the threshold at some layer >= min_layer
+    proba = clf.estimator.predict_proba(table.columns(clf.features).astype(np.float64))[:, 1]
+    best = _unit_best(table, proba, base.min_layer)
+    n_base = int((best >= base.threshold).sum())
+    assert len(ladder) == 3 and n_base >= 4
+    thresholds = [c.threshold for c in ladder]
+    assert thresholds == sorted(thresholds, reverse=True) and thresholds[0] > thresholds[-1]
+    for rung, share in zip(ladder[:2], (0.25, 0.5), strict=True):
+        assert rung.min_layer == base.min_layer
+        assert int((best >= rung.threshold).sum()) == round(n_base * share)
+        assert rung.calibration["early_exits"] == round(n_base * share)
+        assert rung.calibration["ladder"]["certified_per_token"] is False
+    # a gate as the knob: the probe's offset is raised the same way
+    gated = clf.replace(gate=fit_linear_gate(table.hidden, table.layer, table.labels("final"), recall=0.9))
+    gate_ladder = candidate_ladder(gated, table, target_agreement=0.6, levels=2, delta=0.3, knob="gate")
+    gate_base = calibrate(gated, table, target_agreement=0.6, delta=0.3, knob="gate")
+    fires = gated.exit_mask(table.columns(gated.features).astype(np.float64))
+    probe = gated.gate.scores(table.hidden, table.layer).astype(np.float64)
+    threshold = np.array([gated.gate.threshold[list(gated.gate.layers).index(k)] for k in table.layer])
+    best = _unit_best(table, np.where(fires, probe - threshold, -np.inf), gate_base.min_layer)
+    offsets = [c.calibration["gate_offset"] for c in gate_ladder]
+    assert offsets[-1] == gate_base.calibration["gate_offset"] and offsets[0] > offsets[1]
+    n_gate = int((best >= offsets[-1]).sum())
+    assert int((best >= offsets[0]).sum()) == round(n_gate / 2) == gate_ladder[0].calibration["early_exits"]
     losses = prefix_losses(torch.tensor([[1, 2, 3, 4]] * 3), torch.tensor([[1, 2, 3, 4], [1, 9, 3, 4], [0, 2, 3, 4]]))
     np.testing.assert_array_equal(losses, [0.0, 0.75, 1.0])  # identical; first change at 2 of 4; at once
     bad = [(dict(candidates=[]), "candidates must be a non-empty sequence of ExitClassifier"),

@@ -9,10 +9,10 @@ what users see instead:
 * the loss of one generation is the share of its `new_tokens` tokens from the first one that differs from the
   dense model's greedy continuation on (0: identical; 1: the first token already differs);
 * candidate rules, ordered from the most to the least conservative before any calibration prompt is seen
-  (`candidate_ladder`: the classifier calibrated teacher-forced on another table at stricter and stricter
-  per-token targets), are tested in that order by generating with each (fixed-sequence Learn-then-Test:
-  Hoeffding-Bentkus p-value of H0 "expected loss > 1 - target" over the generations, each test at level `delta`,
-  stopping at the first that fails);
+  (`candidate_ladder`: the classifier calibrated teacher-forced on another table, and the same rule made stricter
+  and stricter until it exits on a few confident tokens only), are tested in that order by generating with each
+  (fixed-sequence Learn-then-Test: Hoeffding-Bentkus p-value of H0 "expected loss > 1 - target" over the
+  generations, each test at level `delta`, stopping at the first that fails);
 * the result is the last candidate that passed, or a classifier that never exits (empty schedules: the stock
   code path) when the first one fails.
 
@@ -34,7 +34,7 @@ from ..cache.exact import CACHE_MODES
 from ..policy.classifier import ExitClassifier
 from ..utils.stats import hb_p_value, hb_upper_bound
 from ..utils.tokenizers import left_padding
-from .calibrate import calibrate
+from .calibrate import _gate_knob_scores, _jsonable, calibrate, exit_scores, simulate_exits
 from .table import FeatureTable
 
 __all__ = ["FreeRunning", "calibrate_free_running", "candidate_ladder", "prefix_losses"]
@@ -49,7 +49,7 @@ class FreeRunning:
         prompts (`Sequence[str | data.Prompt]`): calibration prompts, disjoint from the training table's.
         new_tokens (`int`, *optional*, defaults to 32), exit_cache (`str`, *optional*, defaults to `"propagate"`),
         batch_size (`int`, *optional*, defaults to 8): see [`calibrate_free_running`].
-        levels (`int`, *optional*, defaults to 4): candidates of the ladder (see [`candidate_ladder`]).
+        levels (`int`, *optional*, defaults to 6): candidates of the ladder at most (see [`candidate_ladder`]).
     """
 
     tokenizer: Any
@@ -57,7 +57,7 @@ class FreeRunning:
     new_tokens: int = 32
     exit_cache: str = "propagate"
     batch_size: int = 8
-    levels: int = 4
+    levels: int = 6
 
     def __post_init__(self):  # refuse a bad setting before any collection or training starts
         _check_settings("FreeRunning ", self.new_tokens, self.batch_size, self.exit_cache, levels=self.levels)
@@ -74,12 +74,19 @@ def _check_settings(who: str, new_tokens, batch_size, exit_cache, **counts) -> N
         raise ValueError(f"{who}exit_cache={exit_cache!r} is not supported; expected one of {list(CACHE_MODES)}.")
 
 
-def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 4,
+def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agreement: float, levels: int = 6,
                      delta: float = 0.1, knob: str = "classifier", min_layers=None,
                      finish=None) -> list[ExitClassifier]:
-    """Candidates for [`calibrate_free_running`], from the most to the least conservative: `classifier` calibrated
-    (teacher-forced, `calibrate.calibrate`) on `table` at per-token targets `1 - (1 - target) / 2**k` for
-    `k = levels - 1, ..., 0`.
+    """Candidates for [`calibrate_free_running`], from the most to the least conservative.
+
+    The least conservative is `classifier` calibrated teacher-forced on `table` at the per-token target
+    (`calibrate.calibrate`, which certifies it per token). The `levels - 1` others are the same rule with its knob
+    (the classifier's threshold, or the gate's offset with `knob="gate"`) raised until it exits on about
+    `1/2, 1/4, ..., 1/2**(levels - 1)` of the tokens it exits on in `table`: on few training generations a per-token
+    guarantee cannot certify any exit at a stricter target, while these rungs still exit on a few confident
+    tokens, and the free-running test is what certifies whichever is chosen. Rungs that would exit on no token or
+    repeat the previous one are left out, so the ladder can be shorter than `levels`; it is `[calibrated]` when
+    the calibrated rule never exits.
 
     `table` must not hold the prompts the candidates are then tested on (the order has to be fixed before they are
     seen); the classifier's training table is the natural choice. `knob` and `min_layers` are `calibrate`'s;
@@ -89,11 +96,46 @@ def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agr
         raise ValueError(f"levels must be an int >= 1; got {levels!r}.")
     if not 0.0 < target_agreement < 1.0:
         raise ValueError(f"target_agreement must lie in (0, 1); got {target_agreement!r}.")
-    out = []
-    for k in range(levels - 1, -1, -1):
-        per_token = 1.0 - (1.0 - target_agreement) / 2 ** k
-        clf = calibrate(classifier, table, target_agreement=per_token, delta=delta, knob=knob, min_layers=min_layers)
-        out.append(clf if finish is None else finish(clf))
+    base = calibrate(classifier, table, target_agreement=target_agreement, delta=delta, knob=knob,
+                     min_layers=min_layers)
+    rungs = [base]
+    if not base.calibration["never_exit"]:
+        rungs = [*_stricter(classifier, base, table, knob, levels), base]
+    return rungs if finish is None else [finish(c) for c in rungs]
+
+
+def _stricter(classifier: ExitClassifier, base: ExitClassifier, table: FeatureTable, knob: str,
+              levels: int) -> list[ExitClassifier]:
+    """`base` with its knob raised so that it exits on about 1/2**k of its exiting units, k = levels-1 .. 1."""
+    scores = exit_scores(base, table) if knob == "classifier" else _gate_knob_scores(classifier, table)
+    scores = np.where(table.layer >= base.min_layer, scores, -np.inf)
+    best = np.full(table.num_prompts, -np.inf)  # per unit (token), its highest score where the rule may fire
+    np.maximum.at(best, table.prompt_id, scores)
+    cal = base.calibration
+    base_value = cal["threshold"] if knob == "classifier" else cal["gate_offset"]
+    ranked = np.sort(best[best >= base_value])[::-1]
+    out, previous = [], None
+    for k in range(levels - 1, 0, -1):
+        count = int(round(ranked.size / 2 ** k))
+        if count < 1 or count == previous:
+            continue
+        previous, value = count, float(ranked[count - 1])
+        rung = base.replace(threshold=value) if knob == "classifier" else base.replace(
+            gate=classifier.gate.shifted(value))
+        exit_layer, summary = simulate_exits(rung, table)
+        figures = {key: v for key, v in summary.items() if key != "per_task"}
+        early = int((exit_layer < summary["num_layers"]).sum())
+        errors = int(round((1.0 - summary["agreement"]) * summary["n"]))
+        record = {**cal, **figures, "early_exits": early, "errors": errors, "risk_upper_bound": None,
+                  ("threshold" if knob == "classifier" else "gate_offset"): value,
+                  "ladder": {"rung": len(out) + 1, "of_calibrated_exits": 2.0 ** -k, "knob_value": value,
+                             "calibrated_knob_value": base_value, "certified_per_token": False}}
+        record["conclusion"] = (
+            f"Ladder rung: the calibrated rule with its {knob} knob raised from {base_value:.4g} to {value:.4g}, "
+            f"exiting on {early} of the {ranked.size} tokens it exits on in the table ({summary['mean_exit_layer']:.2f}"
+            f" layers per token, agreement {summary['agreement']:.1%}); not certified per token, only by the "
+            "free-running test.")
+        out.append(rung.replace(calibration=_jsonable(record)))
     return out
 
 
