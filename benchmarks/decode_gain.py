@@ -1,0 +1,151 @@
+"""Decode wall-clock of saved exit classifiers against stock `generate`, with repeats.
+
+`generation_real.py` times each rule once per held-out prompt (one alternating pass), which on a shared 2-core
+machine leaves +-5-10% of noise on ratios that are themselves 0.9-1.1. This benchmark takes classifiers already
+calibrated and saved (`generation_real.py --save-dir`, `adainfer train --out`) and times them on the same held-out
+prompts (1-shot prompts of the four evaluated tasks, and chat questions, as in `generation_real.py`) with repeats:
+
+* every run is warmed up once (a short untimed generation); then per repeat and prompt, the stock model's
+  `generate` and every classifier run once each, in an order rotated by one position per repeat (so no run always
+  follows the same one); greedy, batch 1, exactly `--new-tokens` tokens;
+* the ratio of a run is the stock time of the same prompt and repeat divided by its time; reported: the median
+  and the quartiles over all (prompt, repeat) ratios, the ratio of summed times, token agreement with the stock
+  text, the first divergence and layers per generated token.
+
+Usage:
+    python benchmarks/decode_gain.py KEY --classifier NAME=DIR [--classifier NAME=DIR ...] [--caches exact,propagate]
+Writes docs/results/<key>/decode_gain.json and prints a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat
+from real_models import model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier
+from adainfer_hf.data.prompts import build_prompts, load_task
+
+
+def _classifiers(specs, model):
+    out = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise SystemExit(f"--classifier expects NAME=DIR; got {spec!r}.")
+        out[name] = ExitClassifier.from_pretrained(path).bind(model)
+    return out
+
+
+def _held_out(tok, per_task, chat):
+    tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
+    texts = [q.text for t in tasks for q in build_prompts(t, 1, limit=per_task, seed=0)]
+    return texts + [_chat(tok, t) for t in FREE_TEXT[:chat]]
+
+
+def timed_runs(dense, ada, tok, texts, runs, new_tokens, repeats):
+    """`{run: {"ratios": [...], "s": ..., "dense_s": ..., "tokens": [...], "layers": [...]}}` and the dense tokens;
+    `runs` maps a name to `(classifier, exit_cache)`; "stock" is the stock model's `generate`."""
+    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    short = {**gen, "max_new_tokens": 4, "min_new_tokens": 4}
+    calls = {"stock": lambda enc, g=gen: (dense.generate(**enc, **g), None)}
+    for name, (clf, cache) in runs.items():
+        def call(enc, g=gen, clf=clf, cache=cache):
+            res = ada.generate(**enc, **g, exit_policy=clf, exit_cache=cache, return_dict_in_generate=True)
+            return res.sequences, res.exit_layers.float().reshape(-1).tolist()
+        calls[name] = call
+    names = list(calls)
+    times = {name: np.zeros((repeats, len(texts))) for name in names}
+    out = {name: {"tokens": [], "layers": []} for name in names}
+    with torch.no_grad():
+        warm = tok(texts[:1], return_tensors="pt")
+        for name in names:
+            calls[name](warm, short)
+        for r in range(repeats):
+            order = names[r % len(names):] + names[: r % len(names)]
+            for i, text in enumerate(texts):
+                enc = tok([text], return_tensors="pt")
+                n = enc.input_ids.shape[1]
+                for name in order:
+                    t0 = time.perf_counter()
+                    seq, layers = calls[name](enc)
+                    times[name][r, i] = time.perf_counter() - t0
+                    if r == 0:
+                        out[name]["tokens"].append(seq[0, n:].tolist())
+                        out[name]["layers"] += layers or []
+    for name in names:
+        out[name]["ratios"] = (times["stock"] / times[name]).reshape(-1).tolist()
+        out[name]["s"], out[name]["dense_s"] = float(times[name].sum()), float(times["stock"].sum())
+        out[name]["seconds"] = times[name].tolist()
+    return out
+
+
+def summarize(out, L):
+    dense = out["stock"]["tokens"]
+    rows = {}
+    for name, r in out.items():
+        if name == "stock":
+            continue
+        same = [np.array(a) == np.array(b) for a, b in zip(dense, r["tokens"], strict=True)]
+        q1, med, q3 = np.quantile(r["ratios"], [0.25, 0.5, 0.75])
+        rows[name] = {"speedup_median": float(med), "speedup_q1": float(q1), "speedup_q3": float(q3),
+                      "speedup_sum": r["dense_s"] / r["s"], "n_ratios": len(r["ratios"]),
+                      "token_agreement": float(np.mean(np.concatenate(same))),
+                      "mean_prefix": float(np.mean([s.cumprod().sum() for s in same])),
+                      "mean_layers_per_token": float(np.mean(r["layers"])) if r["layers"] else float(L),
+                      "seconds": r["seconds"], "dense_seconds": out["stock"]["seconds"]}
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("--classifier", action="append", default=[], metavar="NAME=DIR", required=True)
+    p.add_argument("--caches", default="exact", help="comma-separated exit_cache options, each classifier runs "
+                   "with every one")
+    p.add_argument("--eval-per-task", type=int, default=1)
+    p.add_argument("--chat", type=int, default=2)
+    p.add_argument("--new-tokens", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = model_dir(args.key)
+    tok = AutoTokenizer.from_pretrained(path)
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    ada = AutoAdaInferForCausalLM.from_pretrained(path).eval()
+    L = ada.config.num_hidden_layers
+    classifiers = _classifiers(args.classifier, ada)
+    caches = args.caches.split(",")
+    runs = {f"{name} {cache}": (clf, cache) for name, clf in classifiers.items() for cache in caches}
+    texts = _held_out(tok, args.eval_per_task, args.chat)
+    rows = summarize(timed_runs(dense, ada, tok, texts, runs, args.new_tokens, args.repeats), L)
+    record = {"benchmark": "decode_gain", "model": args.key, "num_layers": L, "args": vars(args),
+              "prompts": len(texts), "threads": torch.get_num_threads(), "runs": rows,
+              "classifiers": {name: {"decode_check_layers": c.decode_check_layers, "min_layer": c.min_layer,
+                                     "conclusion": (c.calibration or {}).get("conclusion")}
+                              for name, c in classifiers.items()},
+              "versions": {"torch": torch.__version__}}
+    out = Path(args.json or f"docs/results/{args.key}/decode_gain.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
+    print(f"{args.key}: {len(texts)} prompts x {args.new_tokens} tokens, {args.repeats} repeats")
+    print("| run | speedup: median (quartiles) / of sums | token agreement / first divergence | layers per token |")
+    print("|---|---|---|---|")
+    for name, r in rows.items():
+        print(f"| {name} | {r['speedup_median']:.3f}x ({r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}) / "
+              f"{r['speedup_sum']:.3f}x | {r['token_agreement']:.3f} / {r['mean_prefix']:.1f} | "
+              f"{r['mean_layers_per_token']:.2f} of {L} |")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
