@@ -117,8 +117,8 @@ def _stricter(classifier: ExitClassifier, base: ExitClassifier, table: FeatureTa
     out, previous = [], None
     for k in range(levels - 1, 0, -1):
         count = int(round(ranked.size / 2 ** k))
-        if count < 1 or count == previous:
-            continue
+        if count < 1 or count == previous or not np.isfinite(ranked[count - 1]):
+            continue  # (an infinite score: a layer without a probe, where no offset makes the rule stricter)
         previous, value = count, float(ranked[count - 1])
         rung = base.replace(threshold=value) if knob == "classifier" else base.replace(
             gate=classifier.gate.shifted(value))
