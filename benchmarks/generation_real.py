@@ -55,8 +55,9 @@ RULES = {"full": dict(method="svm", gate=None, knob="classifier"),
 
 
 def tables(ada, tok, args):
-    """(train, calibration) generation tables, each recorded once per configuration and cached on its own (the
-    first `train` prompts of a task do not depend on `cal`, so a train table may be copied between directories)."""
+    """(train table, calibration table, their directory, the calibration prompts): each table recorded once per
+    configuration and cached on its own (the first `train` prompts of a task do not depend on `cal`, so a train
+    table may be copied between directories)."""
     L = ada.config.num_hidden_layers
     first = args.first_layer or L // 2
     root = Path(os.environ.get("ADAINFER_HOME", Path.home() / ".cache/adainfer_hf")) / "eval"
@@ -68,7 +69,6 @@ def tables(ada, tok, args):
         order.setdefault(q.task, []).append(q)
     train_p = [q for qs in order.values() for q in qs[: args.train]]
     cal_p = [q for qs in order.values() for q in qs[args.train:]]
-    args.calibration_prompts = cal_p  # (--free-running generates on them)
     out = []
     for name, ps in (("train", train_p), ("calibration", cal_p)):
         if (where / f"{name}.npz").exists():
@@ -80,7 +80,7 @@ def tables(ada, tok, args):
         table.meta["seconds"] = time.perf_counter() - t0
         table.save(where / f"{name}.npz")
         out.append(table)
-    return out[0], out[1], where
+    return out[0], out[1], where, cal_p
 
 
 def main(argv=None):
@@ -114,7 +114,7 @@ def main(argv=None):
         tok.pad_token = tok.eos_token
     ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
     L = ada.config.num_hidden_layers
-    train, calib, where = tables(ada, tok, args)
+    train, calib, where, cal_prompts = tables(ada, tok, args)  # (--free-running generates on cal_prompts)
     print(f"tables: {where} ({train.num_sequences} + {calib.num_sequences} sequences)")
     if args.collect_only:
         return
@@ -123,7 +123,7 @@ def main(argv=None):
     for target in [float(t) for t in args.targets.split(",")]:
         for rule in args.rules.split(","):
             free = None if not args.free_running else FreeRunning(
-                tok, args.calibration_prompts[: args.free_running_prompts], args.free_running, "propagate")
+                tok, cal_prompts[: args.free_running_prompts], args.free_running, "propagate")
             classifiers[f"{rule}@{target}{'+free' if free else ''}"] = train_on_tables(
                 ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
                 free_running=free, **RULES[rule])
