@@ -26,12 +26,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat
+from generation_real import held_out_texts
 from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier
-from adainfer_hf.data.prompts import build_prompts, load_task
 
 
 def _classifiers(specs, model):
@@ -42,12 +41,6 @@ def _classifiers(specs, model):
             raise SystemExit(f"--classifier expects NAME=DIR; got {spec!r}.")
         out[name] = ExitClassifier.from_pretrained(path).bind(model)
     return out
-
-
-def _held_out(tok, per_task, chat):
-    tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
-    texts = [q.text for t in tasks for q in build_prompts(t, 1, limit=per_task, seed=0)]
-    return texts + [_chat(tok, t) for t in FREE_TEXT[:chat]]
 
 
 def timed_runs(dense, ada, tok, texts, runs, new_tokens, repeats):
@@ -126,7 +119,7 @@ def main(argv=None):
     classifiers = _classifiers(args.classifier, ada)
     caches = args.caches.split(",")
     runs = {f"{name} {cache}": (clf, cache) for name, clf in classifiers.items() for cache in caches}
-    texts = _held_out(tok, args.eval_per_task, args.chat)
+    texts = [t for part in held_out_texts(tok, 1, args.eval_per_task, args.chat) for t in part]
     rows = summarize(timed_runs(dense, ada, tok, texts, runs, args.new_tokens, args.repeats), L)
     record = {"benchmark": "decode_gain", "model": args.key, "num_layers": L, "args": vars(args),
               "prompts": len(texts), "threads": torch.get_num_threads(), "runs": rows,

@@ -83,6 +83,13 @@ def tables(ada, tok, args):
     return out[0], out[1], where, cal_p
 
 
+def held_out_texts(tok, shots: int, per_task: int, chat: int) -> tuple[list[str], list[str]]:
+    """The evaluation prompts: `per_task` `shots`-shot prompts of each evaluated task, and `chat` chat questions."""
+    tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
+    prompts = [q.text for t in tasks for q in build_prompts(t, shots, limit=per_task, seed=0)]
+    return prompts, [_chat(tok, t) for t in FREE_TEXT[:chat]]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("key", help="a key of benchmarks/real_models.py")
@@ -132,9 +139,8 @@ def main(argv=None):
         if args.save_dir:
             c.save_pretrained(Path(args.save_dir) / name)
 
-    eval_tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
-    held_out = [q.text for t in eval_tasks for q in build_prompts(t, args.shots, limit=args.eval_per_task, seed=0)]
-    texts = held_out + [_chat(tok, t) for t in FREE_TEXT[: args.chat]]
+    held_out, chat = held_out_texts(tok, args.shots, args.eval_per_task, args.chat)
+    texts = held_out + chat
     runs = dict(classifiers)
     caches = {name: "exact" for name in classifiers}
     propagate = set(args.propagate.split(",")) if args.propagate else set()

@@ -34,7 +34,15 @@ from ..cache.exact import CACHE_MODES
 from ..policy.classifier import ExitClassifier
 from ..utils.stats import hb_p_value, hb_upper_bound
 from ..utils.tokenizers import left_padding
-from .calibrate import _gate_knob_scores, _jsonable, calibrate, exit_scores, simulate_exits
+from .calibrate import (
+    _from_layer,
+    _gate_knob_scores,
+    _grid,
+    _jsonable,
+    calibrate,
+    exit_scores,
+    simulate_exits,
+)
 from .table import FeatureTable
 
 __all__ = ["FreeRunning", "calibrate_free_running", "candidate_ladder", "prefix_losses"]
@@ -65,11 +73,16 @@ class FreeRunning:
             raise ValueError("FreeRunning got no prompts.")
 
 
-def _check_settings(who: str, new_tokens, batch_size, exit_cache, **counts) -> None:
-    """The generation settings both entry points take (`who` prefixes the messages)."""
-    for name, value in (("new_tokens", new_tokens), ("batch_size", batch_size), *counts.items()):
+def _check_counts(who: str, **counts) -> None:
+    """Each of `counts` must be an int >= 1 (`who` prefixes the messages)."""
+    for name, value in counts.items():
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{who}{name} must be an int >= 1; got {value!r}.")
+
+
+def _check_settings(who: str, new_tokens, batch_size, exit_cache, **counts) -> None:
+    """The generation settings both entry points take (`who` prefixes the messages)."""
+    _check_counts(who, new_tokens=new_tokens, batch_size=batch_size, **counts)
     if exit_cache not in CACHE_MODES:
         raise ValueError(f"{who}exit_cache={exit_cache!r} is not supported; expected one of {list(CACHE_MODES)}.")
 
@@ -92,8 +105,7 @@ def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agr
     seen); the classifier's training table is the natural choice. `knob` and `min_layers` are `calibrate`'s;
     `finish(clf)`, if given, is applied to each candidate (e.g. choosing its check schedules).
     """
-    if not isinstance(levels, int) or isinstance(levels, bool) or levels < 1:
-        raise ValueError(f"levels must be an int >= 1; got {levels!r}.")
+    _check_counts("", levels=levels)
     if not 0.0 < target_agreement < 1.0:
         raise ValueError(f"target_agreement must lie in (0, 1); got {target_agreement!r}.")
     base = calibrate(classifier, table, target_agreement=target_agreement, delta=delta, knob=knob,
@@ -108,9 +120,8 @@ def _stricter(classifier: ExitClassifier, base: ExitClassifier, table: FeatureTa
               levels: int) -> list[ExitClassifier]:
     """`base` with its knob raised so that it exits on about 1/2**k of its exiting units, k = levels-1 .. 1."""
     scores = exit_scores(base, table) if knob == "classifier" else _gate_knob_scores(classifier, table)
-    scores = np.where(table.layer >= base.min_layer, scores, -np.inf)
-    best = np.full(table.num_prompts, -np.inf)  # per unit (token), its highest score where the rule may fire
-    np.maximum.at(best, table.prompt_id, scores)
+    # per unit (token), its highest score at the layers where the rule may fire
+    best = _from_layer(_grid(table, scores, -np.inf), base.min_layer).max(1)
     cal = base.calibration
     base_value = cal["threshold"] if knob == "classifier" else cal["gate_offset"]
     ranked = np.sort(best[best >= base_value])[::-1]
