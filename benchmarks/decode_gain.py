@@ -44,8 +44,9 @@ def _classifiers(specs, model):
 
 
 def timed_runs(dense, ada, tok, texts, runs, new_tokens, repeats):
-    """`{run: {"ratios": [...], "s": ..., "dense_s": ..., "tokens": [...], "layers": [...]}}` and the dense tokens;
-    `runs` maps a name to `(classifier, exit_cache)`; "stock" is the stock model's `generate`."""
+    """`{run: {"ratios": [...], "s": ..., "dense_s": ..., "seconds": [...], "tokens": [...], "layers": [...]}}`
+    with tokens and layers from the first repeat; `runs` maps a name to `(classifier, exit_cache)`, and the run
+    "stock" (the stock model's `generate`) is added."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     short = {**gen, "max_new_tokens": 4, "min_new_tokens": 4}
     calls = {"stock": lambda enc, g=gen: (dense.generate(**enc, **g), None)}
