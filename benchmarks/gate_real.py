@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from real_models import model_dir
+from timing import summarize, timed_runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
@@ -134,37 +135,12 @@ def first_token(dense, ada, tok, prompts, classifiers, batch_size):
 
 
 def generation(dense, ada, tok, texts, classifiers, new_tokens, caches=None):
-    """Token agreement / prefix / layers per token / wall-clock of 64-token greedy generation at batch 1;
-    `caches` maps a classifier's name to its exit cache option (default "propagate")."""
+    """Token agreement / prefix / layers per token / wall-clock of `new_tokens` greedy tokens at batch 1, one
+    alternating pass (`timing.timed_runs`); `caches` maps a classifier's name to its exit cache option (default
+    "propagate")."""
     caches = caches or {}
-    gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-    out = {name: {"same": 0, "prefix": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0}
-           for name in classifiers}
-    with torch.no_grad():
-        warm = tok(texts[:1], return_tensors="pt")
-        dense.generate(**warm, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4})
-        for text in texts:
-            enc = tok([text], return_tensors="pt")
-            n = enc.input_ids.shape[1]
-            for name, clf in classifiers.items():
-                ref, t_dense = _timed(dense.generate, **enc, **gen)
-                res, t = _timed(ada.generate, **enc, **gen, exit_policy=clf,
-                                exit_cache=caches.get(name, "propagate"), return_dict_in_generate=True)
-                ref, got = ref[0, n:], res.sequences[0, n:]
-                same = (ref == got)
-                r = out[name]
-                r["same"] += int(same.sum())
-                r["prefix"].append(int(same.long().cumprod(0).sum()))
-                r["layers"] += res.exit_layers.float().reshape(-1).tolist()
-                r["ratios"].append(t_dense / t)
-                r["dense_s"] += t_dense
-                r["s"] += t
-    total = len(texts) * new_tokens
-    return {name: {"prompts": len(texts), "new_tokens": new_tokens, "token_agreement": r["same"] / total,
-                   "mean_prefix": float(np.mean(r["prefix"])), "mean_layers_per_token": float(np.mean(r["layers"])),
-                   "speedup_median": statistics.median(r["ratios"]), "speedup_sum": r["dense_s"] / r["s"],
-                   "dense_s": r["dense_s"], "s": r["s"]}
-            for name, r in out.items()}
+    runs = {name: (clf, caches.get(name, "propagate")) for name, clf in classifiers.items()}
+    return summarize(timed_runs(dense, ada, tok, texts, runs, new_tokens, 1), ada.config.num_hidden_layers)
 
 
 def in_distribution_tables(model, tok, tasks, skip: int, n: int):
