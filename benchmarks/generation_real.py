@@ -14,7 +14,8 @@ earlier and differently. This benchmark
    alone, calibrated as the knob); the schedules are chosen per phase with the measured check and
    gate costs (prefill on the first tokens, decode on the later ones); with `--free-running N` each rule is
    instead calibrated free-running (`training.free_running`: candidates from the train table, tested by
-   generating N tokens on calibration prompts, propagate cache) and named `<rule>@<target>+free`;
+   generating N tokens on calibration prompts with `--free-running-cache`, propagate by default) and named
+   `<rule>@<target>+free` (`+free-exact` with the exact cache);
 3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
    tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
@@ -107,9 +108,11 @@ def main(argv=None):
     p.add_argument("--propagate", default="probe", help="rules also run with exit_cache='propagate' (all run "
                    "with 'exact', whose later tokens see the dense model's states)")
     p.add_argument("--free-running", type=int, default=0, metavar="N", help="calibrate free-running instead: "
-                   "candidates from the train table, tested by generating N tokens (propagate cache) on the first "
-                   "--free-running-prompts calibration prompts (training.free_running)")
+                   "candidates from the train table, tested by generating N tokens (--free-running-cache) on the "
+                   "first --free-running-prompts calibration prompts (training.free_running)")
     p.add_argument("--free-running-prompts", type=int, default=100)
+    p.add_argument("--free-running-cache", default="propagate", choices=("propagate", "exact"),
+                   help="the exit cache option the free-running generations use (and certify)")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<rule>@<target> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
@@ -130,8 +133,9 @@ def main(argv=None):
     for target in [float(t) for t in args.targets.split(",")]:
         for rule in args.rules.split(","):
             free = None if not args.free_running else FreeRunning(
-                tok, cal_prompts[: args.free_running_prompts], args.free_running, "propagate")
-            classifiers[f"{rule}@{target}{'+free' if free else ''}"] = train_on_tables(
+                tok, cal_prompts[: args.free_running_prompts], args.free_running, args.free_running_cache)
+            suffix = "" if not free else "+free" if free.exit_cache == "propagate" else "+free-exact"
+            classifiers[f"{rule}@{target}{suffix}"] = train_on_tables(
                 ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
                 free_running=free, **RULES[rule])
     for name, c in classifiers.items():
