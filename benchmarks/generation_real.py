@@ -114,6 +114,8 @@ def main(argv=None):
     p.add_argument("--free-running-cache", default="propagate", choices=("propagate", "exact"),
                    help="the exit cache option the free-running generations use (and certify)")
     p.add_argument("--collect-only", action="store_true")
+    p.add_argument("--no-eval", action="store_true", help="stop after calibrating (and --save-dir): time the saved "
+                   "classifiers with decode_gain.py instead")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<rule>@<target> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
     p.add_argument("--json", default=None)
@@ -142,6 +144,8 @@ def main(argv=None):
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
         if args.save_dir:
             c.save_pretrained(Path(args.save_dir) / name)
+    if args.no_eval:
+        return
 
     held_out, chat = held_out_texts(tok, args.shots, args.eval_per_task, args.chat)
     texts = held_out + chat
