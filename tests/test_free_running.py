@@ -168,3 +168,34 @@ def test_candidate_ladder_goes_from_strict_to_loose_and_arguments_are_checked():
         FreeRunning(tok, prompts, exit_cache="lazy")
     with pytest.raises(ValueError, match="FreeRunning new_tokens must be an int >= 1; got 0"):
         FreeRunning(tok, prompts, new_tokens=0)
+
+
+def test_free_running_reference_is_the_dense_text_generated_once_per_model(monkeypatch):
+    from adainfer_hf.training import free_running as fr
+    from adainfer_hf.training.train import train_on_tables
+    from adainfer_hf.utils.tokenizers import left_padding
+
+    stock, model = tiny_pair()
+    tok = task_tokenizer()
+    prompts = tiny_prompts(3, (0,))
+    setting = FreeRunning(tok, prompts, new_tokens=N, exit_cache="exact", batch_size=2, levels=2)
+    model.exit_classifier = _gap_rule(-1.0, model.config.num_hidden_layers).bind(model)  # must not leak in
+    # the reference: the stock model's own batched greedy generate, left-padded, in the same batches
+    expected = []
+    gen = dict(max_new_tokens=N, min_new_tokens=N, do_sample=False, pad_token_id=tok.pad_token_id)
+    with left_padding(tok), torch.no_grad():
+        for i in range(0, len(prompts), 2):
+            enc = tok([p.text for p in prompts[i:i + 2]], return_tensors="pt", padding=True)
+            expected.append(stock.generate(**enc, **gen)[:, enc["input_ids"].shape[1]:])
+    torch.testing.assert_close(setting.reference(model), torch.cat(expected))
+    dense_calls = []
+    real = fr._continuations
+    monkeypatch.setattr(fr, "_continuations", lambda *a: dense_calls.append(a[5]) or real(*a))
+    table = collect_generation_features(model, tok, tiny_prompts(4, (0,)), new_tokens=N, progress=False)
+    kwargs = dict(method="gap_rule", target_agreement=0.6, delta=0.3, check_cost=0.0, free_running=setting)
+    first = train_on_tables(model, table, None, **kwargs)
+    second = train_on_tables(model, table, None, **kwargs)
+    assert dense_calls and None not in dense_calls  # candidates generated; the dense text was not regenerated
+    assert first.calibration["free_running"] == second.calibration["free_running"]
+    with pytest.raises(ValueError, match=rf"reference has shape \(2, 5\); expected \({len(prompts)}, 5\)"):
+        calibrate_free_running(model, tok, prompts, [first], new_tokens=N, reference=torch.zeros(2, N, dtype=torch.long))

@@ -23,8 +23,9 @@ cache option and batch size.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -58,6 +59,9 @@ class FreeRunning:
         new_tokens (`int`, *optional*, defaults to 32), exit_cache (`str`, *optional*, defaults to `"propagate"`),
         batch_size (`int`, *optional*, defaults to 8): see [`calibrate_free_running`].
         levels (`int`, *optional*, defaults to 6): candidates of the ladder at most (see [`candidate_ladder`]).
+
+    The dense model's continuations of `prompts` are generated once per model ([`FreeRunning.reference`]), so one
+    `FreeRunning` shared by several `train_on_tables` calls (rules, targets) generates the reference once.
     """
 
     tokenizer: Any
@@ -66,11 +70,21 @@ class FreeRunning:
     exit_cache: str = "propagate"
     batch_size: int = 8
     levels: int = 6
+    _references: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)
 
     def __post_init__(self):  # refuse a bad setting before any collection or training starts
         _check_settings("FreeRunning ", self.new_tokens, self.batch_size, self.exit_cache, levels=self.levels)
         if not self.prompts:
             raise ValueError("FreeRunning got no prompts.")
+
+    def reference(self, model) -> torch.Tensor:
+        """The dense model's greedy continuations `[len(prompts), new_tokens]` of `prompts` on `model`,
+        generated on the first call for that model (batched by `batch_size`) and kept while the model lives."""
+        if model not in self._references:
+            texts = [getattr(p, "text", p) for p in self.prompts]
+            self._references[model] = _continuations(model, self.tokenizer, texts, self.new_tokens,
+                                                      self.batch_size, None, self.exit_cache)[0]
+        return self._references[model]
 
 
 def _check_counts(who: str, **counts) -> None:
@@ -200,7 +214,8 @@ def _check_args(model, tokenizer, texts, candidates, target_agreement, delta, ne
 
 def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitClassifier],
                            target_agreement: float = 0.9, delta: float = 0.1, new_tokens: int = 32,
-                           exit_cache: str = "propagate", batch_size: int = 8) -> ExitClassifier:
+                           exit_cache: str = "propagate", batch_size: int = 8,
+                           reference: torch.Tensor | None = None) -> ExitClassifier:
     """Chooses the least conservative of `candidates` whose free-running generations stay equal to dense for at
     least `target_agreement` of their tokens, in expectation, with confidence `1 - delta` (see the module
     docstring).
@@ -217,6 +232,9 @@ def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitC
         new_tokens (`int`, *optional*, defaults to 32): tokens generated per prompt (EOS does not stop early).
         exit_cache (`str`, *optional*, defaults to `"propagate"`): the cache option generation will use.
         batch_size (`int`, *optional*, defaults to 8): prompts per `generate` call.
+        reference (`torch.Tensor`, *optional*): the dense model's greedy continuations `[len(prompts),
+            new_tokens]` of these prompts at this `batch_size`, if already generated ([`FreeRunning.reference`]);
+            generated here otherwise.
 
     Returns:
         [`ExitClassifier`]: the chosen candidate, bound to `model`, with `calibration["free_running"]` (each test's
@@ -227,7 +245,11 @@ def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitC
     candidates = list(candidates)
     _check_args(model, tokenizer, texts, candidates, target_agreement, delta, new_tokens, exit_cache, batch_size)
     L, n, alpha = model.config.num_hidden_layers, len(texts), 1.0 - target_agreement
-    reference, _ = _continuations(model, tokenizer, texts, new_tokens, batch_size, None, exit_cache)
+    if reference is None:
+        reference, _ = _continuations(model, tokenizer, texts, new_tokens, batch_size, None, exit_cache)
+    elif tuple(reference.shape) != (n, new_tokens):
+        raise ValueError(f"reference has shape {tuple(reference.shape)}; expected ({n}, {new_tokens}): the dense "
+                         "continuations of the prompts, new_tokens each.")
     tests, chosen = [], None
     for i, clf in enumerate(candidates):
         clf = candidates[i] = clf.bind(model)

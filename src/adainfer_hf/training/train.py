@@ -345,7 +345,8 @@ def train_on_tables(
         return calibrate_free_running(model, free_running.tokenizer, free_running.prompts, ladder,
                                       target_agreement=target_agreement, delta=delta,
                                       new_tokens=free_running.new_tokens, exit_cache=free_running.exit_cache,
-                                      batch_size=free_running.batch_size)
+                                      batch_size=free_running.batch_size,
+                                      reference=free_running.reference(model))
     return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
 
 
