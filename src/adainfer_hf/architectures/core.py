@@ -29,6 +29,7 @@ __all__ = [
     "kv_projections",
     "kv_weights_resident",
     "layer_index",
+    "layer_type",
     "sliding_window",
     "sublayer_output",
     "check_supported",
@@ -87,6 +88,11 @@ def kv_weights_resident(model: nn.Module, layer: nn.Module) -> bool:
 def kv_device(model: nn.Module, layer: nn.Module) -> torch.device:
     """Where `layer`'s K/V projections compute."""
     return kv_projections(model, layer)[0].weight.device
+
+
+def layer_type(model: nn.Module, layer_idx: int) -> str:
+    """`"full_attention"` or `"sliding_attention"` for layer `layer_idx` (0-based)."""
+    return spec_for(model).layer_type(model, layer_idx)
 
 
 def sliding_window(model: nn.Module, layer_idx: int) -> int | None:

@@ -79,6 +79,9 @@ class ExactStrategy(ExitCacheStrategy):
     def __init__(self, cache):
         super().__init__(cache)
         self.frontier: torch.Tensor | None = None  # this step's output of the deepest layer run, when not the last
+        # This step's catch-up inputs, shared by the layers that owe the same positions: (owed, cached length,
+        # layer type, rows, device, dtype, ...) -> (mask, rotary). Built once per step, not once per owed layer.
+        self._catch_up_inputs: dict = {}
 
     @property
     def owes_positions(self) -> bool:
@@ -109,11 +112,11 @@ class ExactStrategy(ExitCacheStrategy):
         ext_pos = torch.cat([owed_pos, run.position_ids.to(hidden.device).expand(hidden.shape[0], -1)], dim=1)
         ext_kwargs = dict(kwargs)
         ext_kwargs["position_ids"] = ext_pos
-        ext_kwargs["attention_mask"] = compat.causal_mask(
-            run.model.config, ext_hidden, run.attention_mask, cache, ext_pos, layer_idx=layer_idx,
-            sliding=arch.sliding_window(run.model, layer_idx) is not None)  # the mask of this layer's type
-        if kwargs.get("position_embeddings") is not None:
-            ext_kwargs["position_embeddings"] = arch.position_embeddings(run.model, ext_hidden, ext_pos, layer)
+        mask, rotary = self._inputs_for(run, layer, layer_idx, owed, ext_hidden, ext_pos,
+                                        kwargs.get("position_embeddings") is not None)
+        ext_kwargs["attention_mask"] = mask
+        if rotary is not None:
+            ext_kwargs["position_embeddings"] = rotary
         self.query_offset = owed
         try:
             out = forward(ext_hidden, *args, **ext_kwargs)
@@ -122,6 +125,20 @@ class ExactStrategy(ExitCacheStrategy):
         # The owed positions have now run this layer: their frontier moves one layer deeper.
         cache.pending_hidden[:, start:] = out[:, :owed].to(cache.pending_hidden.device, cache.pending_hidden.dtype)
         return out[:, owed:]
+
+    def _inputs_for(self, run, layer, layer_idx: int, owed: int, ext_hidden, ext_pos, rotary: bool):
+        """The attention mask of this layer's type for the extended query, and its rotary table (None when the
+        layer takes none); layers of one type with the same owed positions and cache length share them."""
+        cache = self.cache
+        sliding = arch.sliding_window(run.model, layer_idx)
+        key = (owed, cache.layer_length(layer_idx), sliding, arch.layer_type(run.model, layer_idx), rotary,
+               ext_hidden.shape[0], ext_hidden.device, ext_hidden.dtype)
+        if key not in self._catch_up_inputs:
+            mask = compat.causal_mask(run.model.config, ext_hidden, run.attention_mask, cache, ext_pos,
+                                      layer_idx=layer_idx, sliding=sliding is not None)
+            table = arch.position_embeddings(run.model, ext_hidden, ext_pos, layer) if rotary else None
+            self._catch_up_inputs[key] = (mask, table)
+        return self._catch_up_inputs[key]
 
     def _owed(self, run, layer_idx: int) -> int:
         if layer_idx == 0 or self.cache.pending_hidden is None:
