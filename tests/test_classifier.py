@@ -52,6 +52,8 @@ ESTIMATORS = {
     "svc_rbf": lambda: SVC(kernel="rbf", gamma=3.0, C=2.0),
     "scaler_svc": lambda: make_pipeline(StandardScaler(), SVC()),
     "scaler_linear_svc": lambda: make_pipeline(StandardScaler(), LinearSVC()),
+    "two_scalers_svc": lambda: make_pipeline(StandardScaler(), StandardScaler(with_mean=False), SVC(gamma="auto")),
+    "svc_poly": lambda: SVC(kernel="poly", degree=2),
     "sgd": lambda: SGDClassifier(random_state=0),
     "gap_rule": lambda: GapThresholdRule(threshold=0.5),
 }
@@ -169,7 +171,7 @@ def test_newer_format_version_is_refused(tmp_path):
 def test_linear_decide_on_device_matches_predict(monkeypatch, name):
     est = _fit(name)
     clf = ExitClassifier(est)
-    assert clf._linear is not None
+    assert clf._scorer is not None and clf._scorer.kind == "linear"
     expected = est.predict(X_TEST.astype(np.float32)) == 1
     # The fast path must not call scikit-learn at all.
     for method in ("predict", "decision_function", "predict_proba"):
@@ -181,11 +183,33 @@ def test_linear_decide_on_device_matches_predict(monkeypatch, name):
     assert 0 < expected.sum() < len(expected)  # the test data actually exercises both outcomes
 
 
-@pytest.mark.parametrize("name", ["svc_rbf", "scaler_svc"])
-def test_nonlinear_decide_matches_sklearn(name):
+@pytest.mark.parametrize("name", ["svc_rbf", "scaler_svc", "two_scalers_svc"])
+def test_rbf_svm_decides_on_device_like_sklearn(monkeypatch, name):
     est = _fit(name)
     clf = ExitClassifier(est)
-    assert clf._linear is None
+    assert clf._scorer is not None and clf._scorer.kind == "rbf"
+    feats = torch.tensor(X_TEST, dtype=torch.float32)
+    X = feats.numpy().astype(np.float64)
+    margin, predicted = est.decision_function(X), est.predict(X) == 1
+    assert 0 < predicted.sum() < len(predicted)  # both outcomes exercised
+    np.testing.assert_allclose(clf._scorer.margin(feats).numpy(), margin, rtol=1e-9, atol=1e-9)
+    cut = float(np.quantile(margin, 0.3))
+    with_cut = clf.replace(threshold=cut)
+    for method in ("predict", "decision_function", "predict_proba"):  # the device path never calls sklearn
+        monkeypatch.setattr(est, method, lambda *a, **k: pytest.fail("sklearn called"), raising=False)
+    rows = torch.arange(len(feats))
+    out = clf.decide(feats, layer=1, rows=rows)
+    assert out.dtype == torch.bool and out.device == feats.device
+    np.testing.assert_array_equal(out.numpy(), predicted)
+    clear = np.abs(margin - cut) > 1e-9  # rows not on the threshold itself
+    np.testing.assert_array_equal(with_cut.decide(feats, 1, rows).numpy()[clear], (margin >= cut)[clear])
+    assert clf.decide(feats[:0], layer=1, rows=torch.arange(0)).shape == (0,)
+
+
+def test_other_nonlinear_estimators_decide_through_sklearn():
+    est = _fit("svc_poly")
+    clf = ExitClassifier(est)
+    assert clf._scorer is None
     feats = torch.tensor(X_TEST, dtype=torch.float32)
     out = clf.decide(feats, layer=1, rows=torch.arange(len(feats)))
     np.testing.assert_array_equal(out.numpy(), est.predict(feats.numpy()) == 1)

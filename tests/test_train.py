@@ -72,7 +72,7 @@ def test_linear_methods_fold_the_scaler(method, tmp_path):
     clf = train_exit_classifier(table, method=method)
     est = clf.estimator
     assert not hasattr(est, "steps") and est.coef_.shape == (1, 2)
-    assert clf._linear is not None  # decided on the features' device, one matmul
+    assert clf._scorer is not None and clf._scorer.kind == "linear"  # decided on the features' device, one matmul
     # Same decisions as a scaler pipeline fitted the same way.
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..architectures import core as architectures
-from ..artifact.codec import _linear_form, _logit, _qualified_name, _score_kind
+from ..artifact.codec import _logit, _qualified_name, _score_kind
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
 from ..artifact.constants import (
     CLASSIFIER_CONFIG_NAME,
@@ -36,6 +36,7 @@ from .base import ExitPolicy, check_dtype_or_raise
 from .classifier_support import ConfigField, check_estimator, normalized
 from .gate import LinearGate
 from .nonfinite import NonFiniteRows
+from .scoring import device_scorer
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -55,8 +56,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
     It reads the per-layer features named in `features` (see `adainfer_hf.policy.features.FEATURES`) and decides, for
     each active row, whether to stop after the current layer. Linear estimators (anything with a single-row
     `coef_` and `intercept_`, including `StandardScaler` pipelines and [`~adainfer_hf.estimators.rules.GapThresholdRule`])
-    are evaluated on the features' device with torch, without a host synchronisation; other estimators (RBF
-    `SVC`, CRF wrappers, ...) run through scikit-learn on the CPU.
+    and binary RBF-kernel `SVC`s (behind `StandardScaler` steps or not) are evaluated on the features' device with
+    torch, without a host synchronisation (`policy.scoring`); other estimators (other kernels, CRF wrappers, ...)
+    run through scikit-learn on the CPU.
 
     The classifier holds one [`ExitClassifierConfig`]: each keyword argument below is a field of it, readable as a
     property (`clf.threshold`, ...) and changed only through [`~ExitClassifier.replace`], which validates.
@@ -170,9 +172,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             if self.score_kind == "probability" and not 0.0 <= self.threshold <= 1.0:
                 raise ValueError(f"threshold={self.threshold} is a probability for {type(est).__name__}; "
                                  "expected 0 <= t <= 1.")
-        # The on-device fast path: (coef, intercept) when the estimator is exactly linear, else None.
-        self._linear = _linear_form(est) if self.score_kind != "label" else None
-        self._device_cache: dict = {}
+        # The on-device fast path: a linear margin or an RBF SVM's decision function, else None (scikit-learn).
+        self._scorer = device_scorer(est, self.score_kind)
         self._warned: set = set()
 
     def _validate_gate(self) -> None:
@@ -232,17 +233,17 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
     def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
         """The decoder loop's hook (see `ExitPolicy.decide`): a BoolTensor `[n_rows]` on `features.device`.
 
-        Linear estimators run as one matmul on the features' device with no host synchronisation; others copy
-        the features to the CPU once and call scikit-learn. A row with a non-finite feature (nan/inf) never exits
-        at that layer, whatever the estimator; the classifier warns once (`RuntimeWarning`).
+        Linear estimators and RBF-kernel SVMs are evaluated on the features' device with no host synchronisation
+        (`policy.scoring`); others copy the features to the CPU once and call scikit-learn. A row with a
+        non-finite feature (nan/inf) never exits at that layer, whatever the estimator; the classifier warns once
+        (`RuntimeWarning`).
         """
         if features.dim() != 2 or features.shape[1] != len(self.features):
             raise ValueError(f"decide() expects features of shape [n_rows, {len(self.features)}] for "
                              f"{list(self.features)}; got {tuple(features.shape)}.")
-        if self._linear is not None:
+        if self._scorer is not None:
             finite = self._nonfinite.finite_rows(features)
-            coef, intercept = self._device_weights(features.device)
-            margin = features.to(coef.dtype) @ coef + intercept
+            margin = self._scorer.margin(features)
             # `threshold` may be changed after construction (calibration sweeps it), so the cut is not cached.
             if self.threshold is None:
                 return (margin > 0) & finite  # exactly `predict`: class 1 where the margin is > 0
@@ -253,18 +254,6 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             return torch.zeros(0, dtype=torch.bool, device=features.device)
         X = features.detach().to("cpu", torch.float64).numpy()
         return torch.from_numpy(self.exit_mask(X)).to(features.device)
-
-    def _device_weights(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (device.type, device.index)
-        if key not in self._device_cache:
-            coef, intercept = self._linear
-            # float64 reproduces scikit-learn's arithmetic (it is a [n_rows, F] matmul); MPS has no float64.
-            dtype = torch.float32 if device.type == "mps" else torch.float64
-            self._device_cache[key] = (
-                torch.tensor(np.array(coef), dtype=dtype, device=device),
-                torch.tensor(intercept, dtype=dtype, device=device),
-            )
-        return self._device_cache[key]
 
     # ------------------------------------------------------------------ the base model
     def bind(self, model) -> ExitClassifier:
