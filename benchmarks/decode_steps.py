@@ -79,7 +79,8 @@ def main(argv=None):
     _hooks(ada, acc)
     enc = tok([held_out_texts(tok, 1, 1, 0)[0][0]], return_tensors="pt")
     gen = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
-               pad_token_id=tok.pad_token_id or tok.eos_token_id, return_dict_in_generate=True)
+               pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+               return_dict_in_generate=True)
     stock, split, exits = [], [], []
     with torch.no_grad():
         ada.generate(**enc, **{**gen, "max_new_tokens": 4, "min_new_tokens": 4}, exit_policy=None)

@@ -130,12 +130,13 @@ class ExactStrategy(ExitCacheStrategy):
         """The attention mask of this layer's type for the extended query, and its rotary table (None when the
         layer takes none); layers of one type with the same owed positions and cache length share them."""
         cache = self.cache
-        sliding = arch.sliding_window(run.model, layer_idx)
-        key = (owed, cache.layer_length(layer_idx), sliding, arch.layer_type(run.model, layer_idx), rotary,
+        # (the layer type determines the window: `ArchitectureSpec.sliding_window`)
+        key = (owed, cache.layer_length(layer_idx), arch.layer_type(run.model, layer_idx), rotary,
                ext_hidden.shape[0], ext_hidden.device, ext_hidden.dtype)
         if key not in self._catch_up_inputs:
+            sliding = arch.sliding_window(run.model, layer_idx) is not None
             mask = compat.causal_mask(run.model.config, ext_hidden, run.attention_mask, cache, ext_pos,
-                                      layer_idx=layer_idx, sliding=sliding is not None)
+                                      layer_idx=layer_idx, sliding=sliding)
             table = arch.position_embeddings(run.model, ext_hidden, ext_pos, layer) if rotary else None
             self._catch_up_inputs[key] = (mask, table)
         return self._catch_up_inputs[key]

@@ -23,8 +23,8 @@ class DeviceScorer:
     """`margin(features)`: the estimator's decision function on `features` `[n_rows, F]`, on their device.
 
     Linear: `x @ coef + intercept`. RBF: `z = x * a + c` (the pipeline's `StandardScaler` steps), then
-    `exp(-gamma * |z - s|^2) @ dual + intercept` over the support vectors `s`. The arrays are copied once per
-    device, in float64 (float32 on MPS, which has no float64).
+    `exp(-gamma * |z - s|^2) @ dual + intercept` over the support vectors `s` (their squared norms precomputed).
+    The arrays are copied once per device, in float64 (float32 on MPS, which has no float64).
     """
 
     def __init__(self, kind: str, arrays: dict, intercept: float, gamma: float | None = None):
@@ -45,8 +45,7 @@ class DeviceScorer:
         if self.kind == "linear":
             return x @ t["coef"] + self.intercept
         z = x * t["a"] + t["c"]
-        s = t["support"]
-        sq = ((z * z).sum(1, keepdim=True) - 2.0 * (z @ s.T) + (s * s).sum(1)).clamp_min(0.0)
+        sq = ((z * z).sum(1, keepdim=True) - 2.0 * (z @ t["support"].T) + t["support_sq"]).clamp_min(0.0)
         return torch.exp(-self.gamma * sq) @ t["dual"] + self.intercept
 
 
@@ -76,7 +75,8 @@ def _rbf_scorer(est) -> DeviceScorer | None:
     affine = _affine_of_scalers(pre, int(svc.n_features_in_))
     if affine is None:
         return None
-    arrays = {"a": affine[0], "c": affine[1], "support": np.asarray(svc.support_vectors_, dtype=np.float64),
+    support = np.asarray(svc.support_vectors_, dtype=np.float64)
+    arrays = {"a": affine[0], "c": affine[1], "support": support, "support_sq": (support * support).sum(1),
               "dual": np.asarray(svc.dual_coef_, dtype=np.float64).reshape(-1)}
     return DeviceScorer("rbf", arrays, float(np.asarray(svc.intercept_).reshape(-1)[0]), float(gamma))
 
