@@ -15,7 +15,8 @@ earlier and differently. This benchmark
    gate costs (prefill on the first tokens, decode on the later ones); with `--free-running N` each rule is
    instead calibrated free-running (`training.free_running`: candidates from the train table, tested by
    generating N tokens on calibration prompts with `--free-running-cache`, propagate by default) and named
-   `<rule>@<target>+free` (`+free-exact` with the exact cache);
+   `<rule>@<target>+free` (`+free-exact` with the exact cache); with `--vocabulary K` the checks score K token ids
+   only (`check_vocabulary`: the train table's dense tokens, then the lowest ids), named `...+vK`;
 3. generates `--new-tokens` greedy tokens at batch 1 for held-out prompts (the same format on the four evaluated
    tasks, and chat questions), dense (stock `generate`) and early exit alternating per prompt: token agreement with
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
@@ -113,6 +114,9 @@ def main(argv=None):
     p.add_argument("--free-running-prompts", type=int, default=100)
     p.add_argument("--free-running-cache", default="propagate", choices=("propagate", "exact"),
                    help="the exit cache option the free-running generations use (and certify)")
+    p.add_argument("--vocabulary", type=int, default=None, metavar="K", help="checks over K token ids "
+                   "(train_on_tables(check_vocabulary=K)): the train table's dense tokens, then the lowest ids; "
+                   "classifiers named <rule>@<target>+vK")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="stop after calibrating (and --save-dir): time the saved "
                    "classifiers with decode_gain.py instead")
@@ -137,9 +141,10 @@ def main(argv=None):
             free = None if not args.free_running else FreeRunning(
                 tok, cal_prompts[: args.free_running_prompts], args.free_running, args.free_running_cache)
             suffix = "" if not free else "+free" if free.exit_cache == "propagate" else "+free-exact"
+            suffix += f"+v{args.vocabulary}" if args.vocabulary else ""
             classifiers[f"{rule}@{target}{suffix}"] = train_on_tables(
                 ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
-                free_running=free, **RULES[rule])
+                free_running=free, check_vocabulary=args.vocabulary, **RULES[rule])
     for name, c in classifiers.items():
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
         if args.save_dir:

@@ -25,6 +25,7 @@ __all__ = [
     "spec_for",
     "fill_position_embeddings",
     "head_logits",
+    "head_width",
     "kv_device",
     "kv_projections",
     "kv_weights_resident",
@@ -114,21 +115,48 @@ def head_logits(model: nn.Module, normed: torch.Tensor) -> torch.Tensor:
     return spec_for(model).finalize_logits(model, model.get_output_embeddings()(normed))
 
 
-def exit_logits(model: nn.Module, hidden: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+def exit_logits(model: nn.Module, hidden: torch.Tensor, dtype: torch.dtype | None = None,
+                vocabulary: torch.Tensor | None = None) -> torch.Tensor:
     """The logit lens: LM-head logits of intermediate hidden states `hidden` [..., hidden_size].
 
     `hidden` is moved to the device of the final norm; the result lives on the LM head's device. With `dtype`
-    (e.g. `torch.bfloat16` on an fp32 model) the head runs on a cached copy of its weight in that dtype.
+    (e.g. `torch.bfloat16` on an fp32 model) the head runs on a cached copy of its weight in that dtype. With
+    `vocabulary` (a LongTensor of K token ids on the head's device) only those tokens' logits are computed
+    ([..., K], in that order), from a cached copy of their rows of the head weight.
     """
     spec = spec_for(model)
     head = model.get_output_embeddings()
     hidden = hidden.to(exit_head_device(model))
     normed = spec.exit_norm(model, hidden).to(execution_device(head))
     weight = materialized_weight(head)
+    if vocabulary is not None:
+        rows, bias = _head_rows(model, head, weight, dtype or weight.dtype, vocabulary)
+        return spec.finalize_logits(model, nn.functional.linear(normed.to(rows.dtype), rows, bias))
     if dtype is None or dtype == weight.dtype:
         return spec.finalize_logits(model, head(normed))
     logits = nn.functional.linear(normed.to(dtype), _head_weight_as(model, weight, dtype), _bias_as(head, dtype))
     return spec.finalize_logits(model, logits)
+
+
+def _head_rows(model: nn.Module, head: nn.Module, weight: torch.Tensor, dtype: torch.dtype,
+               vocabulary: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The head weight's (and bias') rows of `vocabulary` in `dtype`, gathered once and kept (outside the state
+    dict) until the weight, the dtype or the vocabulary tensor changes."""
+    key = (dtype, weight.device, weight.data_ptr(), weight._version)
+    cached = model.__dict__.get("_adainfer_head_rows")
+    if cached is None or cached[0] != key or cached[1] is not vocabulary:
+        index = vocabulary.to(weight.device)
+        rows = weight.detach().index_select(0, index).to(dtype).contiguous()
+        bias = getattr(head, "bias", None)
+        bias = None if bias is None else bias.detach().index_select(0, index).to(dtype)
+        cached = (key, vocabulary, rows, bias)  # (the vocabulary is held, so its identity stays unique)
+        model.__dict__["_adainfer_head_rows"] = cached
+    return cached[2], cached[3]
+
+
+def head_width(model: nn.Module) -> int:
+    """Number of logits the LM head produces (its output rows; may exceed `tokenizer.vocab_size`)."""
+    return int(materialized_weight(model.get_output_embeddings()).shape[0])
 
 
 def _head_weight_as(model: nn.Module, weight: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

@@ -33,6 +33,10 @@ class ExitClassifierConfig:
         check_dtype (`str`, *optional*): dtype of the LM head used by checks ("bfloat16", "float16"); `None` = the
             model's own. A half-precision head makes checks several times cheaper on fp32 models; calibrate with
             the same setting.
+        check_vocabulary (`list[int]`, *optional*): the token ids a check scores (sorted); `None` = all. A check
+            then computes only these rows of the LM head (its features describe the distribution over them) and a
+            row that exits gets their logits as its next-token logits, every other token `-inf`. Calibrate with the
+            same vocabulary (`training.vocabulary.restrict_table`).
         label (`str`, defaults to `"final"`): training target, `"final"` (top-1 equals the final layer's) or
             `"gold"` (top-1 equals the gold answer).
         base_model_name_or_path (`str`, *optional*) / base_model_revision (`str`, *optional*): the base model.
@@ -53,6 +57,7 @@ class ExitClassifierConfig:
     check_layers: list[int] | None = None
     decode_check_layers: list[int] | None = None
     check_dtype: str | None = None
+    check_vocabulary: list[int] | None = None
     label: str = "final"
     base_model_name_or_path: str | None = None
     base_model_revision: str | None = None

@@ -35,6 +35,7 @@ _CONFIG_TYPES = {
     "check_layers": ((list, _NONE), "a list of ints or null"),
     "decode_check_layers": ((list, _NONE), "a list of ints or null"),
     "check_dtype": ((str, _NONE), "a string or null"),
+    "check_vocabulary": ((list, _NONE), "a list of token ids or null"),
     "label": ((str,), "a string"),
     "base_model_name_or_path": ((str, _NONE), "a string or null"),
     "base_model_revision": ((str, _NONE), "a string or null"),

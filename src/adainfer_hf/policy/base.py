@@ -10,7 +10,8 @@ from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit", "check_dtype_or_raise"]
+__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit", "check_dtype_or_raise", "check_vocabulary_or_raise",
+           "vocabulary_index"]
 
 CHECK_DTYPES = (None, "float16", "bfloat16", "float32")  # None: the LM head's own dtype
 
@@ -20,6 +21,40 @@ def check_dtype_or_raise(check_dtype: str | None) -> str | None:
     if check_dtype not in CHECK_DTYPES:
         raise ValueError(f"check_dtype={check_dtype!r} is not supported; expected one of {list(CHECK_DTYPES)}.")
     return check_dtype
+
+
+def check_vocabulary_or_raise(vocabulary, width: int | None = None) -> tuple[int, ...] | None:
+    """`vocabulary` (token ids a check scores, or None = all) as a sorted tuple; `ValueError` naming the value
+    unless it holds at least 2 distinct ints in `[0, width)` (the gap needs a second token)."""
+    if vocabulary is None:
+        return None
+    if isinstance(vocabulary, (str, bytes)) or not hasattr(vocabulary, "__iter__"):
+        raise ValueError(f"check_vocabulary must be a sequence of token ids or None; got {vocabulary!r:.80}.")
+    ids = list(vocabulary.tolist() if hasattr(vocabulary, "tolist") else vocabulary)
+    bad = [t for t in ids if isinstance(t, bool) or not isinstance(t, int) or t < 0
+           or (width is not None and t >= width)]
+    if bad:
+        where = f"[0, {width})" if width is not None else ">= 0"
+        raise ValueError(f"check_vocabulary holds {len(bad)} id(s) that are not ints {where}, e.g. {bad[:5]!r}.")
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"check_vocabulary repeats token ids ({len(ids) - len(set(ids))} duplicate(s)); "
+                         "expected distinct ids.")
+    if len(ids) < 2:
+        raise ValueError(f"check_vocabulary={ids!r} must hold at least 2 token ids (the gap compares two).")
+    return tuple(sorted(ids))
+
+
+def vocabulary_index(policy, device) -> torch.Tensor | None:
+    """`policy.check_vocabulary` as a LongTensor on `device`, built once per (vocabulary, device) and kept on the
+    policy (its identity lets `architectures.exit_logits` keep the gathered head rows); None without one."""
+    ids = getattr(policy, "check_vocabulary", None)
+    if ids is None:
+        return None
+    memo = policy.__dict__.get("_adainfer_vocabulary_index")
+    if memo is None or memo[0] is not ids or memo[1] != device:
+        memo = (ids, device, torch.tensor(ids, dtype=torch.long, device=device))
+        policy.__dict__["_adainfer_vocabulary_index"] = memo
+    return memo[2]
 
 
 class ExitPolicy:
@@ -35,6 +70,10 @@ class ExitPolicy:
     # (one LM head against one token's layer), in a long prompt a fraction of one. None = `check_layers`.
     decode_check_layers: tuple[int, ...] | None = None
     check_dtype: str | None = None  # dtype of the LM head the checks use (see CHECK_DTYPES)
+    # Token ids a check scores (sorted tuple), None = the whole vocabulary. With one, a check computes only these
+    # tokens' logits, its features describe the distribution over them, and a row that exits gets them as its
+    # next-token logits (every other token -inf: decoding can choose only among them).
+    check_vocabulary: tuple[int, ...] | None = None
     # A gate (`policy.gate.LinearGate`) in front of each check: where it does not pass, the check computes no LM
     # head and no features and the row keeps going. None = every check runs in full.
     gate = None
@@ -113,10 +152,12 @@ class ScriptedExit(ExitPolicy):
             the logit lens and features) after every layer before the exit, as an always-checking classifier
             would; when False only the exit layer is checked, the cheapest possible schedule.
         check_dtype (`str`, *optional*): dtype of the LM head used by the checks (see `CHECK_DTYPES`).
+        check_vocabulary (`Sequence[int]`, *optional*): the token ids the checks score (see
+            `ExitPolicy.check_vocabulary`); None = all.
     """
 
     def __init__(self, exit_layer: int | Sequence[int], check_every_layer: bool = False,
-                 check_dtype: str | None = None):
+                 check_dtype: str | None = None, check_vocabulary: Sequence[int] | None = None):
         layers = list(exit_layer) if hasattr(exit_layer, "__iter__") else [exit_layer]
         # bool is an int subclass: ScriptedExit(True) would silently mean "exit after layer 1"
         if not layers or any(isinstance(k, bool) or not isinstance(k, int) or k < 1 for k in layers):
@@ -127,6 +168,7 @@ class ScriptedExit(ExitPolicy):
         self._per_row = torch.tensor(layers)
         self.check_every_layer = check_every_layer
         self.check_dtype = check_dtype_or_raise(check_dtype)
+        self.check_vocabulary = check_vocabulary_or_raise(check_vocabulary)
         self.check_layers = None if check_every_layer else tuple(sorted(set(layers)))
 
     def begin_run(self, batch_size):

@@ -32,7 +32,7 @@ from ..artifact.constants import (
 )
 from ..artifact.hub import ArtifactMixin
 from ..artifact.validation import check_fingerprint, check_layer_fields
-from .base import ExitPolicy, check_dtype_or_raise
+from .base import ExitPolicy, check_dtype_or_raise, check_vocabulary_or_raise
 from .classifier_support import ConfigField, check_estimator, normalized
 from .gate import LinearGate
 from .nonfinite import NonFiniteRows
@@ -81,6 +81,11 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         decode_check_layers (`Sequence[int]`, *optional*):
             The schedule of cached single-token steps (decode), where a check costs more layers than in a prompt;
             `None` uses `check_layers` there too.
+        check_vocabulary (`Sequence[int]`, *optional*):
+            Token ids the checks score (stored sorted); `None` = the whole vocabulary. A check then runs only
+            these rows of the LM head, and a row that exits gets their logits as its next-token logits (every
+            other token `-inf`). Train and calibrate on tables restricted the same way
+            (`training.vocabulary.restrict_table`, `train_on_tables(check_vocabulary=...)`).
         label (`str`, *optional*, defaults to `"final"`):
             What the estimator was trained to predict: `"final"` (the layer's top-1 equals the final layer's) or
             `"gold"` (it equals the gold answer).
@@ -162,6 +167,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             raise ValueError(f"label={self.label!r} is not supported; expected one of {list(_LABELS)}.")
         check_dtype_or_raise(self.check_dtype)
         check_fingerprint(self.lm_head_fingerprint)
+        width = (self.lm_head_fingerprint or {}).get("shape", [None])[0]
+        self._config = dataclasses.replace(self._config,
+                                           check_vocabulary=check_vocabulary_or_raise(self.check_vocabulary, width))
 
         if self.threshold is not None:
             if isinstance(self.threshold, bool) or not isinstance(self.threshold, (int, float, np.number)):
@@ -338,6 +346,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             check_layers=None if c.check_layers is None else [int(k) for k in c.check_layers],
             decode_check_layers=None if c.decode_check_layers is None else [int(k) for k in c.decode_check_layers],
             num_layers=None if c.num_layers is None else int(c.num_layers),
+            check_vocabulary=None if c.check_vocabulary is None else [int(t) for t in c.check_vocabulary],
         )
 
     def replace(self, **changes) -> ExitClassifier:

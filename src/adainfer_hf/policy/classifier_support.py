@@ -35,7 +35,7 @@ def normalized(config: ExitClassifierConfig) -> ExitClassifierConfig:
     values = {name: getattr(config, name) for name in POLICY_FIELDS}
     features = values["features"]
     values["features"] = (features,) if isinstance(features, str) else tuple(features)
-    for name in ("check_layers", "decode_check_layers"):
+    for name in ("check_layers", "decode_check_layers", "check_vocabulary"):
         values[name] = None if values[name] is None else tuple(values[name])
     return ExitClassifierConfig(**values)
 

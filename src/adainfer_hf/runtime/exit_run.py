@@ -21,8 +21,9 @@ from torch import nn
 from .. import compat
 from ..architectures import core as arch
 from ..cache.base import ExitCacheStrategy, strategy_for
-from ..policy.base import ExitPolicy
+from ..policy.base import ExitPolicy, vocabulary_index
 from ..policy.features import LayerStats, compute_features, feature_needs
+from .rows import RowSubsetCache, take_rows
 
 __all__ = ["ExitRun", "is_decode_step", "last_token_positions"]
 
@@ -46,44 +47,6 @@ def last_token_positions(attention_mask: torch.Tensor | None, query_length: int,
     has_token = mask_q.sum(-1) > 0
     pos = query_length - 1 - flipped_first_one
     return torch.where(has_token, pos, torch.full_like(pos, query_length - 1))
-
-
-def _take_rows(value, rows: torch.Tensor, batch_size: int):
-    """Selects `rows` of every batch-shaped tensor in `value` (tensors whose dim 0 is 1 broadcast and stay)."""
-    if isinstance(value, torch.Tensor):
-        if value.dim() > 0 and value.shape[0] == batch_size and batch_size > 1:
-            return value.index_select(0, rows.to(value.device))
-        return value
-    if isinstance(value, tuple):
-        return tuple(_take_rows(v, rows, batch_size) for v in value)
-    if isinstance(value, list):
-        return [_take_rows(v, rows, batch_size) for v in value]
-    return value
-
-
-class _RowSubsetCache:
-    """A view of a KV cache for a layer call that runs on a subset of the batch.
-
-    The attention module calls `update(key, value, layer_idx)` with the running rows' new K/V; we complete the
-    batch with the skipping rows' propagated K/V, update the real cache once for the whole batch (so every
-    layer's cache keeps one length) and hand back the running rows' slice.
-    """
-
-    def __init__(self, cache, rows: torch.Tensor, fill: Callable[[], tuple[torch.Tensor, torch.Tensor]]):
-        self._cache = cache
-        self._rows = rows
-        self._fill = fill
-
-    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
-        full_k, full_v = self._fill()
-        rows = self._rows.to(full_k.device)
-        full_k = full_k.index_copy(0, rows, key_states.to(full_k.dtype))
-        full_v = full_v.index_copy(0, rows, value_states.to(full_v.dtype))
-        keys, values = self._cache.update(full_k, full_v, layer_idx, *args, **kwargs)
-        return keys.index_select(0, rows.to(keys.device)), values.index_select(0, rows.to(values.device))
-
-    def __getattr__(self, name):
-        return getattr(self._cache, name)
 
 
 # The `cos_attn` / `cos_mlp` features read the attention / MLP outputs through one permanent forward hook per
@@ -148,6 +111,11 @@ class ExitRun:
         self.position_ids = position_ids
         self.head_device = arch.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
+        self.vocabulary = vocabulary_index(policy, self.head_device)  # None: checks score every token
+        self.head_width = arch.head_width(model)
+        if self.vocabulary is not None and policy.check_vocabulary[-1] >= self.head_width:
+            raise ValueError(f"check_vocabulary holds token id {policy.check_vocabulary[-1]}, but the model's LM head "
+                             f"has {self.head_width} outputs; expected ids in [0, {self.head_width}).")
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
         self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
@@ -225,11 +193,11 @@ class ExitRun:
         if n_active == self.batch_size:
             out = forward(hidden, *args, **kwargs)
         else:
-            sub_args = _take_rows(args, rows, self.batch_size)
-            sub_kwargs = {k: _take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
+            sub_args = take_rows(args, rows, self.batch_size)
+            sub_kwargs = {k: take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
             if cache is not None:
                 skipped = (~self.active).nonzero().squeeze(-1)
-                sub_kwargs = compat.with_layer_cache(sub_kwargs, _RowSubsetCache(
+                sub_kwargs = compat.with_layer_cache(sub_kwargs, RowSubsetCache(
                     cache, rows, lambda: self.kv_for_rows(layer, hidden, kwargs, skipped)))
             sub_out = forward(hidden.index_select(0, rows.to(hidden.device)), *sub_args, **sub_kwargs)
             out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
@@ -270,7 +238,7 @@ class ExitRun:
             rows, h_last = self.gate.select(rows, h_last, layer)
             if rows is None:
                 return
-        logits = arch.exit_logits(self.model, h_last, self.check_dtype)
+        logits = arch.exit_logits(self.model, h_last, self.check_dtype, self.vocabulary)
         prev = None
         if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
             prev = self.prev_stats.select(rows.to(self.prev_stats.gap.device))
@@ -283,6 +251,8 @@ class ExitRun:
             if self.layer > 1:
                 prev_subl = tuple(t[r] for t in self.sub_prev)
         feats, stats = compute_features(self.policy.features, logits, prev, h_cur, h_prev, subl, prev_subl)
+        if self.vocabulary is not None:  # positions in the vocabulary -> token ids
+            stats.top_token = self.vocabulary.to(stats.top_token.device)[stats.top_token]
         self._remember(stats, rows)
         self.policy.record(layer, rows, feats, stats, logits)
         if layer not in self.check_layers:
@@ -298,6 +268,8 @@ class ExitRun:
         self.exited_at_this_layer = exited.tolist()
         self.exit_layers[exited] = layer
         self.active[exited] = False
+        if self.vocabulary is not None:
+            logits = self._over_head(logits)
         if self.exit_logits is None and exited.numel() == self.batch_size:
             self.exit_logits = logits  # the whole batch exits at once (always so at batch 1): no copy
             return
@@ -305,6 +277,11 @@ class ExitRun:
             self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
         local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
         self.exit_logits.index_copy_(0, exited.to(logits.device), logits.index_select(0, local))
+
+    def _over_head(self, logits: torch.Tensor) -> torch.Tensor:
+        """Logits over `check_vocabulary` [n, K] as the head's [n, V]: every other token gets -inf."""
+        full = logits.new_full((logits.shape[0], self.head_width), float("-inf"))
+        return full.index_copy_(1, self.vocabulary.to(logits.device), logits)
 
     def _remember(self, stats: LayerStats, rows: torch.Tensor) -> None:
         """Keeps this layer's per-row values for the next layer's `delta_*`, `kl_prev` and `cos_*` features."""
@@ -377,12 +354,12 @@ class ExitRun:
         """Full-batch K/V tensors for `layer` whose `rows` entries (None: all) come from those rows' frozen hidden
         states.
 
-        The other rows' entries are left zero: `_RowSubsetCache.update` overwrites them with the values the
+        The other rows' entries are left zero: `RowSubsetCache.update` overwrites them with the values the
         layer computes for the running rows.
         """
         if rows is None:
             rows = self._all_rows
-        pos_emb = _take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
+        pos_emb = take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
         k, v = arch.layer_kv_states(self.model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
         if rows.numel() == self.batch_size:
             return k, v

@@ -13,6 +13,7 @@ import time
 import torch
 
 from ..architectures import core as arch
+from ..policy.base import check_vocabulary_or_raise
 from ..policy.features import compute_features
 
 __all__ = ["LayerClock", "measure_check_cost", "measure_gate_cost"]
@@ -57,18 +58,22 @@ class LayerClock:
 
 @torch.no_grad()
 def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: str = "prefill",
-                       features=("gap", "top_prob"), repeats: int = 7, check_dtype: str | None = None) -> float:
+                       features=("gap", "top_prob"), repeats: int = 7, check_dtype: str | None = None,
+                       check_vocabulary=None) -> float:
     """Measured cost of one exit check in decoder layers, on the model's device and dtype.
 
     Args:
         phase (`str`): "prefill" (a layer runs `seq_len` tokens) or "decode" (a layer runs one token).
         check_dtype (`str`, *optional*): the LM-head dtype the checks use (see `policy.CHECK_DTYPES`).
+        check_vocabulary (`Sequence[int]`, *optional*): the token ids the checks score (None: all).
     """
     clock = LayerClock(model, seq_len, batch_size, phase, repeats)
     head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
+    index = None if check_vocabulary is None else torch.tensor(
+        check_vocabulary_or_raise(check_vocabulary, arch.head_width(model)), device=arch.exit_head_device(model))
 
     def run_check():
-        logits = arch.exit_logits(model, clock.hidden[:, -1], head_dtype)
+        logits = arch.exit_logits(model, clock.hidden[:, -1], head_dtype, index)
         feats, _ = compute_features(features, logits)
         feats.to("cpu")  # the decision's one device-to-host sync
 

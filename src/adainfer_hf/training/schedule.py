@@ -219,8 +219,8 @@ def schedule_classifier(clf, table, check_cost: float, target_agreement: float |
     return choice
 
 
-def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both",
-                        check_dtype: str | None = None) -> tuple[float | None, float | None]:
+def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both", check_dtype: str | None = None,
+                        check_vocabulary=None) -> tuple[float | None, float | None]:
     """(cost of `check_layers`' checks, cost of decode checks or None) for `schedule_classifier`.
 
     `phase="both"` with `spec="auto"` measures a check in a `seq_len`-token prompt and in a single-token step, so
@@ -230,9 +230,10 @@ def resolve_check_costs(model, spec, seq_len: int = 256, phase: str = "both",
     if phase not in ("both", "prefill", "decode"):
         raise ValueError(f"phase must be 'both', 'prefill' or 'decode'; got {phase!r}.")
     if phase == "both" and spec == "auto":
-        return (resolve_check_cost(model, spec, seq_len, "prefill", check_dtype),
-                resolve_check_cost(model, spec, seq_len, "decode", check_dtype))
-    return resolve_check_cost(model, spec, seq_len, "prefill" if phase == "both" else phase, check_dtype), None
+        return (resolve_check_cost(model, spec, seq_len, "prefill", check_dtype, check_vocabulary),
+                resolve_check_cost(model, spec, seq_len, "decode", check_dtype, check_vocabulary))
+    phase = "prefill" if phase == "both" else phase
+    return resolve_check_cost(model, spec, seq_len, phase, check_dtype, check_vocabulary), None
 
 
 def resolve_gate_costs(model, gate, spec, seq_len: int = 256, phase: str = "both") -> tuple[float, float | None]:
@@ -248,15 +249,16 @@ def resolve_gate_costs(model, gate, spec, seq_len: int = 256, phase: str = "both
     return measure_gate_cost(model, gate, seq_len, phase=phase), None
 
 
-def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill",
-                       check_dtype: str | None = None) -> float | None:
+def resolve_check_cost(model, spec, seq_len: int = 256, phase: str = "prefill", check_dtype: str | None = None,
+                       check_vocabulary=None) -> float | None:
     """A check cost from a user's spec: a number (layers), "auto" (measured now on the model's device at
-    `seq_len`/`phase`, with the head in `check_dtype`), or None/"none" (no scheduling: check every layer from
-    `min_layer`)."""
+    `seq_len`/`phase`, with the head in `check_dtype` over `check_vocabulary`), or None/"none" (no scheduling:
+    check every layer from `min_layer`)."""
     if spec is None or spec == "none":
         return None
     if spec == "auto":
-        return measure_check_cost(model, seq_len=seq_len, phase=phase, check_dtype=check_dtype)
+        return measure_check_cost(model, seq_len=seq_len, phase=phase, check_dtype=check_dtype,
+                                  check_vocabulary=check_vocabulary)
     return _layers(spec, "check cost", "a number of layers, 'auto' or 'none'")
 
 

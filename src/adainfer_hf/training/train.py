@@ -26,6 +26,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
+from ..architectures import core as arch
 from ..data.prompts import split_examples
 from ..estimators.crf import CRFExitEstimator
 from ..estimators.linear import fold_scaler
@@ -38,6 +39,7 @@ from .collect_generation import collect_generation_features
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
+from .vocabulary import choose_check_vocabulary, restrict_table
 
 __all__ = [
     "GATES",
@@ -134,7 +136,8 @@ def train_exit_classifier(
         info["rows_used"] = int(rows.size)
     # A table collected with a half-precision check head trains a classifier that checks the same way.
     return ExitClassifier(estimator, features=features, label=label, calibration={"training": info},
-                          check_dtype=table.meta.get("check_dtype"))
+                          check_dtype=table.meta.get("check_dtype"),
+                          check_vocabulary=table.meta.get("check_vocabulary"))
 
 
 def _fit_crf(table: FeatureTable, features, label: str, max_rows: int, seed: int):
@@ -304,6 +307,7 @@ def train_on_tables(
     gate_cost: float | str = "auto",
     knob: str | None = None,
     free_running: FreeRunning | None = None,
+    check_vocabulary: int | Sequence[int] | None = None,
 ):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
@@ -324,6 +328,11 @@ def train_on_tables(
         free_running ([`free_running.FreeRunning`], *optional*): certify free-running generations instead: a ladder
             of candidates calibrated and scheduled on `train_table` is tested by generating on its prompts
             (`free_running.calibrate_free_running`); `calib_table` is then not used (it may be None).
+        check_vocabulary (`int` or `Sequence[int]`, *optional*): checks over a shortlist of token ids (see
+            `ExitClassifierConfig.check_vocabulary`): the ids, or how many to take: the dense model's tokens on
+            `train_table`, most frequent first, then the lowest ids (`vocabulary.choose_check_vocabulary`). Both tables are restricted to
+            it first (`vocabulary.restrict_table`, which needs their hidden states), so training, calibration and
+            the measured check cost are those of the shortlisted checks.
 
     Tables from `collect_generation_features` (one unit per generated token) are calibrated with their sequences
     as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
@@ -332,6 +341,7 @@ def train_on_tables(
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
     gate, knob = resolve_gate_and_knob(method, gate, knob)
+    train_table, calib_table = _restricted(model, train_table, calib_table, check_vocabulary)
     tables = [train_table] if free_running is not None else [train_table, calib_table]
     if gate is not None and any(t.hidden is None for t in tables):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
@@ -350,6 +360,17 @@ def train_on_tables(
     return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
 
 
+def _restricted(model, train_table, calib_table, check_vocabulary):
+    """The tables as checks over `check_vocabulary` record them (an int: that many tokens of `train_table`)."""
+    if check_vocabulary is None:
+        return train_table, calib_table
+    ids = check_vocabulary
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = choose_check_vocabulary(train_table, ids, arch.head_width(model))
+    return (restrict_table(model, train_table, ids),
+            None if calib_table is None else restrict_table(model, calib_table, ids))
+
+
 def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall) -> ExitClassifier:
     """The trained, uncalibrated classifier, with its gate fitted on the same table."""
     clf = train_exit_classifier(train_table, method=method, features=features, label=label, max_rows=max_rows,
@@ -363,7 +384,7 @@ def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall
 def _costs(model, clf, check_cost, check_length, check_phase, gate_cost):
     """(check, decode check, gate, decode gate) costs in layers for the schedule; None first = check every layer."""
     cost, decode_cost = resolve_check_costs(model, check_cost, seq_len=check_length, phase=check_phase,
-                                            check_dtype=clf.check_dtype)
+                                            check_dtype=clf.check_dtype, check_vocabulary=clf.check_vocabulary)
     if cost is None:
         return None, None, None, None
     return (cost, decode_cost, *resolve_gate_costs(model, clf.gate, gate_cost, seq_len=check_length,
