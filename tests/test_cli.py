@@ -15,11 +15,12 @@ from pathlib import Path
 import joblib
 import numpy as np
 import pytest
-from tiny_models import save_tiny_checkpoint
+from tiny_models import VOCAB, save_tiny_checkpoint
 
 from adainfer_hf.cli import main as cli
 from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
 from adainfer_hf.training.collect import FeatureTable
+from adainfer_hf.training.vocabulary import choose_check_vocabulary
 
 TASK_A = [
     {"input": w, "output": w.upper()}
@@ -179,6 +180,16 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
     loaded = ExitClassifier.from_pretrained(gated)
     assert (gated / "exit_gate.safetensors").is_file() and loaded.gate is not None
     assert loaded.gate_fingerprint == loaded.gate.fingerprint() and loaded.gate.hidden_size == train.hidden.shape[1]
+    shortlisted = workdir / "clf_vocabulary"
+    assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
+                     "--method", "gate_only", "--target-agreement", "0.9", "--check-vocabulary", "12",
+                     "--check-cost", "2", "--gate-cost", "0.01", "--out", str(shortlisted)]) == 0
+    loaded = ExitClassifier.from_pretrained(shortlisted)
+    assert loaded.check_vocabulary == choose_check_vocabulary(train, 12, VOCAB)
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
+                  "--check-vocabulary", "1", "--out", str(workdir / "never")])
+    assert "--check-vocabulary: '1' is not an integer >= 2" in capsys.readouterr().err
     mismatch = ["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
                 "--check-dtype", "bfloat16", "--out", str(workdir / "never")]
     capsys.readouterr()

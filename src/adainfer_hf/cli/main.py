@@ -91,7 +91,8 @@ def _cmd_train(args) -> int:
             raise ValueError(f"--check-dtype {args.check_dtype} differs from the tables' check dtype {table_dtype!r} "
                              f"({args.from_tables}); collect the tables again with --check-dtype {args.check_dtype}.")
         clf = train_on_tables(model, train_table, calib_table, check_cost=args.check_cost,
-                              check_phase=args.check_phase, check_length=args.check_length or 256, **fit, **cal)
+                              check_phase=args.check_phase, check_length=args.check_length or 256,
+                              check_vocabulary=args.check_vocabulary, **fit, **cal)
     else:
         prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
         run = dict(batch_size=args.batch_size, progress=not args.quiet, generation_tokens=args.generation_tokens,
@@ -99,7 +100,7 @@ def _cmd_train(args) -> int:
         clf, train_table, calib_table = train_and_calibrate(
             model, tok, prompts, calibration_fraction=args.calibration_fraction, check_cost=args.check_cost,
             check_phase=args.check_phase, check_length=args.check_length, check_dtype=args.check_dtype,
-            hidden_states=bool(args.tables_out), **fit, **cal, **run
+            hidden_states=bool(args.tables_out), check_vocabulary=args.check_vocabulary, **fit, **cal, **run
         )
     if args.model == "default":  # name the Hub model, not this machine's cache path
         clf = clf.replace(base_model_name_or_path=DEFAULT_MODEL_NAME)
@@ -284,6 +285,11 @@ def _add_train_parser(sub) -> None:
                    "--method gate_only) or, with --gate "
                    "linear, the gate's thresholds ('gate': the probe on the hidden state decides, the classifier at "
                    "its own decision is a veto where the head runs).")
+    p.add_argument("--check-vocabulary", type=int_at_least(2), default=None, metavar="K",
+                   help="Checks score K token ids only (the training tables' dense tokens, most frequent first, then "
+                   "the lowest ids): K rows of the LM head per check, and an exit's next token is one of them "
+                   "(calibrated so). Cheap checks and exits on large vocabularies; not for scoring other tokens' "
+                   "log-likelihoods. Default: the whole vocabulary.")
     p.add_argument("--generation-tokens", type=int_at_least(1), default=None, metavar="N",
                    help="Train and calibrate on the first N tokens the dense model generates per prompt (a "
                    "classifier for generate; calibration then bounds the share of a generation's tokens that agree, "

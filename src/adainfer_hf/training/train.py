@@ -26,7 +26,6 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
-from ..architectures import core as arch
 from ..data.prompts import split_examples
 from ..estimators.crf import CRFExitEstimator
 from ..estimators.linear import fold_scaler
@@ -39,7 +38,7 @@ from .collect_generation import collect_generation_features
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
-from .vocabulary import choose_check_vocabulary, restrict_table
+from .vocabulary import restrict_tables
 
 __all__ = [
     "GATES",
@@ -205,6 +204,7 @@ def train_and_calibrate(
     first_layer: int = 1,
     free_running_tokens: int | None = None,
     exit_cache: str = "propagate",
+    check_vocabulary: int | Sequence[int] | None = None,
 ):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
@@ -227,7 +227,8 @@ def train_and_calibrate(
         check_length (`int`, *optional*): prompt length a check is measured at (default: the prompts' median).
         check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
             model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
-        gate, gate_recall, gate_cost, knob: see [`train_on_tables`].
+        gate, gate_recall, gate_cost, knob, check_vocabulary: see [`train_on_tables`] (a gate or a check
+            vocabulary records the hidden states).
         generation_tokens (`int`, *optional*): train and calibrate on the first `generation_tokens` tokens the dense
             model generates per prompt (`collect_generation_features`, recording from `first_layer`), for
             `generate`: calibration bounds the share of a generation's tokens that agree. None: the next token.
@@ -242,7 +243,7 @@ def train_and_calibrate(
     gate, knob = resolve_gate_and_knob(method, gate, knob)
     is_train = _split_by_example(prompts, calibration_fraction, seed)
     record = dict(features=tuple(features), batch_size=batch_size, progress=progress, check_dtype=check_dtype,
-                  hidden_states=hidden_states or gate is not None)
+                  hidden_states=hidden_states or gate is not None or check_vocabulary is not None)
     train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer,
                                               record)
     check_length = check_length or int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
@@ -252,7 +253,8 @@ def train_and_calibrate(
     cost_args = dict(check_cost=check_cost, check_length=check_length, check_phase=check_phase, gate_cost=gate_cost)
     free = None if free_running_tokens is None else FreeRunning(
         tokenizer, [prompts[i] for i in np.flatnonzero(~is_train)], free_running_tokens, exit_cache, batch_size)
-    clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args, free_running=free)
+    clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args, free_running=free,
+                          check_vocabulary=check_vocabulary)
     return clf, train_table, calib_table
 
 
@@ -341,7 +343,7 @@ def train_on_tables(
         The calibrated, scheduled, bound [`ExitClassifier`].
     """
     gate, knob = resolve_gate_and_knob(method, gate, knob)
-    train_table, calib_table = _restricted(model, train_table, calib_table, check_vocabulary)
+    train_table, calib_table = restrict_tables(model, train_table, calib_table, check_vocabulary)
     tables = [train_table] if free_running is not None else [train_table, calib_table]
     if gate is not None and any(t.hidden is None for t in tables):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
@@ -358,17 +360,6 @@ def train_on_tables(
                                       batch_size=free_running.batch_size,
                                       reference=free_running.reference(model))
     return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
-
-
-def _restricted(model, train_table, calib_table, check_vocabulary):
-    """The tables as checks over `check_vocabulary` record them (an int: that many tokens of `train_table`)."""
-    if check_vocabulary is None:
-        return train_table, calib_table
-    ids = check_vocabulary
-    if isinstance(ids, int) and not isinstance(ids, bool):
-        ids = choose_check_vocabulary(train_table, ids, arch.head_width(model))
-    return (restrict_table(model, train_table, ids),
-            None if calib_table is None else restrict_table(model, calib_table, ids))
 
 
 def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall) -> ExitClassifier:

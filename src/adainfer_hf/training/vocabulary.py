@@ -24,7 +24,7 @@ from ..policy.base import check_vocabulary_or_raise
 from ..policy.features import compute_features, feature_needs
 from .table import FeatureTable
 
-__all__ = ["choose_check_vocabulary", "restrict_table"]
+__all__ = ["choose_check_vocabulary", "restrict_table", "restrict_tables"]
 
 
 def choose_check_vocabulary(table: FeatureTable, size: int, width: int | None = None) -> tuple[int, ...]:
@@ -80,3 +80,16 @@ def restrict_table(model, table: FeatureTable, vocabulary: Sequence[int], batch_
         top[start:start + len(h)] = index[stats.top_token].cpu().numpy()
     meta = dict(table.meta, check_vocabulary=list(ids))
     return dataclasses.replace(table, X=X, top_token=top, meta=meta)
+
+
+def restrict_tables(model, train_table: FeatureTable, calib_table: FeatureTable | None, check_vocabulary):
+    """(train, calibration) tables as checks over `check_vocabulary` record them: the ids, or (an int) that many
+    chosen on `train_table` ([`choose_check_vocabulary`]); None leaves both as they are. A None `calib_table`
+    stays None."""
+    if check_vocabulary is None:
+        return train_table, calib_table
+    ids = check_vocabulary
+    if isinstance(ids, int) and not isinstance(ids, bool):
+        ids = choose_check_vocabulary(train_table, ids, arch.head_width(model))
+    return (restrict_table(model, train_table, ids),
+            None if calib_table is None else restrict_table(model, calib_table, ids))
