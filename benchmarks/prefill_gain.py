@@ -1,0 +1,69 @@
+"""First-token scoring wall-clock of saved exit classifiers against the stock model, with repeats.
+
+The prompt forward of `--eval-per-task` 1-shot prompts of each evaluated task (as in `generation_real.py`), in
+batches of `--batch-size`, `logits_to_keep=1`, no cache: per batch the stock forward and each classifier's forward
+alternate (`gate_real.first_token`), and the whole pass repeats `--repeats` times. Reported per classifier: the
+median of all per-batch ratios (stock time / its time), the ratio of summed times, the agreement of the next token
+with the stock one and the mean exit layer.
+
+Usage: python benchmarks/prefill_gain.py KEY --classifier NAME=DIR [...] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+
+import torch
+from decode_gain import _classifiers
+from gate_real import first_token
+from generation_real import held_out_texts
+from real_models import model_dir
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from adainfer_hf import AutoAdaInferForCausalLM
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("--classifier", action="append", default=[], metavar="NAME=DIR", required=True)
+    p.add_argument("--eval-per-task", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    path = model_dir(args.key)
+    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    dense = AutoModelForCausalLM.from_pretrained(path).eval()
+    ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+    classifiers = _classifiers(args.classifier, ada)
+    prompts, _ = held_out_texts(tok, 1, args.eval_per_task, 0)
+    runs = [first_token(dense, ada, tok, prompts, classifiers, args.batch_size) for _ in range(args.repeats)]
+    out = {}
+    for name in classifiers:
+        rs = [r[name] for r in runs]
+        out[name] = {"prompts": rs[0]["n"], "repeats": len(rs), "agreement": rs[0]["agreement"],
+                     "mean_layers": rs[0]["mean_layers"],
+                     "speedup_median": statistics.median(r["speedup_median"] for r in rs),
+                     "speedup_sum": sum(r["dense_s"] for r in rs) / sum(r["s"] for r in rs),
+                     "per_repeat_median": [r["speedup_median"] for r in rs]}
+    print(f"{args.key}: {len(prompts)} prompts, batch {args.batch_size}, {args.repeats} repeats")
+    print("| classifier | prefill speedup: median / of sums | next-token agreement | mean exit layer |")
+    print("|---|---|---|---|")
+    for name, r in out.items():
+        print(f"| {name} | {r['speedup_median']:.3f}x / {r['speedup_sum']:.3f}x | {r['agreement']:.3f} | "
+              f"{r['mean_layers']:.2f} of {ada.config.num_hidden_layers} |")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"key": args.key, "results": out, "layers": ada.config.num_hidden_layers,
+                       "cpu_threads": args.threads}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
