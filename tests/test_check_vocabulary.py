@@ -54,6 +54,9 @@ def test_exit_logits_are_the_cut_stock_models_over_the_shortlist(variant):
         assert torch.isneginf(kept[row, at, outside]).all()
         torch.testing.assert_close(kept[row, :at], ref_cut[row, :at], atol=1e-5, rtol=1e-4)  # other positions
     torch.testing.assert_close(kept[2], ref_full[2], atol=1e-5, rtol=1e-4)  # full depth: the stock head
+    with torch.no_grad():  # more positions asked for than the input has: all of them, as the stock model gives
+        more = ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy, logits_to_keep=ids.shape[1] + 4)
+    torch.testing.assert_close(more.logits, kept)
 
 
 @pytest.mark.parametrize("exit_cache", ["exact", "propagate"])

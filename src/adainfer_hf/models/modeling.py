@@ -261,7 +261,7 @@ class AdaInferMixin:
             logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
         if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
             # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
-            pos = run.last_pos - (hidden.shape[1] - (logits_to_keep or hidden.shape[1]))
+            pos = run.last_pos - max(0, hidden.shape[1] - (logits_to_keep or hidden.shape[1]))
             for row in (r for r in exited.nonzero().squeeze(-1).tolist() if pos[r] >= 0):
                 logits[row, pos[row]] = run.exit_logits[row].to(logits.device, logits.dtype)
         return logits
