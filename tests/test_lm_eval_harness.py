@@ -224,6 +224,14 @@ def test_scripted_exit_equals_truncated_model(workspace):
     assert stats["tasks"]["tiny_gen"]["decisions"] >= 6  # one per row and generated token
 
 
+def test_a_shortlisted_policy_warns_that_loglikelihoods_outside_it_are_impossible(workspace):
+    model = AdaInferLlamaForCausalLM.from_pretrained(workspace["model"], exit_classifier=None).eval()
+    tokenizer = AutoTokenizer.from_pretrained(workspace["model"])
+    with pytest.warns(UserWarning, match="shortlist of 3 token ids"):
+        harness.AdaInferLM(pretrained=model, tokenizer=tokenizer, batch_size=4,
+                           exit_classifier=ScriptedExit(1, check_vocabulary=[3, 4, 5]))
+
+
 def test_exit_is_decided_on_the_last_real_token(workspace):
     """Right-padded batches (rows of different lengths) score exactly as unpadded batch-1 calls, with a rule
     whose exits vary from row to row: each row decides on its last real token, never on padding."""

@@ -173,6 +173,12 @@ class AdaInferLM(HFLM):
                 exit_classifier = ExitClassifier.from_pretrained(
                     exit_classifier, trust_remote_classifier=trust_remote_classifier)
             self.model.set_exit_classifier(exit_classifier, ignore_mismatch=ignore_classifier_mismatch)
+        shortlist = getattr(self.model.exit_classifier, "check_vocabulary", None)
+        if shortlist is not None:
+            warnings.warn(f"the exit policy's checks score a shortlist of {len(shortlist)} token ids "
+                          "(check_vocabulary): where a request exits, every other token's log-likelihood is -inf, "
+                          "so loglikelihood tasks score it as impossible; use a policy without a shortlist to "
+                          "score them.", UserWarning, stacklevel=2)
         self.exit_cache = exit_cache
         self._num_layers = self.model.exit_stats.num_layers
         text_config = self.model.config.get_text_config()
