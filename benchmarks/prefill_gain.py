@@ -4,7 +4,9 @@ The prompt forward of `--eval-per-task` 1-shot prompts of each evaluated task (a
 batches of `--batch-size`, `logits_to_keep=1`, no cache: per batch the stock forward and each classifier's forward
 alternate (`gate_real.first_token`), and the whole pass repeats `--repeats` times. Reported per classifier: the
 median of all per-batch ratios (stock time / its time), the ratio of summed times, the agreement of the next token
-with the stock one and the mean exit layer.
+with the stock one and the mean exit layer. `--lens-at-exits NAME` adds a twin of a `method="gate_only"`
+classifier that computes the LM head at each check its gate passes (how the loop ran such rules before their
+exits took the final head instead).
 
 Usage: python benchmarks/prefill_gain.py KEY --classifier NAME=DIR [...] [--repeats 3]
 """
@@ -33,6 +35,9 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--lens-at-exits", action="append", default=[], metavar="NAME",
+                   help="also time classifier NAME (one that exits wherever its gate passes) as the loop ran it "
+                   "before such exits were deferred: the LM head at every check where the gate passes")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -43,6 +48,13 @@ def main(argv=None):
     dense = AutoModelForCausalLM.from_pretrained(path).eval()
     ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
     classifiers = _classifiers(args.classifier, ada)
+    for name in args.lens_at_exits:
+        if name not in classifiers or not classifiers[name].exits_where_gate_passes():
+            raise SystemExit(f"--lens-at-exits {name!r}: expected the name of a --classifier that exits wherever "
+                             f"its gate passes (of {sorted(classifiers)}).")
+        twin = classifiers[name].replace()
+        twin.exits_where_gate_passes = lambda: False  # the head at each passing check, then `decide`
+        classifiers[f"{name} (lens at exits)"] = twin
     prompts, _ = held_out_texts(tok, 1, args.eval_per_task, 0)
     runs = [first_token(dense, ada, tok, prompts, classifiers, args.batch_size) for _ in range(args.repeats)]
     out = {}

@@ -40,13 +40,23 @@ def _head_rows(model):
     return seen, handle
 
 
+def _lens_reading(gate):
+    """Fires at every check too, but through `decide` on the check's features: its checks compute the head."""
+    policy = ScriptedExit(1, check_every_layer=True)
+    policy.gate = gate
+    return policy
+
+
 @pytest.mark.parametrize("variant", ["llama_gqa", "opt_350m_layout", "gemma3_text"])
-def test_the_gate_picks_the_rows_whose_check_computes_the_head(variant):
+@pytest.mark.parametrize("rule", ["reads_the_lens", "exits_where_the_gate_passes"])
+@pytest.mark.parametrize("others", ["exit_at_3", "run_on"])
+def test_the_gate_picks_the_rows_whose_check_computes_the_head(variant, rule, others):
     stock, ada = make_pair(variant)
     ids, mask = batch("left")
     with torch.no_grad():
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     H = stock.config.hidden_size
+    B = ids.shape[0]
     # Layer 2's probe splits the batch on the stock hidden states: all but the lowest-scoring row pass.
     w = np.random.default_rng(0).normal(size=H).astype(np.float32)
     scores = rms_normalize(ref.hidden_states[2][:, -1]).numpy() @ w
@@ -54,24 +64,81 @@ def test_the_gate_picks_the_rows_whose_check_computes_the_head(variant):
     cut = float(low[0] + low[1]) / 2
     weight = np.zeros((L - 1, H), np.float32)
     weight[1] = w
-    gate = _gate([np.inf, cut, -np.inf], H, weight)
+    gate = _gate([np.inf, cut, -np.inf if others == "exit_at_3" else np.inf], H, weight)
     passing = scores >= cut
     assert 0 < passing.sum() < len(scores)
+    policy = _lens_reading(gate) if rule == "reads_the_lens" else _always_fires(gate=gate)
+    assert policy.exits_where_gate_passes() == (rule == "exits_where_the_gate_passes")
+    seen, handle = _head_rows(ada)
+    try:
+        with torch.no_grad():
+            out = ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=policy)
+    finally:
+        handle.remove()
+    with torch.no_grad():
+        every = ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy)  # every position's logits
+    expected = np.where(passing, 2, 3 if others == "exit_at_3" else L)
+    assert out.exit_layers.tolist() == expected.tolist() == every.exit_layers.tolist()
+    if rule == "reads_the_lens":
+        # layer 1: no head; layer 2: the passing rows; layer 3: the others (if the gate passes them); the final
+        # head for the rows that ran every layer (logits_to_keep=1 reuses the check logits of the others)
+        running = int((expected == L).sum())
+        assert seen == [int(passing.sum())] + ([int((~passing).sum())] if others == "exit_at_3" else [running])
+    else:
+        assert seen == [B]  # no lens at the checks: one head after the loop, over every row's frozen state
+    for row, k in enumerate(expected):
+        k = int(k)
+        lens = ref.logits[row] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row])
+        assert (out.logits[row, -1] - lens[-1]).abs().max() <= 1e-5
+        real = mask[row].bool()
+        assert (every.logits[row][real] - lens[real]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "gemma3_text"])
+def test_exits_where_the_gate_passes_match_a_no_cache_recompute_in_exact_generation(variant):
+    """The exact cache with lens-free exits (rows that exit keep running for the cache while others catch up):
+    every generated token is the stock no-cache forward's logit lens at its recorded exit layer."""
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    H = stock.config.hidden_size
+    gate = _gate([0.0] * (L - 1), H, np.random.default_rng(3).normal(size=(L - 1, H)).astype(np.float32))
     clf = _always_fires(gate=gate)
     seen, handle = _head_rows(ada)
     try:
         with torch.no_grad():
-            out = ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=clf)
+            out = ada.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=0,
+                               exit_policy=clf, exit_cache="exact", return_dict_in_generate=True, output_scores=True)
     finally:
         handle.remove()
-    expected = np.where(passing, 2, 3)
-    assert out.exit_layers.tolist() == expected.tolist()
-    # layer 1: no head; layer 2: the passing rows; layer 3: the others; no final head (every row exited and
-    # logits_to_keep=1 reuses the check logits)
-    assert seen == [int(passing.sum()), int((~passing).sum())]
-    for row, k in enumerate(expected):
-        lens = arch.exit_logits(stock, ref.hidden_states[int(k)][row, -1])
-        assert (out.logits[row, -1] - lens).abs().max() <= 1e-5
+    exits = out.exit_layers
+    # steps where rows exit after different layers: the earlier ones ran on for the cache
+    assert any(len(set(exits[:, t].tolist())) > 1 and int(exits[:, t].min()) < L for t in range(exits.shape[1]))
+    assert seen == [ids.shape[0]] * exits.shape[1]  # one head per step, exited rows' frozen states included
+    n_prompt, B = ids.shape[1], ids.shape[0]
+    for step in range(exits.shape[1]):
+        prefix = out.sequences[:, : n_prompt + step]
+        pmask = torch.cat([mask, torch.ones(B, step, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
+        for row in range(B):
+            k = int(exits[row, step])
+            lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row, -1])
+            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row, k)
+
+
+def test_which_classifiers_exit_wherever_their_gate_passes():
+    gate = _gate([0.0] * (L - 1), 7)
+    assert _always_fires(gate=gate).exits_where_gate_passes()
+    assert not _always_fires().exits_where_gate_passes()  # no gate: every check fires
+    assert _always_fires(gate=gate, threshold=0.5).exits_where_gate_passes()  # gap + 1 >= 0.5 holds for every gap
+    assert not _always_fires(gate=gate, threshold=1.5).exits_where_gate_passes()  # gap >= 0.5
+    rule = GapThresholdRule(threshold=0.2).fit(np.zeros((1, 2)))
+    assert not ExitClassifier(rule, gate=gate).exits_where_gate_passes()
+    on_top_prob = GapThresholdRule(feature_index=1, threshold=-0.1).fit(np.zeros((1, 2)))
+    assert ExitClassifier(on_top_prob, gate=gate).exits_where_gate_passes()
+    on_cosine = GapThresholdRule(threshold=-0.5).fit(np.zeros((1, 2)))  # a cosine can be below -0.5
+    assert not ExitClassifier(on_cosine, features=("cos_hidden", "gap"), gate=gate).exits_where_gate_passes()
+    assert not ScriptedExit(2).exits_where_gate_passes()
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

@@ -26,6 +26,7 @@ from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
 from ..policy.classifier import ExitClassifier
 from ..runtime.exit_run import ExitRun, is_decode_step
+from ..runtime.output import output_logits
 from ..runtime.recording import ExitRecorder, ExitStatistics
 from .beside import find_classifier_beside
 
@@ -214,7 +215,7 @@ class AdaInferMixin:
 
     def _adainfer_output(self, outputs, run: ExitRun, labels, logits_to_keep, kwargs) -> AdaInferCausalLMOutput:
         """The output of a forward through the exit loop: logits (reusing the checks'), loss, the guarded cache."""
-        logits = self._adainfer_logits(outputs.last_hidden_state, logits_to_keep, run)
+        logits = output_logits(self, outputs.last_hidden_state, logits_to_keep, run)
         loss = None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
@@ -226,45 +227,6 @@ class AdaInferMixin:
             attentions=run.full_batch_attentions(outputs.attentions),
             exit_layers=run.exit_layers, **{compat.OUTPUT_CACHE_FIELD: out_cache},
         )
-
-    def _adainfer_logits(self, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
-        """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
-
-        Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
-        layer. When only the last position is kept, exited rows take the check's logits: the head is never run
-        twice for the same token.
-        """
-        head = self.get_output_embeddings()
-        exited = run.exit_layers < run.num_layers
-        last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
-            (run.last_pos == hidden.shape[1] - 1).all())
-        if last_only and bool(exited.any()):
-            out_dtype = arch.execution_dtype(head)
-            if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
-                return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
-            device = run.exit_logits.device
-            logits = torch.empty((hidden.shape[0], 1, run.exit_logits.shape[-1]), dtype=out_dtype, device=device)
-            done = exited.nonzero().squeeze(-1).to(device)  # host-side indices: no device sync
-            logits[done, 0] = run.exit_logits.index_select(0, done).to(out_dtype)
-            running = (~exited).nonzero().squeeze(-1)
-            if running.numel():
-                h = hidden[running.to(hidden.device), -1:]
-                logits[running.to(device)] = arch.head_logits(self, h).to(device, out_dtype)
-            return logits
-        if isinstance(logits_to_keep, int):
-            keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
-        else:
-            keep = logits_to_keep
-        logits = arch.head_logits(self, hidden[:, keep, :])  # LM head [+ the family's softcap]
-        for row, frozen in run.cache_strategy.frozen_hidden.items():
-            # exact cache option: the row kept running for the cache; its output is its exit layer's
-            logits[row] = arch.exit_logits(self, frozen[keep]).to(logits.dtype)
-        if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
-            # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
-            pos = run.last_pos - max(0, hidden.shape[1] - (logits_to_keep or hidden.shape[1]))
-            for row in (r for r in exited.nonzero().squeeze(-1).tolist() if pos[r] >= 0):
-                logits[row, pos[row]] = run.exit_logits[row].to(logits.device, logits.dtype)
-        return logits
 
     def _adainfer_record(self, exit_layers: torch.Tensor, recorder: ExitRecorder | None) -> None:
         self.exit_stats.update(exit_layers)

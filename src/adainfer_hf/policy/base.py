@@ -78,6 +78,13 @@ class ExitPolicy:
     # head and no features and the row keeps going. None = every check runs in full.
     gate = None
 
+    def exits_where_gate_passes(self) -> bool:
+        """Whether every row this policy's gate passes exits, whatever the check's features say (a classifier
+        trained with `method="gate_only"`). The loop then computes no logit lens at such a check: the row stops and
+        its output comes from the final head, over its frozen hidden state, in one call with the other rows'.
+        The default, False, always runs the check's head and `decide`."""
+        return False
+
     def layers_to_check(self, num_layers: int, decode: bool = False) -> list[int]:
         """Sorted 1-based layers after which the loop asks `decide` (never the last layer: that is the output).
 

@@ -33,7 +33,7 @@ from ..artifact.constants import (
 from ..artifact.hub import ArtifactMixin
 from ..artifact.validation import check_fingerprint, check_layer_fields
 from .base import ExitPolicy, check_dtype_or_raise, check_vocabulary_or_raise
-from .classifier_support import ConfigField, check_estimator, normalized
+from .classifier_support import ConfigField, check_estimator, fires_on_every_row, normalized
 from .gate import LinearGate
 from .nonfinite import NonFiniteRows
 from .scoring import device_scorer
@@ -183,6 +183,12 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         # The on-device fast path: a linear margin or an RBF SVM's decision function, else None (scikit-learn).
         self._scorer = device_scorer(est, self.score_kind)
         self._warned: set = set()
+
+    def exits_where_gate_passes(self) -> bool:
+        """True for a gated rule that fires on every finite row (`method="gate_only"`: `gap > -1`): its checks exit
+        exactly where the gate passes, so the loop skips their lens (see `ExitPolicy.exits_where_gate_passes`).
+        The gate never passes a row whose hidden state is not finite."""
+        return self._gate is not None and fires_on_every_row(self.estimator, self.features, self.threshold)
 
     def _validate_gate(self) -> None:
         fingerprint = self._config.gate_fingerprint

@@ -1,5 +1,5 @@
 """Parts of `ExitClassifier` that need no classifier: the read-only view of its config fields, the normal form of
-a config, and the checks of an estimator against the features it reads."""
+a config, the checks of an estimator against the features it reads, and whether it can ever say no."""
 
 from __future__ import annotations
 
@@ -8,9 +8,12 @@ from sklearn.exceptions import NotFittedError
 from sklearn.utils.validation import check_is_fitted
 
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
+from ..estimators.rules import GapThresholdRule
 from .features import FEATURES
 
-__all__ = ["ConfigField", "check_estimator", "normalized"]
+__all__ = ["ConfigField", "check_estimator", "fires_on_every_row", "normalized"]
+
+NONNEGATIVE_FEATURES = ("gap", "top_prob")  # probabilities and their differences: never below 0
 
 
 class ConfigField:
@@ -67,3 +70,12 @@ def check_estimator(est, features) -> None:
         labels = np.asarray(classes).tolist()
         raise ValueError(f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}: "
                          "labels must be 0/1 or bool.")
+
+
+def fires_on_every_row(estimator, features, threshold) -> bool:
+    """Whether a classifier fires on every row with finite features: a `GapThresholdRule` on a feature that is never
+    below 0 whose cut is below 0 (`x - t > 0` with `threshold` None, else `x - t >= threshold`)."""
+    if not isinstance(estimator, GapThresholdRule) or features[estimator.feature_index] not in NONNEGATIVE_FEATURES:
+        return False
+    cut = float(estimator.threshold) + (0.0 if threshold is None else float(threshold))
+    return cut < 0 if threshold is None else cut <= 0

@@ -120,6 +120,13 @@ class ExitRun:
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
         self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
         self.exit_logits: torch.Tensor | None = None  # [B, V] logits of rows that exited, on the head device
+        # A policy that exits wherever its gate passes reads no lens: an exited row's logits then come from the
+        # final head over its frozen hidden state, with the other rows' (one read of the head weight per forward
+        # instead of one more per check that fired in a batch). Only where that head is the check's head.
+        self.defer_exit_head = (self.gate is not None and self.vocabulary is None
+                                and self.check_dtype in (None, arch.execution_dtype(model.get_output_embeddings()))
+                                and policy.exits_where_gate_passes())
+        self.deferred = torch.zeros(batch_size, dtype=torch.bool)  # host: exited rows without check logits
         self.layer = 0
         self.prev_stats: LayerStats | None = None
         self.prev_stats_layer = -1
@@ -238,6 +245,10 @@ class ExitRun:
             rows, h_last = self.gate.select(rows, h_last, layer)
             if rows is None:
                 return
+            if self.defer_exit_head:
+                self._exit(rows)
+                self.deferred[rows] = True
+                return
         logits = arch.exit_logits(self.model, h_last, self.check_dtype, self.vocabulary)
         prev = None
         if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
@@ -265,9 +276,7 @@ class ExitRun:
         if not bool(fired_host.any()):
             return
         exited = rows[fired_host]
-        self.exited_at_this_layer = exited.tolist()
-        self.exit_layers[exited] = layer
-        self.active[exited] = False
+        self._exit(exited)
         if self.vocabulary is not None:
             logits = self._over_head(logits)
         if self.exit_logits is None and exited.numel() == self.batch_size:
@@ -277,6 +286,12 @@ class ExitRun:
             self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
         local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
         self.exit_logits.index_copy_(0, exited.to(logits.device), logits.index_select(0, local))
+
+    def _exit(self, rows: torch.Tensor) -> None:
+        """Marks host batch indices `rows` as exited after the current layer."""
+        self.exited_at_this_layer = rows.tolist()
+        self.exit_layers[rows] = self.layer
+        self.active[rows] = False
 
     def _over_head(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over `check_vocabulary` [n, K] as the head's [n, V]: every other token gets -inf."""

@@ -1,0 +1,61 @@
+"""The output logits of a forward through the exit loop (`AdaInferMixin.forward`'s last step).
+
+Rows that exited carry their exit layer's hidden state (frozen; the exact cache keeps a copy of it while the row
+runs on for the cache), so the final head over them is their logit lens at that layer; where the check already
+computed it, its logits are reused.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..architectures import core as arch
+from .exit_run import ExitRun
+
+__all__ = ["output_logits"]
+
+
+def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
+    """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
+
+    Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
+    layer. When only the last position is kept, exited rows take the check's logits: the head is never run
+    twice for the same token. Rows whose exit computed no lens (`run.deferred`: a policy that exits wherever its
+    gate passes) get theirs here, in the same head call as the rows that ran every layer; so do the exact cache's
+    rows that ran on after their exit (from the exit state it kept).
+    """
+    head = model.get_output_embeddings()
+    exited = (run.exit_layers < run.num_layers) & ~run.deferred  # rows whose check's logits are the output
+    last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
+        (run.last_pos == hidden.shape[1] - 1).all())
+    if last_only and bool(exited.any()):
+        out_dtype = arch.execution_dtype(head)
+        if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
+            return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
+        device = run.exit_logits.device
+        logits = torch.empty((hidden.shape[0], 1, run.exit_logits.shape[-1]), dtype=out_dtype, device=device)
+        done = exited.nonzero().squeeze(-1).to(device)  # host-side indices: no device sync
+        logits[done, 0] = run.exit_logits.index_select(0, done).to(out_dtype)
+        running = (~exited).nonzero().squeeze(-1)
+        if running.numel():
+            h = hidden[running.to(hidden.device), -1:]
+            logits[running.to(device)] = arch.head_logits(model, h).to(device, out_dtype)
+        return logits
+    if isinstance(logits_to_keep, int):
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+    else:
+        keep = logits_to_keep
+    normed = hidden[:, keep, :]
+    if run.cache_strategy.frozen_hidden:
+        # exact cache option: a row that exited kept running for the cache; its output is its exit layer's
+        normed = normed.clone()
+        for row, frozen in run.cache_strategy.frozen_hidden.items():
+            normed[row] = arch.exit_norm(model, frozen[keep]).to(normed.device, normed.dtype)
+    logits = arch.head_logits(model, normed)  # LM head [+ the family's softcap]: one call for every row
+    if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
+        # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
+        pos = run.last_pos - max(0, hidden.shape[1] - (logits_to_keep or hidden.shape[1]))
+        for row in (r for r in exited.nonzero().squeeze(-1).tolist() if pos[r] >= 0):
+            logits[row, pos[row]] = run.exit_logits[row].to(logits.device, logits.dtype)
+    return logits
