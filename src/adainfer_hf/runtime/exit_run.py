@@ -126,7 +126,6 @@ class ExitRun:
         self.defer_exit_head = (self.gate is not None and self.vocabulary is None
                                 and self.check_dtype in (None, arch.execution_dtype(model.get_output_embeddings()))
                                 and policy.exits_where_gate_passes())
-        self.deferred = torch.zeros(batch_size, dtype=torch.bool)  # host: exited rows without check logits
         self.layer = 0
         self.prev_stats: LayerStats | None = None
         self.prev_stats_layer = -1
@@ -246,8 +245,7 @@ class ExitRun:
             if rows is None:
                 return
             if self.defer_exit_head:
-                self._exit(rows)
-                self.deferred[rows] = True
+                self._exit(rows)  # no check logits: the final head gives them (`runtime.output`)
                 return
         logits = arch.exit_logits(self.model, h_last, self.check_dtype, self.vocabulary)
         prev = None

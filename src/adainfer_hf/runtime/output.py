@@ -21,12 +21,13 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
 
     Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
     layer. When only the last position is kept, exited rows take the check's logits: the head is never run
-    twice for the same token. Rows whose exit computed no lens (`run.deferred`: a policy that exits wherever its
+    twice for the same token. Rows whose exit computed no lens (`run.defer_exit_head`: a policy that exits wherever its
     gate passes) get theirs here, in the same head call as the rows that ran every layer; so do the exact cache's
     rows that ran on after their exit (from the exit state it kept).
     """
     head = model.get_output_embeddings()
-    exited = (run.exit_layers < run.num_layers) & ~run.deferred  # rows whose check's logits are the output
+    # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
+    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head)
     last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
         (run.last_pos == hidden.shape[1] - 1).all())
     if last_only and bool(exited.any()):
@@ -51,7 +52,8 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
         # exact cache option: a row that exited kept running for the cache; its output is its exit layer's
         normed = normed.clone()
         for row, frozen in run.cache_strategy.frozen_hidden.items():
-            normed[row] = arch.exit_norm(model, frozen[keep]).to(normed.device, normed.dtype)
+            state = frozen[keep].to(arch.exit_head_device(model))  # (as `arch.exit_logits` moves it)
+            normed[row] = arch.exit_norm(model, state).to(normed.device, normed.dtype)
     logits = arch.head_logits(model, normed)  # LM head [+ the family's softcap]: one call for every row
     if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
         # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
