@@ -8,7 +8,15 @@ import numpy as np
 import pytest
 import torch
 from sklearn.linear_model import LogisticRegression
-from tiny_models import NEW_FAMILIES, WINDOW, FeatureHashExit, batch, make_pair, truncated_stock
+from tiny_models import (
+    NEW_FAMILIES,
+    WINDOW,
+    FeatureHashExit,
+    assert_scores_are_the_no_cache_lens,
+    batch,
+    make_pair,
+    truncated_stock,
+)
 from tiny_models import generate_greedy as _gen
 from transformers import GPT2Config
 
@@ -25,10 +33,6 @@ from adainfer_hf.compat import output_cache
 
 L = 4
 MODES = ["propagate", "exact"]
-
-
-def _lens(stock, hidden_states, logits, k, row):
-    return logits[row, -1] if k == L else arch.exit_logits(stock, hidden_states[k][row, -1])
 
 
 def test_sequences_run_past_the_sliding_window():
@@ -94,16 +98,7 @@ def test_exact_cache_matches_dense_no_cache_recompute(variant):
     exits = out.exit_layers
     assert len(set(exits.flatten().tolist())) > 1
     assert isinstance(output_cache(out), ExactExitCache)
-    n_prompt = ids.shape[1]
-    for step in range(exits.shape[1]):
-        prefix = out.sequences[:, : n_prompt + step]
-        pmask = torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
-        for row in range(3):
-            lens = _lens(stock, ref.hidden_states, ref.logits, int(exits[row, step]), row)
-            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row)
-
+    assert_scores_are_the_no_cache_lens(stock, out, ids, mask)
 
 def _propagate_reference(stock, sequences, mask, exits_per_position):
     """No-cache recompute of state propagation: decoder layer l leaves the hidden state of every position that

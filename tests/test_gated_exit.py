@@ -9,7 +9,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from tiny_models import VARIANTS, batch, generate_greedy, make_pair, task_tokenizer, tiny_pair, tiny_prompts
+from tiny_models import (
+    VARIANTS,
+    assert_scores_are_the_no_cache_lens,
+    batch,
+    generate_greedy,
+    make_pair,
+    task_tokenizer,
+    tiny_pair,
+    tiny_prompts,
+)
 
 from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
 from adainfer_hf.architectures import core as arch
@@ -114,17 +123,7 @@ def test_exits_where_the_gate_passes_match_a_no_cache_recompute_in_exact_generat
     # steps where rows exit after different layers: the earlier ones ran on for the cache
     assert any(len(set(exits[:, t].tolist())) > 1 and int(exits[:, t].min()) < L for t in range(exits.shape[1]))
     assert seen == [ids.shape[0]] * exits.shape[1]  # one head per step, exited rows' frozen states included
-    n_prompt, B = ids.shape[1], ids.shape[0]
-    for step in range(exits.shape[1]):
-        prefix = out.sequences[:, : n_prompt + step]
-        pmask = torch.cat([mask, torch.ones(B, step, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
-        for row in range(B):
-            k = int(exits[row, step])
-            lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row, -1])
-            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row, k)
-
+    assert_scores_are_the_no_cache_lens(stock, out, ids, mask)
 
 def test_which_classifiers_exit_wherever_their_gate_passes():
     gate = _gate([0.0] * (L - 1), 7)

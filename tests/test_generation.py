@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import FeatureHashExit, batch, make_pair, tiny_tokenizer, truncated_stock
+from tiny_models import (
+    FeatureHashExit,
+    assert_scores_are_the_no_cache_lens,
+    batch,
+    make_pair,
+    tiny_tokenizer,
+    truncated_stock,
+)
 from tiny_models import generate_greedy as _gen
 from transformers import pipeline
 
@@ -71,19 +78,7 @@ def test_exact_cache_matches_no_cache_recompute(variant, padding):
     total = out.sequences.shape[1] - 1
     owed = 0 if cache.pending_hidden is None else cache.pending_hidden.shape[1]
     assert cache.layer_length(0) == total and all(total - owed <= cache.layer_length(i) for i in range(L))
-    n_prompt = ids.shape[1]
-    for step in range(exits.shape[1]):
-        prefix = out.sequences[:, : n_prompt + step]
-        pmask = torch.cat([mask, torch.ones(3, step, dtype=mask.dtype)], 1)
-        with torch.no_grad():
-            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
-        for row in range(3):
-            k = int(exits[row, step])
-            h = ref.hidden_states[k][row, -1]
-            lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, h)
-            assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row, k)
-            assert int(out.sequences[row, n_prompt + step]) == int(lens.argmax())
-
+    assert_scores_are_the_no_cache_lens(stock, out, ids, mask, tokens=True)
 
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_rows_exit_independently_with_eos_and_one_token(mode):

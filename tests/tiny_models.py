@@ -4,7 +4,8 @@
   `truncated_stock`, `stock_llama`), random batches (`batch`) and a word-level tokenizer (`tiny_tokenizer`);
 - models that read real prompts: a BPE tokenizer trained on the built-in tasks (`task_tokenizer`), models with its
   vocabulary (`tiny_pair`, `save_tiny_checkpoint`) and prompts (`tiny_prompts`);
-- synthetic feature tables with known answers (`feature_table`, `settling_table`, `misleading_table`).
+- synthetic feature tables with known answers (`feature_table`, `settling_table`, `misleading_table`);
+- the no-cache reference for generated scores (`assert_scores_are_the_no_cache_lens`).
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from adainfer_hf import (
     AdaInferQwen3ForCausalLM,
     ExitPolicy,
 )
+from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
 from adainfer_hf.data.prompts import build_prompts
 from adainfer_hf.training.table import FeatureTable
@@ -301,3 +303,23 @@ def generate_greedy(model, ids, mask, **kw):
     kw.setdefault("pad_token_id", 0)
     with torch.no_grad():
         return model.generate(ids, attention_mask=mask, **kw)
+
+
+def assert_scores_are_the_no_cache_lens(stock, out, ids, mask, atol=1e-4, tokens=False):
+    """Each generated step's scores are the logit lens, at the row's recorded exit layer, of the stock model's
+    dense no-cache forward over the whole prefix (so every K/V the step attended to was the dense one); with
+    `tokens`, each greedy token is that lens's argmax too (only for runs no row ends early: after its EOS a
+    row is padded)."""
+    exits, n_prompt, B = out.exit_layers, ids.shape[1], ids.shape[0]
+    L = stock.config.num_hidden_layers
+    for step in range(exits.shape[1]):
+        prefix = out.sequences[:, : n_prompt + step]
+        pmask = torch.cat([mask, torch.ones(B, step, dtype=mask.dtype)], 1)
+        with torch.no_grad():
+            ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
+        for row in range(B):
+            k = int(exits[row, step])
+            lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row, -1])
+            assert (out.scores[step][row] - lens).abs().max() <= atol, (step, row, k)
+            if tokens:
+                assert int(out.sequences[row, n_prompt + step]) == int(lens.argmax()), (step, row, k)
