@@ -85,6 +85,10 @@ def test_the_shortlist_is_validated_and_stored(tmp_path):
     ids, mask = batch("none")
     with pytest.raises(ValueError, match=f"token id {VOCAB}.*{VOCAB} outputs"):
         ada(ids, attention_mask=mask, exit_policy=ScriptedExit(2, check_vocabulary=[3, VOCAB]))
+    unsorted = ScriptedExit(2)
+    unsorted.check_vocabulary = (VOCAB + 5, 3)  # a policy's own attribute, not validated (nor sorted) on the way in
+    with pytest.raises(ValueError, match=f"token id {VOCAB + 5}.*{VOCAB} outputs"):
+        ada(ids, attention_mask=mask, exit_policy=unsorted)
     bound = clf.bind(ada)
     with pytest.raises(ValueError, match="not ints \\[0, 99\\)"):
         bound.replace(check_vocabulary=[3, 120])

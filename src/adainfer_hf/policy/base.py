@@ -44,17 +44,22 @@ def check_vocabulary_or_raise(vocabulary, width: int | None = None) -> tuple[int
     return tuple(sorted(ids))
 
 
-def vocabulary_index(policy, device) -> torch.Tensor | None:
+def vocabulary_index(policy, device, width: int) -> torch.Tensor | None:
     """`policy.check_vocabulary` as a LongTensor on `device`, built once per (vocabulary, device) and kept on the
-    policy (its identity lets `architectures.exit_logits` keep the gathered head rows); None without one."""
+    policy (its identity lets `architectures.exit_logits` keep the gathered head rows); None without one.
+    `ValueError` when it holds an id outside the LM head's `width` outputs (checked when the index is built)."""
     ids = getattr(policy, "check_vocabulary", None)
     if ids is None:
         return None
     memo = policy.__dict__.get("_adainfer_vocabulary_index")
-    if memo is None or memo[0] is not ids or memo[1] != device:
-        memo = (ids, device, torch.tensor(ids, dtype=torch.long, device=device))
+    if memo is None or memo[0] is not ids or memo[1] != device or memo[2] != width:
+        top = max(ids)
+        if top >= width:
+            raise ValueError(f"check_vocabulary holds token id {top}, but the model's LM head has {width} outputs; "
+                             f"expected ids in [0, {width}).")
+        memo = (ids, device, width, torch.tensor(ids, dtype=torch.long, device=device))
         policy.__dict__["_adainfer_vocabulary_index"] = memo
-    return memo[2]
+    return memo[3]
 
 
 class ExitPolicy:

@@ -111,11 +111,8 @@ class ExitRun:
         self.position_ids = position_ids
         self.head_device = arch.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
-        self.vocabulary = vocabulary_index(policy, self.head_device)  # None: checks score every token
-        self.head_width = None if self.vocabulary is None else arch.head_width(model)
-        if self.vocabulary is not None and policy.check_vocabulary[-1] >= self.head_width:
-            raise ValueError(f"check_vocabulary holds token id {policy.check_vocabulary[-1]}, but the model's LM head "
-                             f"has {self.head_width} outputs; expected ids in [0, {self.head_width}).")
+        self.head_width = None if getattr(policy, "check_vocabulary", None) is None else arch.head_width(model)
+        self.vocabulary = vocabulary_index(policy, self.head_device, self.head_width)  # None: every token
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
         self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
