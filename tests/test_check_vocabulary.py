@@ -156,3 +156,22 @@ def test_measuring_a_shortlisted_check_validates_the_shortlist():
         measure_check_cost(stock, phase="decode", check_vocabulary=[3, 3])
     with pytest.raises(ValueError, match="not ints \\[0, 99\\)"):
         measure_check_cost(stock, phase="decode", check_vocabulary=[3, VOCAB])
+
+
+def test_policies_with_the_same_shortlist_share_the_gathered_head_rows():
+    """Two classifiers with the same ids alternating on one model (twins at two targets) gather the head's rows
+    once; a different shortlist gathers its own, and the exits stay the cut stock model's over each."""
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("none")
+    twins = [ScriptedExit(2, check_vocabulary=list(SHORTLIST)) for _ in range(2)]
+    other = ScriptedExit(2, check_vocabulary=list(range(0, VOCAB, 2)))
+    gathered = []
+    with torch.no_grad():
+        ref = truncated_stock(stock, 2)(ids, attention_mask=mask, use_cache=False).logits[:, -1]
+        for policy in (twins[0], twins[1], twins[0], other):
+            out = ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy)
+            keep = list(policy.check_vocabulary)
+            assert (out.logits[:, -1, keep] - ref[:, keep]).abs().max() <= 1e-5
+            gathered.append(ada.__dict__["_adainfer_head_rows"][2])
+    assert gathered[0] is gathered[1] is gathered[2]
+    assert gathered[3] is not gathered[0] and gathered[3].shape[0] == len(other.check_vocabulary)
