@@ -32,6 +32,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..policy.classifier import ExitClassifier
+from ..utils.records import jsonable
 from ..utils.stats import risk_p_value, risk_upper_bound
 from .table import FeatureTable, table_sequences
 
@@ -245,7 +246,7 @@ def calibrate(
                 stacklevel=2,
             )
     figures.update(_outcome(table, exit_layer, chosen, errors, target_agreement, delta, delta_each))
-    return clf.replace(**changes, calibration=_jsonable(figures))
+    return clf.replace(**changes, calibration=jsonable(figures))
 
 
 def _check_calibration_args(clf, table: FeatureTable, target_agreement: float, delta: float, knob: str) -> None:
@@ -283,6 +284,16 @@ def _gate_knob_scores(clf: ExitClassifier, table: FeatureTable) -> np.ndarray:
                          "hidden_states=True (CLI: --tables-out).")
     fires = clf.exit_mask(table.columns(clf.features).astype(np.float64))
     return np.where(fires, clf.gate.margins(table.hidden, table.layer), -np.inf)
+
+
+def best_unit_scores(classifier: ExitClassifier, calibrated: ExitClassifier, table: FeatureTable,
+                     knob: str = "classifier") -> np.ndarray:
+    """Per unit of `table` (a prompt, or a generated token), the highest value of `calibrated`'s knob score at
+    the layers where it may fire (from its `min_layer`): the classifier's exit score, or with `knob="gate"` the
+    uncalibrated `classifier`'s gate margin where its classifier fires. Raising the knob to a unit's value keeps
+    that unit exiting."""
+    scores = exit_scores(calibrated, table) if knob == "classifier" else _gate_knob_scores(classifier, table)
+    return _from_layer(_grid(table, scores, -np.inf), calibrated.min_layer).max(1)
 
 
 def _from_layer(S: np.ndarray, min_layer: int) -> np.ndarray:
@@ -384,14 +395,3 @@ def _conclusion(chosen: dict, summary: dict, target: float, n: int, n_needed: in
         f"{summary['agreement']:.1%} of them (target {target:.1%})."
     )
 
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value

@@ -33,17 +33,10 @@ import torch
 
 from ..cache.exact import CACHE_MODES
 from ..policy.classifier import ExitClassifier
+from ..utils.records import jsonable
 from ..utils.stats import hb_p_value, hb_upper_bound
 from ..utils.tokenizers import left_padding
-from .calibrate import (
-    _from_layer,
-    _gate_knob_scores,
-    _grid,
-    _jsonable,
-    calibrate,
-    exit_scores,
-    simulate_exits,
-)
+from .calibrate import best_unit_scores, calibrate, simulate_exits
 from .table import FeatureTable
 
 __all__ = ["FreeRunning", "calibrate_free_running", "candidate_ladder", "prefix_losses"]
@@ -133,9 +126,7 @@ def candidate_ladder(classifier: ExitClassifier, table: FeatureTable, target_agr
 def _stricter(classifier: ExitClassifier, base: ExitClassifier, table: FeatureTable, knob: str,
               levels: int) -> list[ExitClassifier]:
     """`base` with its knob raised so that it exits on about 1/2**k of its exiting units, k = levels-1 .. 1."""
-    scores = exit_scores(base, table) if knob == "classifier" else _gate_knob_scores(classifier, table)
-    # per unit (token), its highest score at the layers where the rule may fire
-    best = _from_layer(_grid(table, scores, -np.inf), base.min_layer).max(1)
+    best = best_unit_scores(classifier, base, table, knob)
     cal = base.calibration
     base_value = cal["threshold"] if knob == "classifier" else cal["gate_offset"]
     ranked = np.sort(best[best >= base_value])[::-1]
@@ -160,7 +151,7 @@ def _stricter(classifier: ExitClassifier, base: ExitClassifier, table: FeatureTa
             f"exiting on {early} of the {ranked.size} tokens it exits on in the table ({summary['mean_exit_layer']:.2f}"
             f" layers per token, agreement {summary['agreement']:.1%}); not certified per token, only by the "
             "free-running test.")
-        out.append(rung.replace(calibration=_jsonable(record)))
+        out.append(rung.replace(calibration=jsonable(record)))
     return out
 
 

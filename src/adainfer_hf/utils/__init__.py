@@ -1,5 +1,6 @@
-"""Small helpers with no knowledge of models or artifacts: statistics (`stats`) and tokenizer settings
-(`tokenizers`). The bottom layer of the package, beside `compat`: it imports nothing else of ours."""
+"""Small helpers with no knowledge of models or artifacts: statistics (`stats`), tokenizer settings
+(`tokenizers`) and JSON-safe calibration records (`records`). The bottom layer of the package, beside
+`compat`: it imports nothing else of ours."""
 
 from .stats import binomial_tail, binomial_upper_bound
 from .tokenizers import left_padding
