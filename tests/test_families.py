@@ -100,6 +100,7 @@ def test_exact_cache_matches_dense_no_cache_recompute(variant):
     assert isinstance(output_cache(out), ExactExitCache)
     assert_scores_are_the_no_cache_lens(stock, out, ids, mask)
 
+
 def _propagate_reference(stock, sequences, mask, exits_per_position):
     """No-cache recompute of state propagation: decoder layer l leaves the hidden state of every position that
     exited before l unchanged (so its K/V in layer l come from its exit state); returns each layer's output."""

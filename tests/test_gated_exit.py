@@ -125,6 +125,7 @@ def test_exits_where_the_gate_passes_match_a_no_cache_recompute_in_exact_generat
     assert seen == [ids.shape[0]] * exits.shape[1]  # one head per step, exited rows' frozen states included
     assert_scores_are_the_no_cache_lens(stock, out, ids, mask)
 
+
 def test_which_classifiers_exit_wherever_their_gate_passes():
     gate = _gate([0.0] * (L - 1), 7)
     assert _always_fires(gate=gate).exits_where_gate_passes()

@@ -80,6 +80,7 @@ def test_exact_cache_matches_no_cache_recompute(variant, padding):
     assert cache.layer_length(0) == total and all(total - owed <= cache.layer_length(i) for i in range(L))
     assert_scores_are_the_no_cache_lens(stock, out, ids, mask, tokens=True)
 
+
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_rows_exit_independently_with_eos_and_one_token(mode):
     stock, ada = make_pair("llama_gqa")
