@@ -51,7 +51,7 @@ __all__ = [
 
 TRANSFORMERS_VERSION: str = transformers.__version__
 # The releases CI runs the whole suite on (pyproject.toml declares exactly this range).
-TESTED_TRANSFORMERS: tuple[str, str] = ("5.23.0", "5.24.0")
+TESTED_TRANSFORMERS: tuple[str, str] = ("5.23.0", "5.25.0")
 
 CACHE_ARG_NAMES = ("cache", "past_key_values")
 
