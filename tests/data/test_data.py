@@ -21,7 +21,7 @@ from adainfer_hf.data.prompts import (
     split_task,
 )
 
-FV_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "function_vectors"
+FV_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "function_vectors"
 needs_fv = pytest.mark.skipif(not FV_DIR.is_dir(), reason=f"function-vectors data not found at {FV_DIR}")
 
 

@@ -417,7 +417,7 @@ def test_python_dash_m_reports_a_user_error_on_one_line():
 
 def test_the_console_script_entry_point_resolves_to_main():
     """pyproject's `adainfer = "module:function"` must name a callable (the `adainfer` command runs it)."""
-    text = (Path(__file__).parents[1] / "pyproject.toml").read_text()
+    text = (Path(__file__).parents[2] / "pyproject.toml").read_text()
     (entry,) = re.findall(r'^adainfer = "([^"]+)"$', text, flags=re.M)  # (tomllib is 3.11+; we support 3.10)
     module, _, attr = entry.partition(":")
     target = getattr(importlib.import_module(module), attr)

@@ -211,7 +211,7 @@ def test_real_gemma3_270m_never_exit_is_stock_and_exit_is_the_lens():
     import sys
     from pathlib import Path
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
     real_models = pytest.importorskip("benchmarks.real_models")
     if not real_models.is_available("gemma3-270m"):
         pytest.skip("gemma3-270m is not converted (benchmarks/real_models.py converts it once)")
