@@ -16,16 +16,10 @@ import numpy as np
 import torch
 from transformers import (
     Gemma3ForCausalLM,
-    Gemma3TextConfig,
-    LlamaConfig,
     LlamaForCausalLM,
-    MistralConfig,
     MistralForCausalLM,
-    OPTConfig,
     OPTForCausalLM,
-    Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen3Config,
     Qwen3ForCausalLM,
 )
 
@@ -38,94 +32,41 @@ from adainfer_hf import (
     AdaInferQwen3ForCausalLM,
     ExitPolicy,
 )
+from adainfer_hf import tiny_models as tiny
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.builtin_tasks import builtin_task, builtin_task_names
 from adainfer_hf.data.prompts import build_prompts
+from adainfer_hf.tiny_models import (  # noqa: F401  (re-exported: the tests import the configs from here)
+    VOCAB,
+    WINDOW,
+    gemma3_config,
+    llama_config,
+    mistral_config,
+    opt_config,
+    qwen2_config,
+    qwen3_config,
+)
 from adainfer_hf.training.table import FeatureTable
 
-VOCAB = 99
-
-
-def llama_config(**overrides) -> LlamaConfig:
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, pad_token_id=0, max_position_embeddings=128)
-    kw.update(overrides)
-    return LlamaConfig(**kw)
-
-
-def opt_config(**overrides) -> OPTConfig:
-    kw = dict(vocab_size=VOCAB, hidden_size=32, ffn_dim=37, num_hidden_layers=4, num_attention_heads=4,
-              word_embed_proj_dim=32, max_position_embeddings=128, pad_token_id=1, dropout=0.0,
-              attention_dropout=0.0)
-    kw.update(overrides)
-    return OPTConfig(**kw)
-
-
-WINDOW = 4  # sliding window of the tiny sliding-window families: `batch()`'s 9 tokens run past it
-
-
-def _rope_like(**overrides) -> dict:
-    kw = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=37, num_hidden_layers=4, num_attention_heads=4,
-              num_key_value_heads=2, pad_token_id=0, max_position_embeddings=128)
-    kw.update(overrides)
-    return kw
-
-
-def qwen2_config(**overrides) -> Qwen2Config:
-    """Qwen2 (biased q/k/v projections); `use_sliding_window=True` makes layers >= `max_window_layers` local."""
-    return Qwen2Config(**_rope_like(**overrides))
-
-
-def qwen3_config(**overrides) -> Qwen3Config:
-    return Qwen3Config(**_rope_like(head_dim=8, **overrides))
-
-
-def mistral_config(**overrides) -> MistralConfig:
-    return MistralConfig(**_rope_like(sliding_window=WINDOW, **overrides))
-
-
-def gemma3_config(**overrides) -> Gemma3TextConfig:
-    """Gemma3 text with local/global layers (two rotary tables), a window of 4 and final logit softcapping."""
-    kw = _rope_like(head_dim=8, query_pre_attn_scalar=8, sliding_window=WINDOW, final_logit_softcapping=3.0,
-                    layer_types=["sliding_attention", "full_attention", "sliding_attention", "full_attention"])
-    kw.update(overrides)
-    return Gemma3TextConfig(**kw)
-
-
-# name -> (stock class, adainfer class, config factory); covers the layouts the issue names.
-VARIANTS = {
-    "llama_gqa": (LlamaForCausalLM, AdaInferLlamaForCausalLM, lambda: llama_config()),
-    "llama_tied": (LlamaForCausalLM, AdaInferLlamaForCausalLM,
-                   lambda: llama_config(tie_word_embeddings=True, num_key_value_heads=4)),
-    "opt_pre_ln": (OPTForCausalLM, AdaInferOPTForCausalLM, lambda: opt_config(do_layer_norm_before=True)),
-    "opt_post_ln": (OPTForCausalLM, AdaInferOPTForCausalLM, lambda: opt_config(do_layer_norm_before=False)),
-    "opt_350m_layout": (OPTForCausalLM, AdaInferOPTForCausalLM,
-                        lambda: opt_config(do_layer_norm_before=False, word_embed_proj_dim=16)),
-    "qwen2_bias": (Qwen2ForCausalLM, AdaInferQwen2ForCausalLM, lambda: qwen2_config()),
-    "qwen2_sliding": (Qwen2ForCausalLM, AdaInferQwen2ForCausalLM,
-                      lambda: qwen2_config(use_sliding_window=True, sliding_window=WINDOW, max_window_layers=2)),
-    "qwen3": (Qwen3ForCausalLM, AdaInferQwen3ForCausalLM, lambda: qwen3_config()),
-    "mistral_sliding": (MistralForCausalLM, AdaInferMistralForCausalLM, lambda: mistral_config()),
-    "gemma3_text": (Gemma3ForCausalLM, AdaInferGemma3ForCausalLM, lambda: gemma3_config()),
+# name -> (stock class, adainfer class, config factory); the stock side and the configs are the package's one
+# tiny-model factory (`adainfer_hf.tiny_models`, which `adainfer doctor` uses too).
+_ADAINFER_CLASSES = {
+    LlamaForCausalLM: AdaInferLlamaForCausalLM,
+    OPTForCausalLM: AdaInferOPTForCausalLM,
+    Qwen2ForCausalLM: AdaInferQwen2ForCausalLM,
+    Qwen3ForCausalLM: AdaInferQwen3ForCausalLM,
+    MistralForCausalLM: AdaInferMistralForCausalLM,
+    Gemma3ForCausalLM: AdaInferGemma3ForCausalLM,
 }
-NEW_FAMILIES = ("qwen2_bias", "qwen2_sliding", "qwen3", "mistral_sliding", "gemma3_text")
+VARIANTS = {name: (stock_cls, _ADAINFER_CLASSES[stock_cls], make_config)
+            for name, (stock_cls, make_config) in tiny.VARIANTS.items()}
+NEW_FAMILIES = tiny.PERTURBED_VARIANTS
 
 
 def make_pair(variant: str, seed: int = 0, attn: str = "sdpa"):
     """A seeded stock model and an AdaInfer model holding the same weights (eval mode, fp32)."""
-    stock_cls, ada_cls, cfg_fn = VARIANTS[variant]
-    torch.manual_seed(seed)
-    config = cfg_fn()
-    config._attn_implementation = attn
-    stock = stock_cls(config).eval()
-    if variant in NEW_FAMILIES:
-        # stock init leaves biases at 0 and norm weights at 1 (Gemma: 0 in `1 + w`): perturb every 1-D
-        # parameter so q/k/v biases, k_norm and the norms' weights take part in every comparison
-        with torch.no_grad():
-            for param in stock.parameters():
-                if param.dim() == 1:
-                    param.add_(0.1 * torch.randn_like(param))
-    ada = ada_cls(config).eval()
+    stock = tiny.stock_model(variant, seed=seed, attn=attn)
+    ada = VARIANTS[variant][1](stock.config).eval()
     missing = ada.load_state_dict(stock.state_dict())
     assert not missing.missing_keys and not missing.unexpected_keys
     return stock, ada

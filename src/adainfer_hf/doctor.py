@@ -28,14 +28,10 @@ from sklearn.svm import SVC
 from . import compat
 from .architectures import core as arch
 from .cache.propagate import PropagateExitCache, _OwedLayer
-from .doctor_models import gemma3 as _gemma3
-from .doctor_models import ids as _ids
-from .doctor_models import llama as _llama
-from .doctor_models import opt as _opt
-from .doctor_models import qwen2 as _qwen2
-from .doctor_models import qwen3 as _qwen3
 from .models.llama import AdaInferLlamaForCausalLM
 from .policy.base import ScriptedExit
+from .tiny_models import ids as _ids
+from .tiny_models import stock_model
 
 __all__ = ["CHECKS", "CheckResult", "main", "run_checks"]
 
@@ -62,6 +58,28 @@ class _Capture:
         for h in self._handles:
             h.remove()
 
+
+
+# The stock models the checks compare against (the package's one tiny-model factory), eager attention, 3 layers.
+def _llama(layers: int = 3):
+    return stock_model("llama_gqa", attn="eager", num_hidden_layers=layers)
+
+
+def _opt(layers: int = 3, **overrides):
+    return stock_model("opt_350m_layout", attn="eager", num_hidden_layers=layers, **overrides)
+
+
+def _qwen2(layers: int = 3):
+    # (its last layer attends within the window)
+    return stock_model("qwen2_sliding", attn="eager", num_hidden_layers=layers)
+
+
+def _qwen3(layers: int = 3):
+    return stock_model("qwen3", attn="eager", num_hidden_layers=layers)
+
+
+def _gemma3(layers: int = 3):
+    return stock_model("gemma3_text", attn="eager", num_hidden_layers=layers)
 
 def _close(a: torch.Tensor, b: torch.Tensor, what: str, atol: float = 1e-5) -> None:
     if a.shape != b.shape:
