@@ -70,12 +70,12 @@ def qwen2_config(**overrides) -> Qwen2Config:
 
 def qwen3_config(**overrides) -> Qwen3Config:
     """Qwen3 (`q_norm` / `k_norm`)."""
-    return Qwen3Config(**_rope_like(head_dim=8, **overrides))
+    return Qwen3Config(**_rope_like(**{"head_dim": 8, **overrides}))
 
 
 def mistral_config(**overrides) -> MistralConfig:
     """Mistral with a sliding window of `WINDOW`."""
-    return MistralConfig(**_rope_like(sliding_window=WINDOW, **overrides))
+    return MistralConfig(**_rope_like(**{"sliding_window": WINDOW, **overrides}))
 
 
 def gemma3_config(**overrides) -> Gemma3TextConfig:
