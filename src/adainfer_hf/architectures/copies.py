@@ -9,12 +9,15 @@ projections of every layer fused into one weight. Each copy is rebuilt when its 
    through autograd's view of the tensor (`mul_` on the parameter, `load_state_dict`, an optimizer step) and a
    module swapped for a wrapper (a PEFT adapter, `merge_and_unload`).
 2. **Once per call, a sampled content check** before the copy's first use in that call: one element of each copied
-   row, at a column that moves on by one at every check (row `r` is read at column `(r + c) % width`), is read
-   from the sources in one gather and compared, bit for bit, with what the copy holds. This sees writes through
-   `.data` (PEFT's `merge_adapter` / `merge_and_unload`, `weight.data.mul_(...)`), which keep the storage and
-   the `_version`: any edit that changes a whole row, a whole column or a constant share of the elements is seen
-   at the first call after it; an edit of a few single elements is seen once the column reaches them (at most
-   `width` calls). Small 1-D sources (biases, norm weights) are compared in full.
+   row (of every s-th row, s = ceil(rows / 512), from an offset that moves on by one at every check, for the head's
+   copies), at a column that moves on as the offset wraps, is read from the sources in one gather and compared, bit
+   for bit, with what the copy holds (the copy's dtype). This sees writes through `.data` (PEFT's `merge_adapter` /
+   `merge_and_unload`, `weight.data.mul_(...)`, `embed_tokens.weight.data[token] = ...` on a tied head), which keep
+   the storage and the `_version`: an edit that changes every element of a row, or of a share of the rows, is seen
+   at the first call after it when it changes every row or a share above 1/s of the rows, and otherwise within s calls
+   for a whole row; an edit of a few single elements is seen once the sample reaches them (at most `s * width`
+   calls). Small 1-D sources (biases, norm weights) are compared in full. An edit smaller than the copy's
+   rounding (a bf16 copy of an fp32 head) does not change the copy and is not seen.
    A "call" is the outermost `weight_call()` block of a thread: `AdaInferMixin.forward` and `generate` open one,
    so a whole `generate` checks each copy once; a use outside any block is a call of its own.
 
@@ -33,7 +36,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import nn
 
-__all__ = ["WeightCopies", "identity_key", "same_bits", "weight_call"]
+__all__ = ["WeightCopies", "column_sample", "identity_key", "same_bits", "weight_call"]
 
 _THREAD = threading.local()  # .depth: nesting of weight_call blocks; .epoch: the outermost block's number
 _EPOCHS = itertools.count(1)
@@ -76,13 +79,21 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return bool(torch.equal(a, b.to(a.device)))
 
 
-def diagonal_sample(matrix: torch.Tensor, rows: torch.Tensor | None, column: int) -> torch.Tensor:
-    """One element of each of `rows` (None: every row) of 2-D `matrix`: row `r` at column `(j + column) % width`
-    for the j-th row, read in one gather."""
-    n, width = (matrix.shape[0] if rows is None else rows.numel()), matrix.shape[1]
-    j = torch.arange(n, device=matrix.device)
-    r = j if rows is None else rows.to(matrix.device)
-    return torch.take(matrix, r * width + (j + column) % width)
+SAMPLED_ROWS = 512  # rows of a large copy compared per check (cold rows cost a cache miss each on a CPU)
+
+
+def sample_positions(n_rows: int, width: int, step: int, device) -> tuple[torch.Tensor, int]:
+    """The (rows, column) a check compares at `step`: every s-th row (s = ceil(n_rows / SAMPLED_ROWS)) from offset
+    `step % s`, at column `(step // s) % width`; after `s * width` steps every element was compared once."""
+    stride = max(1, -(-n_rows // SAMPLED_ROWS))
+    return torch.arange(step % stride, n_rows, stride, device=device), (step // stride) % width
+
+
+def column_sample(matrix: torch.Tensor, rows: torch.Tensor | None, column: int) -> torch.Tensor:
+    """One element of each of `rows` (None: every row) of 2-D `matrix`, at column `column % width`, in one
+    gather."""
+    column %= matrix.shape[1]
+    return matrix[:, column] if rows is None else matrix[rows.to(matrix.device), column]
 
 
 class _Entry:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .base import ArchitectureSpec
-from .copies import WeightCopies, diagonal_sample, identity_key, same_bits, weight_call
+from .copies import WeightCopies, identity_key, same_bits, sample_positions, weight_call
 from .devices import execution_device, materialized_weight
 from .registry import spec_for
 
@@ -198,7 +198,8 @@ class ExitHead:
             return weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
 
         def matches(copy, column):
-            return (same_bits(diagonal_sample(copy[0], None, column), diagonal_sample(weight, None, column).to(dtype))
+            rows, col = sample_positions(copy[0].shape[0], copy[0].shape[1], column, copy[0].device)
+            return (same_bits(copy[0][rows, col], weight[rows.to(weight.device), col].to(dtype))
                     and (bias is None or same_bits(copy[1], bias.detach().to(dtype))))
 
         key = identity_key((weight, bias), (self.module,))
@@ -219,8 +220,8 @@ class ExitHead:
 
         def matches(copy, column):
             index = vocabulary.to(weight.device)
-            return (same_bits(diagonal_sample(copy[0], None, column),
-                              diagonal_sample(weight, index, column).to(dtype))
+            rows, col = sample_positions(copy[0].shape[0], copy[0].shape[1], column, copy[0].device)
+            return (same_bits(copy[0][rows, col], weight[index[rows.to(index.device)], col].to(dtype))
                     and (bias is None or same_bits(copy[1], bias.detach().index_select(0, index).to(dtype))))
 
         key = identity_key((weight, bias), (self.module,))

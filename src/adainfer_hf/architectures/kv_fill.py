@@ -11,7 +11,7 @@ from torch import nn
 
 from .. import compat
 from .base import ArchitectureSpec
-from .copies import WeightCopies, diagonal_sample, identity_key, same_bits, weight_call
+from .copies import WeightCopies, column_sample, identity_key, same_bits, weight_call
 from .registry import spec_for
 
 __all__ = ["KVFill", "kv_fill_of"]
@@ -143,15 +143,12 @@ class KVFill:
         for now, then in zip(small, snapshot, strict=True):
             if (now is None) != (then is None) or (now is not None and not same_bits(now.detach(), then)):
                 return False
-        width = weight.shape[1]
-        parts, offset = [], 0
+        column %= weight.shape[1]
+        parts = []
         with torch.no_grad():
             for k_proj, v_proj, module in sources:
                 scale, _ = self._scale_shift(module, norm)
                 for proj in (k_proj, v_proj):
-                    r = torch.arange(proj.weight.shape[0], device=weight.device)
-                    cols = (r + offset + column) % width
-                    sample = torch.take(proj.weight, r * width + cols)
-                    parts.append(sample if scale is None else sample * scale[cols])
-                    offset += proj.weight.shape[0]
-        return same_bits(diagonal_sample(weight, None, column), torch.cat(parts))
+                    sample = proj.weight[:, column]
+                    parts.append(sample if scale is None else sample * scale[column])
+        return same_bits(column_sample(weight, None, column), torch.cat(parts))
