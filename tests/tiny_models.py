@@ -260,7 +260,7 @@ def assert_scores_are_the_no_cache_lens(stock, out, ids, mask, atol=1e-4, tokens
             ref = stock(prefix, attention_mask=pmask, output_hidden_states=True, use_cache=False)
         for row in range(B):
             k = int(exits[row, step])
-            lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row, -1])
+            lens = ref.logits[row, -1] if k == L else arch.ExitHead(stock).logits(ref.hidden_states[k][row, -1])
             assert (out.scores[step][row] - lens).abs().max() <= atol, (step, row, k)
             if tokens:
                 assert int(out.sequences[row, n_prompt + step]) == int(lens.argmax()), (step, row, k)

@@ -26,7 +26,9 @@ from accelerate import cpu_offload
 from sklearn.svm import SVC
 
 from . import compat
-from .architectures import core as arch
+from .architectures.head import ExitHead
+from .architectures.kv_fill import KVFill
+from .architectures.registry import spec_for
 from .cache.propagate import PropagateExitCache, _OwedLayer
 from .models.llama import AdaInferLlamaForCausalLM
 from .policy.base import ScriptedExit
@@ -42,7 +44,7 @@ class _Capture:
         self.calls: list[tuple[int, tuple, dict]] = []
         self._handles = [
             layer.register_forward_pre_hook(self._hook(i), with_kwargs=True)
-            for i, layer in enumerate(arch.decoder_layers(model))
+            for i, layer in enumerate(spec_for(model).decoder_layers(model))
         ]
 
     def _hook(self, i):
@@ -154,22 +156,22 @@ def check_sliding_window_mask() -> None:
     hidden = model.model.embed_tokens(ids[:, 8:])
     position_ids = torch.arange(8, 11).unsqueeze(0)
     for idx, _, kwargs in cap.calls:
-        sliding = arch.sliding_window(model, idx) is not None
+        sliding = spec_for(model).sliding_window(model, idx) is not None
         ours = compat.causal_mask(model.config, hidden, mask, before, position_ids, layer_idx=idx, sliding=sliding)
         _close(ours, kwargs["attention_mask"], f"layer {idx} ({'sliding' if sliding else 'full'}) mask", atol=0)
-    if not any(arch.sliding_window(model, i) for i in range(3)):
+    if not any(spec_for(model).sliding_window(model, i) for i in range(3)):
         raise AssertionError("the tiny Qwen2 has no sliding-window layer: the check checked nothing")
 
 
 def check_rotary_position_embeddings() -> None:
-    """`arch.position_embeddings` equals the (cos, sin) the stock model passes to its decoder layers."""
+    """`ArchitectureSpec.position_embeddings` equals the (cos, sin) the stock model passes to its decoder layers."""
     model = _llama()
     ids = _ids()
     with _Capture(model) as cap, torch.no_grad():
         model(ids)
     _, _, kwargs = cap.calls[0]
     hidden = model.model.embed_tokens(ids)
-    ours = arch.position_embeddings(model, hidden, torch.arange(ids.shape[1]).unsqueeze(0))
+    ours = spec_for(model).position_embeddings(model, hidden, torch.arange(ids.shape[1]).unsqueeze(0))
     for name, a, b in zip(("cos", "sin"), ours, kwargs["position_embeddings"], strict=True):
         _close(a, b, f"rotary {name}")
 
@@ -180,7 +182,7 @@ def _stock_written_kv(model, layer_idx: int, hidden: torch.Tensor, layer_kwargs:
     kwargs = compat.with_layer_cache(layer_kwargs, fresh)
     kwargs["use_cache"] = True
     with torch.no_grad():
-        arch.decoder_layers(model)[layer_idx](hidden, **kwargs)
+        spec_for(model).decoder_layers(model)[layer_idx](hidden, **kwargs)
     written = fresh.layers[layer_idx]
     return written.keys, written.values
 
@@ -189,23 +191,23 @@ def _check_propagated_kv(model) -> None:
     ids = _ids()
     with _Capture(model) as cap, torch.no_grad():
         out = model(ids, output_hidden_states=True)
-    layers = arch.decoder_layers(model)
+    layers = spec_for(model).decoder_layers(model)
     for idx, layer in enumerate(layers):
         _, args, kwargs = cap.calls[idx]
         hidden = out.hidden_states[idx]
         kwargs = {k: v for k, v in kwargs.items() if k not in compat.CACHE_ARG_NAMES}
         ref_k, ref_v = _stock_written_kv(model, idx, hidden, kwargs)
         with torch.no_grad():
-            k, v = arch.layer_kv_states(model, layer, hidden, kwargs.get("position_embeddings"))
-            stacked = arch.stacked_kv_states(model, hidden, idx, kwargs.get("position_embeddings"))
+            k, v = spec_for(model).layer_kv_states(model, layer, hidden, kwargs.get("position_embeddings"))
+            stacked = KVFill(model).stacked(hidden, idx, kwargs.get("position_embeddings"))
         _close(k, ref_k, f"{model.config.model_type} layer {idx} propagated keys")
         _close(v, ref_v, f"{model.config.model_type} layer {idx} propagated values")
         _close(stacked[0][0], ref_k, f"{model.config.model_type} layer {idx} stacked keys", atol=1e-4)
         _close(stacked[0][1], ref_v, f"{model.config.model_type} layer {idx} stacked values", atol=1e-4)
         # the fill of every deeper layer from this layer's kwargs (each layer's own rotary table: Gemma3)
-        fill = arch.fill_position_embeddings(model, hidden, kwargs)
+        fill = spec_for(model).fill_position_embeddings(model, hidden, kwargs)
         with torch.no_grad():
-            stacked = arch.stacked_kv_states(model, hidden, idx, fill)
+            stacked = KVFill(model).stacked(hidden, idx, fill)
         for deeper in range(idx + 1, len(layers)):
             _, _, deeper_kwargs = cap.calls[deeper]
             deeper_kwargs = {k: v for k, v in deeper_kwargs.items() if k not in compat.CACHE_ARG_NAMES}
@@ -235,7 +237,7 @@ def check_propagated_kv_families() -> None:
 
 
 def check_logit_lens() -> None:
-    """The logit lens at layer k (`arch.exit_logits` of the stock hidden state) equals the logits of the stock
+    """The logit lens at layer k (`ExitHead.logits` of the stock hidden state) equals the logits of the stock
     model cut to k layers, for Llama, OPT, Qwen3 and Gemma3 (final logit softcapping)."""
     for build in (_llama, _opt, _qwen3, _gemma3):
         model = build(layers=3)
@@ -245,11 +247,11 @@ def check_logit_lens() -> None:
         for k in (1, 2):
             cut = build(layers=3)
             cut.load_state_dict(model.state_dict())
-            del arch.decoder_layers(cut)[k:]
+            del spec_for(cut).decoder_layers(cut)[k:]
             cut.config.num_hidden_layers = k
             with torch.no_grad():
                 ref = cut(ids).logits
-                ours = arch.exit_logits(model, hidden_states[k])
+                ours = ExitHead(model).logits(hidden_states[k])
             _close(ours, ref, f"{model.config.model_type} logit lens at layer {k}")
 
 
@@ -268,13 +270,13 @@ def check_dynamic_layer_swap() -> None:
     # A propagate cache with owed positions: any read path sees the same values as an eager fill.
     model = _llama()
     hidden = torch.randn(2, 4, 32)
-    pos = arch.position_embeddings(model, hidden, torch.arange(4).unsqueeze(0))
+    pos = spec_for(model).position_embeddings(model, hidden, torch.arange(4).unsqueeze(0))
     cache = PropagateExitCache(config=model.config)
     if not cache.defer(model, hidden, 1, pos) or type(cache.layers[2]) is not _OwedLayer:
         raise AssertionError("PropagateExitCache.defer did not defer layers of a plain DynamicCache")
     if cache.get_seq_length(2) != 4 or type(cache.layers[2]) is not compat.DynamicLayer:
         raise AssertionError("reading a deferred layer's length did not compute it and restore DynamicLayer")
-    ref_k, _ = arch.layer_kv_states(model, arch.decoder_layers(model)[2], hidden, pos)
+    ref_k, _ = spec_for(model).layer_kv_states(model, spec_for(model).decoder_layers(model)[2], hidden, pos)
     _close(cache.layers[2].keys, ref_k, "deferred keys")
 
 
@@ -323,7 +325,7 @@ def check_exit_keeps_cache_aligned() -> None:
     with torch.no_grad():
         out = ada(ids, use_cache=True, exit_policy=ScriptedExit(1), logits_to_keep=1)
         hidden = stock(ids, output_hidden_states=True).hidden_states[1]
-    _close(out.logits[:, -1], arch.exit_logits(stock, hidden[:, -1]), "exit logits")
+    _close(out.logits[:, -1], ExitHead(stock).logits(hidden[:, -1]), "exit logits")
     lengths = [compat.output_cache(out).get_seq_length(i) for i in range(3)]
     if lengths != [ids.shape[1]] * 3:
         raise AssertionError(f"cache lengths per layer after an exit are {lengths}, expected {[ids.shape[1]] * 3}")

@@ -148,7 +148,7 @@ def test_propagate_cache_matches_no_cache_propagation_recompute(variant):
         pos = n_prompt - 1 + step
         for row in range(3):
             k = int(exits[row, step])
-            lens = logits[row, pos] if k == L else arch.exit_logits(stock, outputs[k - 1][row, pos])
+            lens = logits[row, pos] if k == L else arch.ExitHead(stock).logits(outputs[k - 1][row, pos])
             assert (out.scores[step][row] - lens).abs().max() <= 1e-4, (step, row, k)
 
 
@@ -230,6 +230,6 @@ def test_real_gemma3_270m_never_exit_is_stock_and_exit_is_the_lens():
                                                                      check_every_layer=True))
         early = ada(**enc, use_cache=False, exit_policy=ScriptedExit(9), logits_to_keep=1)
     assert (never.logits - ref.logits).abs().max() <= 1e-3
-    lens = arch.exit_logits(ada, ref.hidden_states[9][:, -1])
+    lens = arch.ExitHead(ada).logits(ref.hidden_states[9][:, -1])
     assert early.exit_layers.tolist() == [9, 9]
     assert (early.logits[:, -1] - lens).abs().max() <= 1e-3

@@ -31,7 +31,7 @@ def test_cpu_disk_split_matches_stock_and_exits(tmp_path):
         tmp_path / "ckpt", device_map=SPLIT_MAP, offload_folder=str(tmp_path / "offload"), exit_classifier=None)
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
     assert arch.exit_head_device(model) == torch.device("cpu")
-    assert arch.fingerprints_match(arch.lm_head_fingerprint(model), arch.lm_head_fingerprint(stock))
+    assert arch.fingerprints_match(arch.ExitHead(model).fingerprint(), arch.ExitHead(stock).fingerprint())
     ids, mask = batch("left")
     with torch.no_grad():
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
@@ -41,7 +41,7 @@ def test_cpu_disk_split_matches_stock_and_exits(tmp_path):
     assert (plain.logits - ref.logits).abs().max() <= 1e-5
     assert out.exit_layers.tolist() == [1, 3, 4]
     for row, k in enumerate([1, 3]):
-        lens = arch.exit_logits(stock, ref.hidden_states[k][row])
+        lens = arch.ExitHead(stock).logits(ref.hidden_states[k][row])
         assert (out.logits[row] - lens).abs().max() <= 1e-5
     # the skipped layers' caches (some offloaded to disk: their weights load only inside their own call) were
     # filled at exit time, not deferred
@@ -59,6 +59,6 @@ def test_dtype_argument(tmp_path):
         out = model(ids, attention_mask=mask, use_cache=False, exit_policy=ScriptedExit(2))
     assert out.logits.dtype == torch.bfloat16 and out.exit_layers.tolist() == [2, 2, 2]
     # an fp32 and a bf16 load of the same head have matching fingerprints; another head does not
-    assert arch.fingerprints_match(arch.lm_head_fingerprint(model), arch.lm_head_fingerprint(stock))
+    assert arch.fingerprints_match(arch.ExitHead(model).fingerprint(), arch.ExitHead(stock).fingerprint())
     other, _ = make_pair("llama_tied", seed=5)
-    assert not arch.fingerprints_match(arch.lm_head_fingerprint(other), arch.lm_head_fingerprint(stock))
+    assert not arch.fingerprints_match(arch.ExitHead(other).fingerprint(), arch.ExitHead(stock).fingerprint())

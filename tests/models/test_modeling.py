@@ -32,8 +32,8 @@ class NeverExit(ExitPolicy):
 def _lens(stock, hidden_states, layer, row):
     """Independent reference: the logit lens of the stock model's hidden state after `layer`."""
     if layer == L:
-        return arch.head_logits(stock, hidden_states[L][row])  # LM head [+ Gemma3's final softcap]
-    return arch.exit_logits(stock, hidden_states[layer][row])
+        return arch.ExitHead(stock).final(hidden_states[L][row])  # LM head [+ Gemma3's final softcap]
+    return arch.ExitHead(stock).logits(hidden_states[layer][row])
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
@@ -119,7 +119,7 @@ def test_features_match_logit_lens_reference(variant):
     prev_probs = None
     for layer, feats, _rows in policy.seen:
         h = ref.hidden_states[layer][torch.arange(3), last]
-        probs = F.softmax(arch.exit_logits(stock, h), -1)
+        probs = F.softmax(arch.ExitHead(stock).logits(h), -1)
         top = probs.topk(2, -1).values
         gap, top_prob = top[:, 0] - top[:, 1], top[:, 0]
         h_prev = ref.hidden_states[layer - 1][torch.arange(3), last]
@@ -191,7 +191,7 @@ def test_half_precision(dtype):
         out = ada(ids, attention_mask=mask, use_cache=False, exit_policy=ScriptedExit([2, 2, 2]))
     assert torch.equal(plain.logits, ref.logits)
     assert out.logits.dtype == dtype
-    lens = arch.exit_logits(stock, ref.hidden_states[2][:, -1])
+    lens = arch.ExitHead(stock).logits(ref.hidden_states[2][:, -1])
     assert (out.logits[:, -1] - lens).abs().max() <= 1e-2
 
 
@@ -202,12 +202,12 @@ def test_half_precision_check_head_on_fp32_model():
     with torch.no_grad():
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
         out = ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=policy)
-        copy = ada.__dict__["_adainfer_head_copy"][1]
+        copy = ada.exit_head.weight_as(torch.bfloat16)[0]
         ada(ids, attention_mask=mask, use_cache=False, logits_to_keep=1, exit_policy=policy)
-    assert ada.__dict__["_adainfer_head_copy"][1] is copy and copy.dtype == torch.bfloat16  # converted once
-    assert "_adainfer_head_copy" not in "".join(ada.state_dict())  # not a parameter or buffer
+    assert ada.exit_head.weight_as(torch.bfloat16)[0] is copy and copy.dtype == torch.bfloat16  # converted once
+    assert not any("exit_head" in k for k in ada.state_dict())  # not a parameter or buffer
     assert out.logits.dtype == torch.float32
-    lens = arch.exit_logits(stock, ref.hidden_states[2][:2, -1])
+    lens = arch.ExitHead(stock).logits(ref.hidden_states[2][:2, -1])
     assert (out.logits[:2, -1] - lens).abs().max() <= 2e-2
     assert (out.logits[2, -1] - ref.logits[2, -1]).abs().max() <= 1e-5  # full depth: the fp32 head
     with pytest.raises(ValueError, match="'int8'"):

@@ -172,6 +172,7 @@ def test_policies_with_the_same_shortlist_share_the_gathered_head_rows():
             out = ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy)
             keep = list(policy.check_vocabulary)
             assert (out.logits[:, -1, keep] - ref[:, keep]).abs().max() <= 1e-5
-            gathered.append(ada.__dict__["_adainfer_head_rows"][2])
+            head = ada.exit_head
+            gathered.append(head.rows(head.vocabulary(policy.check_vocabulary), torch.float32)[0])
     assert gathered[0] is gathered[1] is gathered[2]
     assert gathered[3] is not gathered[0] and gathered[3].shape[0] == len(other.check_vocabulary)

@@ -97,7 +97,7 @@ def test_the_gate_picks_the_rows_whose_check_computes_the_head(variant, rule, ot
         assert seen == [B]  # no lens at the checks: one head after the loop, over every row's frozen state
     for row, k in enumerate(expected):
         k = int(k)
-        lens = ref.logits[row] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row])
+        lens = ref.logits[row] if k == L else arch.ExitHead(stock).logits(ref.hidden_states[k][row])
         assert (out.logits[row, -1] - lens[-1]).abs().max() <= 1e-5
         real = mask[row].bool()
         assert (every.logits[row][real] - lens[real]).abs().max() <= 1e-5

@@ -91,7 +91,7 @@ def test_batch_rows_exit_independently_with_eos_and_one_token(mode):
     with torch.no_grad():
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     for row, k in enumerate([1, 4, 2]):
-        lens = ref.logits[row, -1] if k == L else arch.exit_logits(stock, ref.hidden_states[k][row, -1])
+        lens = ref.logits[row, -1] if k == L else arch.ExitHead(stock).logits(ref.hidden_states[k][row, -1])
         assert int(out.sequences[row, -1]) == int(lens.argmax())
     # EOS mid-batch: make row 0's first token the EOS; generation goes on for the others
     eos = int(out.sequences[0, -1])

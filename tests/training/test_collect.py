@@ -40,7 +40,7 @@ def test_rows_equal_stock_logit_lens(kind):
         for row in rows:
             k = int(table.layer[row])
             with torch.no_grad():
-                probs = arch.exit_logits(stock, ref.hidden_states[k][0, -1]).float().softmax(-1)
+                probs = arch.ExitHead(stock).logits(ref.hidden_states[k][0, -1]).float().softmax(-1)
             top2 = probs.topk(2)
             assert abs(table.X[row, ti] - float(top2.values[0])) < 1e-4
             assert abs(table.X[row, gi] - float(top2.values[0] - top2.values[1])) < 1e-4
@@ -185,7 +185,7 @@ def test_real_model_rows_and_simulation_match_live_exits(smollm2_dir):
     ids = tok(prompts[0].text, return_tensors="pt")["input_ids"]
     with torch.no_grad():
         ref = stock(ids, output_hidden_states=True, use_cache=False)
-        lens = torch.stack([arch.exit_logits(stock, ref.hidden_states[k][0, -1]) for k in range(1, n_layers)])
+        lens = torch.stack([arch.ExitHead(stock).logits(ref.hidden_states[k][0, -1]) for k in range(1, n_layers)])
     probs = lens.float().softmax(-1).topk(2)
     rows = table.prompt_id == 0
     assert np.allclose(table.X[rows, 1], probs.values[:, 0].numpy(), atol=2e-3)
@@ -220,7 +220,7 @@ def test_half_precision_check_head_is_collected_trained_and_kept():
         for row in np.flatnonzero(table.prompt_id == pid):
             k = int(table.layer[row])
             with torch.no_grad():
-                normed = arch.exit_norm(stock, ref.hidden_states[k][0, -1])
+                normed = arch.ExitHead(stock).norm(ref.hidden_states[k][0, -1])
                 probs = (normed.to(torch.bfloat16) @ head.T).float().softmax(-1)
             assert abs(table.X[row, 1] - float(probs.max())) < 2e-2  # bf16 rounding of the padded batch
     fp32 = collect_features(ada, tok, prompts, features=("gap", "top_prob"), progress=False)

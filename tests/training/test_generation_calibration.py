@@ -71,7 +71,7 @@ def test_generation_rows_are_the_stock_greedy_tokens_and_their_logit_lens(varian
                 hs = stock(ref[:, : ids.shape[1] + t], output_hidden_states=True, use_cache=False).hidden_states
             for row in np.flatnonzero(table.prompt_id == unit):
                 k = int(table.layer[row])
-                probs = arch.exit_logits(stock, hs[k][0, -1]).detach().float().softmax(-1).topk(2).values
+                probs = arch.ExitHead(stock).logits(hs[k][0, -1]).detach().float().softmax(-1).topk(2).values
                 assert abs(table.X[row, 1] - float(probs[0])) < 2e-4
                 assert abs(table.X[row, 0] - float(probs[0] - probs[1])) < 2e-4
                 np.testing.assert_allclose(table.hidden[row].astype(np.float32), hs[k][0, -1].numpy(), rtol=3e-3,

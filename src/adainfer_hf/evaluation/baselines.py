@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from ..architectures import core as arch
+from ..architectures.registry import spec_for
 from ..data.prompts import split_examples
 from ..estimators.rules import GapThresholdRule
 from ..policy.base import ExitPolicy
@@ -156,7 +156,7 @@ def prepare_baselines(model, tokenizer, calibration_prompts, methods: Sequence[s
     unknown = [m for m in methods if m not in EVAL_METHODS]
     if unknown:
         raise ValueError(f"Unknown method(s) {unknown}; expected names from {list(EVAL_METHODS)}.")
-    L = arch.num_layers(model)
+    L = spec_for(model).num_layers(model)
     notes = {"dense": "full depth", "oracle": "earliest layer agreeing with dense through L (the ceiling), run "
              "with ScriptedExit; its exact match is dense's by construction"}
     out = Baselines(info={m: notes[m] for m in ("dense", "oracle") if m in methods})

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import core as arch
+from ..architectures.registry import spec_for
 from ..policy.base import ScriptedExit
 from ..training.calibrate import simulate_exits
 from ..training.collect import collect_features
@@ -117,7 +117,7 @@ def evaluate_prompts(model, tokenizer, prompts, baselines: Baselines, methods: S
     if not isinstance(timing_repeats, int) or timing_repeats < 1:
         raise ValueError(f"timing_repeats must be an int >= 1; got {timing_repeats!r}.")
     methods = [m for m in EVAL_METHODS if m in methods]
-    L, cfg = arch.num_layers(model), model.config
+    L, cfg = spec_for(model).num_layers(model), model.config
     device = next(model.parameters()).device
     shard = {"num_layers": L, "groups": {}, "curves": {}, "sweep": {}}
     groups: dict[tuple[str, int], list] = {}

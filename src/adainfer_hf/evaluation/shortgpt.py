@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from .. import compat
-from ..architectures import core as arch
+from ..architectures.registry import spec_for
 from ..utils.tokenizers import left_padding
 
 __all__ = ["block_influence", "prune_layers", "shortgpt_layers_to_remove", "shortgpt_model"]
@@ -59,7 +59,7 @@ def block_influence(model: nn.Module, tokenizer, texts: Sequence[str], batch_siz
         raise ValueError("block_influence needs at least one non-empty calibration text; got none.")
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1; got {batch_size!r}.")
-    layers = arch.decoder_layers(model)
+    layers = spec_for(model).decoder_layers(model)
     L = len(layers)
     cos_sum = torch.zeros(L, dtype=torch.float64)
     count = 0
@@ -143,7 +143,7 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
     Returns:
         `PreTrainedModel`: the pruned model (same class as `model`).
     """
-    layers = arch.decoder_layers(model)
+    layers = spec_for(model).decoder_layers(model)
     L = len(layers)
     remove = sorted({int(k) for k in remove})
     if any(k < 1 or k > L for k in remove) or len(remove) >= L:
@@ -174,7 +174,7 @@ def prune_layers(model: nn.Module, remove: Sequence[int]) -> nn.Module:
     pruned.__dict__.pop("_exit_stats", None)  # AdaInfer running totals: the pruned model keeps its own
     pruned.config = config
     # Walk down to the decoder, copying each module on the way so the original tree is never touched.
-    base = arch.base_decoder(model)
+    base = spec_for(model).base_decoder(model)
     parent, path = pruned, []
     node = model
     while node is not base:

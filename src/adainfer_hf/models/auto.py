@@ -6,6 +6,7 @@ import os
 
 from transformers import AutoConfig
 
+from ..architectures.registry import SUPPORTED_MODEL_TYPES
 from .gemma3 import AdaInferGemma3ForCausalLM
 from .llama import AdaInferLlamaForCausalLM
 from .mistral import AdaInferMistralForCausalLM
@@ -15,15 +16,15 @@ from .qwen3 import AdaInferQwen3ForCausalLM
 
 __all__ = ["ADAINFER_CLASSES", "AutoAdaInferForCausalLM"]
 
-ADAINFER_CLASSES: dict[str, type] = {
-    "llama": AdaInferLlamaForCausalLM,
-    "opt": AdaInferOPTForCausalLM,
-    "qwen2": AdaInferQwen2ForCausalLM,
-    "qwen3": AdaInferQwen3ForCausalLM,
-    "mistral": AdaInferMistralForCausalLM,
-    "gemma3_text": AdaInferGemma3ForCausalLM,
-}
-"""`config.model_type` -> the AdaInfer causal-LM class that loads it."""
+_FAMILY_CLASSES = (AdaInferLlamaForCausalLM, AdaInferOPTForCausalLM, AdaInferQwen2ForCausalLM,
+                   AdaInferQwen3ForCausalLM, AdaInferMistralForCausalLM, AdaInferGemma3ForCausalLM)
+_BY_TYPE = {cls.config_class.model_type: cls for cls in _FAMILY_CLASSES}
+if set(_BY_TYPE) != set(SUPPORTED_MODEL_TYPES):  # the one family registry is `architectures.registry`
+    raise ImportError(f"AdaInfer classes exist for {sorted(_BY_TYPE)} but architectures.registry supports "
+                      f"{sorted(SUPPORTED_MODEL_TYPES)}; every family needs both a spec and a class.")
+ADAINFER_CLASSES: dict[str, type] = {t: _BY_TYPE[t] for t in SUPPORTED_MODEL_TYPES}
+"""`config.model_type` -> the AdaInfer causal-LM class that loads it (keys: `architectures.SUPPORTED_MODEL_TYPES`,
+in the registry's order; each class's type is its stock class's `config_class.model_type`)."""
 
 _CONFIG_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 

@@ -10,14 +10,16 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 from dataclasses import dataclass
 
 import torch
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .. import compat
-from ..architectures import core as arch
+from ..architectures.copies import weight_call
+from ..architectures.head import ExitHead
+from ..architectures.kv_fill import KVFill
+from ..architectures.registry import spec_for
 from ..artifact.io import commit_artifact, save_beside_weights
 from ..cache.base import strategy_for
 from ..cache.exact import CACHE_MODES, ExactExitCache
@@ -33,6 +35,15 @@ from .beside import find_classifier_beside
 __all__ = ["AdaInferCausalLMOutput", "AdaInferMixin", "ExitLayerMixin"]
 
 _AUTO = object()  # from_pretrained's "look for an exit classifier beside the checkpoint"
+
+
+class _CheckedPolicy:
+    """A per-call `exit_policy` that `generate` already checked: its steps' forwards skip the check."""
+
+    __slots__ = ("policy",)
+
+    def __init__(self, policy):
+        self.policy = policy
 
 
 class _NoChecks(ExitPolicy):
@@ -75,10 +86,14 @@ class AdaInferMixin:
     _adainfer_layer_class: type = None
 
     def _adainfer_setup(self) -> None:
-        for layer in arch.decoder_layers(self):
+        spec = spec_for(self)  # the family, looked up once: the head and the K/V fill hold it
+        for layer in spec.decoder_layers(self):
             # Same parameters, same keys: only the class (and so `forward`) changes.
             layer.__class__ = self._adainfer_layer_class
         self._exit_classifier = None
+        # Plain objects (not submodules: no state-dict keys); their kept copies are not pickled.
+        self.exit_head = ExitHead(self, spec)
+        self.kv_fill = KVFill(self, spec)
 
     # ------------------------------------------------------------------ the classifier
     @property
@@ -122,12 +137,11 @@ class AdaInferMixin:
                 f"exit_policy={exit_policy!r} was passed to a model in training mode with gradient checkpointing "
                 "enabled: early exit is an inference feature and checkpointing cannot recompute an exit. Pass no "
                 "exit_policy (training computes every layer) or call model.eval() first.")
+        if isinstance(exit_policy, _CheckedPolicy):
+            return exit_policy.policy  # checked once by `generate` for all its steps
         if exit_policy is None or exit_policy is self._exit_classifier:
             return exit_policy
-        checked = self.__dict__.get("_adainfer_checked_policy")
-        if checked is None or checked() is not exit_policy:
-            self._adainfer_check_policy(exit_policy, "exit_policy")
-            self.__dict__["_adainfer_checked_policy"] = weakref.ref(exit_policy)
+        self._adainfer_check_policy(exit_policy, "exit_policy")  # (no memo on the model: no per-call state)
         return exit_policy
 
     # ------------------------------------------------------------------ forward
@@ -175,7 +189,7 @@ class AdaInferMixin:
                       inputs_embeds=inputs_embeds, use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
         if policy is None:
             out = super().forward(labels=labels, logits_to_keep=logits_to_keep, **common, **kwargs)
-            full = torch.full((ref.shape[0],), arch.num_layers(self), dtype=torch.long)
+            full = torch.full((ref.shape[0],), self.exit_head.spec.num_layers(self), dtype=torch.long)
             self._adainfer_record(full, exit_recorder)
             if not isinstance(out, dict):
                 return out  # return_dict=False: the stock tuple
@@ -192,15 +206,16 @@ class AdaInferMixin:
         if use_cache and past_key_values is None:
             past_key_values = PropagateExitCache(config=self.config)
         common.update(use_cache=use_cache, **{compat.CACHE_ARG: past_key_values})
-        run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
-                      attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
-        try:
-            outputs = arch.base_decoder(self)(**common, adainfer_run=run, **kwargs)
-        finally:
-            run.close()
-        run.cache_strategy.finish_step(run)
-        self._adainfer_record(run.exit_layers, exit_recorder)
-        result = self._adainfer_output(outputs, run, labels, logits_to_keep, kwargs)
+        with weight_call():  # one call: each kept weight copy is verified at most once (`architectures.copies`)
+            run = ExitRun(self, policy, batch_size=ref.shape[0], query_length=ref.shape[1],
+                          attention_mask=attention_mask, past_key_values=past_key_values, position_ids=position_ids)
+            try:
+                outputs = self.exit_head.spec.base_decoder(self)(**common, adainfer_run=run, **kwargs)
+            finally:
+                run.close()
+            run.cache_strategy.finish_step(run)
+            self._adainfer_record(run.exit_layers, exit_recorder)
+            result = self._adainfer_output(outputs, run, labels, logits_to_keep, kwargs)
         return result if return_dict else result.to_tuple()
 
     def _adainfer_step_policy(self, policy, cache, query_length: int):
@@ -209,7 +224,7 @@ class AdaInferMixin:
         owed = strategy_for(cache).owes_positions
         if policy is not None and not owed:
             past = cache.get_seq_length(0) if cache is not None else 0
-            if not policy.layers_to_check(arch.num_layers(self), decode=is_decode_step(query_length, past)):
+            if not policy.layers_to_check(self.exit_head.spec.num_layers(self), decode=is_decode_step(query_length, past)):
                 policy = None
         return _NoChecks() if policy is None and owed else policy
 
@@ -290,8 +305,11 @@ class AdaInferMixin:
                 config=self.config)
         if cache is not None:
             kwargs[compat.CACHE_ARG] = cache
+        if "exit_policy" in kwargs:
+            kwargs["exit_policy"] = _CheckedPolicy(policy)  # checked above, once for every step
         recorder = ExitRecorder()
-        out = super().generate(*args, exit_recorder=recorder, **kwargs)
+        with weight_call():  # the whole generate is one call for the kept weight copies
+            out = super().generate(*args, exit_recorder=recorder, **kwargs)
         if not isinstance(out, torch.Tensor):
             out["exit_layers"] = recorder.stacked()
         return out
@@ -302,14 +320,14 @@ class AdaInferMixin:
         prompt = args[0] if args else kwargs.get("input_ids", kwargs.get("inputs"))
         prompt_len = prompt.shape[1] if isinstance(prompt, torch.Tensor) and prompt.dim() == 2 else 0
         steps = max(sequences.shape[1] - prompt_len, 0)
-        return torch.full((sequences.shape[0], steps), arch.num_layers(self), dtype=torch.long)
+        return torch.full((sequences.shape[0], steps), self.exit_head.spec.num_layers(self), dtype=torch.long)
 
     @property
     def exit_stats(self) -> ExitStatistics:
         """Running totals of exit layers over every forward since creation or the last `exit_stats.reset()`."""
         stats = self.__dict__.get("_exit_stats")
         if stats is None:
-            stats = ExitStatistics(arch.num_layers(self))
+            stats = ExitStatistics(self.exit_head.spec.num_layers(self))
             self.__dict__["_exit_stats"] = stats
         return stats
 

@@ -6,19 +6,13 @@ for tests, benchmarks and "what if every token exited at k" studies.
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Sequence
 
 import torch
 
-__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit", "check_dtype_or_raise", "check_vocabulary_or_raise",
-           "vocabulary_index"]
+__all__ = ["CHECK_DTYPES", "ExitPolicy", "ScriptedExit", "check_dtype_or_raise", "check_vocabulary_or_raise"]
 
 CHECK_DTYPES = (None, "float16", "bfloat16", "float32")  # None: the LM head's own dtype
-# One index tensor per (shortlist, device), shared by every policy that holds the same ids: the gathered head rows
-# (`architectures.exit_logits`) are kept per index tensor, so classifiers alternating on one model with the same
-# shortlist (twins at two targets) share one copy instead of gathering it again at every call.
-_VOCABULARY_INDEXES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
 
 def check_dtype_or_raise(check_dtype: str | None) -> str | None:
@@ -47,29 +41,6 @@ def check_vocabulary_or_raise(vocabulary, width: int | None = None) -> tuple[int
     if len(ids) < 2:
         raise ValueError(f"check_vocabulary={ids!r} must hold at least 2 token ids (the gap compares two).")
     return tuple(sorted(ids))
-
-
-def vocabulary_index(policy, device, width: int) -> torch.Tensor | None:
-    """`policy.check_vocabulary` as a LongTensor on `device`, looked up once per (vocabulary, device) and kept on
-    the policy; policies with the same ids share the tensor, whose identity lets `architectures.exit_logits` keep
-    the gathered head rows. None without one.
-    `ValueError` when it holds an id outside the LM head's `width` outputs (checked when the index is built)."""
-    ids = getattr(policy, "check_vocabulary", None)
-    if ids is None:
-        return None
-    memo = policy.__dict__.get("_adainfer_vocabulary_index")
-    if memo is None or memo[0] is not ids or memo[1] != device or memo[2] != width:
-        top = max(ids)
-        if top >= width:
-            raise ValueError(f"check_vocabulary holds token id {top}, but the model's LM head has {width} outputs; "
-                             f"expected ids in [0, {width}).")
-        key = (tuple(ids), str(device))
-        index = _VOCABULARY_INDEXES.get(key)
-        if index is None:
-            index = _VOCABULARY_INDEXES[key] = torch.tensor(key[0], dtype=torch.long, device=device)
-        memo = (ids, device, width, index)
-        policy.__dict__["_adainfer_vocabulary_index"] = memo
-    return memo[3]
 
 
 class ExitPolicy:

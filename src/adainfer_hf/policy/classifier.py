@@ -21,7 +21,7 @@ import warnings
 import numpy as np
 import torch
 
-from ..architectures import core as architectures
+from ..architectures.head import fingerprints_match, head_of
 from ..artifact.codec import _logit, _qualified_name, _score_kind
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
 from ..artifact.constants import (
@@ -94,7 +94,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         num_layers (`int`, *optional*):
             The base model's decoder layer count; checked by [`~ExitClassifier.validate_for`].
         lm_head_fingerprint (`dict`, *optional*):
-            `architectures.lm_head_fingerprint` of the base model; checked by [`~ExitClassifier.validate_for`].
+            `ExitHead.fingerprint()` of the base model; checked by [`~ExitClassifier.validate_for`].
         calibration (`dict`, *optional*):
             Free-form figures achieved at calibration time (saved in the config).
         config ([`ExitClassifierConfig`], *optional*):
@@ -282,9 +282,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         config = getattr(model, "config", None)
         filled = {}
         if self.num_layers is None:
-            filled["num_layers"] = architectures.num_layers(model)
+            filled["num_layers"] = head_of(model).spec.num_layers(model)
         if self.lm_head_fingerprint is None:
-            filled["lm_head_fingerprint"] = architectures.lm_head_fingerprint(model)
+            filled["lm_head_fingerprint"] = head_of(model).fingerprint()
         if self.base_model_name_or_path is None:
             name = getattr(config, "_name_or_path", None) or getattr(model, "name_or_path", None)
             filled["base_model_name_or_path"] = name or None
@@ -306,7 +306,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             `ValueError`: naming both values, when they differ and `ignore_mismatch` is False.
         """
         problems = []
-        n_model = architectures.num_layers(model)
+        n_model = head_of(model).spec.num_layers(model)
         if self.min_layer >= n_model:  # an unbound classifier would silently never exit
             raise ValueError(f"min_layer={self.min_layer} leaves nothing to check on a model with {n_model} decoder "
                              f"layers (checks run after layers 1..{n_model - 1}); use a min_layer < {n_model}.")
@@ -317,8 +317,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         if self.num_layers is not None and n_model != self.num_layers:
             problems.append(f"num_layers: classifier {self.num_layers} vs model {n_model}")
         if self.lm_head_fingerprint is not None:
-            fp = architectures.lm_head_fingerprint(model)
-            if not architectures.fingerprints_match(self.lm_head_fingerprint, fp):
+            fp = head_of(model).fingerprint()
+            if not fingerprints_match(self.lm_head_fingerprint, fp):
                 ours = self.lm_head_fingerprint
                 problems.append(
                     f"LM-head fingerprint: classifier {ours.get('sha256')} (shape {ours.get('shape')}) vs "

@@ -21,7 +21,7 @@ from torch import nn
 from .. import compat
 from ..architectures import core as arch
 from ..cache.base import ExitCacheStrategy, strategy_for
-from ..policy.base import ExitPolicy, vocabulary_index
+from ..policy.base import ExitPolicy
 from ..policy.features import LayerStats, compute_features, feature_needs
 from .rows import RowSubsetCache, take_rows
 
@@ -112,7 +112,7 @@ class ExitRun:
         self.head_device = arch.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
         self.head_width = None if getattr(policy, "check_vocabulary", None) is None else arch.head_width(model)
-        self.vocabulary = vocabulary_index(policy, self.head_device, self.head_width)  # None: every token
+        self.vocabulary = model.exit_head.vocabulary(getattr(policy, "check_vocabulary", None))  # None: all
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
         self.exit_layers = torch.full((batch_size,), self.num_layers, dtype=torch.long)
@@ -244,7 +244,7 @@ class ExitRun:
             if self.defer_exit_head:
                 self._exit(rows)  # no check logits: the final head gives them (`runtime.output`)
                 return
-        logits = arch.exit_logits(self.model, h_last, self.check_dtype, self.vocabulary)
+        logits = self.model.exit_head.logits(h_last, self.check_dtype, self.vocabulary)
         prev = None
         if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
             prev = self.prev_stats.select(rows.to(self.prev_stats.gap.device))
@@ -290,8 +290,7 @@ class ExitRun:
 
     def _over_head(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over `check_vocabulary` [n, K] as the head's [n, V]: every other token gets -inf."""
-        full = logits.new_full((logits.shape[0], self.head_width), float("-inf"))
-        return full.index_copy_(1, self.vocabulary.to(logits.device), logits)
+        return self.model.exit_head.over_head(logits, self.vocabulary)
 
     def _remember(self, stats: LayerStats, rows: torch.Tensor) -> None:
         """Keeps this layer's per-row values for the next layer's `delta_*`, `kl_prev` and `cos_*` features."""

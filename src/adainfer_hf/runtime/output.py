@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..architectures import core as arch
+from ..architectures.head import head_of
 from .exit_run import ExitRun
 
 __all__ = ["output_logits"]
@@ -25,13 +25,13 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     gate passes) get theirs here, in the same head call as the rows that ran every layer; so do the exact cache's
     rows that ran on after their exit (from the exit state it kept).
     """
-    head = model.get_output_embeddings()
+    head = head_of(model)
     # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
     exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head)
     last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
         (run.last_pos == hidden.shape[1] - 1).all())
     if last_only and bool(exited.any()):
-        out_dtype = arch.execution_dtype(head)
+        out_dtype = head.dtype
         if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
             return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
         device = run.exit_logits.device
@@ -41,7 +41,7 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
         running = (~exited).nonzero().squeeze(-1)
         if running.numel():
             h = hidden[running.to(hidden.device), -1:]
-            logits[running.to(device)] = arch.head_logits(model, h).to(device, out_dtype)
+            logits[running.to(device)] = head.final(h).to(device, out_dtype)
         return logits
     if isinstance(logits_to_keep, int):
         keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
@@ -52,9 +52,8 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
         # exact cache option: a row that exited kept running for the cache; its output is its exit layer's
         normed = normed.clone()
         for row, frozen in run.cache_strategy.frozen_hidden.items():
-            state = frozen[keep].to(arch.exit_head_device(model))  # (as `arch.exit_logits` moves it)
-            normed[row] = arch.exit_norm(model, state).to(normed.device, normed.dtype)
-    logits = arch.head_logits(model, normed)  # LM head [+ the family's softcap]: one call for every row
+            normed[row] = head.norm(frozen[keep]).to(normed.device, normed.dtype)
+    logits = head.final(normed)  # LM head [+ the family's softcap]: one call for every row
     if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
         # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
         pos = run.last_pos - max(0, hidden.shape[1] - (logits_to_keep or hidden.shape[1]))

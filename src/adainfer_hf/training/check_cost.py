@@ -12,7 +12,8 @@ import time
 
 import torch
 
-from ..architectures import core as arch
+from ..architectures.devices import execution_device
+from ..architectures.head import head_of
 from ..policy.base import check_vocabulary_or_raise
 from ..policy.features import compute_features
 
@@ -25,14 +26,15 @@ class LayerClock:
     def __init__(self, model, seq_len: int, batch_size: int, phase: str, repeats: int):
         if phase not in ("prefill", "decode"):
             raise ValueError(f"phase must be 'prefill' or 'decode'; got {phase!r}.")
-        self.layer = arch.decoder_layers(model)[0]
-        self.device = arch.execution_device(self.layer)
+        spec = head_of(model).spec
+        self.layer = spec.decoder_layers(model)[0]
+        self.device = execution_device(self.layer)
         dtype = next(self.layer.parameters()).dtype
         q = seq_len if phase == "prefill" else 1
         self.hidden = torch.randn(batch_size, q, model.config.hidden_size, device=self.device, dtype=dtype)
         pos = torch.arange(q, device=self.device).unsqueeze(0)
         self.kwargs = {"position_ids": pos}
-        pe = arch.position_embeddings(model, self.hidden, pos)
+        pe = spec.position_embeddings(model, self.hidden, pos)
         if pe is not None:
             self.kwargs["position_embeddings"] = pe
         self.repeats = repeats
@@ -69,15 +71,17 @@ def measure_check_cost(model, seq_len: int = 256, batch_size: int = 1, phase: st
     """
     clock = LayerClock(model, seq_len, batch_size, phase, repeats)
     head_dtype = None if check_dtype is None else getattr(torch, check_dtype)
-    index = None if check_vocabulary is None else torch.tensor(
-        check_vocabulary_or_raise(check_vocabulary, arch.head_width(model)), device=arch.exit_head_device(model))
+    head = head_of(model)
+    index = None if check_vocabulary is None else head.vocabulary(
+        check_vocabulary_or_raise(check_vocabulary, head.width))
 
     def run_check():
-        logits = arch.exit_logits(model, clock.hidden[:, -1], head_dtype, index)
+        logits = head.logits(clock.hidden[:, -1], head_dtype, index)
         feats, _ = compute_features(features, logits)
         feats.to("cpu")  # the decision's one device-to-host sync
 
-    return clock.in_layers(run_check)
+    with head.session():  # as inside a forward: the kept copies are verified once, not at every check
+        return clock.in_layers(run_check)
 
 
 @torch.no_grad()

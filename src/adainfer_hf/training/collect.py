@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from ..architectures import core as arch
+from ..architectures.registry import spec_for
 from ..data.prompts import gold_first_token
 from ..models.auto import AutoAdaInferForCausalLM
 from ..models.default_model import default_model_dir
@@ -115,7 +115,7 @@ def collect_features(
     prompts = list(prompts)
     if not prompts:
         raise ValueError("collect_features got no prompts.")
-    L = arch.num_layers(model)
+    L = spec_for(model).num_layers(model)
     P, F = len(prompts), len(features)
     gold = np.array(
         [gold_first_token(tokenizer, p.text, p.answer) if p.answer.strip() else -1 for p in prompts],
@@ -147,7 +147,7 @@ def _record_layers(model, tokenizer, prompts, features, batch_size, progress, ch
     """Runs every prompt through the exit loop with a [`RecordingPolicy`]: features `[P, L-1, F]`, top-1 tokens
     `[P, L-1]`, the dense top-1 `[P]` and (with `hidden_size`) hidden states `[P, L-1, H]` (else None), each
     prompt in its own slot."""
-    L, P = arch.num_layers(model), len(prompts)
+    L, P = spec_for(model).num_layers(model), len(prompts)
     feats = np.zeros((P, L - 1, len(features)), dtype=np.float32)
     hidden = None if hidden_size is None else np.zeros((P, L - 1, hidden_size), dtype=np.float16)
     tops = np.zeros((P, L - 1), dtype=np.int64)

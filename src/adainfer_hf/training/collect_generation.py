@@ -17,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import compat
-from ..architectures import core as arch
+from ..architectures.registry import spec_for
 from ..policy.base import check_dtype_or_raise
 from ..policy.features import FEATURES
 from ..utils.tokenizers import left_padding
@@ -60,7 +60,7 @@ def collect_generation_features(
     """
     features, prompts = tuple(features), list(prompts)
     _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype, first_layer)
-    L, P, T = arch.num_layers(model), len(prompts), new_tokens
+    L, P, T = spec_for(model).num_layers(model), len(prompts), new_tokens
     hidden_size = int(model.config.hidden_size) if hidden_states else None
     kept = slice(first_layer - 1, L - 1)  # the recorded layers first_layer..L-1, 0-based
     feats = np.zeros((P, T, L - first_layer, len(features)), dtype=np.float32)
@@ -97,7 +97,7 @@ def _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype,
     check_feature_names(features)
     if not prompts:
         raise ValueError("collect_generation_features got no prompts.")
-    L = arch.num_layers(model)
+    L = spec_for(model).num_layers(model)
     if not isinstance(first_layer, int) or isinstance(first_layer, bool) or not 1 <= first_layer <= L - 1:
         raise ValueError(f"first_layer must be an int in [1, {L - 1}] (the checkable layers); got {first_layer!r}.")
 
@@ -105,7 +105,7 @@ def _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype,
 def _generation_table(model, prompts, features, feats, tops, final, hidden, first_layer,
                       check_dtype) -> FeatureTable:
     """The table of recorded arrays `[P, T, layers, ...]`: one unit per (prompt, generated token)."""
-    L = arch.num_layers(model)
+    L = spec_for(model).num_layers(model)
     P, T = final.shape
     n_layers = L - first_layer
     units = P * T
@@ -133,7 +133,7 @@ def _generation_table(model, prompts, features, feats, tops, final, hidden, firs
 def _record_batch(model, tokenizer, texts, new_tokens, features, check_dtype, hidden_size, first_layer):
     """Greedy dense generation of one left-padded batch, recording every layer of every step: a list of
     `(RecordingPolicy, next tokens as a numpy array)`, one per generated token."""
-    L = arch.num_layers(model)
+    L = spec_for(model).num_layers(model)
     device = next(model.parameters()).device
     enc = tokenizer(texts, return_tensors="pt", padding=True).to(device)
     mask = enc["attention_mask"]

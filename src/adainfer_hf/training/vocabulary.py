@@ -19,7 +19,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from ..architectures import core as arch
+from ..architectures.head import head_of
 from ..policy.base import check_vocabulary_or_raise
 from ..policy.features import compute_features, feature_needs
 from .table import FeatureTable
@@ -64,20 +64,22 @@ def restrict_table(model, table: FeatureTable, vocabulary: Sequence[int], batch_
     if needs:
         raise ValueError(f"features {list(table.feature_names)} need {sorted(needs)} besides the layer's own lens; "
                          "only such features can be recomputed over a check vocabulary.")
-    ids = check_vocabulary_or_raise(vocabulary, arch.head_width(model))
-    device = arch.exit_head_device(model)
-    index = torch.tensor(ids, dtype=torch.long, device=device)
+    head = head_of(model)
+    ids = check_vocabulary_or_raise(vocabulary, head.width)
+    device = head.device
+    index = head.vocabulary(ids)
     dtype = table.meta.get("check_dtype")
     dtype = None if dtype is None else getattr(torch, dtype)
     model_dtype = next(model.parameters()).dtype
     X = np.empty_like(table.X)
     top = np.empty_like(table.top_token)
-    for start in range(0, len(table), batch_size):
-        h = torch.from_numpy(table.hidden[start:start + batch_size]).to(device, model_dtype)
-        logits = arch.exit_logits(model, h, dtype, index)
-        feats, stats = compute_features(table.feature_names, logits)
-        X[start:start + len(h)] = feats.cpu().numpy()
-        top[start:start + len(h)] = index[stats.top_token].cpu().numpy()
+    with head.session():  # one call: the gathered rows are verified once for the whole table
+        for start in range(0, len(table), batch_size):
+            h = torch.from_numpy(table.hidden[start:start + batch_size]).to(device, model_dtype)
+            logits = head.logits(h, dtype, index)
+            feats, stats = compute_features(table.feature_names, logits)
+            X[start:start + len(h)] = feats.cpu().numpy()
+            top[start:start + len(h)] = index[stats.top_token].cpu().numpy()
     meta = dict(table.meta, check_vocabulary=list(ids))
     return dataclasses.replace(table, X=X, top_token=top, meta=meta)
 
@@ -90,6 +92,6 @@ def restrict_tables(model, train_table: FeatureTable, calib_table: FeatureTable 
         return train_table, calib_table
     ids = check_vocabulary
     if isinstance(ids, int) and not isinstance(ids, bool):
-        ids = choose_check_vocabulary(train_table, ids, arch.head_width(model))
+        ids = choose_check_vocabulary(train_table, ids, head_of(model).width)
     return (restrict_table(model, train_table, ids),
             None if calib_table is None else restrict_table(model, calib_table, ids))
