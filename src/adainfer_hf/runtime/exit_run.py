@@ -36,9 +36,11 @@ def is_decode_step(query_length: int, past_length: int) -> bool:
 def last_token_positions(attention_mask: torch.Tensor | None, query_length: int, batch_size: int) -> torch.Tensor:
     """Index (within the current query) of each row's last real token, for left or right padding.
 
-    `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding).
+    `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding). A mask prepared
+    ahead (a 4-D tensor, or the dict keyed by layer type that `generate` builds for a static cache) carries no
+    per-row padding we read: each row's last query position is its last token (left padding, as `generate` uses).
     """
-    if attention_mask is None or attention_mask.dim() != 2 or query_length == 1:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or query_length == 1:
         # (one query token: it is the last one; skipping the mask also skips a device-to-host copy per step)
         return torch.full((batch_size,), query_length - 1, dtype=torch.long)
     mask_q = attention_mask[:, -query_length:].to("cpu", torch.long)
@@ -92,7 +94,8 @@ class ExitRun:
         self.policy = policy
         self.batch_size = batch_size
         self.num_layers = arch.num_layers(model)
-        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        # (int(): a static cache's full-attention layer counts in a tensor it advances in place during the step)
+        self.past_length = int(past_key_values.get_seq_length(0)) if past_key_values is not None else 0
         self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
                                                                                                 self.past_length)))
         self.needs = feature_needs(policy.features)
