@@ -48,7 +48,7 @@ class NeverFire(ExitPolicy):
         self.min_layer = 1
         self.check_layers = tuple(check_layers)
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 

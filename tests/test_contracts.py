@@ -10,7 +10,7 @@ import torch
 from tiny_models import batch, make_pair, truncated_stock
 
 from adainfer_hf import ScriptedExit, compat, doctor
-from adainfer_hf.cache.guard import CacheConsistencyError
+from adainfer_hf.cache.base import CacheConsistencyError
 from adainfer_hf.cli.main import main as cli_main
 from adainfer_hf.compat import output_cache
 

@@ -233,7 +233,7 @@ class FeatureHashExit(ExitPolicy):
         self.min_layer = min_layer
         self.check_layers = None
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
         return (features[:, 1] * 1e4).long() % 2 == 0
 
 

@@ -29,7 +29,7 @@ from . import compat
 from .architectures.head import ExitHead
 from .architectures.kv_fill import KVFill
 from .architectures.registry import spec_for
-from .cache.propagate import PropagateExitCache, _OwedLayer
+from .cache.propagate import OwedLayer, PropagateExitCache
 from .models.llama import AdaInferLlamaForCausalLM
 from .policy.base import ScriptedExit
 from .tiny_models import ids as _ids
@@ -257,7 +257,7 @@ def check_logit_lens() -> None:
 
 def check_dynamic_layer_swap() -> None:
     """`DynamicLayer` keeps `keys`/`values`/`is_initialized` as instance attributes, so the deferred layer's class
-    swap (`_OwedLayer`) sees every read; a cache grows new layers through `layer_class_to_replicate`."""
+    swap (`OwedLayer`) sees every read; a cache grows new layers through `layer_class_to_replicate`."""
     layer = compat.new_cache_layer(compat.DynamicCache())
     if type(layer) is not compat.DynamicLayer:
         raise AssertionError(f"DynamicCache().layer_class_to_replicate() made {type(layer).__name__}, "
@@ -272,7 +272,7 @@ def check_dynamic_layer_swap() -> None:
     hidden = torch.randn(2, 4, 32)
     pos = spec_for(model).position_embeddings(model, hidden, torch.arange(4).unsqueeze(0))
     cache = PropagateExitCache(config=model.config)
-    if not cache.defer(model, hidden, 1, pos) or type(cache.layers[2]) is not _OwedLayer:
+    if not cache.defer(model, hidden, 1, pos) or type(cache.layers[2]) is not OwedLayer:
         raise AssertionError("PropagateExitCache.defer did not defer layers of a plain DynamicCache")
     if cache.get_seq_length(2) != 4 or type(cache.layers[2]) is not compat.DynamicLayer:
         raise AssertionError("reading a deferred layer's length did not compute it and restore DynamicLayer")

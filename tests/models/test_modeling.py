@@ -24,7 +24,7 @@ class NeverExit(ExitPolicy):
         self.check_layers = None
         self.seen = []
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
         self.seen.append((layer, features.clone(), rows.clone()))
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 

@@ -15,7 +15,7 @@ class NeverExit(ExitPolicy):
 
     features = ("gap", "top_prob")
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 

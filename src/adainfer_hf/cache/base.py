@@ -2,17 +2,23 @@
 
 Modelled on transformers' `generation/candidate_generator.py`: a base class holds the methods the exit loop
 (`runtime.exit_run.ExitRun`) calls, each option is a subclass, and `strategy_for(cache)` picks the one for a
-cache object:
+cache object. For each decoder layer the strategy returns a `LayerPlan` (which rows run the layer, through which
+forward) and the loop executes it; the strategy never runs rows itself.
 
 | cache | strategy | rows that exit | once every row has exited |
 |---|---|---|---|
 | None | `NoCacheStrategy` | frozen | nothing to fill |
 | plain `DynamicCache` / `StaticCache` | `EagerFillStrategy` | frozen, K/V filled from the frozen state | deeper layers filled now |
-| `PropagateExitCache` | `PropagateStrategy` | as eager | deeper layers' fill deferred until read |
+| `PropagateExitCache` | `PropagateStrategy` (cache/propagate.py) | as eager | deeper layers' fill deferred until read |
 | `ExactExitCache` | `ExactStrategy` (cache/exact.py) | keep running; owed positions caught up later | nothing |
 
 A cache class selects its strategy with the class attribute `exit_strategy_class`; caches without one (stock
 transformers caches) get `EagerFillStrategy`.
+
+The run-time guard (`check_cache_consistent`): a transformers release we never tested can rename or reroute what
+our decoder-layer hook sees (5.24 renamed the cache argument; a hook reading the old name silently stopped filling
+the layers a token skipped). Such a change must fail, never corrupt: after each forward the per-layer cache
+lengths, Python ints kept by the cache (no device sync), are compared with what the step must have written.
 """
 
 from __future__ import annotations
@@ -24,8 +30,11 @@ __all__ = [
     "CacheConsistencyError",
     "EagerFillStrategy",
     "ExitCacheStrategy",
+    "LayerPlan",
     "NoCacheStrategy",
     "cache_layer_lengths",
+    "check_cache_consistent",
+    "inconsistent_cache_error",
     "strategy_for",
 ]
 
@@ -45,7 +54,9 @@ def cache_layer_lengths(cache) -> list[int | None]:
     return lengths
 
 
-def _inconsistent(lengths, total: int, run) -> CacheConsistencyError:
+def inconsistent_cache_error(lengths, total: int, run) -> CacheConsistencyError:
+    """The error for a cache holding `lengths` positions per layer after a step that should leave `total` in each
+    (names the installed transformers release and what to do)."""
     return CacheConsistencyError(
         f"After a forward with early exit the KV cache holds {lengths} positions per layer; every layer "
         f"should hold {total} ({run.num_layers} layers). This means the installed transformers "
@@ -53,6 +64,38 @@ def _inconsistent(lengths, total: int, run) -> CacheConsistencyError:
         f"handle; {compat.tested_release_note()}. Install a tested release, or run without a cache "
         "(use_cache=False) until adainfer_hf supports this one."
     )
+
+
+class LayerPlan:
+    """How one decoder layer runs in a forward with early exit: returned by `ExitCacheStrategy.plan`, executed by
+    the loop (`ExitRun.layer_forward`).
+
+    Args:
+        rows (`torch.LongTensor` or `None`): host batch indices of the rows that run the layer; None: no row runs it.
+        subset (`bool`): `rows` are part of the batch only: the layer runs on their inputs, through a row-subset
+            view of the cache that gives the other rows' K/V from their frozen hidden states.
+        fill_skipped (`bool`): (no rows) the cache needs this step's K/V for the skipped layer now, computed from
+            every row's frozen hidden state.
+        forward (`Callable`, *optional*): runs the layer instead of its own forward, as
+            `forward(layer_forward, hidden, args, kwargs)`, and returns the outputs of the query's positions only
+            (the exact option runs an extended query and strips it).
+        query_offset (`int`): positions `forward` prepends to the query inside the layer call, so per-position
+            readers of the layer's internals (the sub-layer hooks) find each row's last token at its index + this.
+    """
+
+    __slots__ = ("fill_skipped", "forward", "query_offset", "rows", "subset")
+
+    def __init__(self, rows=None, subset: bool = False, fill_skipped: bool = False, forward=None,
+                 query_offset: int = 0):
+        self.rows = rows
+        self.subset = subset
+        self.fill_skipped = fill_skipped
+        self.forward = forward
+        self.query_offset = query_offset
+
+
+_NO_ROWS = LayerPlan()
+_FILL_SKIPPED = LayerPlan(fill_skipped=True)
 
 
 class ExitCacheStrategy:
@@ -66,8 +109,6 @@ class ExitCacheStrategy:
         needs_position_ids (`bool`): the strategy needs the query's position ids (the loop builds them if absent).
         frozen_hidden (`dict[int, torch.Tensor]`): rows whose output must come from this hidden state (their exit
             layer's) rather than from the decoder's last hidden state; empty unless rows kept running.
-        query_offset (`int`): positions prepended to the current layer call's query (exact catch-up), so
-            per-position readers (sublayer features) find the query's last token.
     """
 
     name = "base"
@@ -76,8 +117,8 @@ class ExitCacheStrategy:
     def __init__(self, cache=None):
         self.cache = cache
         self.frozen_hidden: dict = {}
-        self.query_offset = 0
-        self.deeper_filled = False  # every deeper layer got this step's K/V at once (see after_all_exited)
+        self.deeper_filled = False  # every deeper layer got this step's K/V at once (see after_exits)
+        self._every_row: LayerPlan | None = None  # the all-rows plan, built once per forward
 
     @property
     def owes_positions(self) -> bool:
@@ -85,15 +126,34 @@ class ExitCacheStrategy:
         through the exit loop (which catches them up)."""
         return False
 
-    def layer_forward(self, run, layer, forward, hidden, args, kwargs):
-        """Runs one decoder layer: by default only for the rows still going, rows that exited stay frozen."""
-        return run.run_active_rows(layer, forward, hidden, args, kwargs)
+    def plan(self, run, layer, rows) -> LayerPlan:
+        """How `layer` runs. By default only the rows still going run it; rows that exited stay frozen.
 
-    def fill_skipped_layer(self, run, layer, hidden, kwargs) -> None:
-        """No row runs `layer`; give the cache this step's K/V for it from the frozen states (if it needs them)."""
+        Args:
+            run (`ExitRun`): the forward's loop (read only: batch size, model, positions).
+            layer (`nn.Module`): the decoder layer about to run.
+            rows (`torch.LongTensor` or `None`): host indices of the rows still going (`run.all_rows` when every
+                row is), None once every row has exited.
+        """
+        if rows is None:
+            return self._skip_plan()
+        if rows.numel() == run.batch_size:
+            return self._all_rows_plan(rows)
+        return LayerPlan(rows, subset=True)
 
-    def after_all_exited(self, run, hidden, kwargs) -> None:
-        """Every row has exited after `run.layer`: the deeper layers owe this step's positions."""
+    def _skip_plan(self) -> LayerPlan:
+        """The plan of a layer no row runs (the cache gets nothing for it unless the option fills it)."""
+        return _NO_ROWS
+
+    def _all_rows_plan(self, rows) -> LayerPlan:
+        plan = self._every_row
+        if plan is None or plan.rows is not rows:
+            plan = self._every_row = LayerPlan(rows)
+        return plan
+
+    def after_exits(self, run, hidden, exited, kwargs) -> None:
+        """Rows `exited` (host indices) exited after `run.layer`, whose full-batch output is `hidden` (when no row
+        is left, the deeper layers owe this step's positions)."""
 
     def finish_step(self, run) -> None:
         """Called once after the decoder ran (bookkeeping across steps)."""
@@ -107,7 +167,7 @@ class ExitCacheStrategy:
             return
         total = run.past_length + run.query_length
         if not (len(lengths) == run.num_layers and all(n == total for n in known)):
-            raise _inconsistent(lengths, total, run)
+            raise inconsistent_cache_error(lengths, total, run)
 
 
 class NoCacheStrategy(ExitCacheStrategy):
@@ -125,13 +185,18 @@ class EagerFillStrategy(ExitCacheStrategy):
 
     name = "eager"
 
-    def fill_skipped_layer(self, run, layer, hidden, kwargs) -> None:
-        if self.deeper_filled:
-            return
-        k, v = run.kv_for_rows(layer, hidden, kwargs, None)
-        self.cache.update(k, v, arch.layer_index(run.model, layer))
+    def _skip_plan(self) -> LayerPlan:
+        return _NO_ROWS if self.deeper_filled else _FILL_SKIPPED
 
-    def after_all_exited(self, run, hidden, kwargs) -> None:
+    @staticmethod
+    def _settles(run, kwargs) -> bool:
+        """Whether no row is left running (the deeper layers owe this step's positions) and the layer call carries
+        the cache to fill."""
+        return not run.any_active() and compat.layer_cache(kwargs) is not None
+
+    def after_exits(self, run, hidden, exited, kwargs) -> None:
+        if not self._settles(run, kwargs):
+            return
         stacked = arch.stacked_kv_states(run.model, hidden, run.layer,
                                          arch.fill_position_embeddings(run.model, hidden, kwargs))
         if stacked is None:
@@ -141,20 +206,19 @@ class EagerFillStrategy(ExitCacheStrategy):
         self.deeper_filled = True
 
 
-class PropagateStrategy(EagerFillStrategy):
-    """`PropagateExitCache`: as the eager fill, but the deeper layers' fill waits until something reads them."""
-
-    name = "propagate"
-
-    def after_all_exited(self, run, hidden, kwargs) -> None:
-        if self.cache.defer(run.model, hidden, run.layer, arch.fill_position_embeddings(run.model, hidden, kwargs)):
-            self.deeper_filled = True
-            return
-        super().after_all_exited(run, hidden, kwargs)
-
-
 def strategy_for(cache) -> ExitCacheStrategy:
     """The strategy of `cache` (None: no cache; a cache class's `exit_strategy_class`; stock caches: eager fill)."""
     if cache is None:
         return NoCacheStrategy(None)
     return getattr(type(cache), "exit_strategy_class", EagerFillStrategy)(cache)
+
+
+def check_cache_consistent(cache, run) -> None:
+    """Raises `CacheConsistencyError` unless `cache` holds what the step of `run` must have left in it.
+
+    Each cache option states its own invariant (`ExitCacheStrategy.check_consistent`): plain and propagate caches
+    hold past + query positions in every layer; the exact option's deeper layers may owe a suffix that its pending
+    buffer covers.
+    """
+    strategy = run.cache_strategy if run.cache_strategy.cache is cache else strategy_for(cache)
+    strategy.check_consistent(run)

@@ -16,12 +16,14 @@ batch has exited, so each row's cache stays exact; each row's output is still it
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import compat
 from ..architectures import core as arch
 from ..compat import DynamicCache
-from .base import ExitCacheStrategy, _inconsistent, cache_layer_lengths
+from .base import ExitCacheStrategy, LayerPlan, cache_layer_lengths, inconsistent_cache_error
 
 __all__ = ["CACHE_MODES", "ExactExitCache", "ExactStrategy"]
 
@@ -87,24 +89,29 @@ class ExactStrategy(ExitCacheStrategy):
     def owes_positions(self) -> bool:
         return self.cache.pending_hidden is not None
 
-    def layer_forward(self, run, layer, forward, hidden, args, kwargs):
-        if not run.any_active():
-            return hidden  # skipped layers wait: a later token that goes deeper runs them for these positions
-        out = run.run_all_rows(layer, lambda h, a, kw: self._catch_up_forward(run, layer, forward, h, a, kw),
-                               hidden, args, kwargs)
-        for row in run.exited_at_this_layer:
-            self.frozen_hidden[row] = out[row].clone()  # this row's output stays its exit layer's
-        if run.layer < run.num_layers and not run.any_active():
-            self.frontier = out
-        return out
+    def plan(self, run, layer, rows) -> LayerPlan:
+        """Every row runs `layer` while some row is still going (no row: the layer waits, a later token that goes
+        deeper runs it for these positions); where the layer owes positions of earlier steps, its forward runs
+        them first, in the same call."""
+        if rows is None:
+            return self._skip_plan()
+        owed = self._owed(run, arch.layer_index(run.model, layer))
+        if owed == 0:
+            return self._all_rows_plan(run.all_rows)
+        return LayerPlan(run.all_rows, forward=functools.partial(self._catch_up_forward, run, layer, owed),
+                         query_offset=owed)
 
-    def _catch_up_forward(self, run, layer, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
-        """Runs one decoder layer for the current query, first catching up the positions this layer still owes."""
+    def after_exits(self, run, hidden, exited, kwargs) -> None:
+        for row in exited.tolist():
+            self.frozen_hidden[row] = hidden[row].clone()  # this row's output stays its exit layer's
+        if run.layer < run.num_layers and not run.any_active():
+            self.frontier = hidden
+
+    def _catch_up_forward(self, run, layer, owed: int, forward, hidden: torch.Tensor, args, kwargs) -> torch.Tensor:
+        """Runs one decoder layer on the `owed` positions it still owes followed by the current query; returns the
+        query's outputs (the owed positions' move into the pending buffer, one layer deeper)."""
         cache: ExactExitCache = self.cache
         layer_idx = arch.layer_index(run.model, layer)
-        owed = self._owed(run, layer_idx)
-        if owed == 0:
-            return forward(hidden, *args, **kwargs)
         start = cache.pending_hidden.shape[1] - owed
         owed_hidden = cache.pending_hidden[:, start:].to(hidden.device, hidden.dtype)
         owed_pos = cache.pending_positions[:, start:].to(hidden.device)
@@ -117,11 +124,7 @@ class ExactStrategy(ExitCacheStrategy):
         ext_kwargs["attention_mask"] = mask
         if rotary is not None:
             ext_kwargs["position_embeddings"] = rotary
-        self.query_offset = owed
-        try:
-            out = forward(ext_hidden, *args, **ext_kwargs)
-        finally:
-            self.query_offset = 0
+        out = forward(ext_hidden, *args, **ext_kwargs)
         # The owed positions have now run this layer: their frontier moves one layer deeper.
         cache.pending_hidden[:, start:] = out[:, :owed].to(cache.pending_hidden.device, cache.pending_hidden.dtype)
         return out[:, owed:]
@@ -179,7 +182,7 @@ class ExactStrategy(ExitCacheStrategy):
               and all(a >= b for a, b in zip(known, known[1:], strict=False))
               and known[-1] + pending == total)
         if not ok:
-            raise _inconsistent(lengths, total, run)
+            raise inconsistent_cache_error(lengths, total, run)
 
 
 ExactExitCache.exit_strategy_class = ExactStrategy

@@ -12,7 +12,7 @@ own call: one matmul over every owed position), or when anyone reads the cache (
 `get_seq_length(l)`, cropping, `to_legacy_cache`, ...). The K/V are the same as the eager fill's; only when they are
 computed changes.
 
-Mechanics: a layer that positions are owed to has its class switched to `_OwedLayer`, whose `keys`, `values` and
+Mechanics: a layer that positions are owed to has its class switched to `OwedLayer`, whose `keys`, `values` and
 `is_initialized` attributes compute the owed K/V on first access and switch the class back, so every read path of
 transformers' `DynamicLayer` sees a complete cache. Batch reorders (beam search) apply to the owed states without
 computing them.
@@ -26,9 +26,9 @@ import torch
 
 from ..architectures import core as arch
 from ..compat import DynamicCache, DynamicLayer, new_cache_layer
-from .base import PropagateStrategy
+from .base import EagerFillStrategy
 
-__all__ = ["PropagateExitCache"]
+__all__ = ["OwedLayer", "PropagateExitCache", "PropagateStrategy"]
 
 
 class _Owed:
@@ -57,7 +57,7 @@ def _concat(chunks: list[_Owed], device: torch.device):
     return hidden, tuple(torch.cat(ts, dim=1) for ts in zip(*parts, strict=True))
 
 
-class _OwedLayer(DynamicLayer):
+class OwedLayer(DynamicLayer):
     """A `DynamicLayer` that still owes K/V to some positions; reading it computes them first."""
 
     def _settle(self) -> None:
@@ -112,7 +112,22 @@ def _settling(name: str) -> property:
 
 
 for _name in ("keys", "values", "is_initialized"):
-    setattr(_OwedLayer, _name, _settling(_name))
+    setattr(OwedLayer, _name, _settling(_name))
+
+
+class PropagateStrategy(EagerFillStrategy):
+    """`PropagateExitCache`'s loop behaviour: as the eager fill, but once every row has exited the deeper layers'
+    fill waits until something reads them (`PropagateExitCache.defer`)."""
+
+    name = "propagate"
+
+    def after_exits(self, run, hidden, exited, kwargs) -> None:
+        if not self._settles(run, kwargs):
+            return
+        if self.cache.defer(run.model, hidden, run.layer, arch.fill_position_embeddings(run.model, hidden, kwargs)):
+            self.deeper_filled = True
+            return
+        super().after_exits(run, hidden, exited, kwargs)
 
 
 class PropagateExitCache(DynamicCache):
@@ -142,13 +157,13 @@ class PropagateExitCache(DynamicCache):
                 break
             self.layers.append(fresh)
         targets = self.layers[first_layer:last]
-        if len(targets) != last - first_layer or any(type(t) not in (DynamicLayer, _OwedLayer) for t in targets):
+        if len(targets) != last - first_layer or any(type(t) not in (DynamicLayer, OwedLayer) for t in targets):
             return False
         chunk = _Owed(hidden.detach().clone(), position_embeddings)
         model_ref = weakref.ref(model)
         for idx, layer in enumerate(targets, start=first_layer):
             if type(layer) is DynamicLayer:
-                layer.__class__ = _OwedLayer
+                layer.__class__ = OwedLayer
                 layer.__dict__["_owed"] = []
                 layer.__dict__["_owed_source"] = (model_ref, idx)
             layer.__dict__["_owed"].append(chunk)
@@ -157,12 +172,12 @@ class PropagateExitCache(DynamicCache):
     @property
     def has_deferred(self) -> bool:
         """Whether some layers' propagated K/V have not been computed yet."""
-        return any(type(layer) is _OwedLayer for layer in self.layers)
+        return any(type(layer) is OwedLayer for layer in self.layers)
 
     def materialize(self) -> None:
         """Computes every deferred K/V now (reads do this on their own; this is for timing or hand-off)."""
         for layer in self.layers:
-            if type(layer) is _OwedLayer:
+            if type(layer) is OwedLayer:
                 layer._settle()
 
     def _map_rows(self, fn) -> bool:
@@ -171,7 +186,7 @@ class PropagateExitCache(DynamicCache):
             return False
         mapped: dict = {}
         for layer in self.layers:
-            if type(layer) is _OwedLayer:
+            if type(layer) is OwedLayer:
                 layer._map_rows(fn, mapped)
             elif layer.get_seq_length() > 0:
                 layer.keys, layer.values = fn(layer.keys), fn(layer.values)

@@ -21,9 +21,8 @@ from ..architectures.head import ExitHead
 from ..architectures.kv_fill import KVFill
 from ..architectures.registry import spec_for
 from ..artifact.io import commit_artifact, save_beside_weights
-from ..cache.base import strategy_for
+from ..cache.base import check_cache_consistent, strategy_for
 from ..cache.exact import CACHE_MODES, ExactExitCache
-from ..cache.guard import check_cache_consistent
 from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
 from ..policy.classifier import ExitClassifier
@@ -51,7 +50,7 @@ class _NoChecks(ExitPolicy):
 
     check_layers = ()
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 

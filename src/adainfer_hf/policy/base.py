@@ -86,15 +86,17 @@ class ExitPolicy:
             layers = list(range(int(self.min_layer), num_layers))
         return [k for k in layers if self.min_layer <= k < num_layers]
 
-    def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
+    def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor, state=None) -> torch.Tensor:
         """Returns a BoolTensor [n_rows]: True where the row exits after `layer`.
 
-        Policies whose `begin_run` returns state also take it as the keyword argument `state`.
+        The loop calls every policy the same way, `decide(features, layer, rows, state=state)`.
 
         Args:
             features (`torch.Tensor`): float32 [n_rows, len(self.features)] on the LM head's device.
             layer (`int`): 1-based index of the layer just run.
             rows (`torch.LongTensor`): the batch indices of these rows.
+            state (*optional*): what `begin_run` returned for this forward (None for row-wise policies, which
+                ignore it).
         """
         raise NotImplementedError
 
@@ -102,7 +104,7 @@ class ExitPolicy:
         """Called once per forward before any layer runs; returns per-call state, or None (the default).
 
         Policies that look at the whole layer sequence (a CRF) keep their state here, never on themselves: when
-        the returned state is not None the loop calls `decide(features, layer, rows, state=state)` with it.
+        the loop passes the returned state to every `decide(features, layer, rows, state=state)` of the forward.
 
         Args:
             batch_size (`int`): rows of the forward's batch.
@@ -172,7 +174,8 @@ class ScriptedExit(ExitPolicy):
                              f"{batch_size} rows; pass one layer per row or a single layer for all rows.")
         return None
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
+        """True where the row's scripted layer is `layer` or shallower (see `ExitPolicy.decide`)."""
         target = self._per_row.to(rows.device)
         target = target[rows] if target.numel() > 1 else target.expand(rows.shape[0])
         return (target <= layer).to(features.device)

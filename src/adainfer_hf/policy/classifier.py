@@ -244,8 +244,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
                              "labels must be 0/1 or bool (1 = exit).")
         return (predicted == 1) & finite
 
-    def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor) -> torch.Tensor:
-        """The decoder loop's hook (see `ExitPolicy.decide`): a BoolTensor `[n_rows]` on `features.device`.
+    def decide(self, features: torch.Tensor, layer: int, rows: torch.Tensor, state=None) -> torch.Tensor:
+        """The decoder loop's hook (see `ExitPolicy.decide`): a BoolTensor `[n_rows]` on `features.device`
+        (row-wise: `state` is unused).
 
         Linear estimators and RBF-kernel SVMs are evaluated on the features' device with no host synchronisation
         (`policy.scoring`); others copy the features to the CPU once and call scikit-learn. A row with a

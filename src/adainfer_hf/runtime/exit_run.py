@@ -3,10 +3,11 @@
 transformers' own `LlamaModel.forward` / `OPTDecoder.forward` compute masks, rotary embeddings and the loop; our
 decoder-layer subclasses receive an `adainfer_run` keyword argument that travels through that loop untouched and
 hand each layer call to `ExitRun.layer_forward`, which
-  * runs the layer only on the rows that have not exited (rows that exited keep their hidden state frozen),
-  * keeps the KV cache consistent for rows that skip the layer (their K/V come from the frozen hidden state),
-  * after each scheduled layer computes the logit lens of every running row's last token, its features, and asks
-    the policy whether to stop.
+  * asks the cache strategy for the layer's plan (`cache.base.LayerPlan`: which rows run it, through which
+    forward) and executes it: by default only the rows that have not exited run (rows that exited keep their
+    hidden state frozen), and the KV cache gets the skipping rows' K/V from their frozen hidden states,
+  * after each scheduled layer runs the exit check: the gate, the logit lens of every running row's last token
+    and its features, the policy's decision, and the exited rows' logits.
 No per-call state lives on the model or its config.
 """
 
@@ -20,10 +21,10 @@ from torch import nn
 
 from .. import compat
 from ..architectures import core as arch
-from ..cache.base import ExitCacheStrategy, strategy_for
+from ..cache.base import ExitCacheStrategy, LayerPlan, strategy_for
 from ..policy.base import ExitPolicy
 from ..policy.features import LayerStats, compute_features, feature_needs
-from .rows import RowSubsetCache, take_rows
+from .rows import frozen_kv, subset_inputs
 
 __all__ = ["ExitRun", "is_decode_step", "last_token_positions"]
 
@@ -36,9 +37,11 @@ def is_decode_step(query_length: int, past_length: int) -> bool:
 def last_token_positions(attention_mask: torch.Tensor | None, query_length: int, batch_size: int) -> torch.Tensor:
     """Index (within the current query) of each row's last real token, for left or right padding.
 
-    `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding).
+    `attention_mask` is the 2-D [B, past + query] mask given to the model (None = no padding). A mask prepared
+    ahead (a 4-D tensor, or the dict keyed by layer type that `generate` builds for a static cache) carries no
+    per-row padding we read: each row's last query position is its last token (left padding, as `generate` uses).
     """
-    if attention_mask is None or attention_mask.dim() != 2 or query_length == 1:
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.dim() != 2 or query_length == 1:
         # (one query token: it is the last one; skipping the mask also skips a device-to-host copy per step)
         return torch.full((batch_size,), query_length - 1, dtype=torch.long)
     mask_q = attention_mask[:, -query_length:].to("cpu", torch.long)
@@ -92,7 +95,8 @@ class ExitRun:
         self.policy = policy
         self.batch_size = batch_size
         self.num_layers = arch.num_layers(model)
-        self.past_length = past_key_values.get_seq_length(0) if past_key_values is not None else 0
+        # (int(): a static cache's full-attention layer counts in a tensor it advances in place during the step)
+        self.past_length = int(past_key_values.get_seq_length(0)) if past_key_values is not None else 0
         self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
                                                                                                 self.past_length)))
         self.needs = feature_needs(policy.features)
@@ -126,9 +130,8 @@ class ExitRun:
         self.layer = 0
         self.prev_stats: LayerStats | None = None
         self.prev_stats_layer = -1
-        self._all_rows = torch.arange(batch_size)
-        self._rows = self._all_rows  # rows running the current layer
-        self.exited_at_this_layer: list[int] = []  # rows whose check fired after the current layer (exact option)
+        self.all_rows = torch.arange(batch_size)
+        self._plan: LayerPlan | None = None  # the current layer's (its rows and query offset, for the hooks)
         self.ran_rows: list[torch.Tensor | None] = []  # per layer run so far: the rows that ran it (None: none)
         self.hidden_cur = self.hidden_prev = None  # last-token hidden states [B, H] (cos_hidden)
         self.sub_cur = self.sub_prev = None  # last-token attention / MLP outputs [B, H] (cos_attn, cos_mlp)
@@ -144,11 +147,17 @@ class ExitRun:
 
     # ------------------------------------------------------------------ the layer call
     def layer_forward(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
-        """Runs one decoder layer for the rows still going; returns the full-batch hidden states."""
+        """Runs one decoder layer as the cache strategy plans it, then the exit check; returns the full-batch
+        hidden states."""
         self.layer += 1
-        self.exited_at_this_layer = []
-        self.ran_rows.append(None)
-        return self.cache_strategy.layer_forward(self, layer, forward, hidden, args, kwargs)
+        running = self._running_rows()  # None once every row has exited
+        plan = self._plan = self.cache_strategy.plan(self, layer, running)
+        self.ran_rows.append(plan.rows)
+        if plan.rows is None:
+            return self._skip_layer(plan, layer, hidden, kwargs)
+        out = self._run_rows(plan, layer, forward, hidden, args, kwargs)
+        self._after_layer(out, running, kwargs)
+        return out
 
     def full_batch_attentions(self, attentions):
         """The decoder's per-layer attention weights as full-batch tensors [B, heads, query, keys].
@@ -178,75 +187,92 @@ class ExitRun:
         """Whether some row has not exited yet (host-side: no device sync)."""
         return bool(self.active.any())
 
-    def run_active_rows(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
-        """Runs `layer` on the rows that have not exited (exited rows stay frozen; the cache strategy gives their
-        skipped layers K/V), then checks; returns the full-batch hidden states."""
+    def _running_rows(self) -> torch.Tensor | None:
+        """Host indices of the rows that have not exited (`all_rows` when none has), None when every row has."""
         n_active = int(self.active.sum())
-        cache = compat.layer_cache(kwargs)
-        if self.layer == 1 and "hidden" in self.needs:
-            self.hidden_cur = self._last_token(hidden, self._all_rows).to(self.head_device)
         if n_active == 0:
-            # Nobody runs this layer; only the cache must still hold an entry for these positions.
-            if cache is not None:
-                self.cache_strategy.fill_skipped_layer(self, layer, hidden, kwargs)
-            return hidden
-        rows = self._all_rows if n_active == self.batch_size else self.active.nonzero().squeeze(-1)
-        self._rows = self.ran_rows[-1] = rows
+            return None
+        return self.all_rows if n_active == self.batch_size else self.active.nonzero().squeeze(-1)
+
+    def _skip_layer(self, plan: LayerPlan, layer: nn.Module, hidden: torch.Tensor, kwargs) -> torch.Tensor:
+        """No row runs `layer`; where the plan says so, the cache gets this step's K/V for it from the frozen
+        states."""
+        cache = compat.layer_cache(kwargs)
+        if plan.fill_skipped and cache is not None:
+            k, v = frozen_kv(self.model, layer, hidden, kwargs, self.all_rows)
+            cache.update(k, v, arch.layer_index(self.model, layer))
+        return hidden
+
+    def _run_rows(self, plan: LayerPlan, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
+        """Runs `layer` on the plan's rows (a subset through a row-subset view of the cache); the other rows keep
+        their hidden state. Returns the full-batch hidden states."""
+        if self.layer == 1 and "hidden" in self.needs:
+            self.hidden_cur = self._last_token(hidden, self.all_rows).to(self.head_device)
         self._track_begin()
-        if n_active == self.batch_size:
+        rows = plan.rows
+        if plan.subset:
+            sub_hidden, sub_args, sub_kwargs = subset_inputs(self.model, layer, rows, ~self.active, hidden, args,
+                                                             kwargs)
+            if plan.forward is None:
+                sub_out = forward(sub_hidden, *sub_args, **sub_kwargs)
+            else:
+                sub_out = plan.forward(forward, sub_hidden, sub_args, sub_kwargs)
+            out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
+        elif plan.forward is None:
             out = forward(hidden, *args, **kwargs)
         else:
-            sub_args = take_rows(args, rows, self.batch_size)
-            sub_kwargs = {k: take_rows(v, rows, self.batch_size) for k, v in kwargs.items()}
-            if cache is not None:
-                skipped = (~self.active).nonzero().squeeze(-1)
-                sub_kwargs = compat.with_layer_cache(sub_kwargs, RowSubsetCache(
-                    cache, rows, lambda: self.kv_for_rows(layer, hidden, kwargs, skipped)))
-            sub_out = forward(hidden.index_select(0, rows.to(hidden.device)), *sub_args, **sub_kwargs)
-            out = hidden.index_copy(0, rows.to(hidden.device), sub_out)
+            out = plan.forward(forward, hidden, args, kwargs)
         if "hidden" in self.needs:
             self.hidden_cur.index_copy_(0, rows.to(self.head_device),
                                         self._last_token(out, rows).to(self.head_device))
-        if self.layer in self.lens_layers and self.layer < self.num_layers:
-            self._check(out, rows)
-            if cache is not None and not self.any_active():
-                self.cache_strategy.after_all_exited(self, out, kwargs)
         return out
 
-    def run_all_rows(self, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
-        """Runs `layer` on every row (`forward(hidden, args, kwargs)`), then checks the rows still going."""
-        all_rows = self._all_rows
-        if self.layer == 1 and "hidden" in self.needs:
-            self.hidden_cur = self._last_token(hidden, all_rows).to(self.head_device)
-        self._track_begin()
-        self._rows = all_rows
-        self.ran_rows[-1] = all_rows
-        out = forward(hidden, args, kwargs)
-        if "hidden" in self.needs:
-            self.hidden_cur = self._last_token(out, all_rows).to(self.head_device)
+    def _after_layer(self, out: torch.Tensor, running: torch.Tensor, kwargs) -> None:
+        """After a lens layer: the exit check of the running rows; the cache strategy hears of the rows that
+        exited."""
         if self.layer in self.lens_layers and self.layer < self.num_layers:
-            self._check(out, self.active.nonzero().squeeze(-1))
-        return out
+            exited = self._check(out, running)
+            if exited is not None:
+                self.cache_strategy.after_exits(self, out, exited, kwargs)
 
     # ------------------------------------------------------------------ the exit check
     def _last_token(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         pos = self.last_pos[rows].to(hidden.device)
         return hidden[rows.to(hidden.device), pos]
 
-    def _check(self, hidden: torch.Tensor, rows: torch.Tensor) -> None:
-        layer = self.layer
+    def _check(self, hidden: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """The exit check after the current layer for the running `rows`; returns the host indices of the rows
+        that exited (None: none)."""
         h_last = self._last_token(hidden, rows)
-        self.policy.record_hidden(layer, rows, h_last)
-        if self.gate is not None and layer in self.check_layers:
-            rows, h_last = self.gate.select(rows, h_last, layer)
-            if rows is None:
-                return
-            if self.defer_exit_head:
-                self._exit(rows)  # no check logits: the final head gives them (`runtime.output`)
-                return
+        self.policy.record_hidden(self.layer, rows, h_last)
+        rows, h_last = self._gate_rows(rows, h_last)
+        if rows is None:
+            return None
+        if self.defer_exit_head:
+            return self._exit(rows)  # no check logits: the final head gives them (`runtime.output`)
+        logits, feats = self._lens_features(h_last, rows)
+        if self.layer not in self.check_layers:
+            return None  # a lens layer read only for the next layer's features
+        fired = self._decide(feats, rows)
+        if not bool(fired.any()):
+            return None
+        exited = self._exit(rows[fired])
+        self._keep_exit_logits(logits, exited, fired)
+        return exited
+
+    def _gate_rows(self, rows: torch.Tensor, h_last: torch.Tensor):
+        """The rows (and their last-token states) the gate passes at a scheduled check: `(None, None)` when none
+        does; every row where no gate runs."""
+        if self.gate is None or self.layer not in self.check_layers:
+            return rows, h_last
+        return self.gate.select(rows, h_last, self.layer)
+
+    def _lens_features(self, h_last: torch.Tensor, rows: torch.Tensor):
+        """The logit lens of `rows`' last tokens and their features (kept for the next layer's, and recorded);
+        returns `(logits, features)`."""
         logits = self.model.exit_head.logits(h_last, self.check_dtype, self.vocabulary)
         prev = None
-        if self.prev_stats is not None and self.prev_stats_layer == layer - 1:
+        if self.prev_stats is not None and self.prev_stats_layer == self.layer - 1:
             prev = self.prev_stats.select(rows.to(self.prev_stats.gap.device))
         r = rows.to(self.head_device)
         h_cur = h_prev = subl = prev_subl = None
@@ -260,18 +286,17 @@ class ExitRun:
         if self.vocabulary is not None:  # positions in the vocabulary -> token ids
             stats.top_token = self.vocabulary.to(stats.top_token.device)[stats.top_token]
         self._remember(stats, rows)
-        self.policy.record(layer, rows, feats, stats, logits)
-        if layer not in self.check_layers:
-            return
-        if self.policy_state is None:
-            fired = self.policy.decide(feats, layer, rows.to(feats.device))
-        else:
-            fired = self.policy.decide(feats, layer, rows.to(feats.device), state=self.policy_state)
-        fired_host = fired.to("cpu", torch.bool)  # the one device-to-host sync of this check
-        if not bool(fired_host.any()):
-            return
-        exited = rows[fired_host]
-        self._exit(exited)
+        self.policy.record(self.layer, rows, feats, stats, logits)
+        return logits, feats
+
+    def _decide(self, feats: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """The policy's decision for `rows` as a host BoolTensor (the one device-to-host sync of a check)."""
+        fired = self.policy.decide(feats, self.layer, rows.to(feats.device), state=self.policy_state)
+        return fired.to("cpu", torch.bool)
+
+    def _keep_exit_logits(self, logits: torch.Tensor, exited: torch.Tensor, fired: torch.Tensor) -> None:
+        """Keeps the check's logits of the rows that exited (`fired`: the host mask over the checked rows) as their
+        output; over the head's width where the check scored a vocabulary."""
         if self.vocabulary is not None:
             logits = self._over_head(logits)
         if self.exit_logits is None and exited.numel() == self.batch_size:
@@ -279,14 +304,14 @@ class ExitRun:
             return
         if self.exit_logits is None:
             self.exit_logits = logits.new_zeros((self.batch_size, logits.shape[-1]))
-        local = fired_host.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
+        local = fired.nonzero().squeeze(-1).to(logits.device)  # host indices: no extra sync
         self.exit_logits.index_copy_(0, exited.to(logits.device), logits.index_select(0, local))
 
-    def _exit(self, rows: torch.Tensor) -> None:
-        """Marks host batch indices `rows` as exited after the current layer."""
-        self.exited_at_this_layer = rows.tolist()
+    def _exit(self, rows: torch.Tensor) -> torch.Tensor:
+        """Marks host batch indices `rows` as exited after the current layer; returns them."""
         self.exit_layers[rows] = self.layer
         self.active[rows] = False
+        return rows
 
     def _over_head(self, logits: torch.Tensor) -> torch.Tensor:
         """Logits over `check_vocabulary` [n, K] as the head's [n, V]: every other token gets -inf."""
@@ -336,10 +361,11 @@ class ExitRun:
     def record_sublayer(self, which: int, output) -> None:
         """Keeps the last-token vector of a sub-layer's output (0 = attention, 1 = MLP) for the running rows."""
         out = output[0] if isinstance(output, tuple) else output
-        rows = self._rows
+        plan = self._plan
+        rows = plan.rows
         out = arch.sublayer_output(self.model, out, rows.numel())  # as [rows, T, H] (OPT's fc2: [rows*T, H])
         local = torch.arange(rows.numel(), device=out.device)
-        pos = self.last_pos[rows].to(out.device) + self.cache_strategy.query_offset
+        pos = self.last_pos[rows].to(out.device) + plan.query_offset  # (the exact catch-up's owed positions first)
         vec = out[local, pos].detach().to(self.head_device, torch.float32)
         if self.sub_cur is None:
             self.sub_cur = tuple(vec.new_zeros((self.batch_size, vec.shape[-1])) for _ in range(2))
@@ -357,22 +383,3 @@ class ExitRun:
                         del runs[key]
         self._sublayer_keys.clear()
         self._displaced.clear()
-
-    # ------------------------------------------------------------------ cache consistency
-    def kv_for_rows(self, layer, hidden, kwargs, rows: torch.Tensor | None):
-        """Full-batch K/V tensors for `layer` whose `rows` entries (None: all) come from those rows' frozen hidden
-        states.
-
-        The other rows' entries are left zero: `RowSubsetCache.update` overwrites them with the values the
-        layer computes for the running rows.
-        """
-        if rows is None:
-            rows = self._all_rows
-        pos_emb = take_rows(kwargs.get("position_embeddings"), rows, self.batch_size)
-        k, v = arch.layer_kv_states(self.model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
-        if rows.numel() == self.batch_size:
-            return k, v
-        full_k = k.new_zeros((self.batch_size, *k.shape[1:]))
-        full_v = v.new_zeros((self.batch_size, *v.shape[1:]))
-        r = rows.to(k.device)
-        return full_k.index_copy(0, r, k), full_v.index_copy(0, r, v)

@@ -1,4 +1,5 @@
-"""Running a decoder layer on a subset of the batch: selecting the rows' inputs and a cache view for them."""
+"""Running a decoder layer on a subset of the batch: selecting the rows' inputs and a cache view for them, and the
+K/V that rows which skip a layer get from their frozen hidden states."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ from collections.abc import Callable
 
 import torch
 
-__all__ = ["RowSubsetCache", "take_rows"]
+from .. import compat
+from ..architectures import core as arch
+
+__all__ = ["RowSubsetCache", "frozen_kv", "subset_inputs", "take_rows"]
 
 
 def take_rows(value, rows: torch.Tensor, batch_size: int):
@@ -45,3 +49,34 @@ class RowSubsetCache:
 
     def __getattr__(self, name):
         return getattr(self._cache, name)
+
+
+def frozen_kv(model, layer, hidden: torch.Tensor, kwargs, rows: torch.Tensor):
+    """Full-batch K/V tensors for `layer` whose `rows` entries come from those rows' (frozen) hidden states.
+
+    The other rows' entries are left zero: `RowSubsetCache.update` overwrites them with the values the layer
+    computes for the running rows.
+    """
+    batch_size = hidden.shape[0]
+    pos_emb = take_rows(kwargs.get("position_embeddings"), rows, batch_size)
+    k, v = arch.layer_kv_states(model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
+    if rows.numel() == batch_size:
+        return k, v
+    full_k = k.new_zeros((batch_size, *k.shape[1:]))
+    full_v = v.new_zeros((batch_size, *v.shape[1:]))
+    r = rows.to(k.device)
+    return full_k.index_copy(0, r, k), full_v.index_copy(0, r, v)
+
+
+def subset_inputs(model, layer, rows: torch.Tensor, skipping: torch.Tensor, hidden: torch.Tensor, args, kwargs):
+    """A layer call's inputs for `rows` only: their hidden states, arguments, and (with a cache) a row-subset view
+    of it that completes the batch with the `skipping` rows' (host bool mask) K/V from their frozen states."""
+    batch_size = hidden.shape[0]
+    sub_args = take_rows(args, rows, batch_size)
+    sub_kwargs = {k: take_rows(v, rows, batch_size) for k, v in kwargs.items()}
+    cache = compat.layer_cache(kwargs)
+    if cache is not None:
+        skipped = skipping.nonzero().squeeze(-1)
+        sub_kwargs = compat.with_layer_cache(sub_kwargs, RowSubsetCache(
+            cache, rows, lambda: frozen_kv(model, layer, hidden, kwargs, skipped)))
+    return hidden.index_select(0, rows.to(hidden.device)), sub_args, sub_kwargs

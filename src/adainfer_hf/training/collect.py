@@ -63,7 +63,8 @@ class RecordingPolicy(ExitPolicy):
         self.feats[r, layer - 1] = feats.detach().to("cpu", torch.float32)
         self.top_token[r, layer - 1] = stats.top_token.detach().to("cpu")
 
-    def decide(self, features, layer, rows):
+    def decide(self, features, layer, rows, state=None):
+        """Never fires: every layer runs (see `ExitPolicy.decide`)."""
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 
