@@ -75,6 +75,8 @@ def test_unknown_keys_are_refused_by_name():
     (lambda: TrainingConfig(method="forest"), "method='forest' is not supported; expected one of"),
     (lambda: TrainingConfig(features=("gap", "entropy")), "features must be a non-empty sequence of names"),
     (lambda: TrainingConfig(features=()), "features must be a non-empty sequence"),
+    (lambda: TrainingConfig(method="gate_only", features=("top_prob",)),
+     r"method='gate_only' reads the 'gap' feature; features=\['top_prob'\] lack it"),
     (lambda: TrainingConfig(label="silver"), "label='silver' is not supported"),
     (lambda: TrainingConfig(max_rows=1), "max_rows must be an int >= 2; got 1"),
     (lambda: TrainingConfig(batch_size=0), "batch_size must be an int >= 1; got 0"),

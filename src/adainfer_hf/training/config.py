@@ -289,6 +289,8 @@ class TrainingConfig(_DictMixin):
             raise ValueError(f"features must be a non-empty sequence of names from {list(FEATURES)}; got "
                              f"{self.features!r}.")
         _set(self, "features", tuple(features))
+        if self.method in ("gap_rule", "gate_only") and "gap" not in self.features:
+            raise ValueError(f"method={self.method!r} reads the 'gap' feature; features={list(self.features)} lack it.")
         _one_of("label", self.label, LABEL_KINDS)
         _int_at_least("max_rows", self.max_rows, 2)
         _int_at_least("seed", self.seed, 0)
