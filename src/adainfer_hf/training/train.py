@@ -35,7 +35,7 @@ from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
-from .config import GATES, TRAIN_METHODS, TrainingConfig
+from .config import GATES, TRAIN_METHODS, GenerationCalibrationConfig, TrainingConfig
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
@@ -203,8 +203,7 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
                   check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or gate is not None
                   or config.schedule.check_vocabulary is not None)
     generation = config.generation
-    train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation.generation_tokens,
-                                              generation.first_layer, record)
+    train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation, record)
     check_length = config.schedule.check_length or int(np.median([len(tokenizer(p.text).input_ids)
                                                                   for p in prompts]))
     free = None if generation.free_running_tokens is None else FreeRunning(
@@ -214,14 +213,14 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
     return _recorded(clf, config, model), train_table, calib_table
 
 
-def _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer, record):
+def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCalibrationConfig, record):
     """(train, calibration) tables of the prompts' next token, or of their first `generation_tokens` tokens."""
-    if generation_tokens is None:
+    if generation.generation_tokens is None:
         table = collect_features(model, tokenizer, prompts, **record)
         unit_is_train = is_train
     else:
-        table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation_tokens,
-                                            first_layer=first_layer, **record)
+        table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation.generation_tokens,
+                                            first_layer=generation.first_layer, **record)
         unit_is_train = is_train[table.sequence]
     return table.select_prompts(np.flatnonzero(unit_is_train)), table.select_prompts(np.flatnonzero(~unit_is_train))
 
