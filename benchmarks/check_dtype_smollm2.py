@@ -20,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from adainfer_hf.data.prompts import build_prompts, load_task, split_examples
+from adainfer_hf.models.loading import load_adainfer_model
 from adainfer_hf.training.calibrate import calibrate, simulate_exits
 from adainfer_hf.training.check_cost import measure_check_cost
-from adainfer_hf.training.collect import FeatureTable, collect_features, load_adainfer_model
+from adainfer_hf.training.collect import FeatureTable, collect_features
 from adainfer_hf.training.train import train_exit_classifier
 
 DTYPES = (None, "bfloat16", "float16")

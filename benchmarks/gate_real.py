@@ -44,6 +44,7 @@ from adainfer_hf.policy.gate import LinearGate
 from adainfer_hf.training.calibrate import gate_passes
 from adainfer_hf.training.check_cost import LayerClock, measure_check_cost, measure_gate_cost
 from adainfer_hf.training.collect import collect_features
+from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
 
@@ -227,9 +228,10 @@ def main(argv=None):
         for gate in (None, "linear"):
             name = f"{'gated' if gate else 'full'}@{target}"
             t0 = time.perf_counter()
-            classifiers[name] = train_on_tables(ada, train, calib, method="svm", target_agreement=target, gate=gate,
-                                                gate_recall=args.gate_recall, check_cost="auto", check_phase="both",
-                                                check_length=128)
+            config = TrainingConfig(method="svm", calibration=CalibrationConfig(target_agreement=target),
+                                    gate=GateConfig(kind=gate, recall=args.gate_recall),
+                                    schedule=ScheduleConfig(check_cost="auto", check_phase="both", check_length=128))
+            classifiers[name] = train_on_tables(ada, train, calib, config)
             train_s[name] = time.perf_counter() - t0
             if args.save_dir:
                 classifiers[name].save_pretrained(Path(args.save_dir) / name)

@@ -42,6 +42,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.data.prompts import build_prompts, load_task
 from adainfer_hf.training.collect_generation import collect_generation_features
+from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.free_running import FreeRunning
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
@@ -50,10 +51,10 @@ TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstr
                "abstractive/english-german", "abstractive/landmark-country", "abstractive/person-sport",
                "abstractive/product-company", "abstractive/park-country", "abstractive/person-occupation",
                "extractive/choose_last_of_5")
-RULES = {"full": dict(method="svm", gate=None, knob="classifier"),
+RULES = {"full": dict(method="svm", gate=None, knob="classifier"),  # (method, gate kind, calibration knob)
          "gated": dict(method="svm", gate="linear", knob="classifier"),
          "gate-knob": dict(method="svm", gate="linear", knob="gate"),
-         "probe": dict(method="gate_only")}
+         "probe": dict(method="gate_only", gate=None, knob=None)}
 
 
 def tables(ada, tok, args):
@@ -115,7 +116,7 @@ def main(argv=None):
     p.add_argument("--free-running-cache", default="propagate", choices=("propagate", "exact"),
                    help="the exit cache option the free-running generations use (and certify)")
     p.add_argument("--vocabulary", type=int, default=None, metavar="K", help="checks over K token ids "
-                   "(train_on_tables(check_vocabulary=K)): the train table's dense tokens, then the lowest ids; "
+                   "(ScheduleConfig(check_vocabulary=K)): the train table's dense tokens, then the lowest ids; "
                    "classifiers named <rule>@<target>+vK")
     p.add_argument("--collect-only", action="store_true")
     p.add_argument("--no-eval", action="store_true", help="stop after calibrating (and --save-dir): time the saved "
@@ -142,9 +143,12 @@ def main(argv=None):
                 tok, cal_prompts[: args.free_running_prompts], args.free_running, args.free_running_cache)
             suffix = "" if not free else "+free" if free.exit_cache == "propagate" else "+free-exact"
             suffix += f"+v{args.vocabulary}" if args.vocabulary else ""
-            classifiers[f"{rule}@{target}{suffix}"] = train_on_tables(
-                ada, train, calib, target_agreement=target, check_cost="auto", check_phase="both", check_length=64,
-                free_running=free, check_vocabulary=args.vocabulary, **RULES[rule])
+            config = TrainingConfig(
+                method=RULES[rule]["method"], gate=GateConfig(kind=RULES[rule]["gate"]),
+                calibration=CalibrationConfig(target_agreement=target, knob=RULES[rule]["knob"]),
+                schedule=ScheduleConfig(check_cost="auto", check_phase="both", check_length=64,
+                                        check_vocabulary=args.vocabulary))
+            classifiers[f"{rule}@{target}{suffix}"] = train_on_tables(ada, train, calib, config, free_running=free)
     for name, c in classifiers.items():
         print(name, c.calibration.get("conclusion"), "| prefill", c.check_layers, "| decode", c.decode_check_layers)
         if args.save_dir:

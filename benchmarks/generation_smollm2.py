@@ -58,7 +58,7 @@ def main(argv=None):
     policies = {f"exit@{k}": ScriptedExit(k) for k in args.exit_layers}
     clf_dir = args.exit_classifier
     if clf_dir is None:
-        from adainfer_hf.cli.main import shipped_classifier_dir
+        from adainfer_hf.models.default_model import shipped_classifier_dir
 
         clf_dir = shipped_classifier_dir()
     if clf_dir is not None:

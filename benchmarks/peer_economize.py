@@ -111,7 +111,7 @@ def resolve_model_dir(key: str) -> Path:
 
 def shipped_dir() -> Path | None:
     """The SmolLM2 classifier shipped in the package (None when absent)."""
-    from adainfer_hf.cli.main import shipped_classifier_dir
+    from adainfer_hf.models.default_model import shipped_classifier_dir
 
     return shipped_classifier_dir()
 

@@ -38,7 +38,7 @@ def main(argv=None):
     stock = LlamaForCausalLM.from_pretrained(path).eval()
     clf_dir = args.exit_classifier
     if clf_dir is None:
-        from adainfer_hf.cli.main import shipped_classifier_dir
+        from adainfer_hf.models.default_model import shipped_classifier_dir
 
         clf_dir = shipped_classifier_dir()
     ada = AdaInferLlamaForCausalLM.from_pretrained(path, exit_classifier=ExitClassifier.from_pretrained(clf_dir))

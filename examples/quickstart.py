@@ -10,8 +10,7 @@ import torch
 from transformers import AutoTokenizer
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, ScriptedExit
-from adainfer_hf.cli.main import shipped_classifier_dir
-from adainfer_hf.models.default_model import default_model_dir
+from adainfer_hf.models.default_model import default_model_dir, shipped_classifier_dir
 
 
 def main():

@@ -10,6 +10,7 @@ from .models.auto import AutoAdaInferForCausalLM
 from .models.default_model import DEFAULT_MODEL_NAME, default_model_dir
 from .models.gemma3 import AdaInferGemma3ForCausalLM
 from .models.llama import AdaInferLlamaForCausalLM
+from .models.loading import load_adainfer_model
 from .models.mistral import AdaInferMistralForCausalLM
 from .models.modeling import AdaInferCausalLMOutput
 from .models.opt import AdaInferOPTForCausalLM
@@ -19,7 +20,13 @@ from .policy.base import ExitPolicy, ScriptedExit
 from .policy.classifier import ExitClassifier
 from .runtime.recording import ExitRecorder, ExitStatistics
 from .training.calibrate import calibrate
-from .training.collect import load_adainfer_model
+from .training.config import (
+    CalibrationConfig,
+    GateConfig,
+    GenerationCalibrationConfig,
+    ScheduleConfig,
+    TrainingConfig,
+)
 from .training.train import train_and_calibrate
 
 __all__ = [
@@ -33,6 +40,7 @@ __all__ = [
     "AdaInferQwen2ForCausalLM",
     "AdaInferQwen3ForCausalLM",
     "AutoAdaInferForCausalLM",
+    "CalibrationConfig",
     "ExactExitCache",
     "ExitClassifier",
     "ExitClassifierConfig",
@@ -40,8 +48,12 @@ __all__ = [
     "ExitRecorder",
     "ExitStatistics",
     "GapThresholdRule",
+    "GateConfig",
+    "GenerationCalibrationConfig",
     "PropagateExitCache",
+    "ScheduleConfig",
     "ScriptedExit",
+    "TrainingConfig",
     "build_prompts",
     "calibrate",
     "default_model_dir",

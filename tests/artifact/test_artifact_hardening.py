@@ -149,7 +149,7 @@ def test_an_artifact_without_manifest_loads_with_one_warning(tmp_path):
 
 
 def test_the_shipped_artifact_has_a_manifest_and_loads_silently():
-    from adainfer_hf.cli.main import shipped_classifier_dir
+    from adainfer_hf.models.default_model import shipped_classifier_dir
 
     with warnings.catch_warnings():
         warnings.simplefilter("error")

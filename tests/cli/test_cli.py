@@ -20,6 +20,7 @@ from tiny_models import VOCAB, save_tiny_checkpoint
 from adainfer_hf.cli import main as cli
 from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
 from adainfer_hf.training.collect import FeatureTable
+from adainfer_hf.training.config import CalibrationConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.vocabulary import choose_check_vocabulary
 
 TASK_A = [
@@ -143,6 +144,10 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
         and cal["agreement"] >= 0.9
         and cal["training"]["method"] == "logistic"
     )
+    # the artifact says how it was made: the flags' config, defaults included
+    assert TrainingConfig.from_dict(cal["training_config"]) == TrainingConfig(
+        method="logistic", seed=1, batch_size=4, hidden_states=True,
+        calibration=CalibrationConfig(target_agreement=0.9, min_layers=(1, 2)))
     train = FeatureTable.load(workdir / "tables" / "train.npz")
     calib = FeatureTable.load(workdir / "tables" / "calibration.npz")
     assert cal["n_prompts"] == calib.num_prompts and train.num_prompts + calib.num_prompts == 20
@@ -172,6 +177,8 @@ def test_train_simulate_and_pull_a_local_dir(workdir, capsys):
     )
     assert ExitClassifier.from_pretrained(again).calibration["n_prompts"] == calib.num_prompts
     assert ExitClassifier.from_pretrained(again).check_dtype is None  # the tables' fp32 head
+    assert ExitClassifier.from_pretrained(again).calibration["training_config"] == TrainingConfig(
+        method="linear_svm", calibration=CalibrationConfig(target_agreement=0.9)).to_dict()
     assert train.hidden is not None and calib.hidden is not None  # --tables-out keeps what a gate trains on
     gated = workdir / "clf_gated"
     assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "tables"),
@@ -432,6 +439,9 @@ def test_train_certifies_free_running_generations(workdir, capsys):
     printed = capsys.readouterr().out
     loaded = ExitClassifier.from_pretrained(out)
     figures = loaded.calibration["free_running"]
+    assert loaded.calibration["training_config"]["generation"] == {
+        "generation_tokens": 3, "first_layer": 1, "free_running_tokens": 4, "exit_cache": "exact"}
+    assert loaded.calibration["training_config"]["schedule"] == ScheduleConfig(check_cost=None).to_dict()
     assert figures["new_tokens"] == 4 and figures["exit_cache"] == "exact" and figures["tests"]
     assert loaded.calibration["conclusion"].startswith("Free-running") and "Free-running" in printed
     # the calibration prompts are generated on, so saved tables cannot stand in for them

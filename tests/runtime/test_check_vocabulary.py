@@ -23,6 +23,7 @@ from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
 from adainfer_hf.training.calibrate import simulate_exits
 from adainfer_hf.training.check_cost import measure_check_cost
 from adainfer_hf.training.collect import collect_features
+from adainfer_hf.training.config import CalibrationConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.train import train_on_tables
 from adainfer_hf.training.vocabulary import choose_check_vocabulary, restrict_table
 
@@ -133,8 +134,9 @@ def test_a_rule_trained_over_a_shortlist_runs_as_simulated_and_exits_inside_it()
     table = collect_features(model, tok, prompts, features=("gap", "top_prob"), progress=False, hidden_states=True)
     half = table.num_prompts // 2
     train, calib = table.select_prompts(range(half)), table.select_prompts(range(half, table.num_prompts))
-    clf = train_on_tables(model, train, calib, method="gate_only", check_cost=None, target_agreement=0.5, delta=0.5,
-                          check_vocabulary=8)
+    config = TrainingConfig(method="gate_only", schedule=ScheduleConfig(check_cost=None, check_vocabulary=8),
+                            calibration=CalibrationConfig(target_agreement=0.5, delta=0.5))
+    clf = train_on_tables(model, train, calib, config)
     assert clf.check_vocabulary == choose_check_vocabulary(train, 8)
     # a looser gate, so that more rows exit (calibration also puts a threshold exactly on a row's score, where the
     # float16 table and the float32 run may fall on either side)

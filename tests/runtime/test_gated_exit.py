@@ -26,6 +26,7 @@ from adainfer_hf.artifact.constants import CLASSIFIER_GATE_NAME
 from adainfer_hf.policy.gate import LinearGate, rms_normalize
 from adainfer_hf.training.calibrate import exit_scores, simulate_exits
 from adainfer_hf.training.collect import collect_features
+from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.schedule import schedule_cost
 from adainfer_hf.training.train import train_on_tables
 
@@ -231,8 +232,10 @@ def test_calibrated_gated_rule_on_the_table_is_what_the_model_runs():
     table = collect_features(model, tok, prompts, features=("gap", "top_prob"), progress=False, hidden_states=True)
     half = table.num_prompts // 2
     train, calib = table.select_prompts(range(half)), table.select_prompts(range(half, table.num_prompts))
-    clf = train_on_tables(model, train, calib, method="logistic", gate="linear", gate_recall=0.9, check_cost=None,
-                          target_agreement=0.5, delta=0.5)
+    config = TrainingConfig(method="logistic", gate=GateConfig(kind="linear", recall=0.9),
+                            schedule=ScheduleConfig(check_cost=None),
+                            calibration=CalibrationConfig(target_agreement=0.5, delta=0.5))
+    clf = train_on_tables(model, train, calib, config)
     assert clf.gate is not None and clf.gate_fingerprint == clf.gate.fingerprint()
     passed = clf.gate.passes_table(table.hidden, table.layer)
     assert 0 < passed.sum() < len(table)
@@ -256,9 +259,10 @@ def test_a_gate_without_hidden_states_in_the_table_is_a_clear_error():
     half = table.num_prompts // 2
     with pytest.raises(ValueError, match="hidden states"):
         train_on_tables(model, table.select_prompts(range(half)), table.select_prompts(range(half, table.num_prompts)),
-                        method="logistic", gate="linear", check_cost=None)
-    with pytest.raises(ValueError, match="gate='mlp' is not supported"):
-        train_on_tables(model, table, table, gate="mlp", check_cost=None)
+                        TrainingConfig(method="logistic", gate=GateConfig(kind="linear"),
+                                       schedule=ScheduleConfig(check_cost=None)))
+    with pytest.raises(ValueError, match="gate kind='mlp' is not supported"):
+        GateConfig(kind="mlp")
 
 
 def test_schedule_cost_charges_the_gate_everywhere_and_the_head_where_it_passes():

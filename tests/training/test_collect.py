@@ -169,9 +169,9 @@ def test_real_model_rows_and_simulation_match_live_exits(smollm2_dir):
     from transformers import AutoTokenizer
 
     from adainfer_hf.estimators.rules import GapThresholdRule
+    from adainfer_hf.models.loading import load_adainfer_model
     from adainfer_hf.policy.classifier import ExitClassifier
     from adainfer_hf.training.calibrate import simulate_exits
-    from adainfer_hf.training.collect import load_adainfer_model
 
     model = load_adainfer_model(smollm2_dir, exit_classifier=None)
     stock = LlamaForCausalLM.from_pretrained(smollm2_dir).eval()
@@ -235,6 +235,7 @@ def test_half_precision_check_head_is_collected_trained_and_kept():
 
 def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(monkeypatch):
     from adainfer_hf.training import schedule as schedule
+    from adainfer_hf.training.config import CalibrationConfig, ScheduleConfig, TrainingConfig
     from adainfer_hf.training.train import train_and_calibrate
 
     _, ada = tiny_pair()
@@ -243,9 +244,9 @@ def test_train_and_calibrate_keeps_the_check_dtype_through_calibration_and_cost(
     costs = {"prefill": 0.5, "decode": 9.0}
     monkeypatch.setattr(schedule, "measure_check_cost",
                         lambda model, **kw: seen.append((kw["phase"], kw["check_dtype"])) or costs[kw["phase"]])
-    clf, train_table, calib_table = train_and_calibrate(
-        ada, tok, tiny_prompts(4, (0, 2)), method="logistic", target_agreement=0.5, progress=False,
-        check_dtype="float16")
+    config = TrainingConfig(method="logistic", calibration=CalibrationConfig(target_agreement=0.5),
+                            schedule=ScheduleConfig(check_dtype="float16"))
+    clf, train_table, calib_table = train_and_calibrate(ada, tok, tiny_prompts(4, (0, 2)), config, progress=False)
     assert seen == [("prefill", "float16"), ("decode", "float16")]  # a schedule for prompts, one for decode
     assert train_table.meta["check_dtype"] == calib_table.meta["check_dtype"] == "float16"
     assert clf.check_dtype == "float16" and clf.calibration["schedule"]["check_cost_layers"] == 0.5

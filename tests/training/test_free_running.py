@@ -172,6 +172,7 @@ def test_candidate_ladder_goes_from_strict_to_loose_and_arguments_are_checked():
 
 def test_free_running_reference_is_the_dense_text_generated_once_per_model(monkeypatch):
     from adainfer_hf.training import free_running as fr
+    from adainfer_hf.training.config import CalibrationConfig, ScheduleConfig, TrainingConfig
     from adainfer_hf.training.train import train_on_tables
     from adainfer_hf.utils.tokenizers import left_padding
 
@@ -192,9 +193,10 @@ def test_free_running_reference_is_the_dense_text_generated_once_per_model(monke
     real = fr._continuations
     monkeypatch.setattr(fr, "_continuations", lambda *a: dense_calls.append(a[5]) or real(*a))
     table = collect_generation_features(model, tok, tiny_prompts(4, (0,)), new_tokens=N, progress=False)
-    kwargs = dict(method="gap_rule", target_agreement=0.6, delta=0.3, check_cost=0.0, free_running=setting)
-    first = train_on_tables(model, table, None, **kwargs)
-    second = train_on_tables(model, table, None, **kwargs)
+    config = TrainingConfig(method="gap_rule", calibration=CalibrationConfig(target_agreement=0.6, delta=0.3),
+                            schedule=ScheduleConfig(check_cost=0.0))
+    first = train_on_tables(model, table, None, config, free_running=setting)
+    second = train_on_tables(model, table, None, config, free_running=setting)
     assert dense_calls and None not in dense_calls  # candidates generated; the dense text was not regenerated
     assert first.calibration["free_running"] == second.calibration["free_running"]
     with pytest.raises(ValueError, match=rf"reference has shape \(2, 5\); expected \({len(prompts)}, 5\)"):

@@ -21,6 +21,13 @@ from adainfer_hf.architectures import core as arch
 from adainfer_hf.policy.gate import LinearGate
 from adainfer_hf.training import FeatureTable, calibrate, collect_generation_features, simulate_exits
 from adainfer_hf.training.calibrate import exit_scores
+from adainfer_hf.training.config import (
+    CalibrationConfig,
+    GateConfig,
+    GenerationCalibrationConfig,
+    ScheduleConfig,
+    TrainingConfig,
+)
 from adainfer_hf.training.schedule import schedule_classifier
 from adainfer_hf.training.train import train_and_calibrate, train_exit_classifier, train_on_tables
 from adainfer_hf.utils.stats import hb_p_value, hb_upper_bound, risk_p_value, risk_upper_bound
@@ -254,8 +261,10 @@ def test_gate_knob_rule_on_a_generation_table_is_what_generate_runs():
     half = table.num_sequences // 2
     train = table.select_prompts(np.flatnonzero(table.sequence < half))
     calib = table.select_prompts(np.flatnonzero(table.sequence >= half))
-    clf = train_on_tables(model, train, calib, method="logistic", gate="linear", gate_recall=0.9, knob="gate",
-                          check_cost=None, target_agreement=0.5, delta=0.5)
+    config = TrainingConfig(method="logistic", gate=GateConfig(kind="linear", recall=0.9),
+                            schedule=ScheduleConfig(check_cost=None),
+                            calibration=CalibrationConfig(target_agreement=0.5, delta=0.5, knob="gate"))
+    clf = train_on_tables(model, train, calib, config)
     assert clf.calibration["knob"] == "gate"
     scores = clf.gate.margins(table.hidden, table.layer)
     # a gate offset that passes some rows and stops others, so that the live run has exits to reproduce
@@ -284,8 +293,9 @@ def test_gate_only_exits_where_its_probe_passes_on_the_stock_hidden_state():
     half = table.num_sequences // 2
     train = table.select_prompts(np.flatnonzero(table.sequence < half))
     calib = table.select_prompts(np.flatnonzero(table.sequence >= half))
-    clf = train_on_tables(model, train, calib, method="gate_only", check_cost=None, target_agreement=0.5,
-                          delta=0.5)
+    config = TrainingConfig(method="gate_only", schedule=ScheduleConfig(check_cost=None),
+                            calibration=CalibrationConfig(target_agreement=0.5, delta=0.5))
+    clf = train_on_tables(model, train, calib, config)
     assert clf.gate is not None and clf.calibration["knob"] == "gate"
     # an offset halfway between two table scores (no ties), so that the live run both exits and runs on
     margins = np.unique(clf.gate.margins(table.hidden, table.layer))
@@ -319,15 +329,17 @@ def test_gate_only_exits_where_its_probe_passes_on_the_stock_hidden_state():
                 torch.testing.assert_close(out.logits[:, -1:], ref, rtol=1e-4, atol=1e-5)
     assert min(exits) < L and max(exits) == L
     with pytest.raises(ValueError, match="knob must be 'gate' \\(or None\\); got knob='classifier'"):
-        train_on_tables(model, train, calib, method="gate_only", knob="classifier", check_cost=None)
+        train_on_tables(model, train, calib, TrainingConfig(method="gate_only", schedule=ScheduleConfig(check_cost=None),
+                                                            calibration=CalibrationConfig(knob="classifier")))
 
 
 def test_train_and_calibrate_on_generated_tokens_splits_by_example():
     _, model = tiny_pair()
     tok = task_tokenizer()
-    clf, train, calib = train_and_calibrate(model, tok, tiny_prompts(3, (0, 2)), method="logistic",
-                                            generation_tokens=3, first_layer=2, check_cost=None, progress=False,
-                                            target_agreement=0.5, delta=0.5, gate="linear", knob="gate")
+    config = TrainingConfig(method="logistic", gate=GateConfig(kind="linear"), schedule=ScheduleConfig(check_cost=None),
+                            calibration=CalibrationConfig(target_agreement=0.5, delta=0.5, knob="gate"),
+                            generation=GenerationCalibrationConfig(generation_tokens=3, first_layer=2))
+    clf, train, calib = train_and_calibrate(model, tok, tiny_prompts(3, (0, 2)), config, progress=False)
     assert train.is_generation and calib.is_generation and set(train.step.tolist()) == {0, 1, 2}
     keys = lambda t: {(t.task[u], int(t.example_index[u])) for u in range(t.num_prompts)}  # noqa: E731
     assert not keys(train) & keys(calib)

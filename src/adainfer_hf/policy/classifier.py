@@ -85,7 +85,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             Token ids the checks score (stored sorted); `None` = the whole vocabulary. A check then runs only
             these rows of the LM head, and a row that exits gets their logits as its next-token logits (every
             other token `-inf`). Train and calibrate on tables restricted the same way
-            (`training.vocabulary.restrict_table`, `train_on_tables(check_vocabulary=...)`).
+            (`training.vocabulary.restrict_table`, `training.ScheduleConfig(check_vocabulary=...)`).
         label (`str`, *optional*, defaults to `"final"`):
             What the estimator was trained to predict: `"final"` (the layer's top-1 equals the final layer's) or
             `"gold"` (it equals the gold answer).

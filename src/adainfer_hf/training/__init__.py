@@ -5,12 +5,22 @@ The research helpers behind `adainfer_hf.train_and_calibrate`, importable from h
 ```python
 from adainfer_hf.training import FeatureTable, calibrate, collect_features, schedule_classifier, train_exit_classifier
 ```
+
+`TrainingConfig` (with `CalibrationConfig`, `GateConfig`, `ScheduleConfig`, `GenerationCalibrationConfig`) holds
+the settings of `train_and_calibrate` and `train_on_tables`.
 """
 
 from .calibrate import calibrate, exit_scores, simulate_exits, summarize_exits
 from .check_cost import measure_check_cost
-from .collect import RecordingPolicy, collect_features, load_adainfer_model
+from .collect import RecordingPolicy, collect_features
 from .collect_generation import collect_generation_features
+from .config import (
+    CalibrationConfig,
+    GateConfig,
+    GenerationCalibrationConfig,
+    ScheduleConfig,
+    TrainingConfig,
+)
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder, prefix_losses
 from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
 from .table import LABEL_KINDS, FeatureTable, table_sequences
@@ -19,10 +29,15 @@ from .train import TRAIN_METHODS, train_and_calibrate, train_exit_classifier, tr
 __all__ = [
     "LABEL_KINDS",
     "TRAIN_METHODS",
+    "CalibrationConfig",
     "FeatureTable",
     "FreeRunning",
+    "GateConfig",
+    "GenerationCalibrationConfig",
     "RecordingPolicy",
     "ScheduleChoice",
+    "ScheduleConfig",
+    "TrainingConfig",
     "calibrate",
     "calibrate_free_running",
     "candidate_ladder",
@@ -30,7 +45,6 @@ __all__ = [
     "collect_features",
     "collect_generation_features",
     "exit_scores",
-    "load_adainfer_model",
     "measure_check_cost",
     "prefix_losses",
     "resolve_check_costs",

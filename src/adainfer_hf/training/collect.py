@@ -8,7 +8,6 @@ it will get at inference.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -17,14 +16,12 @@ from tqdm.auto import tqdm
 
 from ..architectures.registry import spec_for
 from ..data.prompts import gold_first_token
-from ..models.auto import AutoAdaInferForCausalLM
-from ..models.default_model import default_model_dir
 from ..policy.base import ExitPolicy, check_dtype_or_raise
 from ..policy.features import FEATURES
 from ..utils.tokenizers import left_padding
 from .table import FeatureTable
 
-__all__ = ["FeatureTable", "RecordingPolicy", "collect_features", "load_adainfer_model"]
+__all__ = ["FeatureTable", "RecordingPolicy", "collect_features"]
 
 class RecordingPolicy(ExitPolicy):
     """Checks every layer `1..L-1`, never exits, and stores each row's features and top-1 token per layer.
@@ -179,22 +176,3 @@ def _record_layers(model, tokenizer, prompts, features, batch_size, progress, ch
     finally:
         model.train(was_training)
     return feats, tops, final, hidden
-
-
-def load_adainfer_model(name_or_path: str | os.PathLike, **kwargs):
-    """Loads a checkpoint with the AdaInfer class of its `model_type` (`AutoAdaInferForCausalLM`).
-
-    Args:
-        name_or_path (`str` or `os.PathLike`): a local directory, a Hub id, or `"default"` for the embedded
-            SmolLM2-135M-Instruct (`default_model.default_model_dir()`).
-        kwargs: passed to `from_pretrained` (`dtype`, `revision`, `exit_classifier`, ...).
-
-    Returns:
-        The AdaInfer model (`AdaInferLlamaForCausalLM`, `AdaInferQwen2ForCausalLM`, ...), in eval mode.
-
-    Raises:
-        `NotImplementedError`: the checkpoint's `model_type` is not one of `models.auto.ADAINFER_CLASSES`.
-    """
-    if os.fspath(name_or_path) == "default":
-        name_or_path = default_model_dir()
-    return AutoAdaInferForCausalLM.from_pretrained(name_or_path, **kwargs).eval()

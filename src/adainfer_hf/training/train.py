@@ -35,6 +35,7 @@ from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
+from .config import GATES, TRAIN_METHODS, GenerationCalibrationConfig, TrainingConfig
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
@@ -48,10 +49,6 @@ __all__ = [
     "train_exit_classifier",
     "train_on_tables",
 ]
-
-TRAIN_METHODS = ("svm", "linear_svm", "logistic", "crf", "gap_rule", "gate_only")
-GATES = (None, "linear")  # what may stand in front of the checks (None: every check computes the head)
-
 
 def resolve_gate_and_knob(method: str, gate: str | None, knob: str | None) -> tuple[str | None, str]:
     """The gate and the calibration knob a training method runs with: `"gate_only"` is the linear gate calibrated
@@ -176,96 +173,54 @@ def _fit_row_model(method: str, X: np.ndarray, y: np.ndarray, label: str, class_
     return fold_scaler(pipe, LogisticRegression)
 
 
-def train_and_calibrate(
-    model,
-    tokenizer,
-    prompts,
-    method: str = "svm",
-    features: Sequence[str] = ("gap", "top_prob"),
-    label: str = "final",
-    target_agreement: float = 0.99,
-    delta: float = 0.1,
-    calibration_fraction: float = 0.5,
-    min_layers: Sequence[int] | None = None,
-    max_rows: int = 20000,
-    seed: int = 0,
-    batch_size: int = 8,
-    progress: bool = True,
-    check_cost: float | str | None = "auto",
-    check_phase: str = "both",
-    check_length: int | None = None,
-    check_dtype: str | None = None,
-    hidden_states: bool = False,
-    gate: str | None = None,
-    gate_recall: float = 0.99,
-    gate_cost: float | str = "auto",
-    knob: str | None = None,
-    generation_tokens: int | None = None,
-    first_layer: int = 1,
-    free_running_tokens: int | None = None,
-    exit_cache: str = "propagate",
-    check_vocabulary: int | Sequence[int] | None = None,
-):
+def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
 
     Prompts are split by example (task and example index): calibration prompts are disjoint from training ones.
 
     Args:
-        model, tokenizer: an AdaInfer model (see `collect.load_adainfer_model`) and its tokenizer.
-        prompts (`Sequence[data.Prompt]`): all prompts; `calibration_fraction` of their examples calibrate.
-        method, features, label, max_rows, seed: see [`train_exit_classifier`].
-        target_agreement, delta, min_layers: see `calibrate.calibrate`.
-        calibration_fraction (`float`, *optional*, defaults to 0.5): share of examples held out for calibration.
-        batch_size (`int`, *optional*, defaults to 8), progress (`bool`, *optional*): see `collect_features`.
-        check_cost (`float`, `"auto"` or `None`, *optional*, defaults to `"auto"`): one check's cost in decoder
-            layers for `schedule.schedule_classifier`; "auto" measures it on the model's device at the prompts'
-            median length and for one token; None checks every layer.
-        check_phase (`str`, *optional*, defaults to `"both"`): "both" chooses one schedule for prompts and one for
-            generated tokens (`decode_check_layers`) from the two measured costs; "prefill" or "decode" chooses one
-            schedule for all steps from that phase's cost.
-        check_length (`int`, *optional*): prompt length a check is measured at (default: the prompts' median).
-        check_dtype (`str`, *optional*): run the checks' LM head in "bfloat16" or "float16" (cheaper on an fp32
-            model); features are collected, calibrated and costed with the same head, and the artifact keeps it.
-        gate, gate_recall, gate_cost, knob, check_vocabulary: see [`train_on_tables`] (a gate or a check
-            vocabulary records the hidden states).
-        generation_tokens (`int`, *optional*): train and calibrate on the first `generation_tokens` tokens the dense
-            model generates per prompt (`collect_generation_features`, recording from `first_layer`), for
-            `generate`: calibration bounds the share of a generation's tokens that agree. None: the next token.
-        free_running_tokens (`int`, *optional*): certify free-running generations of this many tokens with
-            `exit_cache` instead (`free_running.calibrate_free_running`, candidates from the training table): the
-            target then bounds the share of a generation's tokens before its first difference from dense.
+        model, tokenizer: an AdaInfer model (see `models.loading.load_adainfer_model`) and its tokenizer.
+        prompts (`Sequence[data.Prompt]`): all prompts; `config.calibration.calibration_fraction` of their
+            examples calibrate.
+        config ([`TrainingConfig`], *optional*): how to train, calibrate and schedule (defaults: the paper's SVM
+            on `gap` and `top_prob`, target 0.99, measured check costs). With
+            `config.generation.generation_tokens` the tables hold the first tokens the dense model generates per
+            prompt (`collect_generation_features`, for `generate`); with `free_running_tokens` the chosen rule is
+            certified on free-running generations of the calibration prompts (`free_running.calibrate_free_running`,
+            candidates from the training table). A gate or a check vocabulary records the hidden states.
+        progress (`bool`, *optional*, defaults to True): progress bars while collecting.
 
     Returns:
-        `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] and both tables.
+        `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] (its
+        `calibration["training_config"]` is `config.to_dict()`) and both tables.
     """
+    config = _config_or_default(config)
     prompts = list(prompts)
-    gate, knob = resolve_gate_and_knob(method, gate, knob)
-    is_train = _split_by_example(prompts, calibration_fraction, seed)
-    record = dict(features=tuple(features), batch_size=batch_size, progress=progress, check_dtype=check_dtype,
-                  hidden_states=hidden_states or gate is not None or check_vocabulary is not None)
-    train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer,
-                                              record)
-    check_length = check_length or int(np.median([len(tokenizer(p.text).input_ids) for p in prompts]))
-    fit = dict(method=method, features=features, label=label, max_rows=max_rows, seed=seed, gate=gate,
-               gate_recall=gate_recall)
-    cal = dict(target_agreement=target_agreement, delta=delta, knob=knob, min_layers=min_layers)
-    cost_args = dict(check_cost=check_cost, check_length=check_length, check_phase=check_phase, gate_cost=gate_cost)
-    free = None if free_running_tokens is None else FreeRunning(
-        tokenizer, [prompts[i] for i in np.flatnonzero(~is_train)], free_running_tokens, exit_cache, batch_size)
-    clf = train_on_tables(model, train_table, calib_table, **fit, **cal, **cost_args, free_running=free,
-                          check_vocabulary=check_vocabulary)
-    return clf, train_table, calib_table
+    gate, _ = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
+    is_train = _split_by_example(prompts, config.calibration.calibration_fraction, config.seed)
+    record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
+                  check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or gate is not None
+                  or config.schedule.check_vocabulary is not None)
+    generation = config.generation
+    train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation, record)
+    check_length = config.schedule.check_length or int(np.median([len(tokenizer(p.text).input_ids)
+                                                                  for p in prompts]))
+    free = None if generation.free_running_tokens is None else FreeRunning(
+        tokenizer, [prompts[i] for i in np.flatnonzero(~is_train)], generation.free_running_tokens,
+        generation.exit_cache, config.batch_size)
+    clf = _train_on_tables(model, train_table, calib_table, config, check_length, free)
+    return _recorded(clf, config, model), train_table, calib_table
 
 
-def _collect_split(model, tokenizer, prompts, is_train, generation_tokens, first_layer, record):
+def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCalibrationConfig, record):
     """(train, calibration) tables of the prompts' next token, or of their first `generation_tokens` tokens."""
-    if generation_tokens is None:
+    if generation.generation_tokens is None:
         table = collect_features(model, tokenizer, prompts, **record)
         unit_is_train = is_train
     else:
-        table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation_tokens,
-                                            first_layer=first_layer, **record)
+        table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation.generation_tokens,
+                                            first_layer=generation.first_layer, **record)
         unit_is_train = is_train[table.sequence]
     return table.select_prompts(np.flatnonzero(unit_is_train)), table.select_prompts(np.flatnonzero(~unit_is_train))
 
@@ -289,75 +244,98 @@ def _split_by_example(prompts, calibration_fraction: float, seed: int) -> np.nda
     return is_train
 
 
-def train_on_tables(
-    model,
-    train_table: FeatureTable,
-    calib_table: FeatureTable,
-    method: str = "svm",
-    features: Sequence[str] = ("gap", "top_prob"),
-    label: str = "final",
-    max_rows: int = 20000,
-    seed: int = 0,
-    target_agreement: float = 0.99,
-    delta: float = 0.1,
-    min_layers: Sequence[int] | None = None,
-    check_cost: float | str | None = "auto",
-    check_phase: str = "both",
-    check_length: int = 256,
-    gate: str | None = None,
-    gate_recall: float = 0.99,
-    gate_cost: float | str = "auto",
-    knob: str | None = None,
-    free_running: FreeRunning | None = None,
-    check_vocabulary: int | Sequence[int] | None = None,
-):
+def train_on_tables(model, train_table: FeatureTable, calib_table: FeatureTable | None,
+                    config: TrainingConfig | None = None, *, free_running: FreeRunning | None = None):
     """Train on `train_table`, calibrate on `calib_table`, choose the check schedules, bind to `model`.
 
     The tables' `check_dtype` (see `collect.collect_features`) carries into the classifier and the measured check
-    cost. Arguments as in [`train_and_calibrate`]; `check_length` is the prompt length a check is measured at.
+    cost. Tables from `collect_generation_features` (one unit per generated token) are calibrated with their
+    sequences as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
 
     Args:
-        gate (`str`, *optional*): `"linear"` puts a `policy.gate.LinearGate` in front of every check, fitted on
-            `train_table`'s hidden states to pass `gate_recall` of the rows whose lens agrees (`label`); the
-            classifier is trained as without it, and calibration and the schedule measure the composed rule.
-            None (default): no gate.
-        gate_recall (`float`, *optional*, defaults to 0.99): share of the training rows labelled 1 the gate passes.
-        gate_cost (`float` or `"auto"`, *optional*, defaults to `"auto"`): the gate's cost per check in decoder
-            layers for the schedule; "auto" measures it (in prompts and in decode steps with `check_phase="both"`).
-        knob (`str`, *optional*): what calibration tunes, the classifier's threshold (`"classifier"`, the default)
-            or (`"gate"`, with a gate) the gate's thresholds; see `calibrate.calibrate`. `method="gate_only"`
-            always tunes the gate (and uses `gate="linear"` when `gate` is None).
+        model: the AdaInfer model the tables were collected on.
+        train_table, calib_table ([`FeatureTable`]): training and calibration units, disjoint.
+        config ([`TrainingConfig`], *optional*): as in [`train_and_calibrate`]; the collection settings
+            (`batch_size`, `hidden_states`, `generation.generation_tokens`, `generation.first_layer`) are the
+            tables' and not read here, and `schedule.check_length` defaults to 256.
+            - `gate.kind="linear"` puts a `policy.gate.LinearGate` in front of every check, fitted on `train_table`'s
+              hidden states to pass `gate.recall` of the rows whose lens agrees (`label`); the classifier is trained
+              as without it, and calibration and the schedule measure the composed rule.
+            - `calibration.knob`: the classifier's threshold (`"classifier"`, the default) or, with a gate, the
+              gate's thresholds (`"gate"`); `method="gate_only"` always tunes the gate (and brings the linear gate).
+            - `schedule.check_vocabulary`: checks over a shortlist of token ids (see
+              `ExitClassifierConfig.check_vocabulary`), the ids or how many to take (the dense model's tokens on
+              `train_table`, most frequent first, then the lowest ids: `vocabulary.choose_check_vocabulary`). Both
+              tables are restricted to it first (`vocabulary.restrict_table`, which needs their hidden states), so
+              training, calibration and the measured check cost are those of the shortlisted checks.
+            - `schedule.check_dtype`, if set, must be the tables' check dtype.
         free_running ([`free_running.FreeRunning`], *optional*): certify free-running generations instead: a ladder
             of candidates calibrated and scheduled on `train_table` is tested by generating on its prompts
-            (`free_running.calibrate_free_running`); `calib_table` is then not used (it may be None).
-        check_vocabulary (`int` or `Sequence[int]`, *optional*): checks over a shortlist of token ids (see
-            `ExitClassifierConfig.check_vocabulary`): the ids, or how many to take: the dense model's tokens on
-            `train_table`, most frequent first, then the lowest ids (`vocabulary.choose_check_vocabulary`). Both tables are restricted to
-            it first (`vocabulary.restrict_table`, which needs their hidden states), so training, calibration and
-            the measured check cost are those of the shortlisted checks.
-
-    Tables from `collect_generation_features` (one unit per generated token) are calibrated with their sequences
-    as the draws, and their first tokens and decode steps choose the prompt and decode schedules.
+            (`free_running.calibrate_free_running`); `calib_table` is then not used (it may be None). Needed when
+            `config.generation.free_running_tokens` is set (and then of that length and `exit_cache`).
 
     Returns:
-        The calibrated, scheduled, bound [`ExitClassifier`].
+        The calibrated, scheduled, bound [`ExitClassifier`]; `calibration["training_config"]` is
+        `config.to_dict()`.
     """
-    gate, knob = resolve_gate_and_knob(method, gate, knob)
-    train_table, calib_table = restrict_tables(model, train_table, calib_table, check_vocabulary)
+    config = _config_or_default(config)
+    _check_tables_match(config, train_table, free_running)
+    clf = _train_on_tables(model, train_table, calib_table, config, config.schedule.check_length or 256, free_running)
+    return _recorded(clf, config, model)
+
+
+def _config_or_default(config) -> TrainingConfig:
+    if config is None:
+        return TrainingConfig()
+    if not isinstance(config, TrainingConfig):
+        raise TypeError(f"config must be a TrainingConfig (or None for the defaults); got {type(config).__name__}. "
+                        "Build one from a dict with TrainingConfig.from_dict.")
+    return config
+
+
+def _check_tables_match(config: TrainingConfig, train_table: FeatureTable, free_running) -> None:
+    """What `train_on_tables` cannot change about its tables and free-running setting must agree with `config`."""
+    table_dtype = train_table.meta.get("check_dtype")
+    if config.schedule.check_dtype is not None and config.schedule.check_dtype != table_dtype:
+        raise ValueError(f"check_dtype={config.schedule.check_dtype!r} differs from the tables' check dtype "
+                         f"{table_dtype!r}; collect the tables again with check_dtype={config.schedule.check_dtype!r}.")
+    tokens, cache = config.generation.free_running_tokens, config.generation.exit_cache
+    if tokens is not None and free_running is None:
+        raise ValueError(f"free_running_tokens={tokens} generates on calibration prompts, which train_on_tables does "
+                         f"not have; pass free_running=FreeRunning(tokenizer, prompts, {tokens}).")
+    if tokens is not None and (free_running.new_tokens, free_running.exit_cache) != (tokens, cache):
+        raise ValueError(f"free_running generates {free_running.new_tokens} tokens with exit_cache="
+                         f"{free_running.exit_cache!r}, but the config says free_running_tokens={tokens}, "
+                         f"exit_cache={cache!r}.")
+
+
+def _recorded(clf: ExitClassifier, config: TrainingConfig, model) -> ExitClassifier:
+    """`clf` with the config it was made with in its calibration record (saved with the artifact)."""
+    calibration = dict(clf.calibration) if isinstance(clf.calibration, dict) else {}
+    return clf.replace(calibration={**calibration, "training_config": config.to_dict()}).bind(model)
+
+
+def _train_on_tables(model, train_table, calib_table, config: TrainingConfig, check_length: int,
+                     free_running) -> ExitClassifier:
+    """[`train_on_tables`] with the check length resolved."""
+    gate, knob = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
+    train_table, calib_table = restrict_tables(model, train_table, calib_table, config.schedule.check_vocabulary)
     tables = [train_table] if free_running is not None else [train_table, calib_table]
     if gate is not None and any(t.hidden is None for t in tables):
         raise ValueError("gate='linear' trains and calibrates on hidden states, but the tables have none; collect "
                          "them with hidden_states=True (CLI: --tables-out, or train with --gate linear).")
-    clf = _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall)
-    costs = _costs(model, clf, check_cost, check_length, check_phase, gate_cost)
-    cal = dict(target_agreement=target_agreement, delta=delta, min_layers=min_layers, knob=knob)
+    clf = _fit(train_table, config.method, config.features, config.label, config.max_rows, config.seed, gate,
+               config.gate.recall)
+    schedule = config.schedule
+    costs = _costs(model, clf, schedule.check_cost, check_length, schedule.check_phase, config.gate.cost)
+    target, delta = config.calibration.target_agreement, config.calibration.delta
+    cal = dict(target_agreement=target, delta=delta, min_layers=config.calibration.min_layers, knob=knob)
     if free_running is not None:
         ladder = candidate_ladder(clf, train_table, levels=free_running.levels, **cal,
                                   finish=lambda c: _scheduled(model, c, train_table, costs))
         return calibrate_free_running(model, free_running.tokenizer, free_running.prompts, ladder,
-                                      target_agreement=target_agreement, delta=delta,
-                                      new_tokens=free_running.new_tokens, exit_cache=free_running.exit_cache,
-                                      batch_size=free_running.batch_size,
+                                      target_agreement=target, delta=delta, new_tokens=free_running.new_tokens,
+                                      exit_cache=free_running.exit_cache, batch_size=free_running.batch_size,
                                       reference=free_running.reference(model))
     return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
 
