@@ -49,7 +49,7 @@ def _rotation_medians(fns: dict, repeats: int, inner: int) -> dict:
 @torch.no_grad()
 def layer_costs(model, repeats: int, inner: int) -> dict:
     """Seconds of one decoder layer at each query length, and of the up projection through both kernels."""
-    layer = arch.decoder_layers(model)[0]
+    layer = arch.spec_of(model).decoder_layers(model)[0]
     H = model.config.hidden_size
     g = torch.Generator().manual_seed(0)
     calls = {}
@@ -57,7 +57,7 @@ def layer_costs(model, repeats: int, inner: int) -> dict:
         hidden = torch.randn(1, q, H, generator=g)
         pos = torch.arange(q).unsqueeze(0)
         kwargs = {"position_ids": pos}
-        pe = arch.position_embeddings(model, hidden, pos)
+        pe = arch.spec_of(model).position_embeddings(model, hidden, pos)
         if pe is not None:
             kwargs["position_embeddings"] = pe
         calls[f"layer q={q}"] = lambda h=hidden, kw=kwargs: layer(h, attention_mask=None, **kw)

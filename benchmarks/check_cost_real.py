@@ -42,11 +42,11 @@ def gate_cost(model, repeats: int) -> float:
     H = model.config.hidden_size
     rng = np.random.default_rng(0)
     gate = LinearGate([1], rng.normal(size=(1, H)), [0.0], [1e9])  # never passes: the gate's own cost only
-    layer = arch.decoder_layers(model)[0]
+    layer = arch.spec_of(model).decoder_layers(model)[0]
     hidden = torch.randn(1, 1, H)
     pos = torch.zeros(1, 1, dtype=torch.long)
     kw = {"position_ids": pos}
-    pe = arch.position_embeddings(model, hidden, pos)
+    pe = arch.spec_of(model).position_embeddings(model, hidden, pos)
     if pe is not None:
         kw["position_embeddings"] = pe
     t_gate = _median_seconds(lambda: bool(gate.passes(hidden[:, -1], 1).any()), repeats)
@@ -66,7 +66,7 @@ def main(argv=None) -> int:
     results = []
     for key in args.models:
         model = AutoAdaInferForCausalLM.from_pretrained(model_dir(key), exit_classifier=None).eval()
-        row = {"model": key, "num_layers": arch.num_layers(model), "vocab": model.config.vocab_size,
+        row = {"model": key, "num_layers": model.config.num_hidden_layers, "vocab": model.config.vocab_size,
                "hidden": model.config.hidden_size,
                "decode_full": measure_check_cost(model, phase="decode", repeats=args.repeats),
                "decode_gate": gate_cost(model, args.repeats)}

@@ -41,7 +41,7 @@ class _Stamps(StoppingCriteria):
 
 def _hooks(model, acc):
     """Forward hooks adding the time of the decoder stack and of final norm + head to `acc`."""
-    layers, marks = arch.decoder_layers(model), {}
+    layers, marks = arch.spec_of(model).decoder_layers(model), {}
     norm = arch.spec_for(model).final_modules(model)[0]
     layers[0].register_forward_pre_hook(lambda m, a: marks.__setitem__("layers", time.perf_counter()))
     layers[-1].register_forward_hook(lambda m, a, o: acc.__setitem__(

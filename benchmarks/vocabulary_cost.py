@@ -29,7 +29,7 @@ PHASES = (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 1))
 def costs(model, sizes, repeats):
     """Rows {phase, tokens, full, K: layers...}: medians over `repeats` rounds, full and shortlisted alternating."""
     rows = []
-    width = arch.head_width(model)
+    width = arch.head_of(model).width
     with torch.no_grad():
         for phase, length in PHASES:
             seq = length if phase == "prefill" else 256
@@ -57,7 +57,7 @@ def main(argv=None):
     out = {}
     for key in args.keys:
         model = AutoModelForCausalLM.from_pretrained(model_dir(key)).eval()
-        out[key] = {"vocab": arch.head_width(model), "layers": model.config.num_hidden_layers,
+        out[key] = {"vocab": arch.head_of(model).width, "layers": model.config.num_hidden_layers,
                     "rows": costs(model, sizes, args.repeats)}
         print(f"\n{key} (vocab {out[key]['vocab']}): one check in decoder layers")
         print("| phase | tokens | full | " + " | ".join(f"{k} ids" for k in sizes) + " |")

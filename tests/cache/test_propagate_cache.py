@@ -10,6 +10,7 @@ from transformers import DynamicCache
 
 from adainfer_hf import ExitPolicy, PropagateExitCache, ScriptedExit
 from adainfer_hf.architectures import core as arch
+from adainfer_hf.architectures.kv_fill import KVFill
 from adainfer_hf.compat import output_cache
 
 L = 4
@@ -53,9 +54,10 @@ def test_prefill_exit_defers_and_reads_equal_the_stock_hidden_states_projection(
         ref = stock(ids, attention_mask=mask, output_hidden_states=True, use_cache=False)
     cache = output_cache(out)
     assert isinstance(cache, PropagateExitCache) and cache.has_deferred
-    pos = arch.position_embeddings(stock, ref.hidden_states[k], torch.arange(ids.shape[1])[None])
+    spec = arch.spec_of(stock)
+    pos = spec.position_embeddings(stock, ref.hidden_states[k], torch.arange(ids.shape[1])[None])
     for idx in range(k, L):
-        want_k, want_v = arch.layer_kv_states(stock, arch.decoder_layers(stock)[idx], ref.hidden_states[k], pos)
+        want_k, want_v = spec.layer_kv_states(stock, spec.decoder_layers(stock)[idx], ref.hidden_states[k], pos)
         layer = cache.layers[idx]
         torch.testing.assert_close(layer.keys, want_k, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(layer.values, want_v, atol=1e-5, rtol=1e-5)
@@ -90,9 +92,10 @@ def test_nothing_is_computed_when_no_later_token_needs_the_skipped_layers(monkey
     _, ada = make_pair("llama_gqa")
     ids, mask = batch("left")
     calls = []
-    real = arch.layer_kv_states
-    monkeypatch.setattr(arch, "layer_kv_states", lambda *a, **k: calls.append(1) or real(*a, **k))
-    monkeypatch.setattr(arch, "stacked_kv_states", lambda *a, **k: pytest.fail("eager fill used"))
+    spec = type(arch.spec_of(ada))
+    real = spec.layer_kv_states
+    monkeypatch.setattr(spec, "layer_kv_states", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(KVFill, "stacked", lambda *a, **k: pytest.fail("eager fill used"))
     out = _generate(ada, ids, mask, ScriptedExit(2), max_new_tokens=5)
     cache = output_cache(out)
     assert calls == [] and cache.has_deferred

@@ -40,10 +40,10 @@ def test_sequences_run_past_the_sliding_window():
     assert ids.shape[1] > 2 * WINDOW
     for variant in ("qwen2_sliding", "mistral_sliding", "gemma3_text"):
         stock, _ = make_pair(variant)
-        assert any(arch.sliding_window(stock, i) == WINDOW for i in range(L)), variant
+        assert any(arch.spec_of(stock).sliding_window(stock, i) == WINDOW for i in range(L)), variant
     stock, _ = make_pair("gemma3_text")
     assert stock.config.final_logit_softcapping is not None
-    assert [arch.sliding_window(stock, i) for i in range(L)] == [WINDOW, None, WINDOW, None]
+    assert [arch.spec_of(stock).sliding_window(stock, i) for i in range(L)] == [WINDOW, None, WINDOW, None]
 
 
 @pytest.mark.parametrize("variant", NEW_FAMILIES)
@@ -117,7 +117,7 @@ def _propagate_reference(stock, sequences, mask, exits_per_position):
         return fn
 
     handles = [layer.register_forward_hook(hook(i), with_kwargs=True)
-               for i, layer in enumerate(arch.decoder_layers(stock))]
+               for i, layer in enumerate(arch.spec_of(stock).decoder_layers(stock))]
     try:
         with torch.no_grad():
             logits = stock(sequences, attention_mask=mask, use_cache=False).logits
@@ -190,14 +190,15 @@ def test_gemma3_fill_uses_each_layers_rotary_table():
     stock, _ = make_pair("gemma3_text")
     hidden = torch.randn(2, 9, 32)
     pos = torch.arange(9)[None]
-    fill = arch.fill_position_embeddings(stock, hidden, {"position_ids": pos})
-    stacked = arch.stacked_kv_states(stock, hidden, 0, fill)
-    for idx, layer in enumerate(arch.decoder_layers(stock)):
-        own = arch.position_embeddings(stock, hidden, pos, layer)
-        key, _ = arch.layer_kv_states(stock, layer, hidden, own)
+    spec = arch.spec_of(stock)
+    fill = spec.fill_position_embeddings(stock, hidden, {"position_ids": pos})
+    stacked = arch.kv_fill_of(stock).stacked(hidden, 0, fill)
+    for idx, layer in enumerate(spec.decoder_layers(stock)):
+        own = spec.position_embeddings(stock, hidden, pos, layer)
+        key, _ = spec.layer_kv_states(stock, layer, hidden, own)
         torch.testing.assert_close(stacked[idx][0], key)
-    local = arch.position_embeddings(stock, hidden, pos, arch.decoder_layers(stock)[0])
-    glob = arch.position_embeddings(stock, hidden, pos, arch.decoder_layers(stock)[1])
+    local = spec.position_embeddings(stock, hidden, pos, spec.decoder_layers(stock)[0])
+    glob = spec.position_embeddings(stock, hidden, pos, spec.decoder_layers(stock)[1])
     assert not torch.allclose(local[0], glob[0])  # the two tables really differ
     assert isinstance(AutoAdaInferForCausalLM.class_for(stock.config), type)
     assert AutoAdaInferForCausalLM.class_for(stock.config) is AdaInferGemma3ForCausalLM

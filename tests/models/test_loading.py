@@ -30,7 +30,7 @@ def test_cpu_disk_split_matches_stock_and_exits(tmp_path):
     model = AdaInferLlamaForCausalLM.from_pretrained(
         tmp_path / "ckpt", device_map=SPLIT_MAP, offload_folder=str(tmp_path / "offload"), exit_classifier=None)
     assert set(model.hf_device_map.values()) == {"cpu", "disk"}
-    assert arch.exit_head_device(model) == torch.device("cpu")
+    assert arch.spec_of(model).exit_head_device(model) == torch.device("cpu")
     assert arch.fingerprints_match(arch.ExitHead(model).fingerprint(), arch.ExitHead(stock).fingerprint())
     ids, mask = batch("left")
     with torch.no_grad():

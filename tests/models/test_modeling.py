@@ -85,7 +85,7 @@ def test_layers_after_exit_do_not_run(variant):
     calls = []
     hooks = [layer.self_attn.register_forward_hook(
         lambda m, args, kwargs, out, i=i: calls.append((i, args[0].shape[0] if args else kwargs["hidden_states"].shape[0])),
-        with_kwargs=True) for i, layer in enumerate(arch.decoder_layers(ada))]
+        with_kwargs=True) for i, layer in enumerate(arch.spec_of(ada).decoder_layers(ada))]
     with torch.no_grad():
         ada(ids, attention_mask=mask, use_cache=False, exit_policy=ScriptedExit([1, 2, 2]))
     for h in hooks:
@@ -140,7 +140,7 @@ def test_sublayer_cosine_features_match_hooks_on_stock():
     ids, mask = batch("none")
     outs = {}
     hooks = []
-    for i, layer in enumerate(arch.decoder_layers(stock)):
+    for i, layer in enumerate(arch.spec_of(stock).decoder_layers(stock)):
         hooks.append(layer.self_attn.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(("a", i), o[0])))
         hooks.append(layer.mlp.register_forward_hook(lambda m, a, o, i=i: outs.__setitem__(("m", i), o)))
     policy = NeverExit(("cos_attn", "cos_mlp"))
@@ -224,11 +224,11 @@ def test_stacked_kv_fill_equals_layer_by_layer(variant):
                 param.add_(0.3 * torch.randn_like(param))
     hidden = torch.randn(2, 5, ada.config.hidden_size)
     pos = torch.arange(5).unsqueeze(0)
-    pe = arch.position_embeddings(ada, hidden, pos)
+    pe = arch.spec_of(ada).position_embeddings(ada, hidden, pos)
     with torch.no_grad():
-        stacked = arch.stacked_kv_states(ada, hidden, 1, pe)
+        stacked = arch.kv_fill_of(ada).stacked(hidden, 1, pe)
         assert len(stacked) == L - 1
-        for (k, v), layer in zip(stacked, arch.decoder_layers(ada)[1:], strict=True):
-            k_ref, v_ref = arch.layer_kv_states(ada, layer, hidden, pe)
+        for (k, v), layer in zip(stacked, arch.spec_of(ada).decoder_layers(ada)[1:], strict=True):
+            k_ref, v_ref = arch.spec_of(ada).layer_kv_states(ada, layer, hidden, pe)
             torch.testing.assert_close(k, k_ref, atol=1e-5, rtol=1e-4)
             torch.testing.assert_close(v, v_ref, atol=1e-5, rtol=1e-4)

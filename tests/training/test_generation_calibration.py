@@ -60,7 +60,7 @@ def test_generation_rows_are_the_stock_greedy_tokens_and_their_logit_lens(varian
     stock, ada = _pair(variant)
     tok = task_tokenizer()
     prompts = tiny_prompts(2, (0, 2))[:5]
-    L = arch.num_layers(ada)
+    L = arch.spec_of(ada).num_layers(ada)
     table = collect_generation_features(ada, tok, prompts, new_tokens=T, features=("gap", "top_prob"),
                                         batch_size=3, progress=False, hidden_states=True, first_layer=2)
     assert table.num_prompts == len(prompts) * T and table.is_generation and table.num_sequences == len(prompts)

@@ -62,6 +62,14 @@ class ArchitectureSpec:
         """The (key, value) projections of `layer` (residency/offload checks and the K/V fill)."""
         return layer.self_attn.k_proj, layer.self_attn.v_proj
 
+    def kv_device(self, layer: nn.Module) -> torch.device:
+        """Where `layer`'s K/V projection weights live (the device its K/V fill runs on)."""
+        return self.kv_projections(layer)[0].weight.device
+
+    def kv_weights_resident(self, layer: nn.Module) -> bool:
+        """Whether `layer`'s K/V weights are loaded (accelerate keeps offloaded ones on `meta` outside its call)."""
+        return all(p.weight.device.type != "meta" for p in self.kv_projections(layer))
+
     def attention_input_norm(self, layer: nn.Module) -> nn.Module | None:
         """The norm applied to a layer's input before its K/V projections (None: the raw hidden state)."""
         return layer.input_layernorm

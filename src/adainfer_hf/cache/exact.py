@@ -21,7 +21,6 @@ import functools
 import torch
 
 from .. import compat
-from ..architectures import core as arch
 from ..compat import DynamicCache
 from .base import ExitCacheStrategy, LayerPlan, cache_layer_lengths, inconsistent_cache_error
 
@@ -95,7 +94,7 @@ class ExactStrategy(ExitCacheStrategy):
         them first, in the same call."""
         if rows is None:
             return self._skip_plan()
-        owed = self._owed(run, arch.layer_index(run.model, layer))
+        owed = self._owed(run, run.spec.layer_index(layer))
         if owed == 0:
             return self._all_rows_plan(run.all_rows)
         return LayerPlan(run.all_rows, forward=functools.partial(self._catch_up_forward, run, layer, owed),
@@ -111,7 +110,7 @@ class ExactStrategy(ExitCacheStrategy):
         """Runs one decoder layer on the `owed` positions it still owes followed by the current query; returns the
         query's outputs (the owed positions' move into the pending buffer, one layer deeper)."""
         cache: ExactExitCache = self.cache
-        layer_idx = arch.layer_index(run.model, layer)
+        layer_idx = run.spec.layer_index(layer)
         start = cache.pending_hidden.shape[1] - owed
         owed_hidden = cache.pending_hidden[:, start:].to(hidden.device, hidden.dtype)
         owed_pos = cache.pending_positions[:, start:].to(hidden.device)
@@ -134,13 +133,13 @@ class ExactStrategy(ExitCacheStrategy):
         layer takes none); layers of one type with the same owed positions and cache length share them."""
         cache = self.cache
         # (the layer type determines the window: `ArchitectureSpec.sliding_window`)
-        key = (owed, cache.layer_length(layer_idx), arch.layer_type(run.model, layer_idx), rotary,
+        key = (owed, cache.layer_length(layer_idx), run.spec.layer_type(run.model, layer_idx), rotary,
                ext_hidden.shape[0], ext_hidden.device, ext_hidden.dtype)
         if key not in self._catch_up_inputs:
-            sliding = arch.sliding_window(run.model, layer_idx) is not None
+            sliding = run.spec.sliding_window(run.model, layer_idx) is not None
             mask = compat.causal_mask(run.model.config, ext_hidden, run.attention_mask, cache, ext_pos,
                                       layer_idx=layer_idx, sliding=sliding)
-            table = arch.position_embeddings(run.model, ext_hidden, ext_pos, layer) if rotary else None
+            table = run.spec.position_embeddings(run.model, ext_hidden, ext_pos, layer) if rotary else None
             self._catch_up_inputs[key] = (mask, table)
         return self._catch_up_inputs[key]
 

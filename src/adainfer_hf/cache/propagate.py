@@ -68,11 +68,12 @@ class OwedLayer(DynamicLayer):
         model = model_ref()
         if model is None:
             raise RuntimeError("The model this cache belongs to was deleted before its deferred K/V were computed.")
-        layer = arch.decoder_layers(model)[layer_idx]
-        device = arch.kv_device(model, layer)
+        spec = arch.spec_of(model)
+        layer = spec.decoder_layers(model)[layer_idx]
+        device = spec.kv_device(layer)
         hidden, pos_emb = _concat(chunks, device)
         with torch.no_grad():
-            key, value = arch.layer_kv_states(model, layer, hidden, pos_emb)
+            key, value = spec.layer_kv_states(model, layer, hidden, pos_emb)
         self.update(key, value)
 
     def owed_length(self) -> int:
@@ -124,7 +125,8 @@ class PropagateStrategy(EagerFillStrategy):
     def after_exits(self, run, hidden, exited, kwargs) -> None:
         if not self._settles(run, kwargs):
             return
-        if self.cache.defer(run.model, hidden, run.layer, arch.fill_position_embeddings(run.model, hidden, kwargs)):
+        rotary = run.spec.fill_position_embeddings(run.model, hidden, kwargs)
+        if self.cache.defer(run.model, hidden, run.layer, rotary):
             self.deeper_filled = True
             return
         super().after_exits(run, hidden, exited, kwargs)
@@ -146,10 +148,11 @@ class PropagateExitCache(DynamicCache):
         Returns False (nothing recorded: fill now) when a layer is not a plain `DynamicLayer` or its K/V weights
         are not resident (offloaded to disk or CPU by accelerate: they only load inside that layer's call).
         """
-        layers = arch.decoder_layers(model)
-        last = arch.num_layers(model)
+        spec = arch.spec_of(model)
+        layers = spec.decoder_layers(model)
+        last = spec.num_layers(model)
         for layer in layers[first_layer:last]:
-            if not arch.kv_weights_resident(model, layer):
+            if not spec.kv_weights_resident(layer):
                 return False
         while len(self.layers) < last:
             fresh = new_cache_layer(self)

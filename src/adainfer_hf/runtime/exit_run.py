@@ -94,7 +94,8 @@ class ExitRun:
         self.model = model
         self.policy = policy
         self.batch_size = batch_size
-        self.num_layers = arch.num_layers(model)
+        self.spec = arch.spec_of(model)  # the family, bound once per forward
+        self.num_layers = self.spec.num_layers(model)
         # (int(): a static cache's full-attention layer counts in a tensor it advances in place during the step)
         self.past_length = int(past_key_values.get_seq_length(0)) if past_key_values is not None else 0
         self.check_layers = set(policy.layers_to_check(self.num_layers, decode=is_decode_step(query_length,
@@ -113,9 +114,9 @@ class ExitRun:
         if self.cache_strategy.needs_position_ids and position_ids is None:
             position_ids = torch.arange(self.past_length, self.past_length + query_length).unsqueeze(0)
         self.position_ids = position_ids
-        self.head_device = arch.exit_head_device(model)
+        self.head_device = self.spec.exit_head_device(model)
         self.check_dtype = None if policy.check_dtype is None else getattr(torch, policy.check_dtype)
-        self.head_width = None if getattr(policy, "check_vocabulary", None) is None else arch.head_width(model)
+        self.head_width = None if getattr(policy, "check_vocabulary", None) is None else model.exit_head.width
         self.vocabulary = model.exit_head.vocabulary(getattr(policy, "check_vocabulary", None))  # None: all
         self.last_pos = last_token_positions(attention_mask, query_length, batch_size)
         self.active = torch.ones(batch_size, dtype=torch.bool)  # host copy: decides row subsets
@@ -200,7 +201,7 @@ class ExitRun:
         cache = compat.layer_cache(kwargs)
         if plan.fill_skipped and cache is not None:
             k, v = frozen_kv(self.model, layer, hidden, kwargs, self.all_rows)
-            cache.update(k, v, arch.layer_index(self.model, layer))
+            cache.update(k, v, self.spec.layer_index(layer))
         return hidden
 
     def _run_rows(self, plan: LayerPlan, layer: nn.Module, forward: Callable, hidden: torch.Tensor, args, kwargs):
@@ -346,9 +347,9 @@ class ExitRun:
             self.sub_prev = tuple(t.clone() for t in self.sub_cur)
 
     def _install_sublayer_hooks(self) -> None:
-        layers = arch.decoder_layers(self.model)
+        layers = self.spec.decoder_layers(self.model)
         pairs = [(m, which) for layer in layers
-                 for which, m in enumerate(arch.layer_sublayers(self.model, layer))]
+                 for which, m in enumerate(self.spec.sublayers(layer))]
         _ensure_sublayer_hooks([m for m, _ in pairs])
         runs = _THREAD.__dict__.setdefault("runs", {})
         for module, which in pairs:
@@ -363,7 +364,7 @@ class ExitRun:
         out = output[0] if isinstance(output, tuple) else output
         plan = self._plan
         rows = plan.rows
-        out = arch.sublayer_output(self.model, out, rows.numel())  # as [rows, T, H] (OPT's fc2: [rows*T, H])
+        out = self.spec.sublayer_output(out, rows.numel())  # as [rows, T, H] (OPT's fc2: [rows*T, H])
         local = torch.arange(rows.numel(), device=out.device)
         pos = self.last_pos[rows].to(out.device) + plan.query_offset  # (the exact catch-up's owed positions first)
         vec = out[local, pos].detach().to(self.head_device, torch.float32)

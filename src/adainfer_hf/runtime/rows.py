@@ -59,7 +59,8 @@ def frozen_kv(model, layer, hidden: torch.Tensor, kwargs, rows: torch.Tensor):
     """
     batch_size = hidden.shape[0]
     pos_emb = take_rows(kwargs.get("position_embeddings"), rows, batch_size)
-    k, v = arch.layer_kv_states(model, layer, hidden.index_select(0, rows.to(hidden.device)), pos_emb)
+    hidden = hidden.index_select(0, rows.to(hidden.device))
+    k, v = arch.spec_of(model).layer_kv_states(model, layer, hidden, pos_emb)
     if rows.numel() == batch_size:
         return k, v
     full_k = k.new_zeros((batch_size, *k.shape[1:]))
