@@ -29,7 +29,7 @@ import pytest
 import torch
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import HealthCheck, event, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 from tiny_models import VARIANTS  # noqa: E402
 from transformers import DynamicCache  # noqa: E402
@@ -212,6 +212,8 @@ def _tolerance(case):
 @settings(settings.get_profile(PROFILE))
 @given(case=cases())
 def test_every_exit_pattern_matches_the_stock_reference(case):
+    for key in ("variant", "exit_cache", "mode", "dtype"):  # the mix, shown by --hypothesis-show-statistics
+        event(f"{key}={case[key]}")
     stock, ada = _build(case)
     L, V = stock.config.num_hidden_layers, stock.config.vocab_size
     ids, mask = _inputs(case, V)
