@@ -206,7 +206,7 @@ def _policy(case, L, vocab_size):
 
 
 def _tolerance(case):
-    return (2e-4, 1e-4) if case["dtype"] == "float32" else (0.1, 0.05)
+    return (2e-5, 1e-5) if case["dtype"] == "float32" else (0.1, 0.05)
 
 
 @settings(settings.get_profile(PROFILE))
