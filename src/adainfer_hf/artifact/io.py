@@ -23,7 +23,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from ..utils.atomic import atomic_file
-from .codec import SAFE_FORMAT, _safe_encode, _safe_load
+from .codec import SAFE_FORMAT, safe_encode, safe_load
 from .config import ExitClassifierConfig
 from .constants import (
     ARTIFACT_DATA_NAMES,
@@ -85,7 +85,7 @@ def encode_artifact(estimator, config: ExitClassifierConfig,
     if (gate_tensors is None) != (config.gate_fingerprint is None):
         raise ValueError("gate_fingerprint and the gate's arrays go together: pass both or neither.")
     config.versions = _versions()
-    safe_bytes = _safe_encode(estimator)  # None when the estimator has no safe encoding
+    safe_bytes = safe_encode(estimator)  # None when the estimator has no safe encoding
     config.safe_format = SAFE_FORMAT if safe_bytes is not None else None
     files = {CLASSIFIER_CONFIG_NAME: config.to_json_string().encode("utf-8")}
     buffer = io.BytesIO()
@@ -218,7 +218,7 @@ def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifi
                                     f"{config.gate_fingerprint!r}) but {CLASSIFIER_GATE_NAME} is missing in {where!r}.")
         gate = _load_gate(os.fspath(directory / CLASSIFIER_GATE_NAME))
     if (directory / CLASSIFIER_SAFE_NAME).is_file():
-        estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
+        estimator = safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
     elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
         if not allow_pickle:
             raise ValueError(
@@ -286,7 +286,7 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
             pass  # announced but absent: fall through to the joblib rule below
         else:
             check_files({CLASSIFIER_SAFE_NAME: safe_path}, manifest, place)
-            return config, _safe_load(safe_path), gate
+            return config, safe_load(safe_path), gate
     if not trust_remote_classifier:
         raise ValueError(
             f"Hub repo {where} has no {CLASSIFIER_SAFE_NAME}, only {CLASSIFIER_WEIGHTS_NAME}: a joblib file is a "

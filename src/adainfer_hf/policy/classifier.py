@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from ..architectures.head import fingerprints_match, head_of
-from ..artifact.codec import _logit, _qualified_name, _score_kind
+from ..artifact.codec import qualified_name
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
 from ..artifact.constants import (
     CLASSIFIER_CONFIG_NAME,
@@ -36,7 +36,7 @@ from .base import ExitPolicy, check_dtype_or_raise, check_vocabulary_or_raise
 from .classifier_support import ConfigField, check_estimator, fires_on_every_row, normalized
 from .gate import LinearGate
 from .nonfinite import NonFiniteRows
-from .scoring import device_scorer
+from .scoring import device_scorer, logit, score_kind
 
 __all__ = [
     "CLASSIFIER_CONFIG_NAME",
@@ -158,7 +158,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
     def _validate(self) -> None:
         """Check every parameter against the estimator and each other; the one place that raises on bad values."""
         est = self.estimator
-        self._score_kind = _score_kind(est)
+        self._score_kind = score_kind(est)
         check_estimator(est, self.features)
 
         check_layer_fields(self._config)
@@ -263,7 +263,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             if self.threshold is None:
                 return (margin > 0) & finite  # exactly `predict`: class 1 where the margin is > 0
             if self.score_kind == "probability":
-                return (margin >= _logit(self.threshold)) & finite  # P >= t  <=>  logit >= logit(t), on device
+                return (margin >= logit(self.threshold)) & finite  # P >= t  <=>  logit >= logit(t), on device
             return (margin >= self.threshold) & finite
         if features.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=features.device)
@@ -347,7 +347,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         c = self._config
         return dataclasses.replace(
             c,
-            estimator_class=_qualified_name(self.estimator),
+            estimator_class=qualified_name(self.estimator),
             features=list(c.features),
             min_layer=int(c.min_layer),
             check_layers=None if c.check_layers is None else [int(k) for k in c.check_layers],
