@@ -21,11 +21,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
-from adainfer_hf.policy.classifier import (
+from adainfer_hf.artifact.constants import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
+)
+from adainfer_hf.policy.classifier import (
     ExitClassifier,
 )
 

@@ -36,11 +36,6 @@ from .constants import (
 from .manifest import check_files, check_local, manifest_text, read_manifest
 
 __all__ = [
-    "CLASSIFIER_CONFIG_NAME",
-    "CLASSIFIER_MANIFEST_NAME",
-    "CLASSIFIER_SAFE_NAME",
-    "CLASSIFIER_WEIGHTS_NAME",
-    "ExitClassifierConfig",
     "artifact_state",
     "commit_artifact",
     "encode_artifact",
