@@ -3,13 +3,14 @@ fingerprint, a field of the wrong JSON type, a config that contradicts its estim
 
 from __future__ import annotations
 
+import os
+import re
+
 import pytest
 from artifact_files import X, edit_config, stock_dir
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, GapThresholdRule
-from adainfer_hf.artifact.constants import (
-    CLASSIFIER_CONFIG_NAME,
-)
+from adainfer_hf.artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME
 
 FP = r"lm_head_fingerprint"
 FINGERPRINTS = {
@@ -53,3 +54,18 @@ def test_a_config_that_contradicts_its_estimator_names_the_file(tmp_path):
     edit_config(tmp_path, features=["gap", "top_prob", "kl_prev"])
     with pytest.raises(ValueError, match=rf"Invalid exit classifier in '.*{CLASSIFIER_CONFIG_NAME}': .*n_features_in_=2"):
         ExitClassifier.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("source", ["safetensors", "joblib"])
+def test_an_estimator_file_of_another_class_than_the_config_names_is_refused(tmp_path, source):
+    ExitClassifier(GapThresholdRule().fit(X)).save_pretrained(tmp_path)
+    if source == "joblib":
+        (tmp_path / CLASSIFIER_SAFE_NAME).unlink()
+    edit_config(tmp_path, estimator_class="sklearn.svm._classes.SVC")
+    where = re.escape(repr(os.fspath(tmp_path / CLASSIFIER_CONFIG_NAME)))
+    with pytest.raises(ValueError, match=rf"files and config disagree: {where} names "
+                                         r"estimator_class='sklearn.svm._classes.SVC', but the estimator file holds a "
+                                         r"adainfer_hf.estimators.rules.GapThresholdRule"):
+        ExitClassifier.from_pretrained(tmp_path)
+    edit_config(tmp_path, estimator_class="an.old.module.path.GapThresholdRule")  # only the class name must agree
+    assert type(ExitClassifier.from_pretrained(tmp_path).estimator) is GapThresholdRule

@@ -3,13 +3,16 @@ naming the file (each resealed with a manifest, or with the manifest deleted as 
 
 from __future__ import annotations
 
+import os
+import re
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
-from artifact_files import X, edit_config
+from artifact_files import X, edit_config, reseal, stock_dir
 
-from adainfer_hf import ExitClassifier, GapThresholdRule
+from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, GapThresholdRule
 from adainfer_hf.artifact.constants import (
     ARTIFACT_DATA_NAMES,
     CLASSIFIER_CONFIG_NAME,
@@ -64,3 +67,27 @@ def test_a_config_naming_a_gate_without_its_file_is_refused(tmp_path):
     edit_config(tmp_path, gate_fingerprint="0123456789abcdef")
     with pytest.raises(FileNotFoundError, match="names a gate .* but exit_gate.safetensors is missing"):
         ExitClassifier.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("manifest", ["deleted", "resealed"])
+def test_a_gate_file_the_config_does_not_name_is_refused_naming_both(tmp_path, manifest):
+    # What the "edited by hand" message invites: the config's gate_fingerprint set to null, and the manifest deleted
+    # (or rewritten to match). Loaded without its gate, the classifier would exit where the gate stops it.
+    _gated().save_pretrained(tmp_path / "clf")
+    edit_config(tmp_path / "clf", gate_fingerprint=None)
+    if manifest == "deleted":
+        (tmp_path / "clf" / CLASSIFIER_MANIFEST_NAME).unlink()
+    where = re.escape(repr(os.fspath(tmp_path / "clf" / CLASSIFIER_CONFIG_NAME)))
+    gate_file = re.escape(repr(os.fspath(tmp_path / "clf" / CLASSIFIER_GATE_NAME)))
+    message = rf"files and config disagree: {where} names no gate \(gate_fingerprint=null\), but {gate_file} is present"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a manifest the load warns first
+        with pytest.raises(ValueError, match=message):
+            ExitClassifier.from_pretrained(tmp_path / "clf")
+        with pytest.raises(ValueError, match=message):
+            AdaInferLlamaForCausalLM.from_pretrained(stock_dir(tmp_path), exit_classifier=tmp_path / "clf")
+        (tmp_path / "clf" / CLASSIFIER_GATE_NAME).unlink()  # the remedy the message names
+        if manifest == "resealed":
+            reseal(tmp_path / "clf")
+        loaded = ExitClassifier.from_pretrained(tmp_path / "clf")
+    assert loaded.gate is None and loaded.exit_mask(X).tolist() == _gated().exit_mask(X).tolist()
