@@ -4,7 +4,7 @@ from .artifact.config import ExitClassifierConfig
 from .cache.exact import CACHE_MODES, ExactExitCache
 from .cache.propagate import PropagateExitCache
 from .data.prompts import build_prompts, load_task
-from .estimators.rules import GapThresholdRule
+from .estimators.rules import AlwaysExit, GapThresholdRule
 from .evaluation.evaluate import evaluate
 from .models.auto import AutoAdaInferForCausalLM
 from .models.default_model import DEFAULT_MODEL_NAME, default_model_dir
@@ -31,6 +31,7 @@ from .training.train import train_and_calibrate
 
 __all__ = [
     "CACHE_MODES",
+    "AlwaysExit",
     "DEFAULT_MODEL_NAME",
     "AdaInferCausalLMOutput",
     "AdaInferGemma3ForCausalLM",

@@ -46,6 +46,7 @@ __all__ = [
     "SVC_FITTED_SCALARS",
     "SVC_OPTIONAL_SCALARS",
     "tested_release_note",
+    "validate_estimator_params",
     "with_layer_cache",
 ]
 
@@ -203,3 +204,11 @@ SVC_FITTED_ARRAYS = (
 )  # fmt: skip
 SVC_FITTED_SCALARS = ("n_features_in_", "fit_status_", "shape_fit_", "_gamma", "_sparse", "_effective_probability")
 SVC_OPTIONAL_SCALARS = ("_effective_probability",)  # scikit-learn >= 1.5 only
+
+
+def validate_estimator_params(estimator) -> None:
+    """scikit-learn's own check of an estimator's constructor parameters against its `_parameter_constraints`
+    (`BaseEstimator._validate_params`, scikit-learn >= 1.2); raises `InvalidParameterError` (a `ValueError` and a
+    `TypeError`) naming the parameter, the value and what was expected. Estimators without constraints pass."""
+    if getattr(estimator, "_parameter_constraints", None) is not None:
+        estimator._validate_params()

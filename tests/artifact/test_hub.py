@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import socket
 import warnings
 from pathlib import Path
@@ -21,11 +22,13 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 from sklearn.tree import DecisionTreeClassifier
 
-from adainfer_hf.policy.classifier import (
+from adainfer_hf.artifact.constants import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
+)
+from adainfer_hf.policy.classifier import (
     ExitClassifier,
 )
 
@@ -105,6 +108,28 @@ def test_offline_pull_of_pickle_only_artifact_needs_trust(tmp_path, offline):
         "org/exit-tree", cache_dir=tmp_path / "cache", trust_remote_classifier=True
     )
     _assert_same_decisions(clf, loaded)
+
+
+@pytest.mark.parametrize("manifest", ["deleted", "resealed"])
+def test_offline_pull_refuses_a_gate_file_the_config_does_not_name(tmp_path, offline, manifest):
+    from adainfer_hf.artifact.constants import CLASSIFIER_GATE_NAME
+    from adainfer_hf.artifact.manifest import manifest_text
+    from adainfer_hf.policy.gate import LinearGate
+
+    gate = LinearGate([1, 2], np.ones((2, 4)), np.zeros(2), np.zeros(2))
+    files = _artifact_files(ExitClassifier(make_pipeline(StandardScaler(), SVC()).fit(X, Y), gate=gate), tmp_path,
+                            "src")
+    config = json.loads(files[CLASSIFIER_CONFIG_NAME])
+    files[CLASSIFIER_CONFIG_NAME] = json.dumps({**config, "gate_fingerprint": None}).encode()
+    del files[CLASSIFIER_MANIFEST_NAME]
+    if manifest == "resealed":
+        files[CLASSIFIER_MANIFEST_NAME] = manifest_text(files).encode()
+    _write_hub_cache(tmp_path / "cache", "org/gated", files, "c" * 40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # without a manifest the load warns first
+        with pytest.raises(ValueError, match=rf"{CLASSIFIER_CONFIG_NAME} of Hub repo 'org/gated' names no gate "
+                                             rf"\(gate_fingerprint=null\), but {CLASSIFIER_GATE_NAME} of Hub repo"):
+            ExitClassifier.from_pretrained("org/gated", cache_dir=tmp_path / "cache")
 
 
 def test_offline_pull_of_missing_repo_names_the_config(tmp_path, offline):

@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from tiny_models import batch, make_pair
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier
-from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME
+from adainfer_hf.artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_SAFE_NAME
 
 
 def _classifier(model, min_layer=2):

@@ -17,8 +17,10 @@ import numpy as np
 import pytest
 from tiny_models import VOCAB, save_tiny_checkpoint
 
+from adainfer_hf import AlwaysExit
+from adainfer_hf.artifact.constants import CLASSIFIER_CONFIG_NAME
 from adainfer_hf.cli import main as cli
-from adainfer_hf.policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+from adainfer_hf.policy.classifier import ExitClassifier
 from adainfer_hf.training.collect import FeatureTable
 from adainfer_hf.training.config import CalibrationConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.vocabulary import choose_check_vocabulary
@@ -472,7 +474,7 @@ def test_train_on_generated_tokens_with_the_gate_as_knob(workdir, capsys):
                      "--out", str(alone)]) == 0
     loaded = ExitClassifier.from_pretrained(alone)
     assert loaded.calibration["knob"] == "gate" and loaded.gate is not None
-    assert loaded.calibration["training"]["method"] == "gate_only" and loaded.estimator.threshold == -1.0
+    assert loaded.calibration["training"]["method"] == "gate_only" and isinstance(loaded.estimator, AlwaysExit)
     assert cli.main(["train", "--model", str(workdir / "model"), "--from-tables", str(workdir / "gen_tables"),
                      "--method", "gate_only", "--knob", "classifier", "--out", str(workdir / "never_alone")]) == 2
     _one_error_line(capsys, "method='gate_only' exits wherever its gate passes, so calibration tunes the gate: "

@@ -22,12 +22,14 @@ from sklearn.svm import SVC, LinearSVC
 from sklearn.tree import DecisionTreeClassifier
 from tiny_models import stock_llama
 
-from adainfer_hf.estimators.rules import GapThresholdRule
-from adainfer_hf.policy.classifier import (
+from adainfer_hf.artifact.constants import (
     CLASSIFIER_CONFIG_NAME,
     CLASSIFIER_MANIFEST_NAME,
     CLASSIFIER_SAFE_NAME,
     CLASSIFIER_WEIGHTS_NAME,
+)
+from adainfer_hf.estimators.rules import GapThresholdRule
+from adainfer_hf.policy.classifier import (
     ExitClassifier,
     ExitClassifierConfig,
 )

@@ -19,7 +19,7 @@ from tiny_models import (
     truncated_stock,
 )
 
-from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
+from adainfer_hf import AlwaysExit, ExitClassifier, ScriptedExit
 from adainfer_hf.training.calibrate import simulate_exits
 from adainfer_hf.training.check_cost import measure_check_cost
 from adainfer_hf.training.collect import collect_features
@@ -73,7 +73,7 @@ def test_generation_exiting_over_a_shortlist_is_the_cut_model_with_other_tokens_
 
 
 def test_the_shortlist_is_validated_and_stored(tmp_path):
-    rule = GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2)))
+    rule = AlwaysExit().fit(np.zeros((1, 2)))
     clf = ExitClassifier(rule, check_vocabulary=[9, 3, 5])
     assert clf.check_vocabulary == (3, 5, 9)
     clf.save_pretrained(tmp_path / "c")

@@ -20,7 +20,7 @@ from tiny_models import (
     tiny_prompts,
 )
 
-from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
+from adainfer_hf import AlwaysExit, ExitClassifier, GapThresholdRule, ScriptedExit
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.artifact.constants import CLASSIFIER_GATE_NAME
 from adainfer_hf.policy.gate import LinearGate, rms_normalize
@@ -34,8 +34,8 @@ L = 4
 
 
 def _always_fires(**fields):
-    """A classifier that fires at every check (gap > -1): only the gate decides where a row stops."""
-    return ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), **fields)
+    """A classifier that fires at every check (`AlwaysExit`): only the gate decides where a row stops."""
+    return ExitClassifier(AlwaysExit().fit(np.zeros((1, 2))), **fields)
 
 
 def _gate(thresholds, hidden_size, weight=None):
@@ -131,8 +131,13 @@ def test_which_classifiers_exit_wherever_their_gate_passes():
     gate = _gate([0.0] * (L - 1), 7)
     assert _always_fires(gate=gate).exits_where_gate_passes()
     assert not _always_fires().exits_where_gate_passes()  # no gate: every check fires
-    assert _always_fires(gate=gate, threshold=0.5).exits_where_gate_passes()  # gap + 1 >= 0.5 holds for every gap
-    assert not _always_fires(gate=gate, threshold=1.5).exits_where_gate_passes()  # gap >= 0.5
+    assert _always_fires(gate=gate, threshold=0.5).exits_where_gate_passes()  # margin 1 >= 0.5
+    assert not _always_fires(gate=gate, threshold=1.5).exits_where_gate_passes()  # margin 1 < 1.5: never fires
+    # gate_only classifiers saved before AlwaysExit hold GapThresholdRule(threshold=-1): gap + 1 > 0 everywhere
+    gap_plus_one = GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2)))
+    assert ExitClassifier(gap_plus_one, gate=gate).exits_where_gate_passes()
+    assert ExitClassifier(gap_plus_one, gate=gate, threshold=0.5).exits_where_gate_passes()  # gap + 1 >= 0.5
+    assert not ExitClassifier(gap_plus_one, gate=gate, threshold=1.5).exits_where_gate_passes()  # gap >= 0.5
     rule = GapThresholdRule(threshold=0.2).fit(np.zeros((1, 2)))
     assert not ExitClassifier(rule, gate=gate).exits_where_gate_passes()
     on_top_prob = GapThresholdRule(feature_index=1, threshold=-0.1).fit(np.zeros((1, 2)))

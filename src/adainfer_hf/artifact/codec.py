@@ -1,16 +1,15 @@
-"""How exit estimators are scored fast and stored without pickle.
+"""The pickle-free estimator encoding: [`safe_encode`] / [`safe_load`] store the estimators this package produces
+(linear models, `GapThresholdRule`, `AlwaysExit`, `SVC`, `StandardScaler` pipelines) as safetensors plus a JSON
+header, rebuilding only an allow-list of classes.
 
-- The linear fast path: `_linear_form` rewrites linear estimators (and `StandardScaler` pipelines of them) as one
-  weight vector and bias, verified numerically, so `ExitClassifier.decide` runs on the device with no sklearn call.
-- The pickle-free encoding: `_safe_encode` / `_safe_load` store the estimators this package produces (linear
-  models, `GapThresholdRule`, `SVC`, `StandardScaler` pipelines) as safetensors plus a JSON header, rebuilding only
-  an allow-list of classes.
+Loading is strict: every tensor of the file and every key of the header must be one the class reads (an unknown
+tensor such as `__class__`, an unknown parameter or scalar is refused), the parameters pass scikit-learn's own
+constraints, and the fitted state is checked field by field (`artifact.validation`), naming the file and the field.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import warnings
 from typing import Any
 
@@ -23,74 +22,20 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC, LinearSVC
 
 from ..compat import SVC_FITTED_ARRAYS, SVC_FITTED_SCALARS
-from ..estimators.linear import fold_standard_scalers
-from ..estimators.rules import GapThresholdRule
+from ..estimators.rules import AlwaysExit, GapThresholdRule
 from .constants import CLASSIFIER_SAFE_NAME
-from .validation import InvalidField, check_fitted_state, check_probe
+from .validation import InvalidField, check_fitted_state, check_probe, probe_rows
+
+__all__ = ["SAFE_FORMAT", "qualified_name", "safe_encode", "safe_load"]
 
 SAFE_FORMAT = "adainfer-sklearn-v1"  # name of the pickle-free estimator encoding
+_METADATA_KEY = "adainfer_hf"  # the one metadata key of the file: the JSON header
 
 
-def _qualified_name(obj: Any) -> str:
+def qualified_name(obj: Any) -> str:
+    """`module.QualName` of `obj`'s class (the config's `estimator_class`, and messages)."""
     cls = type(obj)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _logit(p: float) -> float:
-    """`log(p / (1 - p))`; `p = 1` maps to the margin where float64 `expit` (scikit-learn's) first rounds to 1."""
-    if p <= 0.0:
-        return -math.inf
-    if p >= 1.0:
-        return math.nextafter(53 * math.log(2.0), math.inf)
-    return math.log(p) - math.log1p(-p)
-
-
-def _score_kind(est) -> str:
-    final = est.steps[-1][1] if hasattr(est, "steps") else est
-    # Logistic regression is trained to be calibrated, so its threshold is a probability; other margins are not.
-    if isinstance(final, LogisticRegression) and hasattr(est, "predict_proba"):
-        return "probability"
-    if hasattr(est, "decision_function"):
-        return "decision"
-    if hasattr(est, "predict_proba"):
-        return "probability"
-    return "label"
-
-
-def _probe(est, n_rows: int = 64) -> np.ndarray:
-    """Fixed random inputs used to check that a rewritten estimator computes exactly what the original does."""
-    return np.random.default_rng(0).normal(size=(n_rows, int(est.n_features_in_)))
-
-
-# ---------------------------------------------------------------------- linear fast path
-def _linear_form(est) -> tuple[np.ndarray, float] | None:
-    """`(w, b)` with `decision_function(X) == X @ w + b`, folding `StandardScaler` steps of a pipeline into `w`
-    and `b`; `None` when the estimator is not of that form (checked numerically, not trusted from `coef_`)."""
-    steps = [step for _, step in est.steps] if type(est) is Pipeline else [est]
-    *pre, final = steps
-    try:
-        coef = np.asarray(final.coef_, dtype=np.float64)
-        intercept = np.asarray(final.intercept_, dtype=np.float64).reshape(-1)
-    except (AttributeError, TypeError, ValueError):  # e.g. SVC(kernel="rbf").coef_ raises AttributeError
-        return None
-    if coef.ndim == 2 and coef.shape[0] == 1:
-        coef = coef[0]
-    if coef.ndim != 1 or intercept.shape != (1,) or not hasattr(est, "decision_function"):
-        return None
-    folded = fold_standard_scalers(pre, coef, intercept)
-    if folded is None:
-        return None
-    coef, bias = folded[0], float(folded[1][0])
-    try:
-        X = _probe(est)
-        reference = np.asarray(est.decision_function(X), dtype=np.float64).reshape(-1)
-        fires = np.asarray(est.predict(X)).reshape(-1) == 1
-    except Exception:  # an estimator we cannot probe simply takes the scikit-learn path
-        return None
-    ours = X @ coef + bias
-    if not np.allclose(ours, reference, rtol=1e-9, atol=1e-9) or not np.array_equal(ours > 0, fires):
-        return None
-    return coef, bias
 
 
 # ---------------------------------------------------------------------- pickle-free encoding
@@ -110,6 +55,7 @@ def _safe_registry() -> dict:
         "LogisticRegression": (LogisticRegression, *linear),
         "SGDClassifier": (SGDClassifier, *linear),
         "GapThresholdRule": (GapThresholdRule, *linear),
+        "AlwaysExit": (AlwaysExit, ("classes_",), ("n_features_in_",)),  # `coef_`, `intercept_` are derived
         "StandardScaler": (
             StandardScaler,
             ("mean_", "var_", "scale_"),
@@ -151,7 +97,7 @@ def _encode_into(est, prefix: str, tensors: dict) -> dict:
     name = type(est).__name__
     entry = _safe_registry().get(name)
     if entry is None or type(est) is not entry[0]:
-        raise _NotEncodable(f"estimator class {_qualified_name(est)}")
+        raise _NotEncodable(f"estimator class {qualified_name(est)}")
     cls, arrays, scalars = entry
     defaults = cls().get_params(deep=False)
     params = {}
@@ -172,26 +118,56 @@ def _encode_into(est, prefix: str, tensors: dict) -> dict:
     return spec
 
 
-def _decode_from(spec: dict, prefix: str, tensors: dict):
-    if spec["class"] == "Pipeline":
-        steps = [
-            (name, _decode_from(s, f"{prefix}steps.{i}.", tensors))
-            for i, (name, s) in enumerate(spec["steps"])
-        ]
+def _keys(value, allowed: set, field: str, what: str = "key") -> None:
+    """Refuses a header object that is not a dict, or that holds a key the decoder does not read."""
+    if not isinstance(value, dict):
+        raise InvalidField(f"{field} must be an object; got {type(value).__name__}")
+    unknown = sorted(set(value) - allowed, key=str)
+    if unknown:
+        raise InvalidField(f"{field} holds unknown {what}(s) {unknown}; expected some of {sorted(allowed)}")
+
+
+def _decode_from(spec, prefix: str, tensors: dict, used: set):
+    """The estimator `spec` describes; every tensor it reads is added to `used`."""
+    where = f"{prefix}estimator" if not prefix else prefix.rstrip(".")
+    if isinstance(spec, dict) and spec.get("class") == "Pipeline":
+        _keys(spec, {"class", "steps"}, where)
+        raw = spec.get("steps")
+        if not isinstance(raw, list) or not raw or not all(
+                isinstance(s, list) and len(s) == 2 and isinstance(s[0], str) for s in raw):
+            raise InvalidField(f"{prefix}steps must be a non-empty list of [name, estimator] pairs")
+        names = [name for name, _ in raw]
+        if len(set(names)) != len(names) or any("__" in name for name in names):
+            raise InvalidField(f"{prefix}steps has duplicate names or names with '__': {names}")
+        steps = [(name, _decode_from(s, f"{prefix}steps.{i}.", tensors, used)) for i, (name, s) in enumerate(raw)]
+        if any(type(step) is not StandardScaler for _, step in steps[:-1]):
+            raise InvalidField(f"{prefix}steps: only StandardScaler steps may come before the classifier")
         widths = [int(step.n_features_in_) for _, step in steps]  # each checked when it was decoded
         if len(set(widths)) > 1:  # a StandardScaler keeps the width, so every step reads the same columns
             raise InvalidField(f"{prefix}steps: n_features_in_ differ between steps ({widths})")
         return Pipeline(steps)
-    entry = _safe_registry().get(spec["class"])
+    _keys(spec, {"class", "params", "none", "scalars"}, where)
+    entry = _safe_registry().get(spec.get("class"))
     if entry is None:
-        raise ValueError(f"unsupported estimator class {spec['class']!r}")
+        raise InvalidField(f"{prefix}class: unsupported estimator class {spec.get('class')!r}; this encoding "
+                           f"rebuilds only {sorted([*_safe_registry(), 'Pipeline'])}")
     cls, arrays, scalars = entry
-    est = cls(**{k: _from_json_value(v) for k, v in spec["params"].items()})
+    params, none, values = spec.get("params", {}), spec.get("none", []), spec.get("scalars", {})
+    _keys(params, set(cls().get_params(deep=False)), f"{prefix}params", "parameter")
+    _keys(values, set(scalars), f"{prefix}scalars", "scalar")
+    if not isinstance(none, list) or not set(none) <= set(arrays):
+        raise InvalidField(f"{prefix}none={none!r} must list fitted arrays of {spec['class']} ({list(arrays)})")
+    est = cls(**{k: _from_json_value(v) for k, v in params.items()})
     for attr in arrays:
-        setattr(est, attr, None if attr in spec["none"] else tensors[prefix + attr])
-    for attr in scalars:
-        if attr in spec["scalars"]:
-            setattr(est, attr, _from_json_value(spec["scalars"][attr]))
+        if attr in none:
+            setattr(est, attr, None)
+        elif prefix + attr in tensors:
+            setattr(est, attr, tensors[prefix + attr])
+            used.add(prefix + attr)
+        else:
+            raise InvalidField(f"{prefix}{attr} is missing")
+    for attr, value in values.items():
+        setattr(est, attr, _from_json_value(value))
     check_fitted_state(spec["class"], est, prefix)
     return est
 
@@ -204,7 +180,7 @@ def _equal(a, b) -> bool:
 
 
 def _same_decisions(a, b) -> bool:
-    X = _probe(a)
+    X = probe_rows(int(a.n_features_in_))
     for method in ("decision_function", "predict", "predict_proba"):
         if hasattr(a, method) != hasattr(b, method):
             return False
@@ -213,15 +189,15 @@ def _same_decisions(a, b) -> bool:
     return True
 
 
-def _safe_encode(est) -> bytes | None:
+def safe_encode(est) -> bytes | None:
     """The safetensors bytes of `est`, verified by rebuilding it; `None` (with a warning) when not encodable."""
     tensors: dict = {}
     try:
         spec = _encode_into(est, "", tensors)
         # One metadata key: safetensors orders several keys arbitrarily, and the file should be byte-stable.
         header = json.dumps({"format": SAFE_FORMAT, "estimator": spec}, sort_keys=True)
-        blob = safetensors.numpy.save(tensors, metadata={"adainfer_hf": header})
-        if not _same_decisions(est, _decode_from(spec, "", safetensors.numpy.load(blob))):
+        blob = safetensors.numpy.save(tensors, metadata={_METADATA_KEY: header})
+        if not _same_decisions(est, _decode(json.loads(header), safetensors.numpy.load(blob))):
             raise _NotEncodable("the rebuilt estimator does not reproduce the original's decisions")
     except Exception as err:  # any failure only costs the optional safe file; joblib is still written
         warnings.warn(
@@ -234,19 +210,38 @@ def _safe_encode(est) -> bytes | None:
     return blob
 
 
-def _safe_load(path: str):
+def _decode(header: dict, tensors: dict):
+    """The estimator of a file's header and tensors; a tensor no field reads is refused."""
+    _keys(header, {"format", "estimator"}, "the header")
+    used: set = set()
+    est = _decode_from(header.get("estimator"), "", tensors, used)
+    unknown = sorted(set(tensors) - used)
+    if unknown:
+        raise InvalidField(f"unknown tensor(s) {unknown}: no field of the estimator reads them")
+    return est
+
+
+def safe_load(path: str):
+    """The estimator stored in the safetensors file at `path` by [`safe_encode`], validated field by field.
+
+    Raises:
+        `ValueError`: naming `path` and the field (an unknown tensor, header key or parameter, a parameter of the
+            wrong type, an array of the wrong shape or dtype, an index out of range), or what could not be read.
+    """
     try:
         with safe_open(path, framework="np") as f:
-            header = json.loads((f.metadata() or {}).get("adainfer_hf", "{}"))
+            metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys()}  # noqa: SIM118 (safe_open is not a dict)
+        header = json.loads(metadata.get(_METADATA_KEY, "{}"))
     except Exception as err:
         raise ValueError(f"Could not read the safetensors file {path!r}: {err}") from err
-    if header.get("format") != SAFE_FORMAT:
-        raise ValueError(
-            f"{path!r} has encoding {header.get('format')!r}; this adainfer-hf reads {SAFE_FORMAT!r}."
-        )
+    if not isinstance(header, dict) or header.get("format") != SAFE_FORMAT:
+        found = header.get("format") if isinstance(header, dict) else header
+        raise ValueError(f"{path!r} has encoding {found!r}; this adainfer-hf reads {SAFE_FORMAT!r}.")
     try:
-        est = _decode_from(header["estimator"], "", tensors)
+        if set(metadata) != {_METADATA_KEY}:
+            raise InvalidField(f"unknown metadata key(s) {sorted(set(metadata) - {_METADATA_KEY})}")
+        est = _decode(header, tensors)
         check_probe(est, int(est.n_features_in_))
     except InvalidField as err:
         raise ValueError(f"{path!r} holds an invalid estimator encoding: {err}.") from err

@@ -3,18 +3,22 @@
 `ExitClassifier` holds one [`ExitClassifierConfig`] and exposes its fields (`POLICY_FIELDS`) as read-only
 properties; every change goes through `ExitClassifier.replace(**changes)`, which validates. The fields in
 `SAVE_TIME_FIELDS` describe a saved file (estimator class, package versions, encodings) and are filled by the save.
+[`jsonable`] gives the JSON-safe copy of a calibration record the config carries.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import warnings
 from dataclasses import asdict, dataclass, field, fields
 
+import numpy as np
+
 from .validation import check_config_types
 
-__all__ = ["FORMAT_VERSION", "POLICY_FIELDS", "SAVE_TIME_FIELDS", "ExitClassifierConfig"]
+__all__ = ["FORMAT_VERSION", "POLICY_FIELDS", "SAVE_TIME_FIELDS", "ExitClassifierConfig", "jsonable"]
 
 FORMAT_VERSION = 1
 
@@ -116,3 +120,17 @@ class ExitClassifierConfig:
 SAVE_TIME_FIELDS = ("estimator_class", "versions", "safe_format", "format_version")
 # What an `ExitClassifier` is made of besides its estimator: its constructor's keyword arguments and properties.
 POLICY_FIELDS = tuple(f.name for f in fields(ExitClassifierConfig) if f.name not in SAVE_TIME_FIELDS)
+
+
+def jsonable(value):
+    """`value` (a calibration record, `ExitClassifierConfig.calibration`) with dict keys as strings, tuples as
+    lists, numpy scalars as Python ones and non-finite floats as None (JSON has no inf or nan)."""
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

@@ -23,7 +23,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HFValidationError
 
 from ..utils.atomic import atomic_file
-from .codec import SAFE_FORMAT, _safe_encode, _safe_load
+from .codec import SAFE_FORMAT, qualified_name, safe_encode, safe_load
 from .config import ExitClassifierConfig
 from .constants import (
     ARTIFACT_DATA_NAMES,
@@ -36,12 +36,8 @@ from .constants import (
 from .manifest import check_files, check_local, manifest_text, read_manifest
 
 __all__ = [
-    "CLASSIFIER_CONFIG_NAME",
-    "CLASSIFIER_MANIFEST_NAME",
-    "CLASSIFIER_SAFE_NAME",
-    "CLASSIFIER_WEIGHTS_NAME",
-    "ExitClassifierConfig",
     "artifact_state",
+    "check_agreement",
     "commit_artifact",
     "encode_artifact",
     "has_artifact",
@@ -85,7 +81,7 @@ def encode_artifact(estimator, config: ExitClassifierConfig,
     if (gate_tensors is None) != (config.gate_fingerprint is None):
         raise ValueError("gate_fingerprint and the gate's arrays go together: pass both or neither.")
     config.versions = _versions()
-    safe_bytes = _safe_encode(estimator)  # None when the estimator has no safe encoding
+    safe_bytes = safe_encode(estimator)  # None when the estimator has no safe encoding
     config.safe_format = SAFE_FORMAT if safe_bytes is not None else None
     files = {CLASSIFIER_CONFIG_NAME: config.to_json_string().encode("utf-8")}
     buffer = io.BytesIO()
@@ -194,11 +190,42 @@ def artifact_state(directory: str | os.PathLike) -> str:
     return "still holds its previous exit classifier"
 
 
+def check_agreement(config: ExitClassifierConfig, config_source: str, estimator, gate_file: str | None) -> None:
+    """Refuses an artifact whose files and config disagree, naming both: a gate file the config does not name
+    (`gate_fingerprint` null, e.g. set by hand with the manifest deleted: loading it without its gate would change
+    where the classifier exits), or an estimator file of another class than the config's `estimator_class`.
+
+    Args:
+        config ([`ExitClassifierConfig`]): the artifact's config, as read.
+        config_source (`str`): the config file, for messages.
+        estimator: the estimator loaded from the artifact's estimator file (`None`: not loaded yet, not checked).
+        gate_file (`str`, *optional*): where the artifact holds a gate file (a path, or a name in a Hub repo);
+            `None` when it holds none.
+
+    Raises:
+        `ValueError`: naming the config file, the field and the file that disagree.
+    """
+    if config.gate_fingerprint is None and gate_file is not None:
+        raise ValueError(
+            f"The artifact's files and config disagree: {config_source} names no gate (gate_fingerprint=null), but "
+            f"{gate_file} is present. Loading it without the gate would change where it exits; restore the "
+            f"config's gate_fingerprint, or delete {CLASSIFIER_GATE_NAME} to use the classifier without a gate."
+        )
+    named = config.estimator_class
+    # Only the class name: a module path may move between releases (scikit-learn's private `_classes` modules).
+    if estimator is not None and named is not None and named.rpartition(".")[2] != type(estimator).__name__:
+        raise ValueError(
+            f"The artifact's files and config disagree: {config_source} names estimator_class={named!r}, but the "
+            f"estimator file holds a {qualified_name(estimator)}."
+        )
+
+
 def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifierConfig, Any, dict | None]:
     """(config, estimator, gate arrays or None) of an artifact directory: the estimator from its safetensors
     encoding when present, else joblib; the gate's arrays when the config names a gate.
 
-    The files are checked against the manifest first (`manifest.check_local`). With `allow_pickle=False` (an
+    The files are checked against the manifest first (`manifest.check_local`), then against the config
+    ([`check_agreement`]). With `allow_pickle=False` (an
     artifact found beside a checkpoint that the caller only named as a model) a joblib-only artifact is refused
     before its file is opened.
     """
@@ -218,7 +245,7 @@ def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifi
                                     f"{config.gate_fingerprint!r}) but {CLASSIFIER_GATE_NAME} is missing in {where!r}.")
         gate = _load_gate(os.fspath(directory / CLASSIFIER_GATE_NAME))
     if (directory / CLASSIFIER_SAFE_NAME).is_file():
-        estimator = _safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
+        estimator = safe_load(os.fspath(directory / CLASSIFIER_SAFE_NAME))
     elif (directory / CLASSIFIER_WEIGHTS_NAME).is_file():
         if not allow_pickle:
             raise ValueError(
@@ -235,12 +262,16 @@ def read_local(directory: Path, allow_pickle: bool = True) -> tuple[ExitClassifi
             f"No estimator file in {where!r}: expected {CLASSIFIER_SAFE_NAME} or "
             f"{CLASSIFIER_WEIGHTS_NAME} beside {CLASSIFIER_CONFIG_NAME}."
         )
+    gate_path = directory / CLASSIFIER_GATE_NAME
+    check_agreement(config, repr(os.fspath(config_path)), estimator,
+                    repr(os.fspath(gate_path)) if gate_path.is_file() else None)
     return config, estimator, gate
 
 
 def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local_files_only):
     """(config, estimator, gate arrays or None) of a Hub artifact; a joblib-only repository needs
-    `trust_remote_classifier`."""
+    `trust_remote_classifier`. The files are checked against the manifest, then against the config
+    ([`check_agreement`]; without a manifest, a gate file is looked for even where the config names none)."""
     where = f"{repo_id!r}" + (f" (revision {revision!r})" if revision else "")
 
     def fetch(filename: str) -> str:
@@ -270,8 +301,18 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
     place = f"Hub repo {where}"
     check_files({CLASSIFIER_CONFIG_NAME: config_path}, manifest, place)
     config = ExitClassifierConfig.from_json_file(config_path)
+    config_source = f"{CLASSIFIER_CONFIG_NAME} of {place}"
     gate = None
-    if config.gate_fingerprint is not None:
+    if config.gate_fingerprint is None:
+        listed = manifest is not None and CLASSIFIER_GATE_NAME in manifest
+        if manifest is None:  # an artifact saved without one (or with it deleted): is a gate file there?
+            try:
+                fetch(CLASSIFIER_GATE_NAME)
+                listed = True
+            except EntryNotFoundError:
+                pass
+        check_agreement(config, config_source, None, f"{CLASSIFIER_GATE_NAME} of {place}" if listed else None)
+    else:
         try:
             gate_path = fetch(CLASSIFIER_GATE_NAME)
         except EntryNotFoundError as err:
@@ -286,7 +327,9 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
             pass  # announced but absent: fall through to the joblib rule below
         else:
             check_files({CLASSIFIER_SAFE_NAME: safe_path}, manifest, place)
-            return config, _safe_load(safe_path), gate
+            estimator = safe_load(safe_path)
+            check_agreement(config, config_source, estimator, None)
+            return config, estimator, gate
     if not trust_remote_classifier:
         raise ValueError(
             f"Hub repo {where} has no {CLASSIFIER_SAFE_NAME}, only {CLASSIFIER_WEIGHTS_NAME}: a joblib file is a "
@@ -300,4 +343,6 @@ def read_hub(repo_id, revision, trust_remote_classifier, cache_dir, token, local
             f"Hub repo {where} has neither {CLASSIFIER_SAFE_NAME} nor {CLASSIFIER_WEIGHTS_NAME}."
         ) from err
     check_files({CLASSIFIER_WEIGHTS_NAME: weights_path}, manifest, place)
-    return config, _load_joblib(weights_path), gate
+    estimator = _load_joblib(weights_path)
+    check_agreement(config, config_source, estimator, None)
+    return config, estimator, gate

@@ -4,8 +4,11 @@
 - `check_config_types`: the JSON types of `exit_classifier_config.json`'s fields, and the LM-head fingerprint;
 - `check_layer_fields`, `check_fingerprint`: the values of a config's layer fields and fingerprint (run by
   `ExitClassifier` on every config it holds, loaded or not);
-- `check_fitted_state`: the fitted arrays of an estimator rebuilt from the safetensors encoding, against each other
-  and `n_features_in_` (shapes, dtypes libsvm needs, finiteness), then one call on probe rows.
+- `check_fitted_state`: the constructor parameters of an estimator rebuilt from the safetensors encoding (scikit-learn's
+  own constraints), and every fitted array and scalar against each other and `n_features_in_` (shapes, dtypes libsvm
+  needs, finiteness, index ranges);
+- `probe_rows` / `check_probe`: the fixed rows every probe of an estimator uses, and one call on them, so that an
+  estimator that cannot score rows of its declared width fails when it is loaded or wrapped, not at the first forward.
 """
 
 from __future__ import annotations
@@ -13,6 +16,8 @@ from __future__ import annotations
 import math
 
 import numpy as np
+
+from ..compat import validate_estimator_params
 
 __all__ = [
     "InvalidField",
@@ -22,6 +27,7 @@ __all__ = [
     "check_layer_fields",
     "check_probe",
     "fingerprint_problem",
+    "probe_rows",
 ]
 
 _NONE = type(None)
@@ -153,19 +159,46 @@ def _n_features(est, prefix: str) -> int:
 
 
 def _check_linear(est, prefix: str, n: int) -> None:
-    _array(est, "coef_", prefix, shape=(1, n), kind="f")
-    _array(est, "intercept_", prefix, shape=(1,), kind="f")
+    coef = _array(est, "coef_", prefix, shape=(1, n), kind="f")
+    intercept = _array(est, "intercept_", prefix, shape=(1,), kind="f")
     _array(est, "classes_", prefix, shape=(2,))
-    index = getattr(est, "feature_index", 0)  # GapThresholdRule reads a column by index
+    if type(est).__name__ != "GapThresholdRule":
+        return
+    # The rule reads its column and threshold, the device path its `coef_` and `intercept_`: they must agree.
+    index = est.feature_index
     if not isinstance(index, int) or isinstance(index, bool) or not 0 <= index < n:
         raise InvalidField(f"{prefix}params.feature_index={index!r} must be an int in [0, {n - 1}] for {n} features")
+    _check_classes(est, prefix)
+    one_hot = np.zeros((1, n))
+    one_hot[0, index] = 1.0
+    if not np.array_equal(coef, one_hot) or float(intercept[0]) != -float(est.threshold):
+        raise InvalidField(f"{prefix}coef_ / intercept_ must be the one-hot column {index} and -threshold "
+                           f"({-float(est.threshold)!r}); got {coef.tolist()} / {intercept.tolist()}")
+
+
+def _check_classes(est, prefix: str) -> None:
+    classes = _array(est, "classes_", prefix, shape=(2,), kind="iu")
+    if classes.tolist() != [0, 1]:
+        raise InvalidField(f"{prefix}classes_={classes.tolist()} must be [0, 1]")
+
+
+def _check_always(est, prefix: str, n: int) -> None:
+    _check_classes(est, prefix)  # `coef_` and `intercept_` are derived from `n_features_in_`: nothing stored
 
 
 def _check_scaler(est, prefix: str, n: int) -> None:
     for attr in ("mean_", "var_", "scale_"):
-        value = _array(est, attr, prefix, shape=(n,), kind="f", optional=True)
-        if attr == "scale_" and value is not None and not (value != 0).all():
-            raise InvalidField(f"{prefix}scale_ holds zeros")
+        value = _array(est, attr, prefix, shape=(n,), kind="f", optional=not (attr == "mean_" and est.with_mean
+                                                                              or attr == "scale_" and est.with_std))
+        if attr == "scale_" and value is not None and not (value > 0).all():
+            raise InvalidField(f"{prefix}scale_ must be > 0")
+        if attr == "var_" and value is not None and not (value >= 0).all():
+            raise InvalidField(f"{prefix}var_ must be >= 0")
+    seen = getattr(est, "n_samples_seen_", None)  # an int, or a float on newer scikit-learn
+    if isinstance(seen, np.ndarray):
+        _array(est, "n_samples_seen_", prefix, shape=(n,), kind="iu")
+    elif not _is_number(seen) or not math.isfinite(seen) or seen < 1:
+        raise InvalidField(f"{prefix}n_samples_seen_={seen!r} must be a number >= 1")
 
 
 def _check_svc(est, prefix: str, n: int) -> None:
@@ -176,26 +209,46 @@ def _check_svc(est, prefix: str, n: int) -> None:
     # libsvm reads these through typed buffers and trusts their sizes: each must agree with the others.
     vectors = _array(est, "support_vectors_", prefix, shape=(None, n), dtype=np.float64)
     n_sv = vectors.shape[0]
-    _array(est, "support_", prefix, shape=(n_sv,), dtype=np.int32)
+    shape_fit = getattr(est, "shape_fit_", None)
+    if (not isinstance(shape_fit, tuple) or len(shape_fit) != 2 or not all(_is_int(d) for d in shape_fit)
+            or shape_fit[1] != n or not 1 <= n_sv <= shape_fit[0]):
+        raise InvalidField(f"{prefix}shape_fit_={shape_fit!r} must be (n_samples, {n}) with n_samples >= the {n_sv} "
+                           "support vectors")
+    support = _array(est, "support_", prefix, shape=(n_sv,), dtype=np.int32)
+    if n_sv and not (0 <= int(support.min()) and int(support.max()) < shape_fit[0]):
+        raise InvalidField(f"{prefix}support_ holds indices outside [0, {shape_fit[0] - 1}] (shape_fit_[0] = "
+                           f"{shape_fit[0]} training rows): min {int(support.min())}, max {int(support.max())}")
     counts = _array(est, "_n_support", prefix, shape=(2,), dtype=np.int32)
     if (counts < 0).any() or int(counts.sum()) != n_sv:
         raise InvalidField(f"{prefix}_n_support={counts.tolist()} must be >= 0 and sum to the {n_sv} support vectors")
-    for attr in ("dual_coef_", "_dual_coef_"):
-        _array(est, attr, prefix, shape=(1, n_sv), dtype=np.float64)
-    for attr in ("intercept_", "_intercept_"):
-        _array(est, attr, prefix, shape=(1,), dtype=np.float64)
+    # libsvm scores with the private copies, the device path (`policy.scoring`) with the public ones: for two
+    # classes scikit-learn stores the public ones negated.
+    for public, private, shape in (("dual_coef_", "_dual_coef_", (1, n_sv)), ("intercept_", "_intercept_", (1,))):
+        pair = [_array(est, attr, prefix, shape=shape, dtype=np.float64) for attr in (public, private)]
+        if not np.array_equal(pair[0], -pair[1]):
+            raise InvalidField(f"{prefix}{public} must be -{private} (a binary SVC stores both)")
+    probability = getattr(est, "_effective_probability", False)
+    if not isinstance(probability, bool):
+        raise InvalidField(f"{prefix}_effective_probability={probability!r} must be a bool")
     for attr in ("_probA", "_probB"):
         value = _array(est, attr, prefix, shape=(None,), dtype=np.float64)
-        if value.shape[0] not in (0, 1):
-            raise InvalidField(f"{prefix}{attr} has shape {value.shape}; expected (0,) or (1,)")
+        if value.shape[0] not in (0, 1) or (probability and value.shape[0] != 1):
+            raise InvalidField(f"{prefix}{attr} has shape {value.shape}; expected (0,) or (1,)"
+                               + (", (1,) with probability estimates" if probability else ""))
     _array(est, "classes_", prefix, shape=(2,))
-    _array(est, "class_weight_", prefix, shape=(2,), dtype=np.float64)
-    shape_fit = getattr(est, "shape_fit_", None)
-    if not isinstance(shape_fit, tuple) or len(shape_fit) != 2 or shape_fit[1] != n:
-        raise InvalidField(f"{prefix}shape_fit_={shape_fit!r} must be (n_samples, {n})")
+    weights = _array(est, "class_weight_", prefix, shape=(2,), dtype=np.float64)
+    if not (weights >= 0).all():
+        raise InvalidField(f"{prefix}class_weight_={weights.tolist()} must be >= 0")
+    for attr in ("_num_iter", "n_iter_"):
+        iterations = _array(est, attr, prefix, shape=(1,), kind="iu", optional=attr == "n_iter_")
+        if iterations is not None and int(iterations[0]) < 0:
+            raise InvalidField(f"{prefix}{attr}={iterations.tolist()} must be >= 0")
+    status = getattr(est, "fit_status_", None)
+    if not _is_int(status) or status != 0:
+        raise InvalidField(f"{prefix}fit_status_={status!r} must be 0 (a completed fit)")
     gamma = getattr(est, "_gamma", None)
-    if not _is_number(gamma) or not math.isfinite(gamma):
-        raise InvalidField(f"{prefix}_gamma={gamma!r} must be a finite number")
+    if not _is_number(gamma) or not math.isfinite(gamma) or gamma <= 0:
+        raise InvalidField(f"{prefix}_gamma={gamma!r} must be a finite number > 0")
 
 
 _CHECKS = {
@@ -203,6 +256,7 @@ _CHECKS = {
     "LogisticRegression": _check_linear,
     "SGDClassifier": _check_linear,
     "GapThresholdRule": _check_linear,
+    "AlwaysExit": _check_always,
     "StandardScaler": _check_scaler,
     "SVC": _check_svc,
 }
@@ -211,25 +265,46 @@ _CHECKS = {
 def check_fitted_state(name: str, est, prefix: str = "") -> int:
     """Checks one rebuilt estimator of class `name` (a `_safe_registry` key); returns its `n_features_in_`.
 
+    Its constructor parameters go through scikit-learn's own constraints (a `C` that is a dict, a `kernel` that is
+    not one of the kernels), then each fitted array and scalar is checked against the others.
+
     Raises:
         `InvalidField`: naming the field (with `prefix`, e.g. `steps.0.mean_`) and what was expected.
     """
+    try:
+        validate_estimator_params(est)
+    except (TypeError, ValueError) as err:  # scikit-learn's InvalidParameterError is both
+        raise InvalidField(f"{prefix}params: {err}") from None
     n = _n_features(est, prefix)
     _CHECKS[name](est, prefix, n)
     return n
 
 
+def probe_rows(n_features: int, n_rows: int = 64) -> np.ndarray:
+    """The fixed rows every probe of an estimator uses (standard normal, seed 0, float64 `[n_rows, n_features]`):
+    checking a rebuilt or rewritten estimator against the original, and [`check_probe`]."""
+    return np.random.default_rng(0).normal(size=(n_rows, n_features))
+
+
 def check_probe(est, n_features: int, n_rows: int = 4) -> None:
-    """Calls the rebuilt estimator once on fixed rows: anything its fitted state still breaks fails here."""
-    X = np.random.default_rng(0).normal(size=(n_rows, n_features))
+    """Calls `est`'s `decision_function` and `predict` once on [`probe_rows`] of width `n_features`: an estimator
+    that cannot score such rows (an inconsistent rebuilt state, or one that reads more columns than it is given)
+    fails here, naming it and the width, instead of at the first forward.
+
+    Raises:
+        `InvalidField`: naming the estimator, the method, the feature count and the error.
+    """
+    X = probe_rows(n_features, n_rows)
     for method in ("decision_function", "predict"):
         if not hasattr(est, method):
             continue
         try:
             out = np.asarray(getattr(est, method)(X))
-        except Exception as err:  # whatever numpy / scikit-learn raise on an inconsistent state
+        except Exception as err:  # whatever numpy / scikit-learn / the estimator raise
             raise InvalidField(
-                f"the rebuilt {type(est).__name__} fails in {method} ({type(err).__name__}: {err})"
+                f"{type(est).__name__}.{method} fails on rows of {n_features} feature(s) "
+                f"({type(err).__name__}: {err})"
             ) from err
         if out.shape != (n_rows,):
-            raise InvalidField(f"{type(est).__name__}.{method} returns shape {out.shape}; expected ({n_rows},)")
+            raise InvalidField(f"{type(est).__name__}.{method} returns shape {out.shape} for {n_rows} rows of "
+                               f"{n_features} feature(s); expected ({n_rows},)")

@@ -13,7 +13,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.validation import check_array, check_is_fitted
 
-__all__ = ["GapThresholdRule"]
+__all__ = ["AlwaysExit", "GapThresholdRule"]
 
 
 class GapThresholdRule(ClassifierMixin, BaseEstimator):
@@ -103,4 +103,64 @@ class GapThresholdRule(ClassifierMixin, BaseEstimator):
         Returns:
             `np.ndarray` of shape `(n_samples,)` with values in `{0, 1}`.
         """
+        return (self.decision_function(X) > 0).astype(int)
+
+
+class AlwaysExit(ClassifierMixin, BaseEstimator):
+    """Exit at every check: the exit rule of `method="gate_only"`, where the gate in front of the checks decides.
+
+    Behind a [`~adainfer_hf.policy.gate.LinearGate`] a check then exits exactly where the gate passes, so the loop
+    computes no logit lens there (`ExitClassifier.exits_where_gate_passes`, recognised by this type). Like
+    [`GapThresholdRule`] it is linear, with the constant margin `decision_function(X) = 1`, exposed as `coef_`
+    (zeros) and `intercept_` (`[1.0]`) derived from `n_features_in_`, so it runs on the features' device and the
+    saved artifact holds nothing a crafted file could turn into another rule. `fit` learns nothing: it records the
+    number of features and the classes `[0, 1]`.
+
+    Example:
+
+    ```python
+    >>> import numpy as np
+    >>> from adainfer_hf.estimators.rules import AlwaysExit
+    >>> AlwaysExit().fit(np.zeros((1, 2))).predict(np.array([[0.0, 0.1], [0.9, 0.95]]))
+    array([1, 1])
+    ```
+    """
+
+    MARGIN = 1.0  # the constant decision function: positive, so `predict` (margin > 0) is 1 everywhere
+
+    def fit(self, X, y=None):
+        """Record the number of features and the classes `[0, 1]`; there is nothing to learn.
+
+        Args:
+            X (array-like of shape `(n_samples, n_features)`): feature matrix; only its width is used.
+            y (*optional*): ignored; accepted for API compatibility.
+
+        Returns:
+            `AlwaysExit`: the fitted rule (`self`).
+        """
+        X = check_array(X, ensure_min_samples=0)
+        self.n_features_in_ = X.shape[1]
+        self.classes_ = np.array([0, 1])
+        return self
+
+    @property
+    def coef_(self) -> np.ndarray:
+        """Zeros of shape `(1, n_features_in_)`: the rule reads no feature."""
+        return np.zeros((1, self.n_features_in_))
+
+    @property
+    def intercept_(self) -> np.ndarray:
+        """`[MARGIN]`: the constant margin."""
+        return np.array([self.MARGIN])
+
+    def decision_function(self, X) -> np.ndarray:
+        """The constant margin `1.0` for every row of `X` (shape `(n_samples,)`); positive means "exit"."""
+        check_is_fitted(self)
+        X = check_array(X, ensure_min_samples=0)
+        if X.shape[1] != self.n_features_in_:
+            raise ValueError(f"X has {X.shape[1]} feature(s), but AlwaysExit was fitted with {self.n_features_in_}.")
+        return np.full(X.shape[0], self.MARGIN)
+
+    def predict(self, X) -> np.ndarray:
+        """`1` ("exit") for every row of `X` (shape `(n_samples,)`)."""
         return (self.decision_function(X) > 0).astype(int)

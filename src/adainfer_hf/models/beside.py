@@ -18,8 +18,9 @@ from huggingface_hub.errors import (
     RemoteEntryNotFoundError,
 )
 
+from ..artifact.constants import CLASSIFIER_CONFIG_NAME
 from ..artifact.io import has_artifact
-from ..policy.classifier import CLASSIFIER_CONFIG_NAME, ExitClassifier
+from ..policy.classifier import ExitClassifier
 
 __all__ = ["find_classifier_beside"]
 

@@ -20,34 +20,26 @@ import warnings
 
 import numpy as np
 import torch
+from sklearn.exceptions import NotFittedError
+from sklearn.utils.validation import check_is_fitted
 
 from ..architectures.head import fingerprints_match, head_of
-from ..artifact.codec import _logit, _qualified_name, _score_kind
+from ..artifact.codec import qualified_name
 from ..artifact.config import POLICY_FIELDS, ExitClassifierConfig
-from ..artifact.constants import (
-    CLASSIFIER_CONFIG_NAME,
-    CLASSIFIER_MANIFEST_NAME,
-    CLASSIFIER_SAFE_NAME,
-    CLASSIFIER_WEIGHTS_NAME,
-)
+from ..artifact.constants import CLASSIFIER_GATE_NAME
 from ..artifact.hub import ArtifactMixin
-from ..artifact.validation import check_fingerprint, check_layer_fields
+from ..artifact.validation import InvalidField, check_fingerprint, check_layer_fields, check_probe
+from ..estimators.rules import AlwaysExit, GapThresholdRule
 from .base import ExitPolicy, check_dtype_or_raise, check_vocabulary_or_raise
-from .classifier_support import ConfigField, check_estimator, fires_on_every_row, normalized
+from .features import FEATURES
 from .gate import LinearGate
 from .nonfinite import NonFiniteRows
-from .scoring import device_scorer
+from .scoring import device_scorer, logit, score_kind
 
-__all__ = [
-    "CLASSIFIER_CONFIG_NAME",
-    "CLASSIFIER_MANIFEST_NAME",
-    "CLASSIFIER_SAFE_NAME",
-    "CLASSIFIER_WEIGHTS_NAME",
-    "ExitClassifier",
-    "ExitClassifierConfig",
-]
+__all__ = ["ExitClassifier", "ExitClassifierConfig"]
 
 _LABELS = ("final", "gold")
+_NONNEGATIVE_FEATURES = ("gap", "top_prob")  # probabilities and their differences: never below 0
 
 
 class ExitClassifier(ArtifactMixin, ExitPolicy):
@@ -134,7 +126,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         config = config or ExitClassifierConfig()
         if gate is not None or config.gate_fingerprint is None:
             fields["gate_fingerprint"] = None if gate is None else gate.fingerprint()
-        self._config = normalized(dataclasses.replace(config, **fields))
+        self._config = _normalized(dataclasses.replace(config, **fields))
         self._validate()
 
     @property
@@ -147,7 +139,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         leaves the classifier as it was). Only for [`~ExitClassifier.bind`] and
         `training.schedule.schedule_classifier`, which document that they complete the classifier they get."""
         old = self._config
-        self._config = normalized(dataclasses.replace(old, **changes))
+        self._config = _normalized(dataclasses.replace(old, **changes))
         try:
             self._validate()
         except Exception:
@@ -158,8 +150,8 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
     def _validate(self) -> None:
         """Check every parameter against the estimator and each other; the one place that raises on bad values."""
         est = self.estimator
-        self._score_kind = _score_kind(est)
-        check_estimator(est, self.features)
+        self._score_kind = score_kind(est)
+        _check_estimator(est, self.features)
 
         check_layer_fields(self._config)
         self._validate_gate()
@@ -185,10 +177,10 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         self._warned: set = set()
 
     def exits_where_gate_passes(self) -> bool:
-        """True for a gated rule that fires on every finite row (`method="gate_only"`: `gap > -1`): its checks exit
-        exactly where the gate passes, so the loop skips their lens (see `ExitPolicy.exits_where_gate_passes`).
+        """True for a gated rule that fires on every finite row (`method="gate_only"`: an
+        [`~adainfer_hf.estimators.rules.AlwaysExit`]): its checks exit exactly where the gate passes, so the loop skips their lens (see `ExitPolicy.exits_where_gate_passes`).
         The gate never passes a row whose hidden state is not finite."""
-        return self._gate is not None and fires_on_every_row(self.estimator, self.features, self.threshold)
+        return self._gate is not None and _fires_on_every_row(self.estimator, self.features, self.threshold)
 
     def _validate_gate(self) -> None:
         fingerprint = self._config.gate_fingerprint
@@ -263,7 +255,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
             if self.threshold is None:
                 return (margin > 0) & finite  # exactly `predict`: class 1 where the margin is > 0
             if self.score_kind == "probability":
-                return (margin >= _logit(self.threshold)) & finite  # P >= t  <=>  logit >= logit(t), on device
+                return (margin >= logit(self.threshold)) & finite  # P >= t  <=>  logit >= logit(t), on device
             return (margin >= self.threshold) & finite
         if features.shape[0] == 0:
             return torch.zeros(0, dtype=torch.bool, device=features.device)
@@ -347,7 +339,7 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         c = self._config
         return dataclasses.replace(
             c,
-            estimator_class=_qualified_name(self.estimator),
+            estimator_class=qualified_name(self.estimator),
             features=list(c.features),
             min_layer=int(c.min_layer),
             check_layers=None if c.check_layers is None else [int(k) for k in c.check_layers],
@@ -373,9 +365,9 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         config's fingerprint is refused."""
         gate = None
         if gate_tensors is not None:
-            gate = LinearGate.from_tensors(gate_tensors, source="exit_gate.safetensors")
+            gate = LinearGate.from_tensors(gate_tensors, source=CLASSIFIER_GATE_NAME)
             if gate.fingerprint() != config.gate_fingerprint:
-                raise ValueError(f"exit_gate.safetensors has fingerprint {gate.fingerprint()!r} but the config "
+                raise ValueError(f"{CLASSIFIER_GATE_NAME} has fingerprint {gate.fingerprint()!r} but the config "
                                  f"records gate_fingerprint={config.gate_fingerprint!r}.")
         return cls(estimator, config=config, gate=gate)
 
@@ -393,6 +385,82 @@ class ExitClassifier(ArtifactMixin, ExitPolicy):
         )
 
 
+class _ConfigField:
+    """A read-only view of one field of an `ExitClassifier`'s config (a change goes through `replace`)."""
+
+    def __init__(self, name: str):
+        self.name = name
+        self.__doc__ = f"`ExitClassifierConfig.{name}` of this classifier (read-only; see `replace`)."
+
+    def __get__(self, obj, owner=None):
+        return self if obj is None else getattr(obj._config, self.name)
+
+    def __set__(self, obj, value):
+        raise AttributeError(
+            f"{type(obj).__name__}.{self.name} is read-only (the config is the one source of truth); "
+            f"use `clf = clf.replace({self.name}=...)`, which validates the change."
+        )
+
+
 for _name in POLICY_FIELDS:  # the config's fields, as read-only properties
-    setattr(ExitClassifier, _name, ConfigField(_name))
+    setattr(ExitClassifier, _name, _ConfigField(_name))
 del _name
+
+
+def _normalized(config: ExitClassifierConfig) -> ExitClassifierConfig:
+    """The policy fields of `config` in the types the classifier exposes (tuples), save-time fields reset."""
+    values = {name: getattr(config, name) for name in POLICY_FIELDS}
+    features = values["features"]
+    values["features"] = (features,) if isinstance(features, str) else tuple(features)
+    for name in ("check_layers", "decode_check_layers", "check_vocabulary"):
+        values[name] = None if values[name] is None else tuple(values[name])
+    return ExitClassifierConfig(**values)
+
+
+def _check_estimator(est, features) -> None:
+    """Raises `ValueError` when `est` is not a fitted binary scikit-learn classifier of the `features` columns,
+    or cannot score rows of that many columns (one probe call: an estimator without `n_features_in_` that reads a
+    column it is not given fails here, not at the first forward)."""
+    if not hasattr(est, "predict"):
+        raise ValueError(f"estimator must be a scikit-learn classifier with `predict`; got {type(est).__name__}.")
+    try:
+        check_is_fitted(est)
+    except NotFittedError as err:
+        raise ValueError(f"estimator {type(est).__name__} is not fitted; call `fit` before wrapping it.") from err
+    except TypeError as err:
+        raise ValueError(f"estimator {est!r} is not a scikit-learn estimator: {err}") from err
+
+    if not features or not all(isinstance(f, str) for f in features):
+        raise ValueError(f"features must be a non-empty sequence of names; got {features!r}.")
+    unknown = [f for f in features if f not in FEATURES]
+    if unknown:
+        raise ValueError(f"Unknown feature(s) {unknown}; expected names from {sorted(FEATURES)}.")
+    if len(set(features)) != len(features):
+        raise ValueError(f"features contains duplicates: {list(features)}.")
+    n_in = getattr(est, "n_features_in_", None)
+    if n_in is not None and int(n_in) != len(features):
+        raise ValueError(f"estimator {type(est).__name__} was fitted on n_features_in_={n_in} columns but "
+                         f"features={list(features)} names {len(features)}.")
+    classes = getattr(est, "classes_", None)
+    if classes is not None and (len(classes) != 2 or classes[1] != 1):
+        labels = np.asarray(classes).tolist()
+        raise ValueError(f"estimator must be binary with classes [0, 1] (1 = exit); got classes_={labels!r}: "
+                         "labels must be 0/1 or bool.")
+    try:
+        check_probe(est, len(features))
+    except InvalidField as err:
+        raise ValueError(f"estimator {type(est).__name__} cannot score rows of the {len(features)} feature(s) "
+                         f"{list(features)} it would be given: {err}.") from err
+
+
+def _fires_on_every_row(estimator, features, threshold) -> bool:
+    """Whether a classifier fires on every row with finite features: an `AlwaysExit` (margin 1) whose threshold,
+    if any, is at most 1, or a `GapThresholdRule` on a feature that is never below 0 whose cut is below 0
+    (`x - t > 0` with `threshold` None, else `x - t >= threshold`; how `gate_only` classifiers were saved before
+    `AlwaysExit`)."""
+    if isinstance(estimator, AlwaysExit):
+        return threshold is None or float(threshold) <= AlwaysExit.MARGIN
+    if not isinstance(estimator, GapThresholdRule) or features[estimator.feature_index] not in _NONNEGATIVE_FEATURES:
+        return False
+    cut = float(estimator.threshold) + (0.0 if threshold is None else float(threshold))
+    return cut < 0 if threshold is None else cut <= 0

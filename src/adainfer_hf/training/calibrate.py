@@ -31,8 +31,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from ..artifact.config import jsonable
 from ..policy.classifier import ExitClassifier
-from ..utils.records import jsonable
 from ..utils.stats import risk_p_value, risk_upper_bound
 from .table import FeatureTable, table_sequences
 

@@ -31,9 +31,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifact.config import jsonable
 from ..cache.exact import CACHE_MODES
 from ..policy.classifier import ExitClassifier
-from ..utils.records import jsonable
 from ..utils.stats import hb_p_value, hb_upper_bound
 from ..utils.tokenizers import left_padding
 from .calibrate import best_unit_scores, calibrate, simulate_exits

@@ -10,7 +10,7 @@ calibrated):
 | `"logistic"` | `LogisticRegression`, scaler folded the same way | yes |
 | `"crf"` | `estimators.crf.CRFExitEstimator` over each prompt's layer sequence (`pip install adainfer-hf[crf]`) | no |
 | `"gap_rule"` | `estimators.rules.GapThresholdRule(threshold=0.8)`, nothing learned | yes |
-| `"gate_only"` | the linear gate alone: `GapThresholdRule(threshold=-1)` fires wherever its check runs (the gap is never below 0), so a check exits exactly where the gate passes; `train_on_tables` adds the gate and calibrates its thresholds (`gate="linear"`, `knob="gate"`) | yes |
+| `"gate_only"` | the linear gate alone: `estimators.rules.AlwaysExit` fires wherever its check runs, so a check exits exactly where the gate passes; `train_on_tables` adds the gate and calibrates its thresholds (`gate="linear"`, `knob="gate"`) | yes |
 
 `"gate_only"` is the cheapest rule in decode steps: a check that the gate stops costs only the probe, and every
 check it passes is an exit, so the LM head never runs in vain.
@@ -29,7 +29,7 @@ from sklearn.svm import SVC, LinearSVC
 from ..data.prompts import split_examples
 from ..estimators.crf import CRFExitEstimator
 from ..estimators.linear import fold_scaler
-from ..estimators.rules import GapThresholdRule
+from ..estimators.rules import AlwaysExit, GapThresholdRule
 from ..policy.classifier import ExitClassifier
 from ..policy.gate import fit_linear_gate
 from .calibrate import calibrate
@@ -122,8 +122,10 @@ def train_exit_classifier(
     if method in ("gap_rule", "gate_only"):
         if "gap" not in features:
             raise ValueError(f"method={method!r} reads the 'gap' feature; features={list(features)} lack it.")
-        threshold = 0.8 if method == "gap_rule" else -1.0  # gate_only: always true, the gate decides
-        estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=threshold).fit(X_all[:1])
+        if method == "gap_rule":
+            estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=0.8).fit(X_all[:1])
+        else:  # gate_only: always true, the gate decides
+            estimator = AlwaysExit().fit(X_all[:1])
     elif method == "crf":
         estimator, info["rows_used"] = _fit_crf(table, features, label, max_rows, seed)
     else:

@@ -1,5 +1,5 @@
 """Small helpers with no knowledge of models or artifacts: statistics (`stats`), tokenizer settings
-(`tokenizers`) and JSON-safe calibration records (`records`). The bottom layer of the package, beside
+(`tokenizers`) and atomic file writes (`atomic`). The bottom layer of the package, beside
 `compat`: it imports nothing else of ours."""
 
 from .stats import binomial_tail, binomial_upper_bound
