@@ -19,7 +19,9 @@ Timings use `torch.set_num_threads(--threads)` (default 1, so concurrent process
 interfere less).
 
 Usage: python benchmarks/empty_schedule.py KEY [KEY ...] [--prompts 8] [--new-tokens 32] [--repeats 3]
-Writes --json (default docs/results/empty_schedule.json, merged by key) and prints a markdown table.
+Writes --json (default docs/results/empty_schedule.json, merged by key; stamped with the commit, versions, CPU,
+argv and the package's source directory) and prints a markdown table; exits with status 1 when a run's tokens
+differ from the stock class's.
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ from generation_real import held_out_texts
 from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+import adainfer_hf
 from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier, GapThresholdRule
 
 
@@ -174,7 +177,7 @@ def main(argv=None):
               "threads": torch.get_num_threads(),
               "versions": {"python": platform.python_version(), "torch": torch.__version__,
                            "transformers": transformers.__version__, "adainfer_hf": _version("adainfer-hf")},
-              "models": results}
+              "adainfer_hf_source": str(Path(adainfer_hf.__file__).parent), "models": results}
     out = Path(args.json)
     out.parent.mkdir(parents=True, exist_ok=True)
     old = json.loads(out.read_text()) if out.exists() else {}
@@ -182,6 +185,10 @@ def main(argv=None):
     record["models"] = {**old_models, **results}
     out.write_text(json.dumps(record, indent=1) + "\n")
     print(f"wrote {out}")
+    differ = [f"{key} {name}" for key, r in results.items() for name in ("empty", "none")
+              if not r["runs"][name]["same_tokens"]]
+    if differ:
+        raise SystemExit(f"generated tokens differ from the stock class's: {', '.join(differ)}")
 
 
 if __name__ == "__main__":

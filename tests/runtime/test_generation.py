@@ -14,7 +14,7 @@ from tiny_models import (
     truncated_stock,
 )
 from tiny_models import generate_greedy as _gen
-from transformers import pipeline
+from transformers import DynamicCache, pipeline
 
 from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
 from adainfer_hf.architectures import core as arch
@@ -161,3 +161,15 @@ def test_empty_schedules_generate_as_the_stock_class_with_its_cache(variant, mod
     assert type(output_cache(out)) is type(output_cache(ref))  # the stock cache, not an exit cache
     assert out.exit_layers.shape == (3, 6) and torch.all(out.exit_layers == L)
     assert ada.exit_stats.tokens == 18 and ada.exit_stats.mean_layers == L
+
+
+def test_empty_schedules_keep_the_refusals_of_a_policy():
+    # Skipping the exit loop must not change which options a classifier refuses (only what it costs).
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("none")
+    ada.exit_classifier = ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), check_layers=[],
+                                         decode_check_layers=[])
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        _gen(ada, ids, mask, cache_implementation="static")
+    with pytest.raises(ValueError, match="exit_cache='exact'"):
+        _gen(ada, ids, mask, exit_cache="exact", past_key_values=DynamicCache())

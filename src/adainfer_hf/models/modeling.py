@@ -267,7 +267,10 @@ class AdaInferMixin:
         With no policy (no classifier, or `exit_policy=None`) this is the stock `generate` for every option
         (the output only gains `exit_layers`, all full depth). With a policy, assisted decoding
         (`assistant_model`, `prompt_lookup_num_tokens`) and a `cache_implementation` other than `"dynamic"` are
-        refused with a `ValueError` naming the option.
+        refused with a `ValueError` naming the option. A policy whose prefill and decode schedules are both empty
+        (as `adainfer train` leaves a classifier when no check pays) never checks: the call is then the stock
+        `generate` too, with the stock cache (unless a passed cache still owes positions), after the same
+        refusals.
         """
         if exit_cache not in CACHE_MODES:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
