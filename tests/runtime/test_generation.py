@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 from tiny_models import (
@@ -13,9 +14,9 @@ from tiny_models import (
     truncated_stock,
 )
 from tiny_models import generate_greedy as _gen
-from transformers import pipeline
+from transformers import DynamicCache, pipeline
 
-from adainfer_hf import ScriptedExit
+from adainfer_hf import ExitClassifier, GapThresholdRule, ScriptedExit
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.cache.exact import ExactExitCache
 from adainfer_hf.compat import output_cache
@@ -133,3 +134,42 @@ def test_bad_cache_mode_is_named():
     ids, mask = batch("none")
     with pytest.raises(ValueError, match="'fast'"):
         _gen(ada, ids, mask, exit_cache="fast")
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "opt_350m_layout"])
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("decode_check_layers", [None, []])
+@pytest.mark.parametrize("per_call", [False, True])
+def test_empty_schedules_generate_as_the_stock_class_with_its_cache(variant, mode, decode_check_layers, per_call):
+    # What `adainfer train` leaves when no check pays for itself: no prefill schedule, and no decode schedule (or
+    # none of its own). The rule would fire at any check it made, so a step that checked would change the text.
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left")
+    clf = ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), check_layers=[],
+                         decode_check_layers=decode_check_layers)
+    kw = dict(return_dict_in_generate=True, output_scores=True)
+    per_call_kw = {}
+    if per_call:
+        per_call_kw["exit_policy"] = clf
+    else:
+        ada.exit_classifier = clf
+    ref = _gen(stock, ids, mask, **kw)
+    ada.exit_stats.reset()
+    out = _gen(ada, ids, mask, exit_cache=mode, **kw, **per_call_kw)
+    assert torch.equal(out.sequences, ref.sequences)
+    assert all(torch.equal(a, b) for a, b in zip(out.scores, ref.scores, strict=True))
+    assert type(output_cache(out)) is type(output_cache(ref))  # the stock cache, not an exit cache
+    assert out.exit_layers.shape == (3, 6) and torch.all(out.exit_layers == L)
+    assert ada.exit_stats.tokens == 18 and ada.exit_stats.mean_layers == L
+
+
+def test_empty_schedules_keep_the_refusals_of_a_policy():
+    # Skipping the exit loop must not change which options a classifier refuses (only what it costs).
+    _, ada = make_pair("llama_gqa")
+    ids, mask = batch("none")
+    ada.exit_classifier = ExitClassifier(GapThresholdRule(threshold=-1.0).fit(np.zeros((1, 2))), check_layers=[],
+                                         decode_check_layers=[])
+    with pytest.raises(ValueError, match="cache_implementation='static'"):
+        _gen(ada, ids, mask, cache_implementation="static")
+    with pytest.raises(ValueError, match="exit_cache='exact'"):
+        _gen(ada, ids, mask, exit_cache="exact", past_key_values=DynamicCache())
