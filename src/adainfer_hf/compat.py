@@ -20,6 +20,7 @@ from packaging.version import Version
 from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
+from transformers.generation.utils import GenerateDecoderOnlyOutput
 from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
 from transformers.modeling_outputs import BaseModelOutputWithPast
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, apply_rotary_pos_emb
@@ -29,6 +30,8 @@ __all__ = [
     "CACHE_ARG_NAMES",
     "DynamicCache",
     "DynamicLayer",
+    "GENERATE_CACHE_FIELD",
+    "GenerateDecoderOnlyOutput",
     "OUTPUT_CACHE_FIELD",
     "TESTED_TRANSFORMERS",
     "TRANSFORMERS_VERSION",
@@ -40,8 +43,10 @@ __all__ = [
     "offload_weights_map",
     "output_cache",
     "pop_cache_arg",
+    "record_past",
     "rms_norm_eps",
     "rotate_keys",
+    "special_token_tensors",
     "SVC_FITTED_ARRAYS",
     "SVC_FITTED_SCALARS",
     "SVC_OPTIONAL_SCALARS",
@@ -147,6 +152,26 @@ def causal_mask(config, inputs_embeds, attention_mask, cache, position_ids, laye
     build = create_sliding_window_causal_mask if sliding else create_causal_mask
     return build(config=config, inputs_embeds=inputs_embeds, attention_mask=attention_mask,
                  position_ids=position_ids, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------- generation
+GENERATE_CACHE_FIELD: str = ("cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__
+                             else "past_key_values")
+"""The field of `GenerateDecoderOnlyOutput` that holds the cache (`cache` from 5.24, `past_key_values` before)."""
+
+
+def special_token_tensors(generation_config):
+    """`(pad, eos)` token tensors that `generate` prepares on its config before calling the decoding method
+    (`_pad_token_tensor`, `_eos_token_tensor`: private; None where unset). Read by the lossless decoding loop, which
+    `generate(custom_generate=<callable>)` calls with the prepared config, processors and stopping criteria."""
+    return (getattr(generation_config, "_pad_token_tensor", None),
+            getattr(generation_config, "_eos_token_tensor", None))
+
+
+def record_past(cache) -> None:
+    """Makes `cache`'s sliding-window layers keep their past until the next `crop`, so a crop can remove positions
+    they would otherwise have dropped (transformers' `activate_past_recording`, which assisted decoding uses)."""
+    cache.activate_past_recording()
 
 
 # ---------------------------------------------------------------------------------------------- math we recompute

@@ -49,6 +49,9 @@ class ExitClassifierConfig:
         calibration (`dict`, *optional*): free-form achieved figures (accuracy, mean exit layer, ...).
         gate_fingerprint (`str`, *optional*): `LinearGate.fingerprint()` of the classifier's gate, stored in
             `exit_gate.safetensors`; `None` = no gate (every check computes the LM head).
+        drafting (`bool`, defaults to `False`): the classifier was trained to draft tokens for lossless generation;
+            `generate` then verifies its exits by default (`generate(..., lossless=True)`; a per-call `lossless=`
+            overrides).
         versions (`dict`): package versions at save time.
         safe_format (`str`, *optional*): name of the pickle-free encoding saved beside the joblib file, if any.
         format_version (`int`): version of this file format.
@@ -69,9 +72,14 @@ class ExitClassifierConfig:
     lm_head_fingerprint: dict | None = None
     calibration: dict | None = None
     gate_fingerprint: str | None = None
+    drafting: bool = False
     versions: dict = field(default_factory=dict)
     safe_format: str | None = None
     format_version: int = FORMAT_VERSION
+
+    def __post_init__(self):
+        if not isinstance(self.drafting, bool):
+            raise ValueError(f"drafting must be True or False; got {self.drafting!r}.")
 
     def to_json_string(self) -> str:
         """Serialise to sorted, indented JSON (stable diffs, human-readable on the Hub)."""

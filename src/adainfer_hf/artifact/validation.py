@@ -48,6 +48,7 @@ _CONFIG_TYPES = {
     "num_layers": ((int, _NONE), "an int or null"),
     "calibration": ((dict, _NONE), "an object or null"),
     "gate_fingerprint": ((str, _NONE), "a string or null"),
+    "drafting": ((bool,), "true or false"),
     "versions": ((dict,), "an object"),
     "safe_format": ((str, _NONE), "a string or null"),
     "format_version": ((int,), "an int"),

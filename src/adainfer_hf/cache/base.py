@@ -109,6 +109,8 @@ class ExitCacheStrategy:
         needs_position_ids (`bool`): the strategy needs the query's position ids (the loop builds them if absent).
         frozen_hidden (`dict[int, torch.Tensor]`): rows whose output must come from this hidden state (their exit
             layer's) rather than from the decoder's last hidden state; empty unless rows kept running.
+        caught_up_final (`torch.Tensor` or `None`): `[B, P, H]` last-layer outputs of earlier positions this step
+            caught up (lossless verification, `cache/draft.py`); the output logits cover them before the query's.
     """
 
     name = "base"
@@ -117,6 +119,7 @@ class ExitCacheStrategy:
     def __init__(self, cache=None):
         self.cache = cache
         self.frozen_hidden: dict = {}
+        self.caught_up_final = None
         self.deeper_filled = False  # every deeper layer got this step's K/V at once (see after_exits)
         self._every_row: LayerPlan | None = None  # the all-rows plan, built once per forward
 

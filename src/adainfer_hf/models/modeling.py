@@ -27,6 +27,7 @@ from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
 from ..policy.classifier import ExitClassifier
 from ..runtime.exit_run import ExitRun, is_decode_step
+from ..runtime.lossless import lossless_generate, resolve_lossless
 from ..runtime.output import output_logits
 from ..runtime.recording import ExitRecorder, ExitStatistics
 from .beside import find_classifier_beside
@@ -248,21 +249,28 @@ class AdaInferMixin:
             recorder.append(exit_layers)
 
     # ------------------------------------------------------------------ generation
-    def generate(self, *args, exit_cache: str = "propagate", **kwargs):
+    def generate(self, *args, exit_cache: str | None = None, lossless: bool | None = None,
+                 max_draft_tokens: int = 8, **kwargs):
         """`GenerationMixin.generate` with early exit at every step, the prompt's step included.
 
         Args:
-            exit_cache (`str`, *optional*, defaults to `"propagate"`): how layers a token skipped get its K/V.
+            exit_cache (`str`, *optional*): how layers a token skipped get its K/V (default `"propagate"`;
+                `"exact"` with `lossless`).
                 `"propagate"`: computed from the exit hidden state (CALM's state propagation; costs the K/V
                 projections only, and only for layers a later token runs, see `PropagateExitCache`; later tokens
                 see an approximation of the skipped layers). `"exact"`: the skipped
                 layers run for that token later, batched with the next token that goes deeper, so the cache
                 equals the dense model's (costs the skipped compute when, and only when, a later token needs it;
                 the batch runs to its deepest row each step).
+            lossless (`bool`, *optional*): exits become drafts the deeper layers verify: the output is the stock
+                model's (`runtime.lossless`). Default: the policy's `drafting`, unless `exit_cache` is given.
+            max_draft_tokens (`int`, *optional*, defaults to 8): with `lossless`, drafts in a row before a step
+                runs every layer (and verifies them).
             kwargs: everything `generate` takes, plus `exit_policy` to override the classifier for this call.
 
         With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
         layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
+        With `lossless` it also carries `draft_tokens` and `accepted_tokens` per row.
 
         With no policy (no classifier, or `exit_policy=None`) this is the stock `generate` for every option
         (the output only gains `exit_layers`, all full depth). With a policy, assisted decoding
@@ -272,9 +280,11 @@ class AdaInferMixin:
         `generate` too, with the stock cache (unless a passed cache still owes positions), after the same
         refusals.
         """
-        if exit_cache not in CACHE_MODES:
+        if exit_cache is not None and exit_cache not in CACHE_MODES:
             raise ValueError(f"exit_cache must be one of {CACHE_MODES}; got {exit_cache!r}.")
         policy = self._adainfer_policy(kwargs.get("exit_policy", _AUTO))
+        lossless = resolve_lossless(policy, lossless, exit_cache, max_draft_tokens)
+        exit_cache = exit_cache or ("exact" if lossless else "propagate")
         cache = compat.pop_cache_arg(kwargs)  # either name, on every supported release
         if policy is not None:
             self._adainfer_refuse_generate_options(policy, cache, exit_cache, kwargs)
@@ -292,6 +302,10 @@ class AdaInferMixin:
                 out["exit_layers"] = self._adainfer_full_depth(out, args, kwargs)
             return out
         kwargs.pop("cache_implementation", None)
+        if lossless:  # exits as drafts the deeper layers verify (refuses, by name, what it cannot run)
+            with weight_call():
+                return lossless_generate(self, super().generate, _CheckedPolicy(policy), cache, max_draft_tokens,
+                                         args, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = (kwargs.get("generation_config") or self.generation_config).use_cache

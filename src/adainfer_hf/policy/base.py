@@ -63,6 +63,8 @@ class ExitPolicy:
     # A gate (`policy.gate.LinearGate`) in front of each check: where it does not pass, the check computes no LM
     # head and no features and the row keeps going. None = every check runs in full.
     gate = None
+    # True: exits are drafts for lossless generation; `generate` verifies them unless told otherwise (`lossless=`).
+    drafting: bool = False
 
     def exits_where_gate_passes(self) -> bool:
         """Whether every row this policy's gate passes exits, whatever the check's features say (a classifier

@@ -53,6 +53,9 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
         normed = normed.clone()
         for row, frozen in run.cache_strategy.frozen_hidden.items():
             normed[row] = head.norm(frozen[keep]).to(normed.device, normed.dtype)
+    caught_up = run.cache_strategy.caught_up_final
+    if caught_up is not None:  # lossless verification: the drafts' full-depth logits, in the same head call
+        normed = torch.cat([head.norm(caught_up).to(normed.device, normed.dtype), normed], 1)
     logits = head.final(normed)  # LM head [+ the family's softcap]: one call for every row
     if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
         # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
