@@ -31,6 +31,7 @@ from ..runtime.lossless import lossless_generate, resolve_lossless
 from ..runtime.output import output_logits
 from ..runtime.recording import ExitRecorder, ExitStatistics
 from .beside import find_classifier_beside
+from .generate_options import never_checks, refuse_generate_options
 
 __all__ = ["AdaInferCausalLMOutput", "AdaInferMixin", "ExitLayerMixin"]
 
@@ -287,8 +288,8 @@ class AdaInferMixin:
         exit_cache = exit_cache or ("exact" if lossless else "propagate")
         cache = compat.pop_cache_arg(kwargs)  # either name, on every supported release
         if policy is not None:
-            self._adainfer_refuse_generate_options(policy, cache, exit_cache, kwargs)
-            if self._adainfer_never_checks(policy, cache):
+            refuse_generate_options(self, policy, cache, exit_cache, kwargs)
+            if never_checks(self, policy, cache):
                 # Decided once for the whole call: no step can check, so every step is the stock forward with the
                 # stock cache `generate` makes (an exit cache, a recorder and per-step policy resolution would
                 # only cost time). The output is the same: every token runs every layer.
@@ -323,30 +324,6 @@ class AdaInferMixin:
         if not isinstance(out, torch.Tensor):
             out["exit_layers"] = recorder.stacked()
         return out
-
-    def _adainfer_refuse_generate_options(self, policy: ExitPolicy, cache, exit_cache: str, kwargs) -> None:
-        """ValueError naming a `generate` option that cannot run with an exit policy (refused whatever its
-        schedule, so a classifier's errors do not depend on what calibration left in it)."""
-        gen_config = kwargs.get("generation_config") or self.generation_config
-        for option in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
-            if kwargs.get(option, getattr(gen_config, option, None)) is not None:
-                raise ValueError(f"generate({option}=...) (assisted decoding) is not supported with an exit policy "
-                                 "(the exit cache cannot be cropped); pass exit_policy=None.")
-        impl = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
-        if impl not in (None, "dynamic"):
-            raise ValueError(f"generate(cache_implementation={impl!r}) is not supported with an exit policy; the "
-                             f"exit loop uses its own dynamic cache (exit_cache={CACHE_MODES}). Pass "
-                             "exit_policy=None for the stock behaviour.")
-        if exit_cache == "exact" and cache is not None and strategy_for(cache).name != "exact":
-            raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
-                             f"got {type(cache).__name__}.")
-
-    def _adainfer_never_checks(self, policy: ExitPolicy, cache) -> bool:
-        """Whether no step of a `generate` call with `policy` can check: its prefill and decode schedules are both
-        empty (as `adainfer train` leaves them when no check pays for itself) and `cache` owes no positions."""
-        num_layers = self.exit_head.spec.num_layers(self)
-        return (not policy.layers_to_check(num_layers) and not policy.layers_to_check(num_layers, decode=True)
-                and not strategy_for(cache).owes_positions)
 
     def _adainfer_full_depth(self, out, args, kwargs) -> torch.Tensor:
         """`exit_layers` of a generate output without a policy: every generated token ran every layer."""
