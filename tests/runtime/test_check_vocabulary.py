@@ -178,3 +178,49 @@ def test_policies_with_the_same_shortlist_share_the_gathered_head_rows():
             gathered.append(head.rows(head.vocabulary(policy.check_vocabulary), torch.float32)[0])
     assert gathered[0] is gathered[1] is gathered[2]
     assert gathered[3] is not gathered[0] and gathered[3].shape[0] == len(other.check_vocabulary)
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "opt_350m_layout"])
+def test_every_form_of_logits_to_keep_gives_the_shortlist_at_an_exited_rows_last_position(variant):
+    # Issue 28.3: a 1-D tensor of positions took the full-vocabulary lens there, integers the shortlist.
+    stock, ada = make_pair(variant)
+    cut = truncated_stock(stock, 2)
+    ids, mask = batch("none")
+    T = ids.shape[1]
+    policy = ScriptedExit([2, 2, L], check_vocabulary=SHORTLIST)
+    outside = _outside()
+    with torch.no_grad():
+        ref_cut = cut(ids, attention_mask=mask, use_cache=False).logits
+        ref_full = stock(ids, attention_mask=mask, use_cache=False).logits
+    forms = [0, 1, 2, torch.tensor([T - 1]), torch.tensor([0, T - 1]), torch.tensor([-1])]
+    for keep in forms:
+        with torch.no_grad():
+            out = ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy, logits_to_keep=keep).logits
+        assert out.shape[1] == (T if isinstance(keep, int) and keep == 0 else
+                                keep if isinstance(keep, int) else keep.numel()), keep
+        for row in (0, 1):
+            last = out[row, -1]
+            torch.testing.assert_close(last[~outside], ref_cut[row, -1, ~outside], atol=1e-5, rtol=1e-4)
+            assert torch.isneginf(last[outside]).all(), keep
+        torch.testing.assert_close(out[2, -1], ref_full[2, -1], atol=1e-5, rtol=1e-4)
+
+
+def test_a_bf16_check_gives_the_same_exit_logits_for_every_logits_to_keep():
+    # Issue 28.4: logits_to_keep=0 gave the model-dtype head, 1 the bf16 check's logits (maxdiff 0.017). One
+    # definition: the check's logits, computed in bf16, whatever the form; reference: the cut stock model's
+    # last-position logits with its head in bf16.
+    stock, ada = make_pair("llama_gqa")
+    cut = truncated_stock(stock, 2)
+    ids, mask = batch("none")
+    T = ids.shape[1]
+    policy = ScriptedExit(2, check_dtype="bfloat16")
+    with torch.no_grad():
+        h = cut(ids, attention_mask=mask, use_cache=False, output_hidden_states=True).hidden_states[-1][:, -1]
+        normed = cut.model.norm(h)
+        ref = (normed.bfloat16() @ cut.lm_head.weight.bfloat16().T).float()
+        outs = [ada(ids, attention_mask=mask, use_cache=False, exit_policy=policy, logits_to_keep=keep).logits[:, -1]
+                for keep in (0, 1, 3, torch.tensor([T - 1]))]
+    for got in outs:
+        torch.testing.assert_close(got, outs[1], atol=0, rtol=0)
+    torch.testing.assert_close(outs[1], ref, atol=2e-2, rtol=2e-2)
+    assert (outs[0] - (normed @ cut.lm_head.weight.T)).abs().max() > 1e-4  # bf16 really differs from fp32 here

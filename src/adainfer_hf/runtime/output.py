@@ -24,6 +24,11 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     twice for the same token. Rows whose exit computed no lens (`run.defer_exit_head`: a policy that exits wherever its
     gate passes) get theirs here, in the same head call as the rows that ran every layer; so do the exact cache's
     rows that ran on after their exit (from the exit state it kept).
+
+    One definition on every path: the logits at an exited row's last real position are its check's (computed in
+    the policy's `check_dtype`, over its `check_vocabulary` with -inf elsewhere, cast to the head's dtype), for
+    every form of `logits_to_keep` the stock class takes (0, an int k, a 1-D tensor of positions); the other
+    positions of that row are the head over its exit layer's state.
     """
     head = head_of(model)
     # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
@@ -57,9 +62,13 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     if caught_up is not None:  # lossless verification: the drafts' full-depth logits, in the same head call
         normed = torch.cat([head.norm(caught_up).to(normed.device, normed.dtype), normed], 1)
     logits = head.final(normed)  # LM head [+ the family's softcap]: one call for every row
-    if run.vocabulary is not None and isinstance(logits_to_keep, int) and bool(exited.any()):
-        # an exited row's next-token logits are its check's (over check_vocabulary), as on the path above
-        pos = run.last_pos - max(0, hidden.shape[1] - (logits_to_keep or hidden.shape[1]))
-        for row in (r for r in exited.nonzero().squeeze(-1).tolist() if pos[r] >= 0):
-            logits[row, pos[row]] = run.exit_logits[row].to(logits.device, logits.dtype)
+    if bool(exited.any()):
+        # An exited row's next-token logits are its check's (its check dtype, over its check vocabulary), as on
+        # the path above, whichever form `logits_to_keep` takes (an int, or the positions as a 1-D tensor).
+        offset = 0 if caught_up is None else caught_up.shape[1]
+        kept = torch.arange(hidden.shape[1])[keep.cpu() if isinstance(keep, torch.Tensor) else keep]
+        for row in exited.nonzero().squeeze(-1).tolist():
+            where = (kept == int(run.last_pos[row])).nonzero()
+            if where.numel():
+                logits[row, offset + int(where[0, 0])] = run.exit_logits[row].to(logits.device, logits.dtype)
     return logits
