@@ -224,3 +224,21 @@ def test_a_bf16_check_gives_the_same_exit_logits_for_every_logits_to_keep():
         torch.testing.assert_close(got, outs[1], atol=0, rtol=0)
     torch.testing.assert_close(outs[1], ref, atol=2e-2, rtol=2e-2)
     assert (outs[0] - (normed @ cut.lm_head.weight.T)).abs().max() > 1e-4  # bf16 really differs from fp32 here
+
+
+@pytest.mark.parametrize("variant", ["llama_gqa", "opt_350m_layout"])
+def test_the_loss_is_the_cut_models_for_labels_outside_the_shortlist(variant):
+    # Issue 28.5: pad labels given as the pad id (not -100), outside the shortlist, made the loss inf.
+    stock, ada = make_pair(variant)
+    cut = truncated_stock(stock, 2)
+    ids, mask = batch("right")
+    pad = 1  # outside SHORTLIST (multiples of 3 from 3)
+    assert pad not in SHORTLIST
+    labels = ids.masked_fill(mask == 0, pad)
+    with torch.no_grad():
+        ref = cut(ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        out = ada(ids, attention_mask=mask, labels=labels, use_cache=False,
+                  exit_policy=ScriptedExit(2, check_vocabulary=SHORTLIST))
+    assert torch.isfinite(out.loss)
+    torch.testing.assert_close(out.loss, ref, atol=1e-5, rtol=1e-5)
+    assert torch.isneginf(out.logits[0, -1, _outside()]).all()  # the returned logits keep the shortlist

@@ -234,7 +234,11 @@ class AdaInferMixin:
         logits = output_logits(self, outputs.last_hidden_state, logits_to_keep, run)
         loss = None
         if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            # A check vocabulary gives -inf outside it: the loss reads the full head over the exit states instead
+            # (the stock model cut at each row's exit layer), so every label the stock class takes has a loss.
+            scored = logits if run.vocabulary is None else output_logits(self, outputs.last_hidden_state,
+                                                                         logits_to_keep, run, checks=False)
+            loss = self.loss_function(logits=scored, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out_cache = compat.output_cache(outputs)
         if out_cache is not None:
             check_cache_consistent(out_cache, run)

@@ -16,7 +16,8 @@ from .exit_run import ExitRun
 __all__ = ["output_logits"]
 
 
-def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: ExitRun) -> torch.Tensor:
+def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: ExitRun,
+                  checks: bool = True) -> torch.Tensor:
     """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
 
     Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
@@ -28,11 +29,12 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     One definition on every path: the logits at an exited row's last real position are its check's (computed in
     the policy's `check_dtype`, over its `check_vocabulary` with -inf elsewhere, cast to the head's dtype), for
     every form of `logits_to_keep` the stock class takes (0, an int k, a 1-D tensor of positions); the other
-    positions of that row are the head over its exit layer's state.
+    positions of that row are the head over its exit layer's state. `checks=False` gives the head over the exit
+    layer's state there too (the stock model cut at the exit layer: what the loss reads, see `AdaInferMixin`).
     """
     head = head_of(model)
     # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
-    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head)
+    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head) & checks
     last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
         (run.last_pos == hidden.shape[1] - 1).all())
     if last_only and bool(exited.any()):
