@@ -27,6 +27,7 @@ def refuse_generate_options(model, policy: ExitPolicy, cache, exit_cache: str, k
         raise ValueError("exit_cache='exact' needs no cache argument or an ExactExitCache; "
                          f"got {type(cache).__name__}.")
 
+
 def never_checks(model, policy: ExitPolicy, cache) -> bool:
     """Whether no step of a `generate` call with `policy` can check: its prefill and decode schedules are both
     empty (as `adainfer train` leaves them when no check pays for itself) and `cache` owes no positions."""
