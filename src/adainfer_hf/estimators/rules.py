@@ -89,7 +89,8 @@ class GapThresholdRule(ClassifierMixin, BaseEstimator):
         X = check_array(X, ensure_min_samples=0)
         if X.shape[1] != self.n_features_in_:
             raise ValueError(
-                f"X has {X.shape[1]} feature(s), but GapThresholdRule was fitted with {self.n_features_in_}."
+                f"X has {X.shape[1]} features, but GapThresholdRule is expecting {self.n_features_in_} features "
+                "as input (scikit-learn's wording)."
             )
         return X[:, self.feature_index] - float(self.threshold)
 
@@ -158,7 +159,8 @@ class AlwaysExit(ClassifierMixin, BaseEstimator):
         check_is_fitted(self)
         X = check_array(X, ensure_min_samples=0)
         if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} feature(s), but AlwaysExit was fitted with {self.n_features_in_}.")
+            raise ValueError(f"X has {X.shape[1]} features, but AlwaysExit is expecting {self.n_features_in_} "
+                             "features as input (scikit-learn's wording).")
         return np.full(X.shape[0], self.MARGIN)
 
     def predict(self, X) -> np.ndarray:
