@@ -262,3 +262,39 @@ def test_a_classifier_that_cannot_be_saved_fails_before_the_weights_are_written(
     with pytest.raises(ValueError, match="calibration"):
         ada.save_pretrained(tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def _fail_after_replace(monkeypatch, step: int, fault: BaseException):
+    """Make the `step`-th `os.replace` onto an artifact file happen, then raise `fault` (before the save can record
+    that it happened: a Ctrl-C landing right after the rename)."""
+    real = os.replace
+    calls = []
+
+    def replace(src, dst, *args, **kwargs):
+        out = real(src, dst, *args, **kwargs)
+        if Path(dst).name in ARTIFACT_NAMES:
+            calls.append(Path(dst).name)
+            if len(calls) - 1 == step:
+                raise fault
+        return out
+
+    monkeypatch.setattr(os, "replace", replace)
+    return calls
+
+
+@pytest.mark.parametrize(("legacy", "step"), STEPS)
+def test_a_save_interrupted_right_after_a_rename_leaves_the_old_artifact_or_none(tmp_path, monkeypatch, step,
+                                                                                 legacy):
+    # Issue 28.11: the save recorded a rename only after it returned, so a Ctrl-C between the two left the new file
+    # beside the old ones (refused on load, but not the "removes the files it replaced" the README promises).
+    target = tmp_path / "clf"
+    _old().save_pretrained(target)
+    if legacy:
+        (target / CLASSIFIER_MANIFEST_NAME).unlink()
+    old_files = _artifact(target)
+    calls = _fail_after_replace(monkeypatch, step, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        _new().save_pretrained(target)
+    assert len(calls) == step + 1
+    monkeypatch.undo()
+    _assert_old_exactly_or_none(target, old_files)  # (after the manifest's rename too: the save did not return)

@@ -10,6 +10,7 @@ pickled), for the estimators this package produces `exit_classifier.safetensors`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 from importlib import metadata as importlib_metadata
@@ -120,18 +121,18 @@ def commit_artifact(files: dict[str, bytes], save_directory: str | os.PathLike) 
         # An artifact from an earlier version: record what it holds first, so that an interruption below is
         # detected like any other (this describes the old files exactly; they still load).
         _write(target / CLASSIFIER_MANIFEST_NAME, manifest_text({n: p.read_bytes() for n, p in old.items()}).encode())
-    changed = False
+    before = _file_digests(target)
     try:
         for name in ARTIFACT_DATA_NAMES:  # a stale safetensors file would shadow a new joblib: it goes too
             if name in files:
                 _write(target / name, files[name])
-                changed = True
             elif (target / name).exists():
                 os.remove(target / name)
-                changed = True
         _write(target / CLASSIFIER_MANIFEST_NAME, manifest_text(files).encode("utf-8"))
     except BaseException:
-        if changed:
+        # Compared with what was there, not with a flag set after each step: an interruption that lands after a
+        # rename and before any bookkeeping is seen too.
+        if _file_digests(target) != before:
             _remove_artifact(target)
         raise
 
@@ -145,6 +146,12 @@ def write_artifact(estimator, config: ExitClassifierConfig, save_directory: str 
 def _write(path: Path, data: bytes) -> None:
     with atomic_file(path, "wb") as f:
         f.write(data)
+
+
+def _file_digests(directory: Path) -> dict:
+    """sha256 of each artifact file present in `directory` (the manifest included)."""
+    return {name: hashlib.sha256((directory / name).read_bytes()).hexdigest()
+            for name in (*ARTIFACT_DATA_NAMES, CLASSIFIER_MANIFEST_NAME) if (directory / name).is_file()}
 
 
 def _remove_artifact(directory: Path) -> None:
