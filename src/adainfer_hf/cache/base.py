@@ -200,8 +200,8 @@ class EagerFillStrategy(ExitCacheStrategy):
     def after_exits(self, run, hidden, exited, kwargs) -> None:
         if not self._settles(run, kwargs):
             return
-        stacked = arch.kv_fill_of(run.model).stacked(hidden, run.layer,
-                                         run.spec.fill_position_embeddings(run.model, hidden, kwargs))
+        rotary = run.spec.fill_position_embeddings(run.model, hidden, kwargs)
+        stacked = arch.kv_fill_of(run.model).stacked(hidden, run.layer, rotary)
         if stacked is None:
             return  # layers on other devices (or not plain projections): filled one by one as the loop reaches them
         for idx, (k, v) in enumerate(stacked, start=run.layer):
