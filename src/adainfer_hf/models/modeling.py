@@ -231,13 +231,15 @@ class AdaInferMixin:
 
     def _adainfer_output(self, outputs, run: ExitRun, labels, logits_to_keep, kwargs) -> AdaInferCausalLMOutput:
         """The output of a forward through the exit loop: logits (reusing the checks'), loss, the guarded cache."""
-        logits = output_logits(self, outputs.last_hidden_state, logits_to_keep, run)
+        # A check vocabulary gives -inf outside it: the loss reads the full head over the exit states instead (the
+        # stock model cut at each row's exit layer, from the same head call), so every label the stock class takes
+        # has a loss.
+        logits = scored = output_logits(self, outputs.last_hidden_state, logits_to_keep, run,
+                                        unchecked_too=labels is not None and run.vocabulary is not None)
+        if isinstance(logits, tuple):
+            logits, scored = logits
         loss = None
         if labels is not None:
-            # A check vocabulary gives -inf outside it: the loss reads the full head over the exit states instead
-            # (the stock model cut at each row's exit layer), so every label the stock class takes has a loss.
-            scored = logits if run.vocabulary is None else output_logits(self, outputs.last_hidden_state,
-                                                                         logits_to_keep, run, checks=False)
             loss = self.loss_function(logits=scored, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         out_cache = compat.output_cache(outputs)
         if out_cache is not None:

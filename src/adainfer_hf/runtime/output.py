@@ -17,7 +17,7 @@ __all__ = ["output_logits"]
 
 
 def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: ExitRun,
-                  checks: bool = True) -> torch.Tensor:
+                  unchecked_too: bool = False):
     """LM-head logits of the final hidden states, reusing the exit check's logits where it fired.
 
     Rows that exited carry their exit layer's (frozen) hidden state, so the head gives the logit lens at that
@@ -29,15 +29,16 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     One definition on every path: the logits at an exited row's last real position are its check's (computed in
     the policy's `check_dtype`, over its `check_vocabulary` with -inf elsewhere, cast to the head's dtype), for
     every form of `logits_to_keep` the stock class takes (0, an int k, a 1-D tensor of positions); the other
-    positions of that row are the head over its exit layer's state. `checks=False` gives the head over the exit
-    layer's state there too (the stock model cut at the exit layer: what the loss reads, see `AdaInferMixin`).
+    positions of that row are the head over its exit layer's state. `unchecked_too=True` returns
+    `(logits, unchecked)`, `unchecked` being the head over the exit layer's state there too (the stock model cut at
+    the exit layer: what the loss reads, see `AdaInferMixin`), from the same head call.
     """
     head = head_of(model)
     # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
-    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head) & checks
+    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head)
     last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
         (run.last_pos == hidden.shape[1] - 1).all())
-    if last_only and bool(exited.any()):
+    if last_only and bool(exited.any()) and not unchecked_too:
         out_dtype = head.dtype
         if bool(exited.all()) and run.exit_logits.dtype == out_dtype:
             return run.exit_logits.unsqueeze(1)  # every row exited: the checks' logits are the output
@@ -64,7 +65,10 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     if caught_up is not None:  # lossless verification: the drafts' full-depth logits, in the same head call
         normed = torch.cat([head.norm(caught_up).to(normed.device, normed.dtype), normed], 1)
     logits = head.final(normed)  # LM head [+ the family's softcap]: one call for every row
+    unchecked = logits
     if bool(exited.any()):
+        if unchecked_too:
+            logits = logits.clone()
         # An exited row's next-token logits are its check's (its check dtype, over its check vocabulary), as on
         # the path above, whichever form `logits_to_keep` takes (an int, or the positions as a 1-D tensor).
         offset = 0 if caught_up is None else caught_up.shape[1]
@@ -73,4 +77,4 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
             where = (kept == int(run.last_pos[row])).nonzero()
             if where.numel():
                 logits[row, offset + int(where[0, 0])] = run.exit_logits[row].to(logits.device, logits.dtype)
-    return logits
+    return (logits, unchecked) if unchecked_too else logits
