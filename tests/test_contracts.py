@@ -122,3 +122,35 @@ def test_generate_takes_a_user_cache_under_either_name(name):
             out = ada.generate(ids, exit_policy=None, **{name: cache}, **kw)
     torch.testing.assert_close(out, ref)
     assert cache.get_seq_length(3) == out.shape[1] - 1
+
+
+# ------------------------------------------------------------------- generation and estimator shims: a break is caught
+def test_broken_generation_shims_fail_their_contracts(monkeypatch):
+    from adainfer_hf import doctor_generation as checks
+
+    other = "past_key_values" if compat.GENERATE_CACHE_FIELD == "cache" else "cache"
+    cases = [
+        ("GENERATE_CACHE_FIELD", other, checks.check_generate_cache_field, "DynamicCache"),
+        ("special_token_tensors", lambda config: (None, None), checks.check_custom_generate_callable,
+         "special_token_tensors"),
+        ("record_past", lambda cache: None, checks.check_sliding_crop_after_recording, "activate_past_recording"),
+        ("validate_estimator_params", lambda estimator: None, checks.check_estimator_param_validation,
+         "passed validation"),
+    ]
+    for name, broken, check, message in cases:
+        with monkeypatch.context() as patch:
+            patch.setattr(compat, name, broken)
+            with pytest.raises((AssertionError, RuntimeError), match=message):
+                check()
+        check()  # and it holds again once restored
+
+
+def test_a_crop_that_keeps_the_count_instead_fails_the_contract(monkeypatch):
+    """crop's argument is a count of positions to remove when negative; reading it as a length to keep (the
+    legacy meaning of a positive value) must not pass."""
+    from adainfer_hf import doctor_generation as checks
+
+    real = compat.DynamicCache.crop
+    monkeypatch.setattr(compat.DynamicCache, "crop", lambda self, n: real(self, n - 1 if n < 0 else n))
+    with pytest.raises(AssertionError, match="crop"):
+        checks.check_sliding_crop_after_recording()

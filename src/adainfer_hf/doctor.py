@@ -30,6 +30,7 @@ from .architectures.head import ExitHead
 from .architectures.kv_fill import KVFill
 from .architectures.registry import spec_for
 from .cache.propagate import OwedLayer, PropagateExitCache
+from .doctor_generation import GENERATION_CHECKS
 from .models.llama import AdaInferLlamaForCausalLM
 from .policy.base import ScriptedExit
 from .tiny_models import ids as _ids
@@ -345,6 +346,7 @@ CHECKS: dict[str, Callable[[], None]] = {
     "accelerate offload hook (_hf_hook)": check_accelerate_offload_hook,
     "scikit-learn SVC fitted state": check_svc_fitted_state,
     "exit keeps every layer's cache aligned": check_exit_keeps_cache_aligned,
+    **GENERATION_CHECKS,
 }
 
 
