@@ -17,7 +17,8 @@ from huggingface_hub import constants as hub_constants
 
 
 class _FakeHub(BaseHTTPRequestHandler):
-    """Just enough of the Hub HTTP API for create_repo, upload_folder (regular files) and hf_hub_download."""
+    """Just enough of the Hub HTTP API for create_repo, upload_folder (regular files), hf_hub_download and
+    list_repo_tree."""
 
     protocol_version = "HTTP/1.1"
     repos: dict  # repo_id -> {"commit": sha or None, "files": {path: bytes}}; set per server
@@ -95,8 +96,23 @@ class _FakeHub(BaseHTTPRequestHandler):
     def do_GET(self):
         self._resolve()
 
+    def _tree(self, repo_id: str, folder: str):
+        """`list_repo_tree`: the files under `folder` (tokenizers list `additional_chat_templates/`)."""
+        repo = self.repos.get(repo_id)
+        if repo is None:
+            return self._reply(404, {"error": "Repository not found"}, {"X-Error-Code": "RepoNotFound"})
+        prefix = f"{folder.strip('/')}/" if folder.strip("/") else ""
+        entries = [{"type": "file", "path": path, "size": len(data), "oid": hashlib.sha1(data).hexdigest()}
+                   for path, data in sorted(repo["files"].items()) if path.startswith(prefix)]
+        if prefix and not entries:
+            return self._reply(404, {"error": f"{folder} not found"}, {"X-Error-Code": "EntryNotFound"})
+        return self._reply(200, entries)
+
     def _resolve(self):
         self.log.append((self.command, self.path))
+        tree = re.fullmatch(r"/api/models/([^/]+/[^/]+)/tree/[^/]+/?(.*)", self.path.split("?")[0])
+        if tree is not None:
+            return self._tree(tree.group(1), tree.group(2))
         match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", self.path.split("?")[0])
         repo = self.repos.get(match.group(1)) if match else None
         if repo is None or repo["commit"] is None:

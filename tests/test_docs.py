@@ -1,0 +1,83 @@
+"""Documentation that cannot rot: every Python code block of README.md and docs/ runs as written.
+
+A page's blocks run in order in one namespace (as a reader pastes them into one session), in a temporary working
+directory. A block may be marked by an HTML comment on the line before its fence:
+
+- `<!-- docs: embedded -->`: it uses the embedded SmolLM2 (skipped where it cannot be converted);
+- `<!-- docs: hub ID=model ID=classifier ... -->`: it names Hub repositories. They are served by the test suite's
+  fake Hub: `model` a tiny random Llama with the embedded model's tokenizer (so a "7B" snippet runs in a second),
+  `classifier` an exit classifier bound to that model. Nothing reaches the real Hub.
+
+Blocks in other languages (bash, text) are not run here; the commands they show have their own tests.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+_BLOCK = re.compile(r"(?:<!-- docs: (?P<marker>[^>]*?) -->\n)?^```python\n(?P<code>.*?)^```", re.S | re.M)
+
+
+def python_blocks(page: Path) -> list[tuple[int, str, str]]:
+    """`(line, marker, code)` of each Python block of `page`, in order."""
+    text = page.read_text()
+    return [(text.count("\n", 0, m.start("code")) + 1, (m.group("marker") or "").strip(), m.group("code"))
+            for m in _BLOCK.finditer(text)]
+
+
+def _serve(hub, repos: dict[str, str], tokenizer_dir) -> None:
+    """Puts a tiny Llama (the embedded tokenizer's vocabulary) and exit classifiers on the fake Hub."""
+    from transformers import AutoTokenizer
+
+    from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, GapThresholdRule
+    from adainfer_hf.tiny_models import llama_config
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    torch.manual_seed(0)
+    config = llama_config(vocab_size=len(tok), pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id, num_hidden_layers=4)
+    model = AdaInferLlamaForCausalLM(config).eval()
+    for repo, kind in repos.items():
+        if kind == "model":
+            model.push_to_hub(repo, token="hf_test")
+            tok.push_to_hub(repo, token="hf_test")
+        elif kind == "classifier":
+            ExitClassifier(GapThresholdRule(threshold=0.0).fit(np.zeros((1, 2))), min_layer=2).bind(model).push_to_hub(repo, token="hf_test")
+        else:
+            raise ValueError(f"docs marker: unknown Hub repository kind {kind!r} for {repo} (model, classifier)")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if python_blocks(p)], ids=lambda p: str(p.relative_to(ROOT)))
+def test_every_python_block_runs_as_written(page, tmp_path, monkeypatch, request):
+    monkeypatch.chdir(tmp_path)
+    from huggingface_hub import constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)  # an unmarked block never reaches a Hub
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    namespace: dict = {"__name__": "__docs__"}
+    for line, marker, code in python_blocks(page):
+        words = marker.split()
+        if words[:1] == ["embedded"] or words[:1] == ["hub"]:
+            embedded = request.getfixturevalue("smollm2_dir")
+        if words[:1] == ["hub"]:
+            hub = request.getfixturevalue("local_hub")
+            _serve(hub, dict(w.split("=", 1) for w in words[1:]), embedded)
+            monkeypatch.setenv("HF_TOKEN", "hf_test")
+        elif words and words[0] != "embedded":
+            raise ValueError(f"{page.name}:{line}: unknown docs marker {marker!r} (embedded, hub ...)")
+        with torch.no_grad():
+            exec(compile(code, f"{page.relative_to(ROOT)}:{line}", "exec"), namespace)  # noqa: S102
+
+
+def test_the_block_reader_finds_marked_and_unmarked_blocks(tmp_path):
+    page = tmp_path / "p.md"
+    page.write_text("text\n```python\nx = 1\n```\n\n<!-- docs: embedded -->\n```python\ny = 2\n```\n"
+                    "```bash\nls\n```\n")
+    assert python_blocks(page) == [(3, "", "x = 1\n"), (8, "embedded", "y = 2\n")]
