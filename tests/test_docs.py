@@ -81,3 +81,27 @@ def test_the_block_reader_finds_marked_and_unmarked_blocks(tmp_path):
     page.write_text("text\n```python\nx = 1\n```\n\n<!-- docs: embedded -->\n```python\ny = 2\n```\n"
                     "```bash\nls\n```\n")
     assert python_blocks(page) == [(3, "", "x = 1\n"), (8, "embedded", "y = 2\n")]
+
+
+def _docs_tables():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("docs_tables", ROOT / "scripts" / "docs_tables.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_readme_status_table_is_what_the_result_files_say():
+    tables = _docs_tables()
+    readme = (ROOT / "README.md").read_text()
+    assert tables.render(readme, tables.status_table()) == readme, "run python scripts/docs_tables.py"
+
+
+def test_the_readme_is_a_front_page():
+    lines = (ROOT / "README.md").read_text().splitlines()
+    assert len(lines) <= 200
+    first = lines.index("```")
+    assert lines[first + 1:first + 4] == ["bash scripts/demo.sh", "bash scripts/test.sh", "```"]
+    links = {link for line in lines for link in re.findall(r"\]\((docs/[^)#]+)", line)}
+    assert links and all((ROOT / link).is_file() for link in links), sorted(links)
