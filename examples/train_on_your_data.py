@@ -14,8 +14,15 @@ from pathlib import Path
 
 from transformers import AutoTokenizer
 
-from adainfer_hf import (CalibrationConfig, ExitClassifier, TrainingConfig, build_prompts, load_adainfer_model,
-                         load_task, train_and_calibrate)
+from adainfer_hf import (
+    CalibrationConfig,
+    ExitClassifier,
+    TrainingConfig,
+    build_prompts,
+    load_adainfer_model,
+    load_task,
+    train_and_calibrate,
+)
 from adainfer_hf.models.default_model import default_model_dir
 
 WORDS = ("apple river paper green night table music stone cloud garden window silver forest bread candle "
