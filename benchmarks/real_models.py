@@ -87,6 +87,7 @@ from adainfer_hf.models.default_model import (
     default_model_dir,
     load_gguf,
 )
+from adainfer_hf.utils.files import file_lock, is_converted_dir, sha256_file
 
 __all__ = [
     "CompanionCheck",
@@ -281,11 +282,6 @@ def _target_dir(spec: RealModelSpec, root: Path | None) -> Path:
     return (root if root is not None else bench_models_root()) / spec.key
 
 
-def _is_complete(path: Path) -> bool:
-    has_weights = (path / "model.safetensors").is_file() or (path / "model.safetensors.index.json").is_file()
-    return has_weights and (path / "config.json").is_file() and (path / SOURCE_FILE_NAME).is_file()
-
-
 def is_available(key: str, root: str | os.PathLike | None = None) -> bool:
     """
     Whether the model is already converted (no download or conversion is attempted).
@@ -302,7 +298,7 @@ def is_available(key: str, root: str | os.PathLike | None = None) -> bool:
         `KeyError`: unknown key.
     """
     spec = _spec(key)
-    return _is_complete(_target_dir(spec, Path(root).expanduser() if root is not None else None))
+    return is_converted_dir(_target_dir(spec, Path(root).expanduser() if root is not None else None), SOURCE_FILE_NAME)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -334,11 +330,11 @@ def model_dir(key: str, *, root: str | os.PathLike | None = None, keep_gguf: boo
         return default_model_dir()
     base = Path(root).expanduser() if root is not None else bench_models_root()
     target = _target_dir(spec, base)
-    if _is_complete(target):
+    if is_converted_dir(target, SOURCE_FILE_NAME):
         return target
     base.mkdir(parents=True, exist_ok=True)
-    with _file_lock(base / f".{spec.key}.lock"):
-        if _is_complete(target):  # converted by another process while we waited
+    with file_lock(base / f".{spec.key}.lock"):
+        if is_converted_dir(target, SOURCE_FILE_NAME):  # converted by another process while we waited
             return target
         started = time.perf_counter()
         downloads = base / "_downloads" / spec.key
@@ -374,21 +370,6 @@ def _cleanup(downloads: Path, gguf_path: Path, keep_gguf: bool) -> None:
         if path != gguf_path:
             shutil.rmtree(path) if path.is_dir() else path.unlink()
 
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path` for the block; the lock file stays (see `default_model`)."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX: the atomic rename alone keeps the target consistent
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
 
 
 def _canonical(name: str) -> str:
@@ -471,13 +452,6 @@ def _match_member(names: list[str], archive: Path, package: PartPackage) -> str:
     return matches[0]
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(_BUFFER), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 def _expected_sha256(spec: RealModelSpec, directory: Path) -> str | None:
     """The pinned digest, cross-checked with the one the companion package publishes (if any)."""
@@ -509,7 +483,7 @@ def _assemble(spec: RealModelSpec, directory: Path) -> Path:
     expected = _expected_sha256(spec, directory)
     gguf_path = directory / spec.gguf_name
     if gguf_path.is_file():  # kept by an earlier `keep_gguf` run
-        actual = _sha256(gguf_path)
+        actual = sha256_file(gguf_path)
         if expected is None or actual == expected:
             logger.info("Reusing %s.", gguf_path)
             return gguf_path
@@ -598,7 +572,7 @@ def _convert(
         "members": [package.member for package in spec.parts],
         "gguf_file": spec.gguf_name,
         "gguf_size_bytes": gguf_path.stat().st_size,
-        "gguf_sha256": _sha256(gguf_path),
+        "gguf_sha256": sha256_file(gguf_path),
         "gguf_sha256_source": spec.sha256_source if spec.sha256 or spec.companion else "not verified",
         "gguf_architecture": architecture,
         "gguf_general_name": gguf_general_name,

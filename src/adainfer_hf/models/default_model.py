@@ -17,15 +17,12 @@ the `llm` CLI; the package itself is never imported).
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -34,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
 
 from ..artifact.constants import CLASSIFIER_CONFIG_NAME
 from ..utils.atomic import abandoned_temporaries, atomic_directory
+from ..utils.files import file_lock, is_converted_dir, sha256_file
 
 __all__ = [
     "ARTIFACTS_DIR",
@@ -139,11 +137,11 @@ def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     """
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_root()
     target = root / DEFAULT_MODEL_SUBDIR
-    if _is_complete(target):
+    if is_converted_dir(target, SOURCE_FILE_NAME):
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with _file_lock(root / f".{DEFAULT_MODEL_SUBDIR}.lock"):
-        if _is_complete(target):  # another process converted while we waited for the lock
+    with file_lock(root / f".{DEFAULT_MODEL_SUBDIR}.lock"):
+        if is_converted_dir(target, SOURCE_FILE_NAME):  # another process converted while we waited for the lock
             return target
         gguf_path = locate_gguf()
         # We hold the lock, so temporary directories left here were abandoned by a killed conversion.
@@ -192,33 +190,7 @@ def locate_gguf() -> Path:
     return candidate
 
 
-def _is_complete(path: Path) -> bool:
-    return all((path / name).is_file() for name in ("config.json", "model.safetensors", SOURCE_FILE_NAME))
 
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive advisory lock on `path`, held for the block. The lock file itself is left in place: deleting
-    it would let a third process lock a fresh inode while a second still waits on the old one."""
-    try:
-        import fcntl
-    except ImportError:  # not POSIX; the atomic rename alone still keeps the target consistent
-        yield
-        return
-    with open(path, "a") as handle:
-        fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _load_gguf(gguf_path: Path):
@@ -267,7 +239,7 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
         "package": GGUF_PACKAGE,
         "package_version": package_version,
         "gguf_file": gguf_path.name,
-        "gguf_sha256": _sha256(gguf_path),
+        "gguf_sha256": sha256_file(gguf_path),
         "dtype": "float32",
         "transformers_version": transformers.__version__,
         "note": "weights dequantized from the Q4_1 GGUF; close to but not identical with the Hub checkpoint",
