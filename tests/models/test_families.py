@@ -213,9 +213,9 @@ def test_real_gemma3_270m_never_exit_is_stock_and_exit_is_the_lens():
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-    real_models = pytest.importorskip("benchmarks.real_models")
+    real_models = pytest.importorskip("benchmarks.common.real_models")
     if not real_models.is_available("gemma3-270m"):
-        pytest.skip("gemma3-270m is not converted (benchmarks/real_models.py converts it once)")
+        pytest.skip("gemma3-270m is not converted (benchmarks/common/real_models.py converts it once)")
     from transformers import AutoTokenizer
 
     path = real_models.model_dir("gemma3-270m")

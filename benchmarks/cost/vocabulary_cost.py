@@ -5,7 +5,7 @@ For each model and phase (prompt forwards of 64 / 256 / 1024 tokens, and a singl
 `training.check_cost.measure_check_cost`, with the whole vocabulary and with K token ids (the lowest K: the cost
 does not depend on which), medians of `--repeats` alternating measurements.
 
-Usage: python benchmarks/vocabulary_cost.py KEY [KEY ...] [--sizes 4096,16384,32768] [--repeats 9]
+Usage: python -m benchmarks.cost.vocabulary_cost KEY [KEY ...] [--sizes 4096,16384,32768] [--repeats 9]
 Writes docs/results/vocabulary_cost.json and prints a markdown table.
 """
 
@@ -17,11 +17,11 @@ import statistics
 from pathlib import Path
 
 import torch
-from real_models import model_dir
 from transformers import AutoModelForCausalLM
 
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.training.check_cost import measure_check_cost
+from benchmarks.common.real_models import model_dir
 
 PHASES = (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 1))
 
@@ -46,7 +46,7 @@ def costs(model, sizes, repeats):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("keys", nargs="+", help="keys of benchmarks/real_models.py")
+    p.add_argument("keys", nargs="+", help="keys of benchmarks/common/real_models.py")
     p.add_argument("--sizes", default="4096,16384,32768")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)

@@ -28,8 +28,8 @@ tokens generated, ``overall`` = positions equal / tokens generated. Layers per t
 (the first one comes from the prompt pass); for economize ``kv fill`` is the skipped layers whose K/V were projected
 from the exit state and ``head`` the LM-head calls made by the confidence measure, both per generated token.
 
-    python benchmarks/peer_economize.py                                   # SmolLM2, 12 prompts x 40 tokens, 3 repeats
-    python benchmarks/peer_economize.py --model qwen2.5-0.5b --prompts 6 --max-new-tokens 32 --repeats 2
+    python -m benchmarks.peers.peer_economize                                   # SmolLM2, 12 prompts x 40 tokens, 3 repeats
+    python -m benchmarks.peers.peer_economize --model qwen2.5-0.5b --prompts 6 --max-new-tokens 32 --repeats 2
 
 Writes ``docs/results/peer_economize_<model>.json``.
 """
@@ -51,9 +51,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-BENCH_DIR = Path(__file__).resolve().parent
-REPO = BENCH_DIR.parent
-FV_DIR = Path("/work/shared/data/function_vectors/abstractive")
+from benchmarks.common.prompts import FV
+
+REPO = Path(__file__).resolve().parents[2]
+FV_DIR = FV / "abstractive"
 FV_TASKS = ("antonym", "country-capital", "sentiment", "english-french", "present-past", "singular-plural",
             "landmark-country", "synonym", "person-occupation")
 FREE_TEXT = (
@@ -103,8 +104,7 @@ def resolve_model_dir(key: str) -> Path:
         from adainfer_hf import default_model_dir
 
         return Path(default_model_dir())
-    sys.path.insert(0, str(BENCH_DIR))
-    from real_models import model_dir
+    from benchmarks.common.real_models import model_dir
 
     return Path(model_dir(key))
 
@@ -200,7 +200,7 @@ def ada_methods(path, tokenizer, model_type, thresholds, min_layer, prompt_thres
             policies["ada-shipped-checks"] = clf.replace(check_layers=None, decode_check_layers=None)
         except ValueError as err:
             print(f"[skip] shipped classifier does not fit this model: {err}")
-    for spec in classifiers:  # NAME=DIR: calibrated classifiers saved by benchmarks/gate_real.py --save-dir
+    for spec in classifiers:  # NAME=DIR: calibrated classifiers saved by benchmarks.quality.gate_real --save-dir
         name, _, directory = spec.partition("=")
         clf = ExitClassifier.from_pretrained(directory)
         clf.validate_for(model)
@@ -250,7 +250,7 @@ def median(xs):
 @torch.no_grad()
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default="smollm2", help="smollm2 (default) or a key of benchmarks/real_models.py")
+    p.add_argument("--model", default="smollm2", help="smollm2 (default) or a key of benchmarks/common/real_models.py")
     p.add_argument("--prompts", type=int, default=12)
     p.add_argument("--max-new-tokens", type=int, default=40)
     p.add_argument("--repeats", type=int, default=3)

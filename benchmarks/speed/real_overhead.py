@@ -1,6 +1,6 @@
 """Never slower than stock: the real SmolLM2-135M-Instruct with a calibrated classifier on real prompts.
 
-    python benchmarks/real_overhead.py --exit-classifier DIR --task-file ../shared/data/function_vectors/abstractive/antonym.json
+    python -m benchmarks.speed.real_overhead --exit-classifier DIR --task-file ../shared/data/function_vectors/abstractive/antonym.json
 
 Stock `LlamaForCausalLM` and `AdaInferLlamaForCausalLM` (same weights) run the same 5-shot prompts, alternating call
 by call: a scoring forward of each prompt batch (first-token prediction, the paper's setting) and a 16-token greedy

@@ -9,6 +9,7 @@ repeat divided by its time.
 
 from __future__ import annotations
 
+import statistics
 import time
 
 import numpy as np
@@ -72,3 +73,44 @@ def summarize(out, L):
                       "s": r["s"], "dense_s": r["dense_s"],
                       "seconds": r["seconds"], "dense_seconds": out["stock"]["seconds"]}
     return rows
+
+
+def timed(fn, **kwargs):
+    t0 = time.perf_counter()
+    out = fn(**kwargs)
+    return out, time.perf_counter() - t0
+
+
+def first_token(dense, ada, tok, prompts, classifiers, batch_size):
+    """Agreement / mean layers / wall-clock of each classifier on the prompts' first token."""
+    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
+    out = {name: {"agree": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0} for name in classifiers}
+    with torch.no_grad():
+        warm = tok(batches[0][:1], return_tensors="pt", padding=True)
+        dense(**warm, logits_to_keep=1)
+        for clf in classifiers.values():
+            ada(**warm, logits_to_keep=1, exit_policy=clf)
+        for texts in batches:
+            enc = tok(texts, return_tensors="pt", padding=True)
+            for name, clf in classifiers.items():
+                ref, t_dense = timed(dense, **enc, logits_to_keep=1, use_cache=False)
+                got, t = timed(ada, **enc, logits_to_keep=1, use_cache=False, exit_policy=clf)
+                r = out[name]
+                r["agree"] += (ref.logits[:, -1].argmax(-1) == got.logits[:, -1].argmax(-1)).tolist()
+                r["layers"] += got.exit_layers.tolist()
+                r["ratios"].append(t_dense / t)
+                r["dense_s"] += t_dense
+                r["s"] += t
+    return {name: {"n": len(r["agree"]), "agreement": float(np.mean(r["agree"])),
+                   "mean_layers": float(np.mean(r["layers"])), "speedup_median": statistics.median(r["ratios"]),
+                   "speedup_sum": r["dense_s"] / r["s"], "dense_s": r["dense_s"], "s": r["s"]}
+            for name, r in out.items()}
+
+
+def generation(dense, ada, tok, texts, classifiers, new_tokens, caches=None):
+    """Token agreement / prefix / layers per token / wall-clock of `new_tokens` greedy tokens at batch 1, one
+    alternating pass (`timing.timed_runs`); `caches` maps a classifier's name to its exit cache option (default
+    "propagate")."""
+    caches = caches or {}
+    runs = {name: (clf, caches.get(name, "propagate")) for name, clf in classifiers.items()}
+    return summarize(timed_runs(dense, ada, tok, texts, runs, new_tokens, 1), ada.config.num_hidden_layers)

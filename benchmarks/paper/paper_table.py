@@ -1,6 +1,6 @@
 """The README's cross-model tables (the paper's Table 2 shape) from the runs of eval_real.sh and gate_real.py.
 
-    python benchmarks/paper_table.py [--keys smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b] [--plot docs/results/models.png]
+    python -m benchmarks.paper.paper_table [--keys smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b] [--plot docs/results/models.png]
 
 Reads docs/results/<key>/results.json (eval at the 0.99 classifier), docs/results/<key>/target-0.95/results.json
 (the 0.95 classifier) and docs/results/<key>/gate.json (full vs gated checks); a model without a run is skipped

@@ -8,7 +8,7 @@ script times one real decoder layer (the first, no KV context: the projections a
 decode step) at q = 1, 2, 3, 4 in rotation, and, for reference, the layer's largest matrix (the MLP's up
 projection) through `F.linear` and as `W @ x.T`, the same product with the operands swapped.
 
-    python benchmarks/catch_up_cost.py --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
+    python -m benchmarks.cost.catch_up_cost --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
 
 Prints a markdown table (times relative to q = 1; median of `--repeats` rounds) and writes
 docs/results/catch_up_cost.json.
@@ -24,10 +24,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from real_models import model_dir
 
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.architectures import core as arch
+from benchmarks.common.real_models import model_dir
 
 QUERIES = (1, 2, 3, 4)
 

@@ -11,8 +11,8 @@ Each case alternates the compared models call by call, repeats, and reports medi
 Prefill is a generation prefill (KV cache built, logits of the last token only); decode is `--decode-steps` cached
 single-token steps after an untimed prefill.
 
-    python benchmarks/bench_exit.py --shape smollm2 --lengths 64 256 1024 --batches 1 8
-    python benchmarks/bench_exit.py --shape llama2-7b --device cuda --dtype float16   # on a GPU
+    python -m benchmarks.speed.bench_exit --shape smollm2 --lengths 64 256 1024 --batches 1 8
+    python -m benchmarks.speed.bench_exit --shape llama2-7b --device cuda --dtype float16   # on a GPU
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@
    earlier token skipped (`full+catch-up`, exact cache). The median of each group against the stock median says
    what an exit saves and what catching up costs.
 
-    python benchmarks/decode_steps.py KEY --classifier DIR [--cache exact] [--repeats 3]
+    python -m benchmarks.cost.decode_steps KEY --classifier DIR [--cache exact] [--repeats 3]
 
 Medians over `--repeats` alternating runs on the first held-out prompt of decode_gain.py. Prints two lines.
 """
@@ -20,12 +20,12 @@ import statistics
 import time
 
 import torch
-from generation_real import held_out_texts
-from real_models import model_dir
 from transformers import AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier
 from adainfer_hf.architectures import core as arch
+from benchmarks.common.prompts import held_out_texts
+from benchmarks.common.real_models import model_dir
 
 
 class _Stamps(StoppingCriteria):
@@ -63,7 +63,7 @@ def _groups(step_times, layers, L):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("key", help="a key of benchmarks/common/real_models.py")
     p.add_argument("--classifier", required=True, metavar="DIR")
     p.add_argument("--cache", default="exact", choices=("exact", "propagate"))
     p.add_argument("--new-tokens", type=int, default=64)

@@ -22,7 +22,7 @@ earlier and differently. This benchmark
    dense, common prefix, mean layers per generated token, median per-prompt wall-clock ratio; and the prompt
    forward alone (first-token scoring, batch 8) for the prefill ratio.
 
-Usage: python benchmarks/generation_real.py KEY [--targets 0.95,0.9] [--rules full,gate-knob,probe] [--propagate probe]
+Usage: python -m benchmarks.quality.generation_real KEY [--targets 0.95,0.9] [--rules full,gate-knob,probe] [--propagate probe]
 Writes docs/results/<key>/generation.json and prints a markdown table.
 """
 
@@ -35,8 +35,6 @@ import time
 from pathlib import Path
 
 import torch
-from gate_real import EVAL_TASKS, FREE_TEXT, FV, _chat, first_token, generation
-from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
@@ -46,6 +44,9 @@ from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleC
 from adainfer_hf.training.free_running import FreeRunning
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
+from benchmarks.common.prompts import FV, held_out_texts
+from benchmarks.common.real_models import model_dir
+from benchmarks.common.timing import first_token, generation
 
 TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstractive/english-french",
                "abstractive/english-german", "abstractive/landmark-country", "abstractive/person-sport",
@@ -86,16 +87,9 @@ def tables(ada, tok, args):
     return out[0], out[1], where, cal_p
 
 
-def held_out_texts(tok, shots: int, per_task: int, chat: int) -> tuple[list[str], list[str]]:
-    """The evaluation prompts: `per_task` `shots`-shot prompts of each evaluated task, and `chat` chat questions."""
-    tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
-    prompts = [q.text for t in tasks for q in build_prompts(t, shots, limit=per_task, seed=0)]
-    return prompts, [_chat(tok, t) for t in FREE_TEXT[:chat]]
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("key", help="a key of benchmarks/common/real_models.py")
     p.add_argument("--shots", type=int, default=1)
     p.add_argument("--tokens", type=int, default=12, help="generated tokens recorded per prompt")
     p.add_argument("--first-layer", type=int, default=None, help="first recorded layer (default L // 2)")

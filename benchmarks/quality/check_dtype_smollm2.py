@@ -1,6 +1,6 @@
 """Does a half-precision check head keep the calibration? The real SmolLM2-135M-Instruct on real prompts.
 
-    python benchmarks/check_dtype_smollm2.py --task-file ../shared/data/function_vectors/abstractive/antonym.json ...
+    python -m benchmarks.quality.check_dtype_smollm2 --task-file ../shared/data/function_vectors/abstractive/antonym.json ...
 
 For each check dtype (the model's fp32, bfloat16, float16) the same prompts are collected through the model's exit
 loop; then, against the fp32 rows:

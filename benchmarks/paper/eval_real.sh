@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Paper-style evaluation of AdaInfer on one of the real checkpoints of benchmarks/real_models.py, CPU-sized
+# Paper-style evaluation of AdaInfer on one of the real checkpoints of benchmarks/common/real_models.py, CPU-sized
 # (the protocol of eval_smollm2.sh):
 # 1. `adainfer train` on ten function-vectors tasks that are NOT evaluated (inter-task: nothing of the evaluated
 #    tasks is seen in training or calibration); TRAIN_LIMIT examples per task, CAL_FRACTION of them held out for
@@ -9,18 +9,18 @@
 #    the oracle, 5-shot, on four unseen tasks; writes $OUT/results.json, results.md and plots.
 # 3. `adainfer eval` with the 0.95 classifier (dense and adainfer only): $OUT/target-0.95/.
 #
-# Usage: benchmarks/eval_real.sh KEY [OUT_DIR]   KEY: qwen2.5-0.5b | gemma3-270m | qwen2.5-1.5b | smollm2
+# Usage: benchmarks/paper/eval_real.sh KEY [OUT_DIR]   KEY: qwen2.5-0.5b | gemma3-270m | qwen2.5-1.5b | smollm2
 set -euo pipefail
 PY=${PYTHON:-python}
 KEY=${1:?usage: eval_real.sh KEY [OUT_DIR]}
 OUT=${2:-docs/results/$KEY}
-FV=${FV:-/work/shared/data/function_vectors}
+FV=${FV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/data/function_vectors}
 LIMIT=${LIMIT:-16}
 CAL_LIMIT=${CAL_LIMIT:-8}
 TRAIN_LIMIT=${TRAIN_LIMIT:-80}
 CAL_FRACTION=${CAL_FRACTION:-0.6}
 CHECK_LENGTH=${CHECK_LENGTH:-128}
-MODEL=$($PY "$(dirname "$0")/real_models.py" "$KEY" 2>/dev/null | tr "\t" "\n" | sed -n "s/^dir=//p")
+MODEL=$($PY -m benchmarks.common.real_models "$KEY" 2>/dev/null | tr "\t" "\n" | sed -n "s/^dir=//p")
 ROOT=${CLF_ROOT:-${ADAINFER_HOME:-$HOME/.cache/adainfer_hf}/eval/$KEY-svm-10tasks-$TRAIN_LIMIT}
 mkdir -p "$OUT/target-0.95"
 

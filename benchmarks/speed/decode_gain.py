@@ -13,7 +13,7 @@ prompts (1-shot prompts of the four evaluated tasks, and chat questions, as in `
   text, the first divergence and layers per generated token.
 
 Usage:
-    python benchmarks/decode_gain.py KEY --classifier NAME=DIR [--classifier NAME=DIR ...] [--caches exact,propagate]
+    python -m benchmarks.speed.decode_gain KEY --classifier NAME=DIR [--classifier NAME=DIR ...] [--caches exact,propagate]
 Writes docs/results/<key>/decode_gain.json and prints a markdown table.
 """
 
@@ -24,27 +24,18 @@ import json
 from pathlib import Path
 
 import torch
-from generation_real import held_out_texts
-from real_models import model_dir
-from timing import summarize, timed_runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier
-
-
-def _classifiers(specs, model):
-    out = {}
-    for spec in specs:
-        name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--classifier expects NAME=DIR; got {spec!r}.")
-        out[name] = ExitClassifier.from_pretrained(path).bind(model)
-    return out
+from adainfer_hf import AutoAdaInferForCausalLM
+from benchmarks.common.classifiers import named_classifiers
+from benchmarks.common.prompts import held_out_texts
+from benchmarks.common.real_models import model_dir
+from benchmarks.common.timing import summarize, timed_runs
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("key", help="a key of benchmarks/common/real_models.py")
     p.add_argument("--classifier", action="append", default=[], metavar="NAME=DIR", required=True)
     p.add_argument("--caches", default="exact", help="comma-separated exit_cache options, each classifier runs "
                    "with every one")
@@ -61,7 +52,7 @@ def main(argv=None):
     dense = AutoModelForCausalLM.from_pretrained(path).eval()
     ada = AutoAdaInferForCausalLM.from_pretrained(path).eval()
     L = ada.config.num_hidden_layers
-    classifiers = _classifiers(args.classifier, ada)
+    classifiers = named_classifiers(args.classifier, ada)
     caches = args.caches.split(",")
     runs = {f"{name} {cache}": (clf, cache) for name, clf in classifiers.items() for cache in caches}
     texts = [t for part in held_out_texts(tok, 1, args.eval_per_task, args.chat) for t in part]

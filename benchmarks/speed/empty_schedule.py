@@ -18,7 +18,7 @@ class (`AutoModelForCausalLM`) and as the AdaInfer class with a classifier whose
 Timings use `torch.set_num_threads(--threads)` (default 1, so concurrent processes on a small shared machine
 interfere less).
 
-Usage: python benchmarks/empty_schedule.py KEY [KEY ...] [--prompts 8] [--new-tokens 32] [--repeats 3]
+Usage: python -m benchmarks.speed.empty_schedule KEY [KEY ...] [--prompts 8] [--new-tokens 32] [--repeats 3]
 Writes --json (default docs/results/empty_schedule.json, merged by key; stamped with the commit, versions, CPU,
 argv and the package's source directory) and prints a markdown table; exits with status 1 when a run's tokens
 differ from the stock class's.
@@ -39,12 +39,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import transformers
-from generation_real import held_out_texts
-from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import adainfer_hf
 from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier, GapThresholdRule
+from benchmarks.common.prompts import held_out_texts
+from benchmarks.common.real_models import model_dir
 
 
 def empty_classifier(model) -> ExitClassifier:
@@ -160,7 +160,7 @@ def bench_model(key: str, args) -> dict:
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("keys", nargs="+", help="keys of benchmarks/real_models.py")
+    p.add_argument("keys", nargs="+", help="keys of benchmarks/common/real_models.py")
     p.add_argument("--classifier", default=None, metavar="DIR", help="a saved classifier with empty schedules "
                    "instead of the one built here (one key only)")
     p.add_argument("--prompts", type=int, default=8)

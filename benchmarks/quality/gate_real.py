@@ -1,7 +1,7 @@
 """Full-vocabulary checks against gated checks on a real checkpoint: what one check costs, and what the calibrated
 early exit gains with each, in first-token scoring and in generation.
 
-    python benchmarks/gate_real.py qwen2.5-0.5b [--tables DIR] [--prompts 32] [--gen-prompts 6] [--new-tokens 64]
+    python -m benchmarks.quality.gate_real qwen2.5-0.5b [--tables DIR] [--prompts 32] [--gen-prompts 6] [--new-tokens 64]
 
 1. Check cost, in decoder layers, measured on this device (`training.check_cost`): the full check (final norm +
    LM head + top-2) and the gate alone (a probe on the hidden state plus its one host copy), at prefill lengths
@@ -9,7 +9,7 @@ early exit gains with each, in first-token scoring and in generation.
    layers, `gate + P(pass) x head`, with P(pass) read from the calibration table.
 2. Four classifiers trained on the same tables: the paper's SVM on gap/top_prob, without and with a linear gate,
    each calibrated at 0.99 and 0.95 (Learn-then-Test on the composed rule) with schedules for prompts and decode
-   steps from the measured costs. The tables are, by default, those `benchmarks/eval_real.sh` wrote (ten other
+   steps from the measured costs. The tables are, by default, those `benchmarks/paper/eval_real.sh` wrote (ten other
    tasks: the evaluated tasks are unseen); with `--in-distribution N` they are collected here from N further
    examples of each evaluated task (disjoint from the evaluated examples; half train, half calibrate), the
    paper's intra-task setting.
@@ -27,14 +27,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from real_models import model_dir
-from timing import summarize, timed_runs
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
@@ -47,21 +44,9 @@ from adainfer_hf.training.collect import collect_features
 from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
-
-FV = Path(os.environ.get("FV", "/work/shared/data/function_vectors"))
-EVAL_TASKS = ("abstractive/sentiment", "abstractive/antonym", "abstractive/country-capital", "abstractive/capitalize")
-FREE_TEXT = [
-    "Explain why the sky is blue.", "Write a short poem about the sea.", "What is photosynthesis?",
-    "Give three tips for learning a new language.", "What causes the seasons on Earth?",
-    "How does a bicycle stay upright?", "Summarize the story of Little Red Riding Hood.",
-    "What is the difference between weather and climate?",
-]
-
-
-def _timed(fn, **kwargs):
-    t0 = time.perf_counter()
-    out = fn(**kwargs)
-    return out, time.perf_counter() - t0
+from benchmarks.common.prompts import EVAL_TASKS, FREE_TEXT, FV, chat
+from benchmarks.common.real_models import model_dir
+from benchmarks.common.timing import first_token, generation
 
 
 def alternative_costs(model, length, phase, repeats, shortlist=1024, rank=64):
@@ -109,41 +94,6 @@ def check_costs(model, gate, calib, classifiers, repeats):
     return rows, pass_rate
 
 
-def first_token(dense, ada, tok, prompts, classifiers, batch_size):
-    """Agreement / mean layers / wall-clock of each classifier on the prompts' first token."""
-    batches = [prompts[i:i + batch_size] for i in range(0, len(prompts), batch_size)]
-    out = {name: {"agree": [], "layers": [], "ratios": [], "dense_s": 0.0, "s": 0.0} for name in classifiers}
-    with torch.no_grad():
-        warm = tok(batches[0][:1], return_tensors="pt", padding=True)
-        dense(**warm, logits_to_keep=1)
-        for clf in classifiers.values():
-            ada(**warm, logits_to_keep=1, exit_policy=clf)
-        for texts in batches:
-            enc = tok(texts, return_tensors="pt", padding=True)
-            for name, clf in classifiers.items():
-                ref, t_dense = _timed(dense, **enc, logits_to_keep=1, use_cache=False)
-                got, t = _timed(ada, **enc, logits_to_keep=1, use_cache=False, exit_policy=clf)
-                r = out[name]
-                r["agree"] += (ref.logits[:, -1].argmax(-1) == got.logits[:, -1].argmax(-1)).tolist()
-                r["layers"] += got.exit_layers.tolist()
-                r["ratios"].append(t_dense / t)
-                r["dense_s"] += t_dense
-                r["s"] += t
-    return {name: {"n": len(r["agree"]), "agreement": float(np.mean(r["agree"])),
-                   "mean_layers": float(np.mean(r["layers"])), "speedup_median": statistics.median(r["ratios"]),
-                   "speedup_sum": r["dense_s"] / r["s"], "dense_s": r["dense_s"], "s": r["s"]}
-            for name, r in out.items()}
-
-
-def generation(dense, ada, tok, texts, classifiers, new_tokens, caches=None):
-    """Token agreement / prefix / layers per token / wall-clock of `new_tokens` greedy tokens at batch 1, one
-    alternating pass (`timing.timed_runs`); `caches` maps a classifier's name to its exit cache option (default
-    "propagate")."""
-    caches = caches or {}
-    runs = {name: (clf, caches.get(name, "propagate")) for name, clf in classifiers.items()}
-    return summarize(timed_runs(dense, ada, tok, texts, runs, new_tokens, 1), ada.config.num_hidden_layers)
-
-
 def in_distribution_tables(model, tok, tasks, skip: int, n: int):
     """Train / calibration tables (with hidden states) of the `n` examples of each task that follow the first
     `skip` (the evaluated ones: `build_prompts` takes a prefix of one permutation), split by example."""
@@ -164,17 +114,11 @@ def _print_costs(key, L, model, costs):
               f"{r['bf16_check_layers']:.3f} | {r['shortlist1024_layers']:.3f} | {r['lowrank64_layers']:.3f} | |")
 
 
-def _chat(tok, text):
-    if getattr(tok, "chat_template", None):
-        return tok.apply_chat_template([{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
-    return text
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("key", help="a key of benchmarks/common/real_models.py")
     p.add_argument("--tables", default=None, help="dir with train.npz / calibration.npz holding hidden states "
-                   "(default: the one benchmarks/eval_real.sh wrote for KEY)")
+                   "(default: the one benchmarks/paper/eval_real.sh wrote for KEY)")
     p.add_argument("--prompts", type=int, default=32, help="held-out first-token prompts (over the four tasks)")
     p.add_argument("--gen-prompts", type=int, default=6)
     p.add_argument("--new-tokens", type=int, default=64)
@@ -245,7 +189,7 @@ def main(argv=None):
     prompts = [q.text for t in tasks for q in build_prompts(t, 5, limit=per_task, seed=0)]
     rng.shuffle(prompts)
     scoring = first_token(dense, ada, tok, prompts, classifiers, batch_size=8)
-    texts = [_chat(tok, t) for t in FREE_TEXT[: args.gen_prompts]]
+    texts = [chat(tok, t) for t in FREE_TEXT[: args.gen_prompts]]
     generated = generation(dense, ada, tok, texts, classifiers, args.new_tokens)
 
     record = {

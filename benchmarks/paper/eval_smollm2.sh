@@ -6,14 +6,14 @@
 # 2. Evaluates dense, adainfer, the paper's gap>0.8 rule, a live CRF, ShortGPT and the oracle on six tasks,
 #    0-shot and 5-shot, and writes docs/results/ (results.json, results.md, PNG plots).
 #
-# Usage: benchmarks/eval_smollm2.sh [OUT_DIR]   (default docs/results; about 16 min wall, 17 CPU-min, on 2 shared cores)
+# Usage: benchmarks/paper/eval_smollm2.sh [OUT_DIR]   (default docs/results; about 16 min wall, 17 CPU-min, on 2 shared cores)
 # Multi-process / multi-GPU: replace `python -m adainfer_hf.cli.eval` by
 #   `accelerate launch --multi_gpu --num_processes N -m adainfer_hf.cli.eval` (same flags, same results.json;
 #   without GPUs the processes join over gloo on the CPU).
 set -euo pipefail
 PY=${PYTHON:-python}
 OUT=${1:-docs/results}
-FV=${FV:-/work/shared/data/function_vectors}
+FV=${FV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/data/function_vectors}
 LIMIT=${LIMIT:-12}
 CAL_LIMIT=${CAL_LIMIT:-6}
 CLF=${CLF:-${ADAINFER_HOME:-$HOME/.cache/adainfer_hf}/eval/smollm2-svm-6tasks}

@@ -8,7 +8,7 @@ with the stock one and the mean exit layer. `--lens-at-exits NAME` adds a twin o
 classifier that computes the LM head at each check its gate passes (how the loop ran such rules before their
 exits took the final head instead).
 
-Usage: python benchmarks/prefill_gain.py KEY --classifier NAME=DIR [...] [--repeats 3]
+Usage: python -m benchmarks.speed.prefill_gain KEY --classifier NAME=DIR [...] [--repeats 3]
 """
 
 from __future__ import annotations
@@ -18,18 +18,18 @@ import json
 import statistics
 
 import torch
-from decode_gain import _classifiers
-from gate_real import first_token
-from generation_real import held_out_texts
-from real_models import model_dir
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from adainfer_hf import AutoAdaInferForCausalLM
+from benchmarks.common.classifiers import named_classifiers
+from benchmarks.common.prompts import held_out_texts
+from benchmarks.common.real_models import model_dir
+from benchmarks.common.timing import first_token
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("key", help="a key of benchmarks/real_models.py")
+    p.add_argument("key", help="a key of benchmarks/common/real_models.py")
     p.add_argument("--classifier", action="append", default=[], metavar="NAME=DIR", required=True)
     p.add_argument("--eval-per-task", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=8)
@@ -47,7 +47,7 @@ def main(argv=None):
         tok.pad_token = tok.eos_token
     dense = AutoModelForCausalLM.from_pretrained(path).eval()
     ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
-    classifiers = _classifiers(args.classifier, ada)
+    classifiers = named_classifiers(args.classifier, ada)
     for name in args.lens_at_exits:
         if name not in classifiers or not classifiers[name].exits_where_gate_passes():
             raise SystemExit(f"--lens-at-exits {name!r}: expected the name of a --classifier that exits wherever "

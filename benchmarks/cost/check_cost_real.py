@@ -2,7 +2,7 @@
 whole vocabulary + top-2) and a gate (`policy.gate.LinearGate`: RMS norm + one dot product), in single-token
 decode steps and in prompts of 64/256/1024 tokens. Ratios of medians measured in one process.
 
-    python benchmarks/check_cost_real.py --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
+    python -m benchmarks.cost.check_cost_real --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
 """
 
 from __future__ import annotations
@@ -10,20 +10,17 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from real_models import model_dir  # noqa: E402
-
-from adainfer_hf import AutoAdaInferForCausalLM  # noqa: E402
-from adainfer_hf.architectures import core as arch  # noqa: E402
-from adainfer_hf.policy.gate import LinearGate  # noqa: E402
-from adainfer_hf.training.check_cost import measure_check_cost  # noqa: E402
+from adainfer_hf import AutoAdaInferForCausalLM
+from adainfer_hf.architectures import core as arch
+from adainfer_hf.policy.gate import LinearGate
+from adainfer_hf.training.check_cost import measure_check_cost
+from benchmarks.common.real_models import model_dir
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -57,7 +54,7 @@ def gate_cost(model, repeats: int) -> float:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--models", nargs="+", default=["smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b"],
-                   help="benchmarks/real_models.py keys.")
+                   help="benchmarks/common/real_models.py keys.")
     p.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024], help="Prompt lengths.")
     p.add_argument("--repeats", type=int, default=7, help="Timed repeats per measurement (medians).")
     p.add_argument("--json", default="docs/results/check_cost_real.json", help="Where to write the results.")

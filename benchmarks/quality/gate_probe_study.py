@@ -6,7 +6,7 @@ the final top-1. A `LinearGate` is fitted on the training tasks at recall 0.99 a
 per layer, the fraction of rows it passes (the rows whose check computes the full LM head) and the recall of rows
 that agree. The expected number of full-head evaluations per token is what a gated check costs beyond the gates.
 
-    python benchmarks/gate_probe_study.py --model qwen2.5-0.5b --limit 40
+    python -m benchmarks.quality.gate_probe_study --model qwen2.5-0.5b --limit 40
 """
 
 from __future__ import annotations
@@ -14,19 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from real_models import load  # noqa: E402
+from adainfer_hf.policy.gate import fit_linear_gate
+from benchmarks.common.prompts import FV
+from benchmarks.common.real_models import load
 
-from adainfer_hf.policy.gate import fit_linear_gate  # noqa: E402
-
-FV = Path("/work/shared/data/function_vectors")
 TRAIN_TASKS = ("present-past", "singular-plural", "english-french", "landmark-country", "person-sport")
 TEST_TASKS = ("sentiment", "antonym", "country-capital", "capitalize", "ag_news")
 
@@ -77,7 +74,7 @@ def rows(model, tokenizer, texts, batch_size: int = 4):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--model", default="qwen2.5-0.5b", help="benchmarks/real_models.py key.")
+    p.add_argument("--model", default="qwen2.5-0.5b", help="benchmarks/common/real_models.py key.")
     p.add_argument("--limit", type=int, default=40, help="Prompts per task.")
     p.add_argument("--shots", type=int, default=5, help="Demonstrations per prompt.")
     p.add_argument("--recall", type=float, default=0.99, help="Gate recall on the training tasks.")
