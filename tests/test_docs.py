@@ -92,10 +92,31 @@ def _docs_tables():
     return module
 
 
-def test_the_readme_status_table_is_what_the_result_files_say():
+def test_the_readme_status_table_and_the_results_index_are_what_the_result_files_say():
     tables = _docs_tables()
     readme = (ROOT / "README.md").read_text()
     assert tables.render(readme, tables.status_table()) == readme, "run python scripts/docs_tables.py"
+    assert tables.results_index() == (ROOT / "docs" / "results" / "README.md").read_text(), \
+        "run python scripts/docs_tables.py"
+
+
+_MACHINE_PATH = re.compile(r"(?<![\w$.])/(?:root|tmp|home|work|Users)/")
+
+
+def test_no_machine_paths_in_the_documentation():
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in [ROOT / "README.md", *(ROOT / "docs").rglob("*")]
+             if p.is_file() and p.suffix in (".md", ".json", ".log")
+             for m in [_MACHINE_PATH.search(p.read_text())] if m]
+    assert not found, found
+
+
+def test_every_relative_link_resolves():
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, broken
 
 
 def test_the_readme_is_a_front_page():

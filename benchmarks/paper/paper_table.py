@@ -2,8 +2,8 @@
 
     python -m benchmarks.paper.paper_table [--keys smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b] [--plot docs/results/models.png]
 
-Reads docs/results/<key>/results.json (eval at the 0.99 classifier), docs/results/<key>/target-0.95/results.json
-(the 0.95 classifier) and docs/results/<key>/gate.json (full vs gated checks); a model without a run is skipped
+Reads the newest docs/results/<key>/eval/<date>/results.json (eval at the 0.99 classifier),
+docs/results/<key>/eval/<date>-0.95/results.json (the 0.95 classifier) and docs/results/<key>/gate/<date>.json (full vs gated checks); a model without a run is skipped
 with a note. Prints markdown tables and writes one plot: pruning ratio per model, AdaInfer at each target beside
 the oracle ceiling.
 """
@@ -31,14 +31,27 @@ def _cell(row: dict | None, L: int, speed: bool = True) -> str:
     return text + (f" / {row['speedup']:.2f}x" if speed else "")
 
 
+def _newest(paths) -> Path | None:
+    paths = sorted(paths)
+    return paths[-1] if paths else None
+
+
 def load(root: Path, key: str):
+    """The newest eval reports of `key` (docs/results/<key>/eval/<date>/ and <date>-0.95/) and its gate runs
+    (docs/results/<key>/gate/<date>[-indist|-forced].json); None without an eval report."""
     d = root / key
-    if not (d / "results.json").is_file():
+    s99_path = _newest(p for p in d.glob("eval/*/results.json") if not p.parent.name.endswith("-0.95"))
+    if s99_path is None:
         return None
-    s99, data = _summary(d / "results.json")
-    s95 = _summary(d / "target-0.95" / "results.json")[0] if (d / "target-0.95" / "results.json").is_file() else {}
-    gates = {name: json.loads((d / f"{name}.json").read_text())
-             for name in ("gate", "gate_indist", "gate_forced") if (d / f"{name}.json").is_file()}
+    s99, data = _summary(s99_path)
+    s95_path = _newest(d.glob("eval/*-0.95/results.json"))
+    s95 = _summary(s95_path)[0] if s95_path else {}
+    gates = {}
+    for name, suffix in (("gate", ""), ("gate_indist", "-indist"), ("gate_forced", "-forced")):
+        found = _newest(p for p in d.glob("gate/*.json") if p.stem.endswith(suffix) and
+                        (suffix or not p.stem.endswith(("-indist", "-forced"))))
+        if found:
+            gates[name] = json.loads(found.read_text())
     return {"key": key, "L": data["num_layers"], "n": s99["dense"]["n"], "s99": s99, "s95": s95, "gates": gates,
             "command": data["config"].get("command")}
 
@@ -47,7 +60,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keys", nargs="+", default=list(KEYS))
     p.add_argument("--root", default="docs/results")
-    p.add_argument("--plot", default="docs/results/models_pruning.png")
+    p.add_argument("--plot", default=None, help="default: docs/results/models/paper_table/<today>.png")
     p.add_argument("--section", default="all", choices=["all", "table2", "gates", "costs"],
                    help="print one group of tables only")
     args = p.parse_args(argv)
@@ -63,8 +76,11 @@ def main(argv=None):
         _costs(args)
     if missing:
         print(f"\n(no run yet for {', '.join(missing)})")
-    if runs and args.plot:
-        _plot(runs, args.plot)
+    if runs:
+        import datetime
+
+        plot = args.plot or f"{args.root}/models/paper_table/{datetime.date.today().isoformat()}.png"
+        _plot(runs, plot)
 
 
 def _table2(runs):
