@@ -1,5 +1,7 @@
-"""Writes the tables the documentation takes from the result files (never by hand): the README's status table
-and the index of every result file (docs/results/README.md).
+"""Writes the tables the documentation takes from the result files (never by hand): the README's status table,
+the paper-protocol tables of docs/results.md (from `benchmarks.paper.paper_table`) and the index of every result
+file (docs/results/README.md). A generated table sits between `<!-- results:NAME -->` and
+`<!-- /results:NAME -->`.
 
     python scripts/docs_tables.py          # rewrite both
     python scripts/docs_tables.py --check  # exit 1 if either is not what the result files say
@@ -21,7 +23,6 @@ ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b")
 NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
          "gemma3-270m": "Gemma-3-270M", "qwen2.5-1.5b": "Qwen2.5-Coder-1.5B-Instruct"}
-BEGIN, END = "<!-- results:status -->", "<!-- /results:status -->"
 
 
 def _eval_summary(path: Path) -> dict | None:
@@ -116,17 +117,43 @@ def results_index(root: Path = ROOT) -> str:
     return "\n".join(rows) + "\n"
 
 
-def render(readme: str, table: str) -> str:
-    start, end = readme.index(BEGIN) + len(BEGIN), readme.index(END)
-    return readme[:start] + "\n" + table + "\n" + readme[end:]
+def render(text: str, table: str, name: str = "status") -> str:
+    """`text` with the block `name` replaced by `table` (ValueError when the page has no such block)."""
+    begin, end = f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+    if begin not in text or end not in text:
+        raise ValueError(f"no {begin} ... {end} block")
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + table + "\n" + text[stop:]
+
+
+def paper_tables(root: Path = ROOT) -> dict[str, str]:
+    """docs/results.md's generated blocks: the paper's Table 2, the check costs, the gated-check runs."""
+    if str(root) not in sys.path:  # the benchmarks package, when this file runs as a script
+        sys.path.insert(0, str(root))
+    from benchmarks.paper import paper_table
+
+    results = root / "docs" / "results"
+    runs = paper_table.runs_of(results)
+    return {"paper-table2": paper_table.table2(runs),
+            "paper-costs": paper_table.costs_table(results, paper_table.KEYS).strip(),
+            "paper-gates": paper_table.gates_table([r for r in runs if r["gates"]])}
+
+
+def pages(root: Path = ROOT) -> dict[Path, str]:
+    """Each generated page as the result files say it should read."""
+    readme, results_md = root / "README.md", root / "docs" / "results.md"
+    text = results_md.read_text()
+    for name, table in paper_tables(root).items():
+        text = render(text, table, name)
+    return {readme: render(readme.read_text(), status_table(root)), results_md: text,
+            root / "docs" / "results" / "README.md": results_index(root)}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--check", action="store_true", help="only compare; exit 1 when README.md is out of date")
     args = p.parse_args(argv)
-    readme, index = ROOT / "README.md", ROOT / "docs" / "results" / "README.md"
-    wanted = {readme: render(readme.read_text(), status_table()), index: results_index()}
+    wanted = pages()
     stale = [p for p, text in wanted.items() if not p.is_file() or p.read_text() != text]
     if args.check:
         for p in stale:

@@ -56,6 +56,11 @@ def load(root: Path, key: str):
             "command": data["config"].get("command")}
 
 
+def runs_of(root: Path, keys=KEYS) -> list[dict]:
+    """The eval runs of the models in `keys` that have one (see `load`)."""
+    return [r for r in (load(root, k) for k in keys) if r is not None]
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--keys", nargs="+", default=list(KEYS))
@@ -65,15 +70,15 @@ def main(argv=None):
                    help="print one group of tables only")
     args = p.parse_args(argv)
     show = {"table2", "gates", "costs"} if args.section == "all" else {args.section}
-    runs = [r for r in (load(Path(args.root), k) for k in args.keys) if r is not None]
+    runs = runs_of(Path(args.root), args.keys)
     missing = [k for k in args.keys if k not in {r["key"] for r in runs}]
     if "table2" in show:
-        _table2(runs)
+        print(table2(runs))
     gated = [r for r in runs if r["gates"]]
     if gated and "gates" in show:
-        _gates(gated)
+        print(gates_table(gated))
     if "costs" in show:
-        _costs(args)
+        print(costs_table(Path(args.root), args.keys))
     if missing:
         print(f"\n(no run yet for {', '.join(missing)})")
     if runs:
@@ -83,31 +88,34 @@ def main(argv=None):
         _plot(runs, plot)
 
 
-def _table2(runs):
-    print("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
+def table2(runs) -> str:
+    out = []
+    out.append("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
           "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|---|---|---|")
     for r in runs:
         s, L = r["s99"], r["L"]
-        print(f"| {NAMES[r['key']]} ({L}) | {r['n']} | {100 * s['dense']['accuracy']:.1f} | "
+        out.append(f"| {NAMES[r['key']]} ({L}) | {r['n']} | {100 * s['dense']['accuracy']:.1f} | "
               f"{_cell(s.get('adainfer'), L)} | {_cell(r['s95'].get('adainfer'), L)} | {_cell(s.get('gap'), L)} | "
               f"{_cell(s.get('crf'), L)} | {_cell(s.get('shortgpt'), L)} | {_cell(s.get('oracle'), L, speed=False)} |")
-    print()
-    print("| model | FLOPs ratio (paper's formula) @0.99 / @0.95 / oracle | accuracy change @0.99 / @0.95 (points) |")
-    print("|---|---|---|")
+    out.append("")
+    out.append("| model | FLOPs ratio (paper's formula) @0.99 / @0.95 / oracle | accuracy change @0.99 / @0.95 (points) |")
+    out.append("|---|---|---|")
     for r in runs:
         s, s95 = r["s99"], r["s95"]
         dense = s["dense"]["accuracy"]
         a99, a95 = s.get("adainfer"), s95.get("adainfer")
         flops = " / ".join(f"{x['flops_ratio']:.3f}" if x else "-" for x in (a99, a95, s.get("oracle")))
         change = " / ".join(f"{100 * (x['accuracy'] - dense):+.1f}" if x else "-" for x in (a99, a95))
-        print(f"| {NAMES[r['key']]} | {flops} | {change} |")
+        out.append(f"| {NAMES[r['key']]} | {flops} | {change} |")
+    return "\n".join(out)
 
 
-def _gates(gated):
-    print("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
+def gates_table(gated) -> str:
+    out = []
+    out.append("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
           "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
-    print("|---|---|---|---|---|---|")
+    out.append("|---|---|---|---|---|---|")
     for r in gated:
         for kind, g in r["gates"].items():
             where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"
@@ -117,31 +125,34 @@ def _gates(gated):
                 # [] = no checks; None = every layer from min_layer (decode: as in prompts)
                 stock = info["check_layers"] == [] and info["decode_check_layers"] in ([], None)
                 note = " (no check scheduled: the stock code path, ratio = noise)" if stock else ""
-                print(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
+                out.append(f"| {NAMES[r['key']]} | {where} | {dec['full_check_layers']:.2f} / {dec['gate_layers']:.4f} | "
                       f"{name} | {f['agreement']:.3f} / {f['mean_layers']:.2f} / {f['speedup_median']:.2f}x | "
                       f"{t['token_agreement']:.3f} / {t['mean_layers_per_token']:.2f} / "
                       f"{t['speedup_median']:.2f}x{note} |")
+    return "\n".join(out)
 
 
-def _costs(args):
+def costs_table(root, keys) -> str:
+    out = []
     costs = []
-    for key in args.keys:
+    for key in keys:
         for name in ("gate_costs", "gate"):
-            path = Path(args.root) / key / f"{name}.json"
-            if path.is_file():
+            path = _newest(p for p in (root / key).glob(f"{name}/*.json") if not p.stem.endswith(("-indist", "-forced")))
+            if path is not None:
                 costs.append((key, json.loads(path.read_text())))
                 break
     if costs:
-        print()
-        print("| model | layers / vocab | phase | full check | gate | bf16 head | shortlist head (1,024) | "
+        out.append("")
+        out.append("| model | layers / vocab | phase | full check | gate | bf16 head | shortlist head (1,024) | "
               "rank-64 head |")
-        print("|---|---|---|---|---|---|---|---|")
+        out.append("|---|---|---|---|---|---|---|---|")
         for key, g in costs:
             for c in g["check_costs"]:
                 tokens = "decode" if c["phase"] == "decode" else f"prefill {c['length']}"
-                print(f"| {NAMES[key]} | {g['num_layers']} / {g['vocab_size']:,} | {tokens} | "
+                out.append(f"| {NAMES[key]} | {g['num_layers']} / {g['vocab_size']:,} | {tokens} | "
                       f"{c['full_check_layers']:.3f} | {c['gate_layers']:.4f} | {c['bf16_check_layers']:.3f} | "
                       f"{c['shortlist1024_layers']:.3f} | {c['lowrank64_layers']:.3f} |")
+    return "\n".join(out)
 
 
 def _plot(runs, plot):
