@@ -139,11 +139,87 @@ def paper_tables(root: Path = ROOT) -> dict[str, str]:
             "paper-gates": paper_table.gates_table([r for r in runs if r["gates"]])}
 
 
+def _files(root: Path, question: str):
+    """`(model, date-and-variant, data)` of every result file of `question`, by model then date."""
+    results = root / "docs" / "results"
+    for path in sorted(results.glob(f"*/{question}/*.json")):
+        yield path.parent.parent.name, path.stem, json.loads(path.read_text())
+
+
+def _name(key: str) -> str:
+    return NAMES.get(key, key)
+
+
+def decode_gain_table(root: Path = ROOT, shortlists: bool = False) -> str:
+    """Every run of every `benchmarks.speed.decode_gain` file (those of the shortlist study, `*-vocabulary*`, when
+    `shortlists`, else the others): the decode speedup over stock `generate` (median and quartiles of per-run
+    ratios, ratio of summed times), token agreement and first change, layers per token."""
+    rows = ["| model | file | classifier (cache) | tokens x prompts x repeats | decode speedup: median (quartiles) / "
+            "of sums | token agreement / first change | layers per token |", "|---|---|---|---|---|---|---|"]
+    for key, stem, data in _files(root, "decode_gain"):
+        if ("vocabulary" in stem) != shortlists:
+            continue
+        args = data.get("args") or {}
+        repeats = args.get("repeats", "?")
+        for run, r in data["runs"].items():
+            tokens, prompts = r.get("new_tokens", args.get("new_tokens", "?")), r.get("prompts", data.get("prompts", "?"))
+            rows.append(f"| {_name(key)} | {stem} | {run} | {tokens} x {prompts} x {repeats} | "
+                        f"{r['speedup_median']:.3f}x ({r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}) / "
+                        f"{r['speedup_sum']:.3f}x | {r['token_agreement']:.3f} / {r['mean_prefix']:.1f} | "
+                        f"{r['mean_layers_per_token']:.2f} of {data['num_layers']} |")
+    return "\n".join(rows)
+
+
+def prefill_gain_table(root: Path = ROOT) -> str:
+    """Every classifier of every `benchmarks.speed.prefill_gain` file: first-token scoring speedup over the stock
+    model (median of per-repeat medians, ratio of sums), agreement, mean layers."""
+    rows = ["| model | file | classifier | prompts x repeats | prefill speedup: median / of sums | agreement | "
+            "mean layers |", "|---|---|---|---|---|---|---|"]
+    for key, stem, data in _files(root, "prefill_gain"):
+        for name, r in data["results"].items():
+            rows.append(f"| {_name(key)} | {stem} | {name} | {r['prompts']} x {r['repeats']} | "
+                        f"{r['speedup_median']:.3f}x / {r['speedup_sum']:.3f}x | {r['agreement']:.3f} | "
+                        f"{r['mean_layers']:.2f} of {data['layers']} |")
+    return "\n".join(rows)
+
+
+def catch_up_table(root: Path = ROOT) -> str:
+    """`benchmarks.cost.catch_up_cost`: a decoder layer on q positions at once, relative to one position."""
+    rows = ["| file | model | layer, 1 position | 2 / 3 / 4 positions (x one) |", "|---|---|---|---|"]
+    for _, stem, data in _files(root, "catch_up_cost"):
+        for key, m in data["models"].items():
+            one = m["layer q=1"]
+            rest = " / ".join(f"{m[f'layer q={q}'] / one:.2f}x" for q in (2, 3, 4))
+            rows.append(f"| {stem} | {_name(key)} | {1000 * one:.2f} ms | {rest} |")
+    return "\n".join(rows)
+
+
+def vocabulary_cost_table(root: Path = ROOT) -> str:
+    """`benchmarks.cost.vocabulary_cost`: one check in decoder layers, full vocabulary and shortlists."""
+    rows = []
+    for _, stem, data in _files(root, "vocabulary_cost"):
+        for key, m in data.items():
+            if key == "stamp":
+                continue
+            sizes = [k for k in m["rows"][0] if k.isdigit()]
+            if not rows:
+                rows = ["| file | model (vocab) | phase | full | " + " | ".join(f"{int(k):,} ids" for k in sizes)
+                        + " |", "|---|---|---|---|" + "---|" * len(sizes)]
+            for r in m["rows"]:
+                phase = "decode" if r["phase"] == "decode" else f"prefill {r['tokens']}"
+                rows.append(f"| {stem} | {_name(key)} ({m['vocab']:,}) | {phase} | {r['full']:.3g} | "
+                            + " | ".join(f"{r[k]:.3g}" if k in r else "-" for k in sizes) + " |")
+    return "\n".join(rows)
+
+
 def pages(root: Path = ROOT) -> dict[Path, str]:
     """Each generated page as the result files say it should read."""
     readme, results_md = root / "README.md", root / "docs" / "results.md"
     text = results_md.read_text()
-    for name, table in paper_tables(root).items():
+    tables = {**paper_tables(root), "decode-gain": decode_gain_table(root),
+              "decode-gain-vocabulary": decode_gain_table(root, shortlists=True), "prefill-gain": prefill_gain_table(root),
+              "catch-up-cost": catch_up_table(root), "vocabulary-cost": vocabulary_cost_table(root)}
+    for name, table in tables.items():
         text = render(text, table, name)
     return {readme: render(readme.read_text(), status_table(root)), results_md: text,
             root / "docs" / "results" / "README.md": results_index(root)}
