@@ -177,8 +177,10 @@ class _Row:
             return bool(token == draft), token
         p = torch.softmax(scores, dim=-1)[0]
         p_d, q_d = p[draft], q[draft]
-        # (accept without a draw where p(d) >= q(d): with q == p the random stream is the stock sampler's)
-        if bool(p_d >= q_d) or bool(torch.rand((), device=p.device) * q_d < p_d):
+        # (accept without a draw where p(d) >= q(d): with q == p the random stream is the stock sampler's; "==" up
+        # to a few rounding steps, since the batched verification computes p in another order than the draft's q
+        # and a 1-ulp shortfall would otherwise draw; the bias, <= 4 eps q(d), is below p's own rounding)
+        if bool(p_d >= q_d * (1 - 4 * torch.finfo(p.dtype).eps)) or bool(torch.rand((), device=p.device) * q_d < p_d):
             return True, draft
         residual = (p - q).clamp_min(0)
         if not bool(residual.sum() > 0):
