@@ -15,9 +15,13 @@ def refuse_generate_options(model, policy: ExitPolicy, cache, exit_cache: str, k
     schedule, so a classifier's errors do not depend on what calibration left in it)."""
     gen_config = kwargs.get("generation_config") or model.generation_config
     for option in ("assistant_model", "prompt_lookup_num_tokens", "assistant_early_exit"):
-        if kwargs.get(option, getattr(gen_config, option, None)) is not None:
-            raise ValueError(f"generate({option}=...) (assisted decoding) is not supported with an exit policy "
-                             "(the exit cache cannot be cropped); pass exit_policy=None.")
+        value = kwargs.get(option, getattr(gen_config, option, None))
+        if value is not None:
+            shown = f"<{type(value).__name__}>" if option == "assistant_model" else repr(value)  # (not a model repr)
+            raise ValueError(f"generate({option}={shown}) "
+                             "(assisted decoding with another drafter) cannot combine with early exits: the exits "
+                             "are the drafter. Pass lossless=True for exits verified by the deeper layers, or "
+                             "exit_policy=None for the stock assisted decoding.")
     impl = kwargs.get("cache_implementation", getattr(gen_config, "cache_implementation", None))
     if impl not in (None, "dynamic"):
         raise ValueError(f"generate(cache_implementation={impl!r}) is not supported with an exit policy; the "

@@ -177,8 +177,10 @@ class _Row:
             return bool(token == draft), token
         p = torch.softmax(scores, dim=-1)[0]
         p_d, q_d = p[draft], q[draft]
-        # (accept without a draw where p(d) >= q(d): with q == p the random stream is the stock sampler's)
-        if bool(p_d >= q_d) or bool(torch.rand((), device=p.device) * q_d < p_d):
+        # (accept without a draw where p(d) >= q(d): with q == p the random stream is the stock sampler's; "==" up
+        # to a few rounding steps, since the batched verification computes p in another order than the draft's q
+        # and a 1-ulp shortfall would otherwise draw; the bias, <= 4 eps q(d), is below p's own rounding)
+        if bool(p_d >= q_d * (1 - 4 * torch.finfo(p.dtype).eps)) or bool(torch.rand((), device=p.device) * q_d < p_d):
             return True, draft
         residual = (p - q).clamp_min(0)
         if not bool(residual.sum() > 0):
@@ -354,7 +356,31 @@ def lossless_generate(model, generate, policy, cache, max_draft_tokens: int, arg
         if setting[name] is not None:
             raise ValueError(f"generate(lossless=True) runs its own decoding loop; got {name}={setting[name]!r}.")
     kwargs.pop("exit_policy", None)
+    _stop_strings_as_criterion(gen_config, kwargs)
     decode = functools.partial(lossless_decode, lossless_policy=policy,
                                lossless_num_layers=model.exit_head.spec.num_layers(model),
                                lossless_max_draft_tokens=max_draft_tokens, streamer=kwargs.get("streamer"))
     return generate(*args, custom_generate=decode, **kwargs)
+
+
+def _stop_strings_as_criterion(gen_config, kwargs) -> None:
+    """`stop_strings` as a user stopping criterion: with a `custom_generate` callable, transformers' `generate`
+    drops the `tokenizer=` argument before it builds the stop-string criterion (and then refuses the call), so
+    the criterion is built here from the call's tokenizer and the generation config's `stop_strings` cleared."""
+    import copy
+
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    stop = kwargs.pop("stop_strings", getattr(gen_config, "stop_strings", None))
+    if stop is None:
+        return
+    tokenizer = kwargs.get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(f"generate(stop_strings={stop!r}) needs the model's tokenizer: pass tokenizer=...")
+    if getattr(gen_config, "stop_strings", None) is not None:
+        gen_config = copy.deepcopy(gen_config)
+        gen_config.stop_strings = None
+        kwargs["generation_config"] = gen_config
+    kwargs["stopping_criteria"] = StoppingCriteriaList(
+        [*(kwargs.get("stopping_criteria") or []), StopStringCriteria(stop_strings=stop, tokenizer=tokenizer)])
