@@ -71,7 +71,7 @@ class MixedDrafts(_KnocksOutTop, FeatureHashExit):
 
 
 # ---------------------------------------------------------------------------------------- identity with stock
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=["fp32", "fp16", "bf16"])
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_greedy_equals_stock_generate_on_every_family(variant, dtype):
     stock, ada = _cast(*make_pair(variant), dtype)
