@@ -38,9 +38,12 @@ as stock `generate` pads it. A streamer needs a batch of one (as transformers' t
 
 from __future__ import annotations
 
+import copy
 import functools
 
 import torch
+from transformers import StoppingCriteriaList
+from transformers.generation.stopping_criteria import StopStringCriteria
 
 from .. import compat
 from ..cache.draft import DraftExitCache
@@ -367,11 +370,6 @@ def _stop_strings_as_criterion(gen_config, kwargs) -> None:
     """`stop_strings` as a user stopping criterion: with a `custom_generate` callable, transformers' `generate`
     drops the `tokenizer=` argument before it builds the stop-string criterion (and then refuses the call), so
     the criterion is built here from the call's tokenizer and the generation config's `stop_strings` cleared."""
-    import copy
-
-    from transformers import StoppingCriteriaList
-    from transformers.generation.stopping_criteria import StopStringCriteria
-
     stop = kwargs.pop("stop_strings", getattr(gen_config, "stop_strings", None))
     if stop is None:
         return
