@@ -25,26 +25,11 @@ NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B
          "gemma3-270m": "Gemma-3-270M", "qwen2.5-1.5b": "Qwen2.5-Coder-1.5B-Instruct"}
 
 
-def _eval_summary(path: Path) -> dict | None:
-    """`{method: row}` of an `adainfer eval` results file's overall rows (None when the file is absent)."""
-    if not path.is_file():
-        return None
-    data = json.loads(path.read_text())
-    return {row["method"]: row for row in data["summary"] if row["task"] == "all"}
-
-
 def _saved(summary: dict | None) -> str:
     if summary is None or "adainfer" not in summary:
         return "-"
     row = summary["adainfer"]
     return f"{100 * row['pruning_ratio']:.0f}% (acc {100 * row['accuracy']:.1f} vs {100 * summary['dense']['accuracy']:.1f})"
-
-
-def _newest_eval(results: Path, suffix: str = "") -> Path:
-    """The newest eval report's results.json (`suffix` "-0.95" for the run at that target)."""
-    runs = sorted(p for p in (results / "eval").glob(f"*{suffix}/results.json")
-                  if suffix or not p.parent.name.endswith("-0.95")) if (results / "eval").is_dir() else []
-    return runs[-1] if runs else results / "eval" / "none"
 
 
 def _newest(directory: Path) -> dict | None:
@@ -61,15 +46,25 @@ def lossless_cell(result: dict | None) -> str:
             f"{100 * run['acceptance']:.0f}% accepted, {run['identical']}/{run['prompts']} identical")
 
 
+def _paper_table():
+    if str(ROOT) not in sys.path:  # the benchmarks package, when this file runs as a script
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.paper import paper_table
+
+    return paper_table
+
+
 def status_table(root: Path = ROOT) -> str:
+    paper_table = _paper_table()
     rows = ["| model (layers) | lossless decode vs stock, batch 1 | certified savings on tasks @0.99 | @0.95 | "
             "oracle ceiling (first token) | lossless measured on |",
             "|---|---|---|---|---|---|"]
     for key in KEYS:
         results = root / "docs" / "results" / key
-        s99, s95 = _eval_summary(_newest_eval(results)), _eval_summary(_newest_eval(results, "-0.95"))
+        run = paper_table.load(root / "docs" / "results", key) or {}  # the newest eval reports (0.99, 0.95)
+        s99, s95 = run.get("s99"), run.get("s95")
         lossless = _newest(results / "lossless")
-        layers = (s99 or {}).get("dense", {}).get("num_layers", "?")
+        layers = run.get("L", "?")
         oracle = f"{100 * s99['oracle']['pruning_ratio']:.0f}%" if s99 and "oracle" in s99 else "-"
         where = f"{lossless['stamp']['device']}, {lossless['stamp']['date'][:10]}" if lossless else "-"
         rows.append(f"| {NAMES[key]} ({layers}) | {lossless_cell(lossless)} | {_saved(s99)} | {_saved(s95)} | "
@@ -128,10 +123,7 @@ def render(text: str, table: str, name: str = "status") -> str:
 
 def paper_tables(root: Path = ROOT) -> dict[str, str]:
     """docs/results.md's generated blocks: the paper's Table 2, the check costs, the gated-check runs."""
-    if str(root) not in sys.path:  # the benchmarks package, when this file runs as a script
-        sys.path.insert(0, str(root))
-    from benchmarks.paper import paper_table
-
+    paper_table = _paper_table()
     results = root / "docs" / "results"
     runs = paper_table.runs_of(results)
     return {"paper-table2": paper_table.table2(runs),

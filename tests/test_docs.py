@@ -33,7 +33,7 @@ def python_blocks(page: Path) -> list[tuple[int, str, str]]:
             for m in _BLOCK.finditer(text)]
 
 
-def _serve(hub, repos: dict[str, str], tokenizer_dir) -> None:
+def _serve(repos: dict[str, str], tokenizer_dir) -> None:
     """Puts a tiny Llama (the embedded tokenizer's vocabulary) and exit classifiers on the fake Hub."""
     from transformers import AutoTokenizer
 
@@ -68,8 +68,8 @@ def test_every_python_block_runs_as_written(page, tmp_path, monkeypatch, request
         if words[:1] == ["embedded"] or words[:1] == ["hub"]:
             embedded = request.getfixturevalue("smollm2_dir")
         if words[:1] == ["hub"]:
-            hub = request.getfixturevalue("local_hub")
-            _serve(hub, dict(w.split("=", 1) for w in words[1:]), embedded)
+            request.getfixturevalue("local_hub")  # the client now talks to the fake Hub
+            _serve(dict(w.split("=", 1) for w in words[1:]), embedded)
             monkeypatch.setenv("HF_TOKEN", "hf_test")
         elif words and words[0] != "embedded":
             raise ValueError(f"{page.name}:{line}: unknown docs marker {marker!r} (embedded, hub ...)")

@@ -190,9 +190,6 @@ def locate_gguf() -> Path:
     return candidate
 
 
-
-
-
 def _load_gguf(gguf_path: Path):
     """The embedded model's `load_gguf` (one name, so tests can stand in for the slow load)."""
     return load_gguf(gguf_path, DEFAULT_MODEL_NAME)
