@@ -8,7 +8,7 @@ __all__ = ["named_classifiers"]
 
 
 def named_classifiers(specs, model) -> dict:
-    """`{{NAME: ExitClassifier}}` from `NAME=DIR` strings, each bound to `model`."""
+    """`{NAME: ExitClassifier}` from `NAME=DIR` strings, each bound to `model`."""
     out = {}
     for spec in specs:
         name, sep, path = spec.partition("=")
