@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 from huggingface_hub import constants as hub_constants
+from transformers.utils import hub as transformers_hub
 
 
 class _FakeHub(BaseHTTPRequestHandler):
@@ -142,6 +143,9 @@ def local_hub(monkeypatch):
         handler.endpoint + "/{repo_id}/resolve/{revision}/{filename}",
     )
     monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    # transformers keeps one HfApi (its endpoint read when built) for push_to_hub; one built against an earlier
+    # fake Hub's port would miss this one, so each fake Hub starts without it (absent on some releases).
+    monkeypatch.setattr(transformers_hub, "_hf_api", None, raising=False)
     monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
     for var in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
         monkeypatch.delenv(var, raising=False)
