@@ -1,0 +1,226 @@
+"""Stamped benchmark results: the one writer every benchmark uses for `docs/results/<model>/<question>/<date>.json`.
+
+A result is only worth keeping if it says what produced it. [`stamp`] records the commit (and whether the work
+tree had uncommitted changes), the versions of the packages that decide the numbers, the device (CPU model and
+threads; the GPU when CUDA is there), the UTC date and the command line. The command line is scrubbed of machine
+paths, so no result file names a temporary directory, a home directory or a model cache: such paths become
+placeholders (`<tmp>`, `~`, `$ADAINFER_BENCH_MODELS`, ...), and a classifier directory is replaced by a reference to
+its recorded config (`<classifier:0>`, with the config under `"classifiers"`), because the config is what another
+machine can reproduce, not the path. [`write_result`] writes the stamp and the payload atomically.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import re
+import subprocess
+import tempfile
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from .atomic import atomic_file
+
+__all__ = ["PACKAGES", "RESULTS_ROOT", "result_path", "scrub_argv", "stamp", "write_result"]
+
+PACKAGES = ("adainfer_hf", "torch", "transformers", "numpy")
+"""Distributions whose versions a stamp records (Python's own version is recorded beside them)."""
+
+RESULTS_ROOT = Path("docs") / "results"
+"""Where results live, relative to the repository root."""
+
+# environment variables naming machine-specific roots, replaced by their name (longest value first)
+_ENV_ROOTS = ("ADAINFER_BENCH_MODELS", "ADAINFER_HOME", "HF_HOME", "VIRTUAL_ENV")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+def _git(*args: str, cwd: Path) -> str | None:
+    try:
+        done = subprocess.run(["git", *args], cwd=cwd, capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _commit(source: Path) -> dict[str, Any]:
+    """The commit of the repository holding `source` and whether tracked files differ from it (None outside a
+    repository, e.g. an installed wheel)."""
+    head = _git("rev-parse", "HEAD", cwd=source)
+    if head is None:
+        return {"commit": None, "dirty": None}
+    status = _git("status", "--porcelain", "--untracked-files=no", cwd=source)
+    return {"commit": head, "dirty": bool(status) if status is not None else None}
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in PACKAGES:
+        try:
+            out[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            out[name] = None
+    out["python"] = platform.python_version()
+    return out
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as handle:
+            for line in handle:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def _device() -> dict[str, Any]:
+    import torch  # a required dependency; imported here so that `scrub_argv` alone needs no torch
+
+    device: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
+                              "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
+    if torch.cuda.is_available():
+        device["gpu"] = torch.cuda.get_device_name(torch.cuda.current_device())
+        device["cuda"] = torch.version.cuda
+    return device
+
+
+def _placeholders() -> list[tuple[str, str]]:
+    """`(machine prefix, placeholder)` pairs, longest prefix first (a model cache under home names the cache)."""
+    pairs = [(os.environ[name], f"${name}") for name in _ENV_ROOTS if os.environ.get(name)]
+    pairs += [(tempfile.gettempdir(), "<tmp>"), ("/tmp", "<tmp>"), (os.path.expanduser("~"), "~")]
+    pairs = [(str(Path(prefix)), holder) for prefix, holder in pairs if prefix and Path(prefix).is_absolute()]
+    return sorted(set(pairs), key=lambda pair: -len(pair[0]))
+
+
+def _scrub_path(text: str, cwd: str, pairs: list[tuple[str, str]]) -> str:
+    if not os.path.isabs(text):
+        return text
+    norm = str(Path(text))
+    if norm == cwd or norm.startswith(cwd + os.sep):  # inside the repository: relative to it
+        return os.path.relpath(norm, cwd)
+    for prefix, holder in pairs:
+        if prefix != os.sep and (norm == prefix or norm.startswith(prefix + os.sep)):
+            return holder + norm[len(prefix):]
+    return f"<path>/{Path(norm).name}"  # any other machine path: only its last component says anything
+
+
+def scrub_argv(argv: Sequence[str], classifiers: Mapping[str, Any] | None = None,
+               cwd: str | os.PathLike | None = None) -> tuple[list[str], list[Any]]:
+    """The command line with machine paths replaced, and the configs of the classifiers it named.
+
+    Args:
+        argv (`Sequence[str]`): the command line (e.g. `sys.argv`).
+        classifiers (`Mapping[str, Any]`, *optional*): classifier directories as they appear in `argv`, mapped to
+            their configs (a JSON-able dict, e.g. `dataclasses.asdict(clf.config)`). Each such argument becomes
+            `<classifier:i>`, `i` indexing the returned list.
+        cwd (`str` or `os.PathLike`, *optional*): the repository root; paths under it are written relative to it.
+            Defaults to the current directory.
+
+    Returns:
+        `tuple`: the scrubbed arguments and the list of classifier configs they refer to. An absolute path under
+        a temporary directory becomes `<tmp>/...`, under a model cache named by an environment variable
+        (`ADAINFER_BENCH_MODELS`, `ADAINFER_HOME`, `HF_HOME`) that variable's name, under home `~/...`; any other
+        absolute path outside the repository keeps only its last component (`<path>/name`). `--opt=PATH` forms
+        are scrubbed after the `=`.
+    """
+    if isinstance(argv, str):
+        raise TypeError(f"argv must be a sequence of strings (e.g. sys.argv), not one string; got {argv!r}.")
+    root = str(Path(cwd if cwd is not None else os.getcwd()).resolve())
+    pairs = _placeholders()
+    known = {str(Path(path)): i for i, path in enumerate(classifiers or {})}
+    configs = list((classifiers or {}).values())
+    out = []
+    for arg in map(str, argv):
+        option, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        key = str(Path(value)) if value else value
+        if key in known:
+            value = f"<classifier:{known[key]}>"
+        else:
+            value = _scrub_path(value, root, pairs)
+        out.append(f"{option}{sep}{value}")
+    return out, configs
+
+
+def stamp(argv: Sequence[str], classifiers: Mapping[str, Any] | None = None,
+          cwd: str | os.PathLike | None = None) -> dict[str, Any]:
+    """What produced a result: commit, package versions, device, date and the scrubbed command line.
+
+    Args:
+        argv (`Sequence[str]`): the command line (e.g. `sys.argv`).
+        classifiers (`Mapping[str, Any]`, *optional*): classifier directories named in `argv` and their configs
+            (see [`scrub_argv`]).
+        cwd (`str` or `os.PathLike`, *optional*): the repository root (defaults to the current directory).
+
+    Returns:
+        `dict`: `commit` (hex or None outside a git repository), `dirty` (tracked files differ from the commit),
+        `versions` (`adainfer_hf`, `torch`, `transformers`, `numpy`, `python`), `device` (`cpu` model,
+        `cpu_count`, `torch_threads`, `platform`; `gpu` and `cuda` when CUDA is available), `date` (UTC, ISO 8601
+        to the second), `argv` (scrubbed) and `classifiers` (the configs `argv` refers to).
+    """
+    args, configs = scrub_argv(argv, classifiers, cwd)
+    return {**_commit(Path(__file__).resolve().parent), "versions": _versions(), "device": _device(),
+            "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"), "argv": args,
+            "classifiers": configs}
+
+
+def _check_name(what: str, value: str) -> str:
+    if not isinstance(value, str) or not _NAME.match(value):
+        raise ValueError(f"{what} must be a plain name (letters, digits, '.', '_', '-'; no path separators); "
+                         f"got {value!r}.")
+    return value
+
+
+def result_path(model: str, question: str, date: str, root: str | os.PathLike = RESULTS_ROOT) -> Path:
+    """`root/<model>/<question>/<date>.json` after checking that each part is a plain name."""
+    return Path(root) / _check_name("model", model) / _check_name("question", question) / (
+        _check_name("date", date) + ".json")
+
+
+def _jsonable(value: Any) -> Any:
+    """Numpy and torch scalars/arrays as Python values; non-finite floats as None (strict JSON has no NaN)."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "tolist") and not isinstance(value, (str, bytes)):
+        return _jsonable(value.tolist())
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_result(model: str, question: str, payload: Mapping[str, Any], argv: Sequence[str], *,
+                 classifiers: Mapping[str, Any] | None = None, root: str | os.PathLike = RESULTS_ROOT,
+                 cwd: str | os.PathLike | None = None) -> Path:
+    """Writes `{"stamp": stamp(argv), "result": payload}` to `root/<model>/<question>/<date>.json`, atomically.
+
+    Args:
+        model (`str`): the model key (e.g. `"gemma3-270m"`).
+        question (`str`): what the benchmark answers (e.g. `"lossless"`).
+        payload (`Mapping`): the numbers; numpy/torch values are converted, NaN and infinities become null.
+        argv (`Sequence[str]`): the command line that produced them.
+        classifiers (`Mapping[str, Any]`, *optional*): classifier directories in `argv` and their configs.
+        root (`str` or `os.PathLike`, *optional*, defaults to `docs/results`): the results root.
+        cwd (`str` or `os.PathLike`, *optional*): the repository root for path scrubbing (current directory).
+
+    Returns:
+        `Path`: the file written. `<date>` is the stamp's UTC day (`YYYY-MM-DD`): a later run the same day
+        replaces the file, so each day keeps one result per model and question.
+    """
+    if not isinstance(payload, Mapping):
+        raise TypeError(f"payload must be a mapping (a JSON object); got {type(payload).__name__}.")
+    info = stamp(argv, classifiers, cwd)
+    path = result_path(model, question, info["date"][:10], root)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps({"stamp": info, "result": _jsonable(payload)}, indent=1, sort_keys=True, allow_nan=False)
+    with atomic_file(path, "w", encoding="utf-8") as handle:
+        handle.write(text + "\n")
+    return path
