@@ -24,6 +24,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .atomic import atomic_file
 
 __all__ = ["PACKAGES", "RESULTS_ROOT", "result_path", "scrub_argv", "stamp", "write_result"]
@@ -80,8 +82,6 @@ def _cpu_model() -> str:
 
 
 def _device() -> dict[str, Any]:
-    import torch  # a required dependency; imported here so that `scrub_argv` alone needs no torch
-
     device: dict[str, Any] = {"cpu": _cpu_model(), "cpu_count": os.cpu_count(),
                               "torch_threads": torch.get_num_threads(), "platform": platform.platform()}
     if torch.cuda.is_available():
