@@ -12,12 +12,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from ..architectures.registry import spec_for
 from ..data.prompts import gold_first_token
 from ..policy.base import ExitPolicy, check_dtype_or_raise
 from ..policy.features import FEATURES
+from ..utils.distributed import is_main_process, shard_results
 from ..utils.tokenizers import left_padding
 from .table import FeatureTable
 
@@ -81,7 +81,8 @@ def collect_features(
     progress: bool = True,
     check_dtype: str | None = None,
     hidden_states: bool = False,
-) -> FeatureTable:
+    distributed: bool = False,
+) -> FeatureTable | None:
     """Collects per-layer exit features for `prompts` with one forward per batch through the model's exit loop.
 
     Args:
@@ -96,9 +97,13 @@ def collect_features(
             "float16"), as a classifier with the same `check_dtype` will at run time; recorded in `meta`.
         hidden_states (`bool`, *optional*, defaults to `False`): also record each row's last-token hidden state
             (`FeatureTable.hidden`, float16), what `policy.gate.fit_linear_gate` trains on.
+        distributed (`bool`, *optional*, defaults to `False`): under `accelerate launch` (an initialized
+            `torch.distributed` group), share the work: every process calls this with the same prompts and runs
+            its share of the batches (`utils.distributed.shard_results`); the main process merges them. The batches
+            are the one-process run's, so the table is too, row for row. Without a group: one process.
 
     Returns:
-        [`FeatureTable`]: rows ordered by prompt, then layer.
+        [`FeatureTable`]: rows ordered by prompt, then layer; None on the other processes with `distributed`.
     """
     if not hasattr(model, "set_exit_classifier"):
         raise TypeError(
@@ -120,8 +125,11 @@ def collect_features(
         dtype=np.int64,
     )
     hidden_size = int(model.config.hidden_size) if hidden_states else None
-    feats, tops, final, hidden = _record_layers(model, tokenizer, prompts, features, batch_size, progress,
-                                                check_dtype, hidden_size)
+    recorded = _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype, hidden_size,
+                              distributed)
+    if recorded is None:  # another process's table: the main process has it
+        return None
+    feats, tops, final, hidden = recorded
 
     layers = np.arange(1, L, dtype=np.int64)
     return FeatureTable(
@@ -141,38 +149,45 @@ def collect_features(
     )
 
 
-def _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype, hidden_size=None):
+def _record_layers(model, tokenizer, prompts, features, batch_size, progress, check_dtype, hidden_size=None,
+                   distributed=False):
     """Runs every prompt through the exit loop with a [`RecordingPolicy`]: features `[P, L-1, F]`, top-1 tokens
     `[P, L-1]`, the dense top-1 `[P]` and (with `hidden_size`) hidden states `[P, L-1, H]` (else None), each
-    prompt in its own slot."""
+    prompt in its own slot. With `distributed`, this process runs its share of the batches and only the main
+    process gets the arrays (None elsewhere)."""
     L, P = spec_for(model).num_layers(model), len(prompts)
-    feats = np.zeros((P, L - 1, len(features)), dtype=np.float32)
-    hidden = None if hidden_size is None else np.zeros((P, L - 1, hidden_size), dtype=np.float16)
-    tops = np.zeros((P, L - 1), dtype=np.int64)
-    final = np.zeros(P, dtype=np.int64)
     device = next(model.parameters()).device
+    # Batches of similar length waste less compute on padding; results go back to each prompt's own slot.
+    lengths = [len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts]
+    order = np.argsort(lengths, kind="stable")
+    batches = [order[i : i + batch_size] for i in range(0, P, batch_size)]
+
+    def run(idx):
+        enc = tokenizer([prompts[i].text for i in idx], return_tensors="pt", padding=True)
+        enc = {k: v.to(device) for k, v in enc.items()}
+        policy = RecordingPolicy(features, len(idx), L, check_dtype=check_dtype, hidden_size=hidden_size)
+        out = model(**enc, use_cache=False, logits_to_keep=1, exit_policy=policy)
+        if bool((policy.top_token < 0).any()):
+            raise RuntimeError("The exit loop did not record every layer; is `record` called by runtime/exit_run.py?")
+        return (policy.feats.numpy(), policy.top_token.numpy(),
+                None if policy.hidden is None else policy.hidden.numpy(), out.logits[:, -1].argmax(-1).cpu().numpy())
+
+    keeps = not distributed or is_main_process()  # the other processes only send their batches
+    n = P if keeps else 0
+    feats = np.zeros((n, L - 1, len(features)), dtype=np.float32)
+    hidden = None if hidden_size is None else np.zeros((n, L - 1, hidden_size), dtype=np.float16)
+    tops = np.zeros((n, L - 1), dtype=np.int64)
+    final = np.zeros(n, dtype=np.int64)
     was_training = model.training
     try:
         with left_padding(tokenizer), torch.no_grad():
-            # Batches of similar length waste less compute on padding; results go back to each prompt's own slot.
-            lengths = [len(tokenizer(p.text, add_special_tokens=True)["input_ids"]) for p in prompts]
-            order = np.argsort(lengths, kind="stable")
             model.eval()
-            batches = [order[i : i + batch_size] for i in range(0, P, batch_size)]
-            for idx in tqdm(batches, desc="collecting features", unit="batch", disable=not progress):
-                enc = tokenizer([prompts[i].text for i in idx], return_tensors="pt", padding=True)
-                enc = {k: v.to(device) for k, v in enc.items()}
-                policy = RecordingPolicy(features, len(idx), L, check_dtype=check_dtype, hidden_size=hidden_size)
-                out = model(**enc, use_cache=False, logits_to_keep=1, exit_policy=policy)
-                if bool((policy.top_token < 0).any()):
-                    raise RuntimeError(
-                        "The exit loop did not record every layer; is `record` called by runtime/exit_run.py?"
-                    )
-                feats[idx] = policy.feats.numpy()
-                tops[idx] = policy.top_token.numpy()
+            for b, (f, t, h, top) in shard_results(run, batches, distributed=distributed, progress=progress,
+                                                   desc="collecting features"):
+                idx = batches[b]
+                feats[idx], tops[idx], final[idx] = f, t, top
                 if hidden is not None:
-                    hidden[idx] = policy.hidden.numpy()
-                final[idx] = out.logits[:, -1].argmax(-1).cpu().numpy()
+                    hidden[idx] = h
     finally:
         model.train(was_training)
-    return feats, tops, final, hidden
+    return (feats, tops, final, hidden) if keeps else None

@@ -14,12 +14,12 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from .. import compat
 from ..architectures.registry import spec_for
 from ..policy.base import check_dtype_or_raise
 from ..policy.features import FEATURES
+from ..utils.distributed import is_main_process, shard_results
 from ..utils.tokenizers import left_padding
 from .collect import RecordingPolicy, check_feature_names
 from .table import FeatureTable
@@ -38,7 +38,8 @@ def collect_generation_features(
     check_dtype: str | None = None,
     hidden_states: bool = False,
     first_layer: int = 1,
-) -> FeatureTable:
+    distributed: bool = False,
+) -> FeatureTable | None:
     """Per-layer exit features of the first `new_tokens` greedy tokens of each prompt's dense continuation.
 
     Args:
@@ -52,37 +53,50 @@ def collect_generation_features(
             layer computes the LM head for every row and step; a model whose logit lens never agrees with its
             last layer in its first half (Qwen2.5, Gemma-3) loses nothing with `first_layer = L // 2`, and the
             table then has no rows (so no exits) below it.
+        distributed (`bool`, *optional*, defaults to `False`): share the batches of generations over the processes
+            of an initialized `torch.distributed` group (as in `collect_features`); the main process merges them.
 
     Returns:
         [`FeatureTable`] with one unit ("prompt") per generated token, ordered by prompt then token; `sequence`
         is the prompt's index, `step` the token's (0 = the prompt forward's next token), `final_token` the dense
-        model's token, `gold_token` -1; `meta["phase"] = "generation"`.
+        model's token, `gold_token` -1; `meta["phase"] = "generation"`. None on the other processes with
+        `distributed`.
     """
     features, prompts = tuple(features), list(prompts)
     _check_inputs(model, prompts, new_tokens, features, batch_size, check_dtype, first_layer)
     L, P, T = spec_for(model).num_layers(model), len(prompts), new_tokens
     hidden_size = int(model.config.hidden_size) if hidden_states else None
     kept = slice(first_layer - 1, L - 1)  # the recorded layers first_layer..L-1, 0-based
-    feats = np.zeros((P, T, L - first_layer, len(features)), dtype=np.float32)
-    tops = np.zeros((P, T, L - first_layer), dtype=np.int64)
-    final = np.zeros((P, T), dtype=np.int64)
-    hidden = None if hidden_size is None else np.zeros((P, T, L - first_layer, hidden_size), dtype=np.float16)
+    batches = [np.arange(i, min(i + batch_size, P)) for i in range(0, P, batch_size)]
+
+    def run(idx):  # [B, T, layers, ...] arrays of one batch (numpy: what another process sends)
+        steps = _record_batch(model, tokenizer, [prompts[i].text for i in idx], T, features, check_dtype,
+                              hidden_size, first_layer)
+        stack = lambda values: np.stack([v.numpy()[:, kept] for v in values], axis=1)  # noqa: E731
+        return (stack([p.feats for p, _ in steps]), stack([p.top_token for p, _ in steps]),
+                np.stack([token for _, token in steps], axis=1),
+                None if hidden_size is None else stack([p.hidden for p, _ in steps]))
+
+    keeps = not distributed or is_main_process()  # the other processes only send their batches
+    n = P if keeps else 0
+    feats = np.zeros((n, T, L - first_layer, len(features)), dtype=np.float32)
+    tops = np.zeros((n, T, L - first_layer), dtype=np.int64)
+    final = np.zeros((n, T), dtype=np.int64)
+    hidden = None if hidden_size is None else np.zeros((n, T, L - first_layer, hidden_size), dtype=np.float16)
     was_training = model.training
     try:
         with left_padding(tokenizer), torch.no_grad():
             model.eval()
-            batches = [np.arange(i, min(i + batch_size, P)) for i in range(0, P, batch_size)]
-            for idx in tqdm(batches, desc="recording generation", unit="batch", disable=not progress):
-                steps = _record_batch(model, tokenizer, [prompts[i].text for i in idx], T, features, check_dtype,
-                                      hidden_size, first_layer)
-                for t, (policy, token) in enumerate(steps):
-                    feats[idx, t] = policy.feats.numpy()[:, kept]
-                    tops[idx, t] = policy.top_token.numpy()[:, kept]
-                    final[idx, t] = token
-                    if hidden is not None:
-                        hidden[idx, t] = policy.hidden.numpy()[:, kept]
+            for b, (f, t, token, h) in shard_results(run, batches, distributed=distributed, progress=progress,
+                                                     desc="recording generation"):
+                idx = batches[b]
+                feats[idx], tops[idx], final[idx] = f, t, token
+                if hidden is not None:
+                    hidden[idx] = h
     finally:
         model.train(was_training)
+    if not keeps:
+        return None
     return _generation_table(model, prompts, features, feats, tops, final, hidden, first_layer, check_dtype)
 
 

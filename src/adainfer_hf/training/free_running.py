@@ -34,6 +34,7 @@ import torch
 from ..artifact.config import jsonable
 from ..cache.exact import CACHE_MODES
 from ..policy.classifier import ExitClassifier
+from ..utils.distributed import shard_results
 from ..utils.stats import hb_p_value, hb_upper_bound
 from ..utils.tokenizers import left_padding
 from .calibrate import best_unit_scores, calibrate, simulate_exits
@@ -52,6 +53,8 @@ class FreeRunning:
         new_tokens (`int`, *optional*, defaults to 32), exit_cache (`str`, *optional*, defaults to `"propagate"`),
         batch_size (`int`, *optional*, defaults to 8): see [`calibrate_free_running`].
         levels (`int`, *optional*, defaults to 6): candidates of the ladder at most (see [`candidate_ladder`]).
+        distributed (`bool`, *optional*, defaults to `False`): share the generations over the processes of an
+            initialized `torch.distributed` group (see [`calibrate_free_running`]); every process must then use it.
 
     The dense model's continuations of `prompts` are generated once per model ([`FreeRunning.reference`]), so one
     `FreeRunning` shared by several `train_on_tables` calls (rules, targets) generates the reference once.
@@ -63,6 +66,7 @@ class FreeRunning:
     exit_cache: str = "propagate"
     batch_size: int = 8
     levels: int = 6
+    distributed: bool = False
     _references: Any = field(default_factory=weakref.WeakKeyDictionary, init=False, repr=False, compare=False)
 
     def __post_init__(self):  # refuse a bad setting before any collection or training starts
@@ -76,7 +80,7 @@ class FreeRunning:
         if model not in self._references:
             texts = [getattr(p, "text", p) for p in self.prompts]
             self._references[model] = _continuations(model, self.tokenizer, texts, self.new_tokens,
-                                                      self.batch_size, None, self.exit_cache)[0]
+                                                      self.batch_size, None, self.exit_cache, self.distributed)[0]
         return self._references[model]
 
 
@@ -169,22 +173,25 @@ def _never_exits(clf: ExitClassifier, num_layers: int) -> bool:
     return not clf.layers_to_check(num_layers) and not clf.layers_to_check(num_layers, decode=True)
 
 
-def _continuations(model, tokenizer, texts, new_tokens, batch_size, policy, exit_cache):
+def _continuations(model, tokenizer, texts, new_tokens, batch_size, policy, exit_cache, distributed=False):
     """Greedy continuations `[P, new_tokens]` of `texts` (batched, left-padded) and the mean layers a generated
-    token ran; `policy=None` is the dense model."""
-    tokens, layers = [], []
+    token ran; `policy=None` is the dense model. With `distributed` the batches are shared over the processes and
+    every process gets all the results (the same batches as one process, so the same tokens)."""
     gen = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
                pad_token_id=tokenizer.pad_token_id, return_dict_in_generate=True,
                exit_policy=policy)  # None: dense, even when the model carries a classifier
     if policy is not None:
         gen.update(exit_cache=exit_cache)
+
+    def run(batch):
+        enc = tokenizer(batch, return_tensors="pt", padding=True).to(model.device)
+        out = model.generate(**enc, **gen)
+        return out.sequences[:, enc["input_ids"].shape[1]:].cpu(), out.exit_layers.float().reshape(-1).cpu()
+
+    batches = [texts[i:i + batch_size] for i in range(0, len(texts), batch_size)]
     with left_padding(tokenizer), torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tokenizer(texts[i:i + batch_size], return_tensors="pt", padding=True).to(model.device)
-            out = model.generate(**enc, **gen)
-            tokens.append(out.sequences[:, enc["input_ids"].shape[1]:].cpu())
-            layers.append(out.exit_layers.float().reshape(-1).cpu())
-    return torch.cat(tokens), float(torch.cat(layers).mean())
+        results = [r for _, r in shard_results(run, batches, distributed=distributed, everywhere=True)]
+    return torch.cat([t for t, _ in results]), float(torch.cat([layers for _, layers in results]).mean())
 
 
 def _check_args(model, tokenizer, texts, candidates, target_agreement, delta, new_tokens, exit_cache, batch_size):
@@ -206,7 +213,7 @@ def _check_args(model, tokenizer, texts, candidates, target_agreement, delta, ne
 def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitClassifier],
                            target_agreement: float = 0.9, delta: float = 0.1, new_tokens: int = 32,
                            exit_cache: str = "propagate", batch_size: int = 8,
-                           reference: torch.Tensor | None = None) -> ExitClassifier:
+                           reference: torch.Tensor | None = None, distributed: bool = False) -> ExitClassifier:
     """Chooses the least conservative of `candidates` whose free-running generations stay equal to dense for at
     least `target_agreement` of their tokens, in expectation, with confidence `1 - delta` (see the module
     docstring).
@@ -226,6 +233,10 @@ def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitC
         reference (`torch.Tensor`, *optional*): the dense model's greedy continuations `[len(prompts),
             new_tokens]` of these prompts at this `batch_size`, if already generated ([`FreeRunning.reference`]);
             generated here otherwise.
+        distributed (`bool`, *optional*, defaults to `False`): under `accelerate launch` (an initialized
+            `torch.distributed` group), every process calls this with the same arguments and generates its share
+            of the batches; the tokens are gathered on every process, so each scores every generation and all
+            agree on the tests and the choice (the one-process result: the batches are the same).
 
     Returns:
         [`ExitClassifier`]: the chosen candidate, bound to `model`, with `calibration["free_running"]` (each test's
@@ -237,7 +248,7 @@ def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitC
     _check_args(model, tokenizer, texts, candidates, target_agreement, delta, new_tokens, exit_cache, batch_size)
     L, n, alpha = model.config.num_hidden_layers, len(texts), 1.0 - target_agreement
     if reference is None:
-        reference, _ = _continuations(model, tokenizer, texts, new_tokens, batch_size, None, exit_cache)
+        reference, _ = _continuations(model, tokenizer, texts, new_tokens, batch_size, None, exit_cache, distributed)
     elif tuple(reference.shape) != (n, new_tokens):
         raise ValueError(f"reference has shape {tuple(reference.shape)}; expected ({n}, {new_tokens}): the dense "
                          "continuations of the prompts, new_tokens each.")
@@ -247,7 +258,8 @@ def calibrate_free_running(model, tokenizer, prompts, candidates: Sequence[ExitC
         if _never_exits(clf, L):
             losses, layers = np.zeros(n), float(L)  # the stock code path: the dense tokens themselves
         else:
-            generated, layers = _continuations(model, tokenizer, texts, new_tokens, batch_size, clf, exit_cache)
+            generated, layers = _continuations(model, tokenizer, texts, new_tokens, batch_size, clf, exit_cache,
+                                               distributed)
             losses = prefix_losses(reference, generated)
         p = hb_p_value(float(losses.mean()), n, alpha)
         tests.append({"candidate": i, "mean_loss": float(losses.mean()), "p_value": p, "passed": p <= delta,

@@ -32,6 +32,7 @@ from ..estimators.linear import fold_scaler
 from ..estimators.rules import AlwaysExit, GapThresholdRule
 from ..policy.classifier import ExitClassifier
 from ..policy.gate import fit_linear_gate
+from ..utils.distributed import is_distributed, on_main
 from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
@@ -175,7 +176,8 @@ def _fit_row_model(method: str, X: np.ndarray, y: np.ndarray, label: str, class_
     return fold_scaler(pipe, LogisticRegression)
 
 
-def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True):
+def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True,
+                        distributed: bool | None = None):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
 
@@ -191,28 +193,49 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
             prompt (`collect_generation_features`, for `generate`); with `free_running_tokens` the chosen rule is
             certified on free-running generations of the calibration prompts (`free_running.calibrate_free_running`,
             candidates from the training table). A gate or a check vocabulary records the hidden states.
-        progress (`bool`, *optional*, defaults to True): progress bars while collecting.
+        progress (`bool`, *optional*, defaults to True): progress bars while collecting (on the main process).
+        distributed (`bool`, *optional*): share the work over the processes of an initialized `torch.distributed`
+            group (`accelerate launch`; every process calls this with the same arguments): each collects its share
+            of the prompt batches (and generates its share of the free-running generations), the main process
+            merges the tables (those of one process, row for row), trains, measures the check costs and
+            calibrates. None (the default): whenever such a group with more than one process exists.
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] (its
-        `calibration["training_config"]` is `config.to_dict()`) and both tables.
+        `calibration["training_config"]` is `config.to_dict()`) and both tables. Sharded, every process gets the
+        classifier (the main process's) and only the main process the tables (None elsewhere): write the
+        artifact from the main process (`utils.distributed.is_main_process()`).
     """
     config = _config_or_default(config)
     prompts = list(prompts)
+    distributed = is_distributed() if distributed is None else bool(distributed) and is_distributed()
     gate, _ = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
     is_train = _split_by_example(prompts, config.calibration.calibration_fraction, config.seed)
     record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
                   check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or gate is not None
-                  or config.schedule.check_vocabulary is not None)
+                  or config.schedule.check_vocabulary is not None, distributed=distributed)
     generation = config.generation
     train_table, calib_table = _collect_split(model, tokenizer, prompts, is_train, generation, record)
     check_length = config.schedule.check_length or int(np.median([len(tokenizer(p.text).input_ids)
                                                                   for p in prompts]))
     free = None if generation.free_running_tokens is None else FreeRunning(
         tokenizer, [prompts[i] for i in np.flatnonzero(~is_train)], generation.free_running_tokens,
-        generation.exit_cache, config.batch_size)
-    clf = _train_on_tables(model, train_table, calib_table, config, check_length, free)
+        generation.exit_cache, config.batch_size, distributed=distributed)
+    if distributed:
+        clf = _train_on_tables_sharded(model, train_table, calib_table, config, check_length, free)
+    else:
+        clf = _train_on_tables(model, train_table, calib_table, config, check_length, free)
     return _recorded(clf, config, model), train_table, calib_table
+
+
+def _train_on_tables_sharded(model, train_table, calib_table, config, check_length, free) -> ExitClassifier:
+    """[`_train_on_tables`] over the processes: the main process (which alone has the tables) trains, measures the
+    costs and calibrates; with free-running calibration its candidate ladder goes to every process, and each
+    generates its share of the calibration generations. Every process returns the same classifier."""
+    if free is None:
+        return on_main(lambda: _train_on_tables(model, train_table, calib_table, config, check_length, None))
+    ladder = on_main(lambda: _train_on_tables(model, train_table, None, config, check_length, free, ladder_only=True))
+    return _free_running_choice(model, ladder, config, free)
 
 
 def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCalibrationConfig, record):
@@ -223,7 +246,9 @@ def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCa
     else:
         table = collect_generation_features(model, tokenizer, prompts, new_tokens=generation.generation_tokens,
                                             first_layer=generation.first_layer, **record)
-        unit_is_train = is_train[table.sequence]
+        unit_is_train = None if table is None else is_train[table.sequence]
+    if table is None:  # another process's share: the main process holds the tables
+        return None, None
     return table.select_prompts(np.flatnonzero(unit_is_train)), table.select_prompts(np.flatnonzero(~unit_is_train))
 
 
@@ -318,8 +343,8 @@ def _recorded(clf: ExitClassifier, config: TrainingConfig, model) -> ExitClassif
 
 
 def _train_on_tables(model, train_table, calib_table, config: TrainingConfig, check_length: int,
-                     free_running) -> ExitClassifier:
-    """[`train_on_tables`] with the check length resolved."""
+                     free_running, ladder_only: bool = False) -> ExitClassifier | list[ExitClassifier]:
+    """[`train_on_tables`] with the check length resolved (`ladder_only`: the free-running candidates only)."""
     gate, knob = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
     train_table, calib_table = restrict_tables(model, train_table, calib_table, config.schedule.check_vocabulary)
     tables = [train_table] if free_running is not None else [train_table, calib_table]
@@ -335,11 +360,17 @@ def _train_on_tables(model, train_table, calib_table, config: TrainingConfig, ch
     if free_running is not None:
         ladder = candidate_ladder(clf, train_table, levels=free_running.levels, **cal,
                                   finish=lambda c: _scheduled(model, c, train_table, costs))
-        return calibrate_free_running(model, free_running.tokenizer, free_running.prompts, ladder,
-                                      target_agreement=target, delta=delta, new_tokens=free_running.new_tokens,
-                                      exit_cache=free_running.exit_cache, batch_size=free_running.batch_size,
-                                      reference=free_running.reference(model))
+        return ladder if ladder_only else _free_running_choice(model, ladder, config, free_running)
     return _scheduled(model, calibrate(clf, calib_table, **cal), calib_table, costs)
+
+
+def _free_running_choice(model, ladder, config: TrainingConfig, free_running) -> ExitClassifier:
+    """The candidate of `ladder` that free-running calibration chooses (sharded as `free_running` says)."""
+    return calibrate_free_running(model, free_running.tokenizer, free_running.prompts, ladder,
+                                  target_agreement=config.calibration.target_agreement,
+                                  delta=config.calibration.delta, new_tokens=free_running.new_tokens,
+                                  exit_cache=free_running.exit_cache, batch_size=free_running.batch_size,
+                                  reference=free_running.reference(model), distributed=free_running.distributed)
 
 
 def _fit(train_table, method, features, label, max_rows, seed, gate, gate_recall) -> ExitClassifier:
