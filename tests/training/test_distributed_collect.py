@@ -41,7 +41,7 @@ _WORKER = textwrap.dedent("""
 """)
 
 
-def _assert_tables_equal(a: FeatureTable, b: FeatureTable) -> None:
+def assert_tables_equal(a: FeatureTable, b: FeatureTable) -> None:
     for f in dataclasses.fields(FeatureTable):
         x, y = getattr(a, f.name), getattr(b, f.name)
         if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
@@ -68,8 +68,8 @@ def test_two_processes_equal_one(tmp_path):
     multi = FeatureTable.load(tmp_path / "prompts.npz")
     multi_gen = FeatureTable.load(tmp_path / "generations.npz")
     assert len(single.layer) > 0 and len(single_gen.layer) > 0  # not vacuous
-    _assert_tables_equal(multi, FeatureTable.load(_roundtrip(single, tmp_path / "s.npz")))
-    _assert_tables_equal(multi_gen, FeatureTable.load(_roundtrip(single_gen, tmp_path / "g.npz")))
+    assert_tables_equal(multi, FeatureTable.load(_roundtrip(single, tmp_path / "s.npz")))
+    assert_tables_equal(multi_gen, FeatureTable.load(_roundtrip(single_gen, tmp_path / "g.npz")))
 
 
 def _roundtrip(table: FeatureTable, path: Path) -> Path:

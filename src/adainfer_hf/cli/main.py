@@ -26,6 +26,7 @@ from ..training.config import CalibrationConfig, TrainingConfig
 from ..training.table import FeatureTable
 from ..training.train import train_and_calibrate
 from ..utils.atomic import atomic_file
+from ..utils.distributed import launch_state, place_replica
 from ..utils.tokenizers import left_padding
 from .args import UsageError, add_debug_flag, fraction, int_at_least, run_command
 from .common import (
@@ -49,11 +50,15 @@ DEMO_TRAIN_LIMIT = 24  # prompts per built-in task and shots value when the demo
 
 # ---------------------------------------------------------------------------------------------------- commands
 def _cmd_collect(args) -> int:
+    state = launch_state()  # under `accelerate launch`: each process collects its share, the main one writes
     model, tok = load_dense_model(args.model)
+    place_replica(model, state)
     prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
     run = dict(features=args.features, batch_size=args.batch_size, progress=not args.quiet,
-               check_dtype=args.check_dtype)
+               check_dtype=args.check_dtype, distributed=state.num_processes > 1)
     table = collect_features(model, tok, prompts, **run)
+    if table is None:  # another process's share, merged on the main process
+        return 0
     table.save(args.out)
     if args.csv:
         table.to_csv(args.csv)

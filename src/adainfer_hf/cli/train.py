@@ -3,6 +3,10 @@
 The flags map one to one onto a [`TrainingConfig`], built once by [`training_config_from_args`]; the command then
 calls `train_and_calibrate` (or `train_on_tables` with `--from-tables`) with it, so the saved artifact's
 `calibration["training_config"]` records exactly what the command line asked for.
+
+Under `accelerate launch` (or torchrun) every process collects its share of the prompts (and generations) on its
+own replica of the model; the main process merges the tables, trains, calibrates and writes the artifact once, and
+the other processes write nothing (`utils.distributed`).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from ..training.config import (
 )
 from ..training.table import FeatureTable
 from ..training.train import train_and_calibrate, train_on_tables
+from ..utils.distributed import launch_state, place_replica
 from .args import fraction, int_at_least, layers_or
 from .common import add_data_args, figures_line, load_dense_model, prompts_from, tasks_from_args
 
@@ -62,7 +67,12 @@ def _check_flags(args) -> None:
 def _cmd_train(args) -> int:
     _check_flags(args)
     config = training_config_from_args(args)
+    # Under `accelerate launch` / torchrun every process collects its share; the main process trains and writes.
+    state = launch_state()
+    if args.from_tables and not state.is_main_process:
+        return 0  # no collection to share: the main process does it all
     model, tok = load_dense_model(args.model)
+    place_replica(model, state)
     if args.from_tables:  # reuse the tables of an earlier `--tables-out`: no collection
         train_table = FeatureTable.load(Path(args.from_tables) / "train.npz")
         calib_table = FeatureTable.load(Path(args.from_tables) / "calibration.npz")
@@ -74,6 +84,8 @@ def _cmd_train(args) -> int:
     else:
         prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
         clf, train_table, calib_table = train_and_calibrate(model, tok, prompts, config, progress=not args.quiet)
+        if not state.is_main_process:
+            return 0  # the artifact, the tables and the summary are written once, by the main process
     if args.model == "default":  # name the Hub model, not this machine's cache path
         clf = clf.replace(base_model_name_or_path=DEFAULT_MODEL_NAME)
     if args.tables_out:

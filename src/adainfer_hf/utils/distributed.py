@@ -25,7 +25,7 @@ from accelerate import PartialState
 from tqdm.auto import tqdm
 
 __all__ = ["all_gather", "barrier", "broadcast_from_main", "gather_on_main", "is_distributed", "is_main_process",
-           "launch_state", "on_main", "num_processes", "process_index", "shard_results"]
+           "launch_state", "on_main", "num_processes", "place_replica", "process_index", "shard_results"]
 
 
 def is_distributed() -> bool:
@@ -54,6 +54,17 @@ def launch_state() -> PartialState:
     with torchrun either way). One process: a state of one process, no group."""
     use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
     return PartialState(cpu=use_cpu or torch.accelerator.current_accelerator() is None)
+
+
+def place_replica(model, state: PartialState):
+    """`model` on this process's device (`state.device`) when several processes share the work: one replica per
+    process. A model placed with `device_map` (it has an `hf_device_map`) stays where it is: that process owns the
+    devices its layers are on. One process, or processes on the CPU: `model` stays where it was loaded."""
+    # On the CPU there is nothing to move (state.device is "cpu:0", and moving there changes no memory but does
+    # change some kernels' summation order: the tables would differ from the one-process run in the last bit).
+    if state.num_processes > 1 and state.device.type != "cpu" and not getattr(model, "hf_device_map", None):
+        model.to(state.device)
+    return model
 
 
 def barrier() -> None:
