@@ -62,8 +62,9 @@ decision, aggregated as `sum n (2 l'(6h + s) + V) / sum n (2 L (6h + s) + V)`, `
 `s` the context length; without the exit checks' LM heads, as in the paper) and the wall-clock seconds of the model
 calls. They land in `results["config"]["adainfer_exit_stats"]` (hence in the harness's results JSON); [`main`] also
 writes them to a sidecar `adainfer_exit_stats_<date>.json` beside `results_<date>.json` and prints a table after
-the harness's. Under `accelerate launch` data parallelism each process counts its own requests and the reported
-statistics are rank 0's.
+the harness's. Under `accelerate launch` data parallelism each process counts its own requests, the counts are
+gathered from every process after each request type, and the table and the sidecar (written by the main process
+only) report the whole run; `model_seconds` is then summed over the processes.
 """
 
 from __future__ import annotations

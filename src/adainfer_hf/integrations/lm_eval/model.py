@@ -18,7 +18,7 @@ from ...cache.exact import CACHE_MODES
 from ...models.auto import ADAINFER_CLASSES, AutoAdaInferForCausalLM
 from ...policy.base import ExitPolicy, ScriptedExit
 from ...policy.classifier import ExitClassifier
-from .stats import FLOPS_FORMULA, STATS_KEY, ExitTally, report_stats
+from .stats import FLOPS_FORMULA, STATS_KEY, ExitTally, gather_tallies, report_stats
 
 __all__ = ["MODEL_NAME", "AdaInferLM", "HarnessAutoModel"]
 
@@ -132,6 +132,8 @@ class AdaInferLM(HFLM):
 
     The exit statistics of everything evaluated since creation (or `reset_exit_statistics`) are
     `exit_statistics()`, and are added to the harness's results as `results["config"]["adainfer_exit_stats"]`.
+    Under `accelerate launch` data parallelism they cover every process's requests (gathered after each request
+    type, `stats.gather_tallies`).
     """
 
     AUTO_MODEL_CLASS = HarnessAutoModel
@@ -184,7 +186,8 @@ class AdaInferLM(HFLM):
         text_config = self.model.config.get_text_config()
         self._hidden_size = int(text_config.hidden_size)
         self._vocab = int(text_config.vocab_size)
-        self._tallies: dict[str, ExitTally] = {}
+        self._tallies: dict[str, ExitTally] = {}  # this process's requests
+        self._run_tallies = self._tallies  # every process's (gathered after each request type under data parallelism)
         self._task: ExitTally | None = None  # the task whose requests run now (set by `_per_task`)
         self._row_lengths: _RowLengths | None = None  # set while `_loglikelihood_tokens` runs
 
@@ -198,7 +201,7 @@ class AdaInferLM(HFLM):
             `flops_ratio`, `model_seconds`, `model_calls`, `exit_histogram` and `request_types`.
         """
         total = ExitTally(self._num_layers)
-        for tally in self._tallies.values():
+        for tally in self._run_tallies.values():
             total.merge(tally)
         return {
             "model": getattr(self.model.config, "_name_or_path", None) or None,
@@ -206,13 +209,14 @@ class AdaInferLM(HFLM):
             "exit_policy": repr(self.model.exit_classifier),
             "exit_cache": self.exit_cache,
             "flops_formula": FLOPS_FORMULA,
-            "tasks": {name: tally.as_dict() for name, tally in sorted(self._tallies.items())},
+            "tasks": {name: tally.as_dict() for name, tally in sorted(self._run_tallies.items())},
             "all": total.as_dict(),
         }
 
     def reset_exit_statistics(self) -> None:
         """Forgets the statistics gathered so far."""
         self._tallies.clear()
+        self._run_tallies = self._tallies
 
     def get_model_info(self) -> dict:
         """`HFLM.get_model_info` plus the exit statistics under `STATS_KEY` (the harness adds it to its results)."""
@@ -238,6 +242,9 @@ class AdaInferLM(HFLM):
                 self._task = previous
             for i, output in zip(indices, outputs, strict=True):
                 results[i] = output
+        # Every process runs each request type once (the harness's data parallelism): the whole run's counts here,
+        # since only the main process reports them (`get_model_info`), after the last collective.
+        self._run_tallies = gather_tallies(self._tallies)
         return results
 
     # ------------------------------------------------------------------ the harness's request types

@@ -15,9 +15,10 @@ import torch
 
 from ...evaluation.evaluate import flops_ratio
 from ...runtime.recording import ExitStatistics
+from ...utils.distributed import all_gather, is_distributed
 
-__all__ = ["SIDECAR_PREFIX", "STATS_KEY", "ExitTally", "collecting_stats", "exit_stats_table", "report_stats",
-           "write_sidecars"]
+__all__ = ["SIDECAR_PREFIX", "STATS_KEY", "ExitTally", "collecting_stats", "exit_stats_table", "gather_tallies",
+           "report_stats", "write_sidecars"]
 
 STATS_KEY = "adainfer_exit_stats"
 """Key of the exit statistics in the harness's `results["config"]` (and in its results JSON)."""
@@ -90,6 +91,21 @@ class ExitTally:
         self.flops_dense += other.flops_dense
         self.request_types |= other.request_types
         self.exits.histogram += other.exits.histogram
+
+
+def gather_tallies(tallies: dict[str, ExitTally]) -> dict[str, ExitTally]:
+    """Every process's per-task tallies, merged task by task (`tallies` itself without a process group).
+
+    Under the harness's data parallelism (`accelerate launch`) each process runs its share of every task's
+    requests and counts them; this collective (every process must call it) gives each one the whole run: the
+    histograms, decisions, requests and FLOPs summed, `model_seconds` summed over the processes."""
+    if not is_distributed():
+        return tallies
+    merged: dict[str, ExitTally] = {}
+    for part in all_gather(tallies):
+        for name, tally in sorted(part.items()):
+            merged.setdefault(name, ExitTally(tally.num_layers)).merge(tally)
+    return merged
 
 
 def report_stats(stats: dict) -> None:
