@@ -204,6 +204,43 @@ def vocabulary_cost_table(root: Path = ROOT) -> str:
     return "\n".join(rows)
 
 
+CALIBRATION_TARGETS = (0.9, 0.95, 0.99, 0.999)
+CALIBRATION_DELTAS = (0.1, 0.05, 0.01)
+
+
+def calibration_draws_table() -> str:
+    """docs/scale.md: the calibration draws Learn-then-Test needs per target and delta
+    (`adainfer_hf.training.draws.calibration_draws_needed`, the test `calibrate` runs)."""
+    from adainfer_hf.training.calibrate import MAX_MIN_LAYERS
+    from adainfer_hf.training.draws import calibration_draws_needed
+
+    rows = [f"| target | delta | 1 candidate, 0 disagreements | {MAX_MIN_LAYERS} candidates (the default grid), "
+            "0 disagreements | " f"{MAX_MIN_LAYERS} candidates, disagreeing on half the allowed share |",
+            "|---:|---:|---:|---:|---:|"]
+    for target in CALIBRATION_TARGETS:
+        for delta in CALIBRATION_DELTAS:
+            cells = (calibration_draws_needed(target, delta), calibration_draws_needed(target, delta, MAX_MIN_LAYERS),
+                     calibration_draws_needed(target, delta, MAX_MIN_LAYERS, (1 - target) / 2))
+            rows.append(f"| {target:g} | {delta:g} | " + " | ".join(f"{c:,}" for c in cells) + " |")
+    return "\n".join(rows)
+
+
+def collect_throughput_table(root: Path = ROOT) -> str:
+    """docs/scale.md: prompt-table collection time on 1 and N processes (every collect_throughput result file)."""
+    rows = ["| model | date | processes x threads | s per 1,000 prompts (median) | ms per prompt token | speedup | runs |",
+            "|---|---|---|---:|---:|---:|---|"]
+    for key, stem, data in _files(root, "collect_throughput"):
+        result = data["result"]
+        by = result["by_processes"]
+        one = by.get("1", {}).get("s_per_1000_prompts")
+        for n, r in sorted(by.items(), key=lambda item: int(item[0])):
+            speedup = f"{one / r['s_per_1000_prompts']:.2f}x" if one else "-"
+            rows.append(f"| {_name(key)} | {stem} | {n} x {result['threads_per_process']} | "
+                        f"{r['s_per_1000_prompts']:.1f} | {r['ms_per_prompt_token']:.2f} | {speedup} | "
+                        f"{len(r['runs_seconds'])} x {result['prompts']} prompts |")
+    return "\n".join(rows)
+
+
 def pages(root: Path = ROOT) -> dict[Path, str]:
     """Each generated page as the result files say it should read."""
     readme, results_md = root / "README.md", root / "docs" / "results.md"
@@ -213,7 +250,10 @@ def pages(root: Path = ROOT) -> dict[Path, str]:
               "catch-up-cost": catch_up_table(root), "vocabulary-cost": vocabulary_cost_table(root)}
     for name, table in tables.items():
         text = render(text, table, name)
-    return {readme: render(readme.read_text(), status_table(root)), results_md: text,
+    scale = root / "docs" / "scale.md"
+    scale_text = render(render(scale.read_text(), calibration_draws_table(), "calibration-draws"),
+                        collect_throughput_table(root), "collect-throughput")
+    return {readme: render(readme.read_text(), status_table(root)), results_md: text, scale: scale_text,
             root / "docs" / "results" / "README.md": results_index(root)}
 
 

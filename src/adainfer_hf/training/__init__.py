@@ -21,6 +21,7 @@ from .config import (
     ScheduleConfig,
     TrainingConfig,
 )
+from .draws import calibration_draws_needed
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder, prefix_losses
 from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
 from .table import LABEL_KINDS, FeatureTable, table_sequences
@@ -40,6 +41,7 @@ __all__ = [
     "TrainingConfig",
     "calibrate",
     "calibrate_free_running",
+    "calibration_draws_needed",
     "candidate_ladder",
     "choose_schedule",
     "collect_features",

@@ -25,7 +25,6 @@ result exits never (`check_layers=()`): the honest answer, rather than a classif
 
 from __future__ import annotations
 
-import math
 import warnings
 from collections.abc import Sequence
 
@@ -34,6 +33,7 @@ import numpy as np
 from ..artifact.config import jsonable
 from ..policy.classifier import ExitClassifier
 from ..utils.stats import risk_p_value, risk_upper_bound
+from .draws import calibration_draws_needed
 from .table import FeatureTable, table_sequences
 
 __all__ = ["KNOBS", "calibrate", "exit_scores", "gate_passes", "simulate_exits", "summarize_exits"]
@@ -359,7 +359,7 @@ def _outcome(table: FeatureTable, exit_layer, chosen: dict, errors: int, target:
         figures["n_sequences"] = n
         figures["p_value"] = "Hoeffding-Bentkus on per-sequence disagreement shares"
     # Fewest prompts with which even zero errors would pass one test: below it, "never" says nothing about the model.
-    figures["min_prompts_for_target"] = math.ceil(math.log(delta_each) / math.log(target))
+    figures["min_prompts_for_target"] = calibration_draws_needed(target, delta_each)
     figures["conclusion"] = _conclusion(
         chosen, summary, target, n, figures["min_prompts_for_target"], figures["early_exits"],
         table.num_prompts if table.is_generation else None,
