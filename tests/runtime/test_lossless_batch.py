@@ -12,7 +12,7 @@ import torch
 from tiny_models import VARIANTS, FeatureHashExit, batch, make_pair
 
 from adainfer_hf import ExitPolicy
-from adainfer_hf.runtime import lossless
+from adainfer_hf.runtime import lockstep
 
 L = 4
 # families whose last layer can be made the identity (pre-LN: zeroed residual writes), sliding ones included
@@ -229,7 +229,7 @@ def test_each_rows_cache_after_every_rollback_is_a_stock_recompute(variant, monk
     policy = PerRowDrafts(SCRIPTS["row_dependent"])
     ids, mask = _left_padded(4)
     checked, shifted = [0], [0]
-    original = lossless._Batch.roll_back
+    original = lockstep.LockstepBatch.roll_back
 
     def roll_back(self, remove):
         shifted[0] += len(set(remove)) > 1
@@ -238,7 +238,7 @@ def test_each_rows_cache_after_every_rollback_is_a_stock_recompute(variant, monk
             _assert_row_cache(stock, self, b, row, mask[row.index])
             checked[0] += 1
 
-    monkeypatch.setattr(lossless._Batch, "roll_back", roll_back)
+    monkeypatch.setattr(lockstep.LockstepBatch, "roll_back", roll_back)
     ref = _gen(stock, ids, mask, max_new_tokens=11)
     out = _gen(ada, ids, mask, max_new_tokens=11, exit_policy=policy, lossless=True, max_draft_tokens=4)
     assert torch.equal(out, ref)
