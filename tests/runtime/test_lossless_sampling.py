@@ -11,7 +11,7 @@ import torch
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ScriptedExit
 from adainfer_hf import tiny_models as tiny
-from adainfer_hf.runtime import lossless
+from adainfer_hf.runtime import lockstep
 
 stats = pytest.importorskip("scipy.stats")
 
@@ -106,7 +106,7 @@ def test_the_distribution_test_has_power_against_accepting_every_draft(monkeypat
     stock, ada = _pair()
     ids, _ = _prompt()
     want = _stock_second_token_distribution(stock, ids)
-    monkeypatch.setattr(lossless._Row, "_accept", lambda self, scores, draft, q: (True, draft))
+    monkeypatch.setattr(lockstep._Row, "_accept", lambda self, scores, draft, q: (True, draft))
     counts, out = _second_tokens(ada, seed=7)
     assert int(out.accepted_tokens.sum()) == N
     statistic, threshold = _chi_square(counts, want)

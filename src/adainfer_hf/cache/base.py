@@ -111,6 +111,8 @@ class ExitCacheStrategy:
             layer's) rather than from the decoder's last hidden state; empty unless rows kept running.
         caught_up_final (`torch.Tensor` or `None`): `[B, P, H]` last-layer outputs of earlier positions this step
             caught up (lossless verification, `cache/draft.py`); the output logits cover them before the query's.
+        full_depth_output (`bool`): every row's output is its last layer's, even where its check fired (lossless
+            verification, `cache/draft.py`); False: rows that exited output their exit layer's logits.
     """
 
     name = "base"
@@ -120,6 +122,7 @@ class ExitCacheStrategy:
         self.cache = cache
         self.frozen_hidden: dict = {}
         self.caught_up_final = None
+        self.full_depth_output = False
         self.deeper_filled = False  # every deeper layer got this step's K/V at once (see after_exits)
         self._every_row: LayerPlan | None = None  # the all-rows plan, built once per forward
 

@@ -23,6 +23,10 @@ __all__ = ["DraftExitCache", "VerifyingStrategy"]
 class VerifyingStrategy(ExactStrategy):
     """The exact option, keeping the final-layer outputs of the positions caught up at the last layer.
 
+    A step in which some row ran every layer (and so, with the exact option, every row did) verifies every row:
+    its output is every row's full-depth logits (`full_depth_output`), also for the rows whose check fired, since
+    lossless decoding drafts only when every row's check fired.
+
     Attributes:
         caught_up_final (`torch.Tensor` or `None`): `[B, P, H]` outputs of the last decoder layer (before the final
             norm) at the `P` owed positions this step caught up there, in position order; None when the step did
@@ -30,6 +34,10 @@ class VerifyingStrategy(ExactStrategy):
     """
 
     name = "exact"  # the exact option (its invariants and guard), verifying
+
+    def finish_step(self, run) -> None:
+        super().finish_step(run)
+        self.full_depth_output = run.any_active()
 
     def _catch_up_forward(self, run, layer, owed, forward, hidden, args, kwargs):
         out = super()._catch_up_forward(run, layer, owed, forward, hidden, args, kwargs)
@@ -43,7 +51,7 @@ class VerifyingStrategy(ExactStrategy):
 class DraftExitCache(ExactExitCache):
     """An `ExactExitCache` whose owed positions are drafts to verify: it can be cropped back to a verified prefix.
 
-    Created by `generate(..., lossless=True)` (one per decoded row); sliding-window layers keep their past until
+    Created by `generate(..., lossless=True)` (one for the batch); sliding-window layers keep their past until
     the next `crop` so that a rejected draft can be removed from them too.
     """
 

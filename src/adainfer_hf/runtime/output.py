@@ -35,7 +35,9 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     """
     head = head_of(model)
     # rows whose check's logits are the output (none where exits computed no lens: `run.defer_exit_head`)
-    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head)
+    # (lossless verification outputs every row at full depth: `ExitCacheStrategy.full_depth_output`)
+    full_depth = run.cache_strategy.full_depth_output
+    exited = (run.exit_layers < run.num_layers) & (not run.defer_exit_head) & (not full_depth)
     last_only = isinstance(logits_to_keep, int) and logits_to_keep == 1 and bool(
         (run.last_pos == hidden.shape[1] - 1).all())
     if last_only and bool(exited.any()) and not unchecked_too:
@@ -56,7 +58,7 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     else:
         keep = logits_to_keep
     normed = hidden[:, keep, :]
-    if run.cache_strategy.frozen_hidden:
+    if run.cache_strategy.frozen_hidden and not full_depth:
         # exact cache option: a row that exited kept running for the cache; its output is its exit layer's
         normed = normed.clone()
         for row, frozen in run.cache_strategy.frozen_hidden.items():
