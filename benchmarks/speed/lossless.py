@@ -409,14 +409,15 @@ def main(argv: list[str] | None = None) -> int:
         add_margins(rows, stock, tok, texts, batch, args.new_tokens)
         results[batch] = rows
         print(f"batch {batch}:\n{table({batch: rows})}", flush=True)
-    payload = {"model": args.key, "num_layers": L, "dtype": "float32", "new_tokens": args.new_tokens,
-               "prompts": len(texts), "prompt_kinds": [p["kind"] for p in prompts], "repeats": args.repeats,
-               "sweep": {"prompts": len(sweep_texts), "repeats": args.sweep_repeats, "rows": sweep},
-               "batches": {str(b): rows for b, rows in results.items()}, "notes": notes}
-    if not args.no_write:
-        written = write_result(args.key, QUESTION, payload, [sys.argv[0], *argv], classifiers=configs,
-                               root=args.out_root)
-        print(f"wrote {written}")
+        payload = {"model": args.key, "num_layers": L, "dtype": "float32", "new_tokens": args.new_tokens,
+                   "prompts": len(texts), "prompt_kinds": [p["kind"] for p in prompts], "repeats": args.repeats,
+                   "sweep": {"prompts": len(sweep_texts), "repeats": args.sweep_repeats, "rows": sweep},
+                   "batches": {str(b): rows for b, rows in results.items()}, "notes": notes,
+                   "complete": len(results) == len(args.batches)}
+        if not args.no_write:  # after every batch: a run cut short keeps what it measured
+            written = write_result(args.key, QUESTION, payload, [sys.argv[0], *argv], classifiers=configs,
+                                   root=args.out_root)
+            print(f"wrote {written}", flush=True)
     lossless_rows = [r for rows in results.values() for r in rows.values() if r["kind"] == "lossless"]
     return 0 if all(r["rows_identical"] == r["rows"] or all(
         abs(m.get("stock_top2_margin", 0.0)) < 1e-3 for m in r["mismatches"]) for r in lossless_rows) else 1
