@@ -28,7 +28,7 @@ import sys
 import time
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+from transformers import LlamaConfig
 
 from adainfer_hf import AdaInferLlamaForCausalLM
 from benchmarks.speed.lossless import HELD_OUT, drafting_rule, load_pair, mixed, parse_rules, read_prompts
