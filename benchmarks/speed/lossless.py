@@ -28,7 +28,7 @@ acceptance rate, mean drafts per verification and layers computed per generated 
 all L layers, a draft's deep layers in the next verification, so this is L x fed positions / tokens).
 
 Usage: `python -m benchmarks.speed.lossless KEY [--prompts 16] [--new-tokens 64] [--repeats 3] [--batches 1 4]
-[--threads 1] [--rules -2:8192:4,...] [--classifier DIR] [--lossy DIR] [--early-exit 4,8,...] [--lookup 3,10]`.
+[--threads 1] [--rules -2:8192:4,...] [--classifier [NAME=]DIR] [--lossy DIR] [--early-exit 4,8,...] [--lookup 3,10]`.
 `KEY` is a key of `benchmarks.common.real_models` (`source /work/models/env.sh` first on the shared machine) or, with
 `--model-dir DIR`, any name for the checkpoint in DIR. Writes `docs/results/<KEY>/lossless/<date>.json` with the
 stamping writer (`--out-root` to write elsewhere) and prints a Markdown table.
@@ -178,8 +178,9 @@ def make_runs(stock, ada, rules, classifiers, lossy, early_exit, lookup) -> list
 
     def lossless_call(clf, cap):
         def call(enc, gen):
-            out = ada.generate(**enc, **gen, exit_policy=clf, lossless=True, max_draft_tokens=cap,
-                               return_dict_in_generate=True)
+            cap_arg = {} if cap is None else {"max_draft_tokens": cap}  # None: generate's (the artifact's) own
+            out = ada.generate(**enc, **gen, exit_policy=clf, lossless=True, return_dict_in_generate=True,
+                               **cap_arg)
             return out.sequences, {"draft": out.draft_tokens.tolist(), "accepted": out.accepted_tokens.tolist()}
         return call
 
@@ -337,8 +338,10 @@ def parse_args(argv):
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4])
     p.add_argument("--threads", type=int, default=1, help="torch threads (default 1: the machine is shared)")
     p.add_argument("--rules", default=DEFAULT_RULES, help="drafting rules LAYER:SHORTLIST:CAP,... ('' for none)")
-    p.add_argument("--classifier", action="append", default=[], help="a drafting artifact directory (repeatable)")
-    p.add_argument("--max-draft-tokens", type=int, default=8, help="the draft cap of --classifier runs")
+    p.add_argument("--classifier", action="append", default=[],
+                   help="a drafting artifact, DIR or NAME=DIR (repeatable; the run is named lossless:NAME)")
+    p.add_argument("--max-draft-tokens", type=int, default=None,
+                   help="the draft cap of --classifier runs (default: none passed, so the artifact's own)")
     p.add_argument("--lossy", default=None, help="an artifact calibrated at 0.95, run with lossless=False")
     p.add_argument("--early-exit", default="", help="assistant_early_exit values to sweep, e.g. 6,12 (L/4, L/2)")
     p.add_argument("--lookup", default="3,10", help="prompt_lookup_num_tokens values")
@@ -373,10 +376,17 @@ def main(argv: list[str] | None = None) -> int:
         {"rule": "AlwaysExit" if gap is None else "GapThresholdRule", "layer": layer, "shortlist": size,
          "max_draft_tokens": cap, "gap": gap}) for layer, size, cap, gap in parse_rules(args.rules, L)}
     classifiers, configs = {}, {}
-    for i, d in enumerate(args.classifier):
+    for i, spec in enumerate(args.classifier):
+        name, sep, d = spec.partition("=")
+        name, d = (name, d) if sep else (f"classifier{i}", spec)
+        if not name or not d:
+            raise SystemExit(f"--classifier expects DIR or NAME=DIR; got {spec!r}.")
         clf, config = load_classifier(d, ada)
-        classifiers[f"classifier{i}"] = (clf, args.max_draft_tokens, {"classifier": i,
-                                                                        "max_draft_tokens": args.max_draft_tokens})
+        decode = config.get("decode_check_layers")  # None: the prefill schedule; None there: every layer
+        empty = (config.get("check_layers") if decode is None else decode) == []
+        classifiers[name] = (clf, args.max_draft_tokens, {"classifier": i, "max_draft_tokens": args.max_draft_tokens,
+                                                          "drafting": config.get("drafting"),
+                                                          "empty_schedule": empty})
         configs[d] = config
     lossy = None
     notes = {"held_out": held_out_note, "contention": "2 CPU cores shared with up to 5 other sessions; "

@@ -31,8 +31,8 @@ import torch
 from transformers import LlamaConfig
 
 from adainfer_hf import AdaInferLlamaForCausalLM
+from benchmarks.common.timing import quartiles
 from benchmarks.speed.lossless import HELD_OUT, drafting_rule, load_pair, mixed, parse_rules, read_prompts
-from benchmarks.timing import quartiles
 
 LLAMA3_8B = dict(num_hidden_layers=32, hidden_size=4096, intermediate_size=14336, vocab_size=128256,
                  num_attention_heads=32, num_key_value_heads=8, rope_theta=500000.0, max_position_embeddings=8192,
