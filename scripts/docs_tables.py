@@ -6,7 +6,8 @@ file (docs/results/README.md). A generated table sits between `<!-- results:NAME
     python scripts/docs_tables.py          # rewrite both
     python scripts/docs_tables.py --check  # exit 1 if either is not what the result files say
 
-Per real model: lossless decode speed against stock `generate` (the newest docs/results/<key>/lossless/*.json),
+Per real model: lossless decode speed against stock `generate` (the newest docs/results/<key>/lossless/*.json;
+the README's `lossless` block puts the peers of the same run beside it: `lossless_table`),
 the layers certified exits save on tasks at 0.99 and 0.95 (the newest docs/results/<key>/eval/<date>/results.json
 and <date>-0.95/results.json, the `adainfer eval` runs), and the oracle ceiling (the share of layers left after the
 first layer whose logit lens equals the dense first token, from the same eval runs).
@@ -37,13 +38,101 @@ def _newest(directory: Path) -> dict | None:
     return json.loads(files[-1].read_text()) if files else None
 
 
-def lossless_cell(result: dict | None) -> str:
-    """`speed (quartiles), acceptance, identical` of the lossless run at batch 1, from a stamped result file."""
-    if result is None:
+def _ratio(row: dict | None) -> str:
+    """`median [q1, q3]` of a lossless result run's per-(repeat, prompt group) speed ratios against stock."""
+    if not row:
+        return "-"
+    q = row["ratio"]
+    return f"{q['median']:.2f}x [{q['q1']:.2f}, {q['q3']:.2f}]"
+
+
+def _best(rows: dict, prefix: str) -> tuple[str | None, dict | None]:
+    """The run named `prefix...` with the highest median ratio; for lossless runs only those whose every row is the
+    stock text count, unless none is."""
+    names = [n for n in rows if n.startswith(prefix)]
+    if prefix == "lossless:":
+        names = [n for n in names if rows[n]["rows_identical"] == rows[n]["rows"]] or names
+    if not names:
+        return None, None
+    name = max(names, key=lambda n: rows[n]["ratio"]["median"])
+    return name, rows[name]
+
+
+def _lossless_runs(data: dict) -> tuple[str | None, dict, dict]:
+    """`(run name, batch-1 rows, batch-4 rows)` of a `benchmarks.speed.lossless` file: the best lossless run at
+    batch 1 (batch 4 when the file has no batch 1), and every run of each batch."""
+    batches = data["result"].get("batches", {})
+    one, four = batches.get("1", {}), batches.get("4", {})
+    name, _ = _best(one or four, "lossless:")
+    return name, one, four
+
+
+def _identical(*runs) -> str:
+    runs = [r for r in runs if r]
+    return f"{sum(r['tokens_identical'] for r in runs)}/{sum(r['tokens'] for r in runs)}" if runs else "-"
+
+
+def _acceptance(run: dict | None) -> str:
+    return "-" if not run or run.get("acceptance") is None else f"{100 * run['acceptance']:.0f}%"
+
+
+def _measured(stamp: dict) -> str:
+    device = stamp.get("device", {})
+    where = (device.get("gpu") or device.get("cpu", "?")) if isinstance(device, dict) else str(device)
+    return f"{where}, {stamp.get('date', '?')[:10]}"
+
+
+def lossless_cell(data: dict | None) -> str:
+    """`speed median [q1, q3], acceptance, identical tokens` of the best lossless run at batch 1 of a stamped
+    `benchmarks.speed.lossless` result file."""
+    if data is None:
         return "not measured"
-    run = result["runs"]["lossless"]["batch_1"]
-    return (f"{run['speedup_median']:.2f}x ({run['speedup_q1']:.2f}-{run['speedup_q3']:.2f}), "
-            f"{100 * run['acceptance']:.0f}% accepted, {run['identical']}/{run['prompts']} identical")
+    name, one, four = _lossless_runs(data)
+    if name is None:
+        return "not measured"
+    run = (one or four)[name]
+    return f"{_ratio(run)}, {_acceptance(run)} accepted, {_identical(run)} identical"
+
+
+def _drafter(name: str, run: dict) -> str:
+    setting = run.get("setting") or {}
+    label = name.split(":", 1)[1]
+    if "classifier" in setting:
+        return f"{label} (artifact{', empty schedule' if setting.get('empty_schedule') else ''})"
+    return f"rule {label}"
+
+
+def lossless_table(root: Path = ROOT) -> str:
+    """The README's lossless table: per real model, the newest `docs/results/<key>/lossless/*.json` (written by
+    `benchmarks.speed.lossless`): the best lossless run against stock `generate` at batch 1 and 4 (median
+    [quartiles] of the per-prompt-group ratios), its acceptance, drafts per verification, layers per token and
+    the tokens identical to stock, beside the peers of the same run (the best `assistant_early_exit` k of the sweep,
+    the best prompt-lookup n) and today's lossy exits at 0.95."""
+    rows = ["| model (layers) | drafter | lossless, batch 1 | lossless, batch 4 | acceptance | drafts per verify | "
+            "layers per token | identical tokens | `assistant_early_exit` (k) | prompt lookup (n) | "
+            "lossy 0.95 (identical tokens) | tokens x prompts x repeats | measured on |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key in KEYS:
+        data = _newest(root / "docs" / "results" / key / "lossless")
+        name, one, four = _lossless_runs(data) if data else (None, {}, {})
+        if name is None:
+            rows.append(f"| {NAMES[key]} | not measured |" + " |" * 11)
+            continue
+        result = data["result"]
+        run = (one or four)[name]
+        peers = []
+        for prefix in ("early_exit:", "lookup:"):
+            peer, row = _best(one, prefix)
+            peers.append(f"{_ratio(row)} ({peer.split(':', 1)[1]})" if row else "-")
+        lossy = one.get("lossy:0.95") or four.get("lossy:0.95")
+        lossy_cell = f"{_ratio(lossy)} ({_identical(lossy)})" if lossy else "-"
+        fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+        rows.append(f"| {NAMES[key]} ({result['num_layers']}) | {_drafter(name, run)} | {_ratio(one.get(name))} | "
+                    f"{_ratio(four.get(name))} | {_acceptance(run)} | {fmt(run.get('drafts_per_verification'))} | "
+                    f"{fmt(run.get('layers_per_token'))} | {_identical(one.get(name), four.get(name))} | "
+                    f"{peers[0]} | {peers[1]} | {lossy_cell} | "
+                    f"{result['new_tokens']} x {result['prompts']} x {result['repeats']} | {_measured(data['stamp'])} |")
+    return "\n".join(rows)
 
 
 def _paper_table():
@@ -56,8 +145,8 @@ def _paper_table():
 
 def status_table(root: Path = ROOT) -> str:
     paper_table = _paper_table()
-    rows = ["| model (layers) | lossless decode vs stock, batch 1 | certified savings on tasks @0.99 | @0.95 | "
-            "oracle ceiling (first token) | lossless measured on |",
+    rows = ["| model (layers) | lossless decode vs stock, batch 1: median [q1, q3], acceptance, identical tokens | "
+            "certified savings on tasks @0.99 | @0.95 | oracle ceiling (first token) | lossless measured on |",
             "|---|---|---|---|---|---|"]
     for key in KEYS:
         results = root / "docs" / "results" / key
@@ -66,7 +155,7 @@ def status_table(root: Path = ROOT) -> str:
         lossless = _newest(results / "lossless")
         layers = run.get("L", "?")
         oracle = f"{100 * s99['oracle']['pruning_ratio']:.0f}%" if s99 and "oracle" in s99 else "-"
-        where = f"{lossless['stamp']['device']}, {lossless['stamp']['date'][:10]}" if lossless else "-"
+        where = _measured(lossless["stamp"]) if lossless else "-"
         rows.append(f"| {NAMES[key]} ({layers}) | {lossless_cell(lossless)} | {_saved(s99)} | {_saved(s95)} | "
                     f"{oracle} | {where} |")
     return "\n".join(rows)
@@ -253,7 +342,8 @@ def pages(root: Path = ROOT) -> dict[Path, str]:
     scale = root / "docs" / "scale.md"
     scale_text = render(render(scale.read_text(), calibration_draws_table(), "calibration-draws"),
                         collect_throughput_table(root), "collect-throughput")
-    return {readme: render(readme.read_text(), status_table(root)), results_md: text, scale: scale_text,
+    front = render(render(readme.read_text(), status_table(root)), lossless_table(root), "lossless")
+    return {readme: front, results_md: text, scale: scale_text,
             root / "docs" / "results" / "README.md": results_index(root)}
 
 

@@ -114,3 +114,12 @@ def generation(dense, ada, tok, texts, classifiers, new_tokens, caches=None):
     caches = caches or {}
     runs = {name: (clf, caches.get(name, "propagate")) for name, clf in classifiers.items()}
     return summarize(timed_runs(dense, ada, tok, texts, runs, new_tokens, 1), ada.config.num_hidden_layers)
+
+
+def quartiles(values) -> dict:
+    """`{"median", "q1", "q3", "n"}` of `values` (the summary every speed result reports)."""
+    values = np.asarray(values, dtype=float).reshape(-1)
+    if values.size == 0:
+        raise ValueError("quartiles of no values: a run produced no timings.")
+    q1, med, q3 = np.quantile(values, [0.25, 0.5, 0.75])
+    return {"median": float(med), "q1": float(q1), "q3": float(q3), "n": int(values.size)}
