@@ -19,6 +19,8 @@ import json
 import sys
 from pathlib import Path
 
+from adainfer_hf.utils.results import newest_result, read_result
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b")
 NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
@@ -33,8 +35,9 @@ def _saved(summary: dict | None) -> str:
 
 
 def _newest(directory: Path) -> dict | None:
-    files = sorted(directory.glob("*.json")) if directory.is_dir() else []
-    return json.loads(files[-1].read_text()) if files else None
+    """The newest result file (any variant) of `<root>/<model>/<question>` as stored (`utils.results.newest_result`)."""
+    path = newest_result(directory.parent.name, directory.name, directory.parent.parent, variant=None)
+    return json.loads(path.read_text()) if path else None
 
 
 def lossless_cell(result: dict | None) -> str:
@@ -132,10 +135,11 @@ def paper_tables(root: Path = ROOT) -> dict[str, str]:
 
 
 def _files(root: Path, question: str):
-    """`(model, date-and-variant, data)` of every result file of `question`, by model then date."""
+    """`(model, date-and-variant, payload)` of every result file of `question`, by model then date (the payload
+    of a stamped file and of a migrated one alike: `utils.results.read_result`)."""
     results = root / "docs" / "results"
     for path in sorted(results.glob(f"*/{question}/*.json")):
-        yield path.parent.parent.name, path.stem, json.loads(path.read_text())
+        yield path.parent.parent.name, path.stem, read_result(path)[1]
 
 
 def _name(key: str) -> str:
