@@ -83,10 +83,8 @@ def main(argv=None):
 
 
 def table2(runs) -> str:
-    out = []
-    out.append("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
-          "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out = ["| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
+           "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s, L = r["s99"], r["L"]
         out.append(f"| {NAMES[r['key']]} ({L}) | {r['n']} | {100 * s['dense']['accuracy']:.1f} | "
@@ -106,10 +104,8 @@ def table2(runs) -> str:
 
 
 def gates_table(gated) -> str:
-    out = []
-    out.append("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
-          "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
-    out.append("|---|---|---|---|---|---|")
+    out = ["| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
+           "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |", "|---|---|---|---|---|---|"]
     for r in gated:
         for kind, g in r["gates"].items():
             where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"

@@ -30,7 +30,7 @@ from benchmarks.common.classifiers import named_classifiers
 from benchmarks.common.prompts import held_out_texts
 from benchmarks.common.real_models import model_dir
 from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
-from benchmarks.common.timing import summarize, timed_runs
+from benchmarks.common.timing import add_generation_timing_arguments, summarize, timed_runs
 
 
 def main(argv=None):
@@ -41,9 +41,7 @@ def main(argv=None):
                    "with every one")
     p.add_argument("--eval-per-task", type=int, default=1)
     p.add_argument("--chat", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
+    add_generation_timing_arguments(p, new_tokens=64)
     add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)

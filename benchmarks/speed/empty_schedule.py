@@ -43,6 +43,7 @@ from benchmarks.common.results import (
     save_result,
     settings_of,
 )
+from benchmarks.common.timing import add_generation_timing_arguments
 
 
 def empty_classifier(model) -> ExitClassifier:
@@ -133,9 +134,7 @@ def main(argv=None):
     p.add_argument("--classifier", default=None, metavar="DIR", help="a saved classifier with empty schedules "
                    "instead of the one built here (one key only)")
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
+    add_generation_timing_arguments(p, new_tokens=32, threads=1)
     add_result_arguments(p)
     args = p.parse_args(argv)
     if args.classifier and len(args.keys) != 1:

@@ -162,3 +162,30 @@ def test_read_result_reads_stamped_and_migrated_files_alike(tmp_path):
     (tmp_path / "c.json").write_text("[1]")
     with pytest.raises(ValueError, match="JSON object"):
         read_result(tmp_path / "c.json")
+
+
+def test_the_former_hand_tables_read_stamped_files(tmp_path):
+    """A file `write_result` wrote (`{"stamp", "result"}`) renders like a migrated one: the peer and check-dtype
+    tables show its numbers, and a newer file replaces an older one."""
+    from adainfer_hf.utils.results import write_result
+
+    out = tmp_path / "docs" / "results"
+    row = {"method": "econ-calm@0.9", "overall_agreement": 0.25, "prefix_agreement": 0.125, "identical_prompts": 1,
+           "mean_layers": 4.5, "x_hf": 3.5, "x_hf_min": 2.25}
+    write_result("smollm2", "peer_economize", {"settings": {"prompts": 4}, "results": [row]}, ["peer.py"], root=out)
+    table = _docs_tables().peer_table(tmp_path)
+    assert "| economize CALM, threshold 0.9 | 0.250 / 0.125 | 1/4 | 4.5 | 3.50x (2.25x) |" in table
+
+    target = {"test_agreement": 0.75, "test_mean_layers": 20.0, "fp32_rule_decision_flips": 0, "rows": 10}
+    dtypes = {"float32": {"top1_agreement_with_fp32": 1.0, "max_abs_diff_top_prob": 0.0, "check_cost_prefill": 2.0,
+                          "check_cost_decode": 12.0, "targets": {"0.9": target}},
+              "float16": {"top1_agreement_with_fp32": 0.5, "max_abs_diff_top_prob": 0.125, "check_cost_prefill": 1.0,
+                          "check_cost_decode": 6.0,
+                          "targets": {"0.9": {**target, "test_agreement": 0.5, "fp32_rule_decision_flips": 3}}}}
+    old = out / "smollm2" / "check_dtype" / "2026-01-01.json"
+    old.parent.mkdir(parents=True)
+    old.write_text(json.dumps({"stamp": {}, "median_length": 7, "dtypes": {"float32": dtypes["float32"]}}))
+    write_result("smollm2", "check_dtype", {"median_length": 9, "dtypes": dtypes}, ["dtype.py"], root=out)
+    table = _docs_tables().check_dtype_table(tmp_path)
+    assert "prefill 9 / decode" in table  # the newer, stamped file
+    assert "| float16 | 50.00% of rows | 0.12 | 1.00 / 6.0 | 3 of 10 checked rows | 0.500 / 20.00 |" in table
