@@ -20,6 +20,8 @@ import json
 import sys
 from pathlib import Path
 
+from adainfer_hf.utils.results import newest_result, read_result, result_files
+
 ROOT = Path(__file__).resolve().parent.parent
 KEYS = ("smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b")
 NAMES = {"smollm2": "SmolLM2-135M-Instruct", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B-Instruct",
@@ -34,8 +36,9 @@ def _saved(summary: dict | None) -> str:
 
 
 def _newest(directory: Path) -> dict | None:
-    files = sorted(directory.glob("*.json")) if directory.is_dir() else []
-    return json.loads(files[-1].read_text()) if files else None
+    """The newest result file (any variant) of `<root>/<model>/<question>` as stored (`utils.results.newest_result`)."""
+    path = newest_result(directory.parent.name, directory.name, directory.parent.parent, variant=None)
+    return json.loads(path.read_text()) if path else None
 
 
 def _ratio(row: dict | None) -> str:
@@ -221,10 +224,11 @@ def paper_tables(root: Path = ROOT) -> dict[str, str]:
 
 
 def _files(root: Path, question: str):
-    """`(model, date-and-variant, data)` of every result file of `question`, by model then date."""
+    """`(model, date-and-variant, payload)` of every result file of `question`, by model then date (the payload
+    of a stamped file and of a migrated one alike: `utils.results.read_result`)."""
     results = root / "docs" / "results"
     for path in sorted(results.glob(f"*/{question}/*.json")):
-        yield path.parent.parent.name, path.stem, json.loads(path.read_text())
+        yield path.parent.parent.name, path.stem, read_result(path)[1]
 
 
 def _name(key: str) -> str:
@@ -319,7 +323,7 @@ def collect_throughput_table(root: Path = ROOT) -> str:
     rows = ["| model | date | processes x threads | s per 1,000 prompts (median) | ms per prompt token | speedup | runs |",
             "|---|---|---|---:|---:|---:|---|"]
     for key, stem, data in _files(root, "collect_throughput"):
-        result = data["result"]
+        result = data
         by = result["by_processes"]
         one = by.get("1", {}).get("s_per_1000_prompts")
         for n, r in sorted(by.items(), key=lambda item: int(item[0])):
@@ -330,6 +334,156 @@ def collect_throughput_table(root: Path = ROOT) -> str:
     return "\n".join(rows)
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# docs/results.md's tables that were copied by hand before: each now from its result file (issue 30, "results")
+
+def _newest_payload(root: Path, model: str, question: str, **kwargs) -> tuple[str, dict, dict]:
+    """`(file name, stamp, payload)` of the newest result of `model` / `question` (ValueError when there is none:
+    a generated table without its file is an error, not an empty table)."""
+    path = newest_result(model, question, root / "docs" / "results", **kwargs)
+    if path is None:
+        raise ValueError(f"no result file for {model}/{question} ({kwargs or 'no variant'}) under docs/results")
+    return path.relative_to(root / "docs" / "results").as_posix(), *read_result(path)
+
+
+def _method_cell(row: dict | None, layers: bool = True) -> str:
+    if row is None:
+        return "-"
+    return f"{100 * row['accuracy']:.1f}" + (f" / {row['mean_layers']:.1f}" if layers else "")
+
+
+def smollm2_shots_table(root: Path = ROOT) -> str:
+    """`benchmarks/paper/eval_smollm2.sh` (`adainfer eval` over several shot counts): per shot count, accuracy and
+    mean layers of every method, from the newest SmolLM2 eval report that covers more than one shot count."""
+    results = root / "docs" / "results"
+    paths = [p for p in result_files("smollm2", "eval", results, variant=None, filename="results.json")
+             if len(read_result(p)[1]["config"].get("shots", [])) > 1]
+    if not paths:
+        raise ValueError("no SmolLM2 eval report over several shot counts under docs/results/smollm2/eval/")
+    data = read_result(paths[-1])[1]
+    removed = len(data["methods"].get("shortgpt", {}).get("removed_layers", []))
+    rows = [f"| shots | n | dense acc | AdaInfer acc / layers | gap>0.8 acc / layers | CRF acc / layers | "
+            f"ShortGPT (-{removed} layers) acc | oracle acc / layers |", "|---|---|---|---|---|---|---|---|"]
+    for shots in data["config"]["shots"]:
+        by = {r["method"]: r for r in data["summary"] if r["task"] == "all" and r["shots"] == shots}
+        rows.append(f"| {shots} | {by['dense']['n']} | {_method_cell(by['dense'], False)} | "
+                    f"{_method_cell(by.get('adainfer'))} | {_method_cell(by.get('gap'))} | {_method_cell(by.get('crf'))} | "
+                    f"{_method_cell(by.get('shortgpt'), False)} | {_method_cell(by.get('oracle'))} |")
+    return "\n".join(rows) + f"\n\n(From [{paths[-1].relative_to(results).as_posix()}]" \
+        f"(results/{paths[-1].relative_to(results).as_posix()}).)"
+
+
+def check_dtype_table(root: Path = ROOT) -> str:
+    """`benchmarks.quality.check_dtype_smollm2`: what a half-precision check head changes, per check dtype."""
+    name, _, data = _newest_payload(root, "smollm2", "check_dtype")
+    ref = data["dtypes"]["float32"]["targets"]
+    rows = [f"| check head | logit-lens top-1 equal to fp32's | max abs. change of top_prob | one check, prefill "
+            f"{data['median_length']} / decode (layers) | fp32-calibrated rule's decisions changed | test agreement / "
+            f"layers at targets {', '.join(ref)} |", "|---|---|---|---|---|---|"]
+    for dtype, d in data["dtypes"].items():
+        targets = d["targets"]
+        flips = sum(t["fp32_rule_decision_flips"] for t in targets.values())
+        checked = sum(t["rows"] for t in targets.values())
+        same = all((t["test_agreement"], t["test_mean_layers"]) == (ref[k]["test_agreement"], ref[k]["test_mean_layers"])
+                   for k, t in targets.items())
+        outcome = ", ".join(f"{t['test_agreement']:.3f} / {t['test_mean_layers']:.2f}" for t in targets.values())
+        rows.append(f"| {'fp32 (model)' if dtype == 'float32' else dtype} | {100 * d['top1_agreement_with_fp32']:.2f}% "
+                    f"of rows | {d['max_abs_diff_top_prob']:.2g} | {d['check_cost_prefill']:.2f} / "
+                    f"{d['check_cost_decode']:.1f} | {'-' if dtype == 'float32' else f'{flips} of {checked:,} checked rows'} | "
+                    f"{outcome if dtype == 'float32' or not same else 'identical to fp32'} |")
+    return "\n".join(rows) + f"\n\n(From [{name}](results/{name}).)"
+
+
+def bench_exit_table(root: Path = ROOT, model: str = "smollm2") -> str:
+    """`benchmarks.speed.bench_exit`: the machinery's overhead where nothing fires, and each exit's speedup as a
+    fraction of the ideal's (in parentheses: with every skipped layer's K/V filled inside the timed call)."""
+    name, _, data = _newest_payload(root, model, "bench_exit", variant="cpu")
+    cases = data["results"]
+    ks = list(cases[0]["exit"])
+    _paper_table()  # the benchmarks package on the path
+    from benchmarks.speed.bench_exit import SHAPES
+
+    L = SHAPES[data["args"]["shape"]]["num_hidden_layers"] if not data["args"].get("model") else "L"
+    rows = ["| case | never fires: no checks / 1 check / every layer | "
+            + " | ".join(f"exit after {k} of {L}" for k in ks) + " |", "|---" * (2 + len(ks)) + "|"]
+    for c in cases:
+        case = (f"prefill {c['length']}, batch {c['batch']}" if c["phase"] == "prefill" else
+                f"decode (context {c['length']}, {data['args']['decode_steps']} steps), batch {c['batch']}")
+        o = c["overhead"]
+        cells = [f"{e['speedup']:.2f}x of {e['ideal']:.2f}x: **{e['of_ideal']:.2f}** ({e['of_ideal_filled']:.2f})"
+                 for e in c["exit"].values()]
+        rows.append(f"| {case} | {100 * o['no_checks']:+.1f}% / {100 * o['one_check']:+.1f}% / "
+                    f"{100 * o['every_layer']:+.0f}% | " + " | ".join(cells) + " |")
+    return "\n".join(rows) + f"\n\n(From [{name}](results/{name}), every sample included.)"
+
+
+_PEER_NAMES = {"hf": "HF `generate` (stock)", "econ-plain": "economize, no early exit",
+               "ada-shipped": "AdaInfer, shipped calibrated classifier",
+               "ada-shipped-checks": "AdaInfer, shipped classifier forced to check every layer"}
+
+
+def _peer_method(method: str) -> str:
+    if method in _PEER_NAMES:
+        return _PEER_NAMES[method]
+    if method.startswith("econ-calm@"):
+        return "economize CALM, threshold " + method.removeprefix("econ-calm@")
+    if method.startswith("ada-gap@"):
+        return "AdaInfer, `gap` rule at " + method.removeprefix("ada-gap@").replace("+prompt", " (prompt step may exit)")
+    return f"AdaInfer, `{method.removeprefix('ada-')}`"
+
+
+def peer_table(root: Path = ROOT, model: str = "smollm2") -> str:
+    """`benchmarks.peers.peer_economize` without extra classifiers: every method's agreement with the stock greedy
+    tokens, layers per token and time against HF `generate` (median of the repeats)."""
+    name, _, data = _newest_payload(root, model, "peer_economize")
+    rows = ["| method | token agreement with dense (overall / common prefix) | identical prompts | mean layers | "
+            "time vs HF `generate` (median; fastest repeat) |", "|---|---|---|---|---|"]
+    n = data["settings"]["prompts"]
+    for r in data["results"]:
+        rows.append(f"| {_peer_method(r['method'])} | {r['overall_agreement']:.3f} / {r['prefix_agreement']:.3f} | "
+                    f"{r['identical_prompts']}/{n} | {r['mean_layers']:.1f} | {r['x_hf']:.2f}x ({r['x_hf_min']:.2f}x) |")
+    return "\n".join(rows) + f"\n\n(From [{name}](results/{name}).)"
+
+
+def generation_table(root: Path = ROOT) -> str:
+    """`benchmarks.quality.generation_real` (teacher-forced calibration on generated tokens, no `--free-running`):
+    per model and rule, the calibration, the decode schedule and the 64-token generations with each cache."""
+    rows = ["| model | rule @ target | calibration: tokens exiting / layers per token / agreement | decode schedule "
+            "(layers) / predicted cost | generation, exact cache: agreement / first divergence / layers per token / "
+            "speedup | same, propagate cache |", "|---|---|---|---|---|---|"]
+    links = []
+    for key in KEYS:
+        path = newest_result(key, "generation", root / "docs" / "results")
+        if path is None:
+            continue
+        data = read_result(path)[1]
+        links.append(f"[{_name(key)}](results/{path.relative_to(root / 'docs' / 'results').as_posix()})")
+        gen = data["generation"]
+        for rule, c in data["classifiers"].items():
+            cal = c["calibration"]
+            decode = cal.get("decode_schedule") or {}
+            layers = c["decode_check_layers"]
+            schedule = ", ".join(map(str, layers)) if layers else "none"
+            exiting = f"{100 * cal['early_exits'] / cal['n']:.0f}%" if cal.get("n") else "-"
+
+            def run(g):
+                return "" if g is None else (f"{g['token_agreement']:.3f} / {g['mean_prefix']:.1f} / "
+                                             f"{g['mean_layers_per_token']:.2f} / {g['speedup_median']:.2f}x")
+
+            rows.append(f"| {_name(key)} | {rule} | {exiting} / {cal.get('mean_exit_layer', float('nan')):.1f} / "
+                        f"{cal.get('agreement', float('nan')):.2f} | {schedule} / "
+                        f"{decode.get('relative_cost', 1.0):.3f} | {run(gen.get(rule))} | "
+                        f"{run(gen.get(f'{rule} propagate'))} |")
+    return "\n".join(rows) + f"\n\n(From {', '.join(links)}.)"
+
+
+def former_hand_tables(root: Path = ROOT) -> dict[str, str]:
+    """The blocks of docs/results.md generated since issue 30 (tables that used to be copied from printed runs)."""
+    return {"smollm2-shots": smollm2_shots_table(root), "check-dtype": check_dtype_table(root),
+            "bench-exit": bench_exit_table(root), "peer-smollm2": peer_table(root),
+            "generation": generation_table(root)}
+
+
 def pages(root: Path = ROOT) -> dict[Path, str]:
     """Each generated page as the result files say it should read."""
     readme, results_md = root / "README.md", root / "docs" / "results.md"
@@ -337,6 +491,7 @@ def pages(root: Path = ROOT) -> dict[Path, str]:
     tables = {**paper_tables(root), "decode-gain": decode_gain_table(root),
               "decode-gain-vocabulary": decode_gain_table(root, shortlists=True), "prefill-gain": prefill_gain_table(root),
               "catch-up-cost": catch_up_table(root), "vocabulary-cost": vocabulary_cost_table(root)}
+    tables.update(former_hand_tables(root))
     for name, table in tables.items():
         text = render(text, table, name)
     scale = root / "docs" / "scale.md"

@@ -616,6 +616,31 @@ def load(
     return model.eval(), tokenizer
 
 
+def load_pair(key: str, *, root: str | os.PathLike | None = None) -> tuple[Any, Any, Any]:
+    """
+    The tokenizer, the stock model and the AdaInfer model (no classifier) of a benchmark model: what a benchmark
+    comparing the two on the same weights loads.
+
+    Args:
+        key (`str`): a key of [`REAL_MODELS`].
+        root (`str` or `os.PathLike`, *optional*): cache root instead of [`bench_models_root`].
+
+    Returns:
+        `tuple`: ``(tokenizer, stock, adainfer)``; both models in eval mode, the tokenizer pads on the left (with
+        the end-of-sequence token where the checkpoint has no pad token).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from adainfer_hf import AutoAdaInferForCausalLM
+
+    path = model_dir(key, root=root)
+    tokenizer = AutoTokenizer.from_pretrained(path, padding_side="left")
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    stock = AutoModelForCausalLM.from_pretrained(path).eval()
+    return tokenizer, stock, AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+
+
 def sanity_check(
     model: Any, tokenizer: Any, prompt: str = SANITY_PROMPT, new_tokens: int = 8
 ) -> dict[str, Any]:

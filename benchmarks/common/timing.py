@@ -16,6 +16,13 @@ import numpy as np
 import torch
 
 
+def add_generation_timing_arguments(parser, *, new_tokens: int, repeats: int = 3, threads: int = 2) -> None:
+    """`--new-tokens`, `--repeats` and `--threads` of the benchmarks that time `generate` (their defaults vary)."""
+    parser.add_argument("--new-tokens", type=int, default=new_tokens, help="tokens generated per prompt, exactly")
+    parser.add_argument("--repeats", type=int, default=repeats, help="timed repeats (medians and quartiles)")
+    parser.add_argument("--threads", type=int, default=threads, help="torch threads (the machine is shared)")
+
+
 def timed_runs(dense, ada, tok, texts, runs, new_tokens, repeats):
     """`{run: {"ratios": [...], "s": ..., "dense_s": ..., "seconds": [...], "tokens": [...], "layers": [...]}}`
     with tokens and layers from the first repeat; `runs` maps a name to `(classifier, exit_cache)`, and the run

@@ -11,16 +11,14 @@ projection) through `F.linear` and as `W @ x.T`, the same product with the opera
     python -m benchmarks.cost.catch_up_cost --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
 
 Prints a markdown table (times relative to q = 1; median of `--repeats` rounds) and writes
-docs/results/catch_up_cost.json.
+docs/results/models/catch_up_cost/<date>.json (stamped, `benchmarks.common.results`).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -28,6 +26,7 @@ import torch.nn.functional as F
 from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.architectures import core as arch
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 QUERIES = (1, 2, 3, 4)
 
@@ -74,7 +73,7 @@ def main(argv=None):
     p.add_argument("--models", nargs="+", default=["smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b"])
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--inner", type=int, default=20, help="calls per timed sample")
-    p.add_argument("--json", default="docs/results/catch_up_cost.json")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     record = {"benchmark": "catch_up_cost", "threads": torch.get_num_threads(), "torch": torch.__version__,
               "repeats": args.repeats, "inner": args.inner, "models": {}}
@@ -88,10 +87,7 @@ def main(argv=None):
         print(f"| {key} | {rel} | {s['linear q=2'] / s['linear q=1']:.2f} / "
               f"{s['swapped q=2'] / s['swapped q=1']:.2f} |", flush=True)
         del model
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    save_result(args, MODELS, "catch_up_cost", record, argv)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """What one exit check costs on each real model, in decoder layers: the full check (final norm + LM head over the
 whole vocabulary + top-2) and a gate (`policy.gate.LinearGate`: RMS norm + one dot product), in single-token
 decode steps and in prompts of 64/256/1024 tokens. Ratios of medians measured in one process.
+Writes docs/results/models/check_cost_real/<date>.json (stamped) and prints a markdown table.
 
     python -m benchmarks.cost.check_cost_real --models smollm2 qwen2.5-0.5b gemma3-270m qwen2.5-1.5b
 """
@@ -11,7 +12,6 @@ import argparse
 import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -21,6 +21,7 @@ from adainfer_hf.architectures import core as arch
 from adainfer_hf.policy.gate import LinearGate
 from adainfer_hf.training.check_cost import measure_check_cost
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -57,7 +58,7 @@ def main(argv=None) -> int:
                    help="benchmarks/common/real_models.py keys.")
     p.add_argument("--lengths", nargs="+", type=int, default=[64, 256, 1024], help="Prompt lengths.")
     p.add_argument("--repeats", type=int, default=7, help="Timed repeats per measurement (medians).")
-    p.add_argument("--json", default="docs/results/check_cost_real.json", help="Where to write the results.")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     results = []
@@ -72,7 +73,8 @@ def main(argv=None) -> int:
         results.append(row)
         print(json.dumps(row), flush=True)
         del model
-    Path(args.json).write_text(json.dumps(results, indent=1))
+    save_result(args, MODELS, "check_cost_real", {"benchmark": "check_cost_real", "repeats": args.repeats,
+                                                  "threads": torch.get_num_threads(), "models": results}, argv)
     cols = ["decode_full", "decode_gate", *[f"prefill{n}_full" for n in args.lengths]]
     print("| model | layers | vocab | " + " | ".join(cols) + " |")
     for r in results:

@@ -10,7 +10,8 @@
 
     python -m benchmarks.cost.decode_steps KEY --classifier DIR [--cache exact] [--repeats 3]
 
-Medians over `--repeats` alternating runs on the first held-out prompt of decode_gain.py. Prints two lines.
+Medians over `--repeats` alternating runs on the first held-out prompt of decode_gain.py. Prints two lines and
+writes docs/results/<key>/decode_steps/<date>[-variant].json (stamped; the classifier by its config).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier
 from adainfer_hf.architectures import core as arch
 from benchmarks.common.prompts import held_out_texts
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
 
 
 class _Stamps(StoppingCriteria):
@@ -68,6 +70,7 @@ def main(argv=None):
     p.add_argument("--cache", default="exact", choices=("exact", "propagate"))
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     path = model_dir(args.key)
@@ -110,6 +113,16 @@ def main(argv=None):
         f"{kind} {len(ts) // args.repeats} of {args.new_tokens - 1}: {statistics.median(ts) * 1e3:.2f} ms "
         f"({statistics.median(ts) / base:.2f}x)" for kind, ts in sorted(groups.items()))
         + f"; {mean_layers:.2f} of {L} layers per decode token")
+    payload = {"benchmark": "decode_steps", "num_layers": L, "new_tokens": args.new_tokens, "cache": args.cache,
+               "repeats": args.repeats, "args": settings_of(args),
+               "stock": {"seconds_per_token": total / args.new_tokens, "layers_share": lay / total,
+                         "head_share": head / total, "rest_share": 1 - (lay + head) / total,
+                         "head_in_layers": head / (lay / L), "step_median_s": base},
+               "steps": {kind: {"count_per_run": len(ts) // args.repeats, "median_s": statistics.median(ts),
+                                "vs_stock": statistics.median(ts) / base} for kind, ts in sorted(groups.items())},
+               "mean_layers_per_decode_token": mean_layers}
+    save_result(args, args.key, "decode_steps", payload, argv,
+                classifiers=classifier_configs([args.classifier], [clf]))
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Full vs gated exit checks on a GPU, fp16, random weights shaped like Llama-2-7B and Llama-3-8B.
 
-    python -m benchmarks.cost.gpu_gate                      # on a CUDA device: both shapes, writes docs/results/gpu_gate.json
+    python -m benchmarks.cost.gpu_gate                      # on a CUDA device: both shapes, writes docs/results/models/gpu_gate/<date>.json
     python -m benchmarks.cost.gpu_gate --tiny --device cpu  # a seconds-long dry run of the same code on a tiny shape
+                                                            # (written as <date>-tiny.json; --no-write: print only)
 
 No checkpoint is needed (weights are random, so no exit is meaningful: this measures cost, not savings):
 
@@ -16,10 +17,8 @@ No checkpoint is needed (weights are random, so no exit is meaningful: this meas
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +27,7 @@ from transformers import DynamicCache, LlamaConfig
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, GapThresholdRule
 from adainfer_hf.policy.gate import LinearGate
 from adainfer_hf.training.check_cost import measure_check_cost, measure_gate_cost
+from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 SHAPES = {
     "llama-2-7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
@@ -99,7 +99,7 @@ def main(argv=None):
     p.add_argument("--tiny", action="store_true", help="the tiny shape only (a dry run)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--repeats", type=int, default=21)
-    p.add_argument("--json", default="docs/results/gpu_gate.json")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     dtype = torch.float16 if args.device.startswith("cuda") else torch.float32
     shapes = ["tiny"] if args.tiny else args.shapes.split(",")
@@ -127,9 +127,7 @@ def main(argv=None):
         del model
         if args.device.startswith("cuda"):
             torch.cuda.empty_cache()
-    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {args.json}")
+    save_result(args, MODELS, "gpu_gate", record, argv, variant="tiny" if args.tiny else None)
 
 
 if __name__ == "__main__":

@@ -6,15 +6,14 @@ For each model and phase (prompt forwards of 64 / 256 / 1024 tokens, and a singl
 does not depend on which), medians of `--repeats` alternating measurements.
 
 Usage: python -m benchmarks.cost.vocabulary_cost KEY [KEY ...] [--sizes 4096,16384,32768] [--repeats 9]
-Writes docs/results/vocabulary_cost.json and prints a markdown table.
+Writes docs/results/models/vocabulary_cost/<date>.json (one model: docs/results/<key>/vocabulary_cost/; stamped)
+and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -22,6 +21,7 @@ from transformers import AutoModelForCausalLM
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.training.check_cost import measure_check_cost
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 PHASES = (("prefill", 64), ("prefill", 256), ("prefill", 1024), ("decode", 1))
 
@@ -50,7 +50,7 @@ def main(argv=None):
     p.add_argument("--sizes", default="4096,16384,32768")
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default="docs/results/vocabulary_cost.json")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     sizes = [int(k) for k in args.sizes.split(",")]
@@ -66,10 +66,8 @@ def main(argv=None):
             print(f"| {r['phase']} | {r['tokens']} | {r['full']:.3f} | "
                   + " | ".join(f"{r[str(k)]:.3f}" for k in sizes) + " |")
         del model
-    path = Path(args.json)
-    if path.parent.is_dir():
-        old = json.loads(path.read_text()) if path.exists() else {}
-        path.write_text(json.dumps({**old, **out}, indent=2) + "\n")
+    # the payload maps each model key to its rows (what scripts/docs_tables.py reads)
+    save_result(args, MODELS if len(args.keys) > 1 else args.keys[0], "vocabulary_cost", out, argv)
 
 
 if __name__ == "__main__":

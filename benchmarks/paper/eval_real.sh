@@ -7,13 +7,15 @@
 #    0.95 from the same tables (`--from-tables`), so both targets share one training set.
 # 2. `adainfer eval` with the 0.99 classifier: dense, adainfer, the paper's gap>0.8 rule, a live CRF, ShortGPT and
 #    the oracle, 5-shot, on four unseen tasks; writes $OUT/results.json, results.md and plots.
-# 3. `adainfer eval` with the 0.95 classifier (dense and adainfer only): $OUT/target-0.95/.
+# 3. `adainfer eval` with the 0.95 classifier (dense and adainfer only): $OUT-0.95/.
+# OUT defaults to docs/results/KEY/eval/<UTC date>, the layout benchmarks.paper.paper_table and
+# scripts/docs_tables.py read (the newest <date>/ and <date>-0.95/).
 #
 # Usage: benchmarks/paper/eval_real.sh KEY [OUT_DIR]   KEY: qwen2.5-0.5b | gemma3-270m | qwen2.5-1.5b | smollm2
 set -euo pipefail
 PY=${PYTHON:-python}
 KEY=${1:?usage: eval_real.sh KEY [OUT_DIR]}
-OUT=${2:-docs/results/$KEY}
+OUT=${2:-docs/results/$KEY/eval/$(date -u +%F)}
 FV=${FV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/data/function_vectors}
 LIMIT=${LIMIT:-16}
 CAL_LIMIT=${CAL_LIMIT:-8}
@@ -22,7 +24,7 @@ CAL_FRACTION=${CAL_FRACTION:-0.6}
 CHECK_LENGTH=${CHECK_LENGTH:-128}
 MODEL=$($PY -m benchmarks.common.real_models "$KEY" 2>/dev/null | tr "\t" "\n" | sed -n "s/^dir=//p")
 ROOT=${CLF_ROOT:-${ADAINFER_HOME:-$HOME/.cache/adainfer_hf}/eval/$KEY-svm-10tasks-$TRAIN_LIMIT}
-mkdir -p "$OUT/target-0.95"
+mkdir -p "$OUT" "$OUT-0.95"
 
 if [ ! -f "$ROOT/clf-0.99/exit_classifier_config.json" ]; then
   $PY -m adainfer_hf train --model "$MODEL" --method svm --shots 5 --limit "$TRAIN_LIMIT" --seed 0 --quiet \
@@ -48,4 +50,4 @@ $PY -m adainfer_hf.cli.eval eval --model "$MODEL" --exit-classifier "$ROOT/clf-0
 $PY -m adainfer_hf.cli.eval eval --model "$MODEL" --exit-classifier "$ROOT/clf-0.95" --task-file "${EVAL_TASKS[@]}" \
   --shots 5 --limit "$LIMIT" --calibration-limit "$CAL_LIMIT" --sweep-targets \
   --methods dense,adainfer --max-new-tokens 5 --batch-size 8 --seed 0 --quiet \
-  --out "$OUT/target-0.95/results.json" --report-dir "$OUT/target-0.95"
+  --out "$OUT-0.95/results.json" --report-dir "$OUT-0.95"

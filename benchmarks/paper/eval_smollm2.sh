@@ -4,15 +4,16 @@
 # 1. Trains the exit classifier with `adainfer train` on six OTHER function-vectors tasks (inter-task setting:
 #    nothing of the evaluated tasks is seen in training or calibration of the classifier).
 # 2. Evaluates dense, adainfer, the paper's gap>0.8 rule, a live CRF, ShortGPT and the oracle on six tasks,
-#    0-shot and 5-shot, and writes docs/results/ (results.json, results.md, PNG plots).
+#    0-shot and 5-shot, and writes docs/results/smollm2/eval/<UTC date>/ (results.json, results.md, PNG plots).
 #
-# Usage: benchmarks/paper/eval_smollm2.sh [OUT_DIR]   (default docs/results; about 16 min wall, 17 CPU-min, on 2 shared cores)
+# Usage: benchmarks/paper/eval_smollm2.sh [OUT_DIR]   (default docs/results/smollm2/eval/<UTC date>; about 16 min wall, 17 CPU-min, on 2 shared cores)
 # Multi-process / multi-GPU: replace `python -m adainfer_hf.cli.eval` by
 #   `accelerate launch --multi_gpu --num_processes N -m adainfer_hf.cli.eval` (same flags, same results.json;
 #   without GPUs the processes join over gloo on the CPU).
 set -euo pipefail
 PY=${PYTHON:-python}
-OUT=${1:-docs/results}
+OUT=${1:-docs/results/smollm2/eval/$(date -u +%F)}
+mkdir -p "$OUT"
 FV=${FV:-$(cd "$(dirname "${BASH_SOURCE[0]}")/../../.." && pwd)/shared/data/function_vectors}
 LIMIT=${LIMIT:-12}
 CAL_LIMIT=${CAL_LIMIT:-6}

@@ -11,8 +11,9 @@ the oracle ceiling.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from adainfer_hf.utils.results import newest_result, read_result
 
 KEYS = ("smollm2", "qwen2.5-0.5b", "gemma3-270m", "qwen2.5-1.5b")
 NAMES = {"smollm2": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B", "gemma3-270m": "Gemma-3-270M",
@@ -20,7 +21,7 @@ NAMES = {"smollm2": "SmolLM2-135M", "qwen2.5-0.5b": "Qwen2.5-Coder-0.5B", "gemma
 
 
 def _summary(path: Path) -> dict:
-    data = json.loads(path.read_text())
+    data = read_result(path)[1]
     return {row["method"]: row for row in data["summary"] if row["task"] == "all"}, data
 
 
@@ -31,27 +32,20 @@ def _cell(row: dict | None, L: int, speed: bool = True) -> str:
     return text + (f" / {row['speedup']:.2f}x" if speed else "")
 
 
-def _newest(paths) -> Path | None:
-    paths = sorted(paths)
-    return paths[-1] if paths else None
-
-
 def load(root: Path, key: str):
     """The newest eval reports of `key` (docs/results/<key>/eval/<date>/ and <date>-0.95/) and its gate runs
     (docs/results/<key>/gate/<date>[-indist|-forced].json); None without an eval report."""
-    d = root / key
-    s99_path = _newest(p for p in d.glob("eval/*/results.json") if not p.parent.name.endswith("-0.95"))
+    s99_path = newest_result(key, "eval", root, filename="results.json")
     if s99_path is None:
         return None
     s99, data = _summary(s99_path)
-    s95_path = _newest(d.glob("eval/*-0.95/results.json"))
+    s95_path = newest_result(key, "eval", root, variant="0.95", filename="results.json")
     s95 = _summary(s95_path)[0] if s95_path else {}
     gates = {}
-    for name, suffix in (("gate", ""), ("gate_indist", "-indist"), ("gate_forced", "-forced")):
-        found = _newest(p for p in d.glob("gate/*.json") if p.stem.endswith(suffix) and
-                        (suffix or not p.stem.endswith(("-indist", "-forced"))))
+    for name, variant in (("gate", ""), ("gate_indist", "indist"), ("gate_forced", "forced")):
+        found = newest_result(key, "gate", root, variant=variant)
         if found:
-            gates[name] = json.loads(found.read_text())
+            gates[name] = read_result(found)[1]
     return {"key": key, "L": data["num_layers"], "n": s99["dense"]["n"], "s99": s99, "s95": s95, "gates": gates,
             "command": data["config"].get("command")}
 
@@ -89,10 +83,8 @@ def main(argv=None):
 
 
 def table2(runs) -> str:
-    out = []
-    out.append("| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
-          "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |")
-    out.append("|---|---|---|---|---|---|---|---|---|")
+    out = ["| model (L) | n | dense acc | AdaInfer @0.99 acc / layers (pruned) / speedup | AdaInfer @0.95 | "
+           "gap>0.8 | CRF | ShortGPT | oracle acc / layers (pruned) |", "|---|---|---|---|---|---|---|---|---|"]
     for r in runs:
         s, L = r["s99"], r["L"]
         out.append(f"| {NAMES[r['key']]} ({L}) | {r['n']} | {100 * s['dense']['accuracy']:.1f} | "
@@ -112,10 +104,8 @@ def table2(runs) -> str:
 
 
 def gates_table(gated) -> str:
-    out = []
-    out.append("| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
-          "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |")
-    out.append("|---|---|---|---|---|---|")
+    out = ["| model | trained on | one check in decode: full / gated (layers) | classifier | first token: agreement "
+           "/ layers / speedup | 64-token generation: agreement / layers per token / speedup |", "|---|---|---|---|---|---|"]
     for r in gated:
         for kind, g in r["gates"].items():
             where = "other examples of the same tasks" if kind == "gate_indist" else "ten other tasks"
@@ -137,9 +127,9 @@ def costs_table(root, keys) -> str:
     costs = []
     for key in keys:
         for name in ("gate_costs", "gate"):
-            path = _newest(p for p in (root / key).glob(f"{name}/*.json") if not p.stem.endswith(("-indist", "-forced")))
+            path = newest_result(key, name, root)
             if path is not None:
-                costs.append((key, json.loads(path.read_text())))
+                costs.append((key, read_result(path)[1]))
                 break
     if costs:
         out.append("")

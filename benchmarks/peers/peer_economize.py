@@ -31,7 +31,8 @@ from the exit state and ``head`` the LM-head calls made by the confidence measur
     python -m benchmarks.peers.peer_economize                                   # SmolLM2, 12 prompts x 40 tokens, 3 repeats
     python -m benchmarks.peers.peer_economize --model qwen2.5-0.5b --prompts 6 --max-new-tokens 32 --repeats 2
 
-Writes ``docs/results/peer_economize_<model>.json``.
+Writes ``docs/results/<model>/peer_economize/<date>[-variant].json`` (stamped; each ``--exit-classifier`` by its
+config, not its path).
 """
 
 from __future__ import annotations
@@ -44,16 +45,16 @@ import json
 import platform
 import random
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from adainfer_hf.utils.results import scrub_path
 from benchmarks.common.prompts import FV
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result
 
-REPO = Path(__file__).resolve().parents[2]
 FV_DIR = FV / "abstractive"
 FV_TASKS = ("antonym", "country-capital", "sentiment", "english-french", "present-past", "singular-plural",
             "landmark-country", "synonym", "person-occupation")
@@ -264,7 +265,7 @@ def main(argv=None):
                    help="also run this calibrated classifier (e.g. one gate_real.py --save-dir wrote); repeatable")
     p.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="default: docs/results/peer_economize_<model>.json")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
@@ -377,8 +378,8 @@ def main(argv=None):
         except importlib.metadata.PackageNotFoundError:
             versions[dist] = None
     result = {
-        "benchmark": "peer_economize", "model": args.model, "model_dir": str(path), "model_type": model_type,
-        "num_layers": num_layers, "command": " ".join(["python", *sys.argv]),
+        "benchmark": "peer_economize", "model": args.model, "model_dir": scrub_path(path), "model_type": model_type,
+        "num_layers": num_layers,
         "settings": {"prompts": len(prompts), "max_new_tokens": n_new, "repeats": args.repeats,
                      "threads": args.threads, "thresholds": thresholds, "min_layer": args.min_layer,
                      "prompt_threshold": prompt_threshold, "batch_size": 1, "dtype": "float32", "greedy": True,
@@ -387,12 +388,11 @@ def main(argv=None):
         "versions": versions, "platform": platform.platform(), "python": platform.python_version(),
         "dense_tokens": ref, "results": rows,
     }
-    out = Path(args.json) if args.json else REPO / "docs" / "results" / f"peer_economize_{args.model}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=1) + "\n")
-    tmp.replace(out)
-    print(f"wrote {out}")
+    from adainfer_hf import ExitClassifier
+
+    configs = classifier_configs(args.exit_classifier, [ExitClassifier.from_pretrained(spec.partition("=")[2])
+                                                        for spec in args.exit_classifier])
+    save_result(args, args.model, "peer_economize", result, argv, classifiers=configs)
 
 
 if __name__ == "__main__":

@@ -9,12 +9,13 @@ loop; then, against the fp32 rows:
     same train / calibration / test split of examples (40/30/30), with each dtype's features: the agreement and
     mean layers achieved on the held-out test prompts; and the fp32-calibrated rule fed each dtype's features;
   * one check's measured cost in decoder layers at the prompts' median length (prefill) and for one token (decode).
+
+Writes docs/results/smollm2/check_dtype/<date>.json (stamped).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +26,7 @@ from adainfer_hf.training.calibrate import calibrate, simulate_exits
 from adainfer_hf.training.check_cost import measure_check_cost
 from adainfer_hf.training.collect import FeatureTable, collect_features
 from adainfer_hf.training.train import train_exit_classifier
+from benchmarks.common.results import add_result_arguments, save_result, settings_of
 
 DTYPES = (None, "bfloat16", "float16")
 
@@ -38,7 +40,7 @@ def main(argv=None):
                    help="calibration target agreements")
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--tables-dir", default=None, help="keep the collected tables here and reuse them next time")
-    p.add_argument("--json", default=None)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     from transformers import AutoTokenizer
 
@@ -104,9 +106,7 @@ def main(argv=None):
                   f"{transfer['agreement']:.3f} at {transfer['mean_exit_layer']:.2f}/30, its decision flips on "
                   f"{int(flips.sum())} of the {flips.size} rows it checks (all prompts)")
         out["dtypes"][name] = row
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(out, f, indent=2)
+    save_result(args, "smollm2", "check_dtype", {**out, "args": settings_of(args)}, argv)
 
 
 if __name__ == "__main__":

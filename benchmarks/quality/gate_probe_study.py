@@ -7,6 +7,8 @@ per layer, the fraction of rows it passes (the rows whose check computes the ful
 that agree. The expected number of full-head evaluations per token is what a gated check costs beyond the gates.
 
     python -m benchmarks.quality.gate_probe_study --model qwen2.5-0.5b --limit 40
+
+Writes docs/results/<model>/gate_probe/<date>.json (stamped).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ import argparse
 import json
 import random
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -23,6 +24,7 @@ import torch
 from adainfer_hf.policy.gate import fit_linear_gate
 from benchmarks.common.prompts import FV
 from benchmarks.common.real_models import load
+from benchmarks.common.results import add_result_arguments, save_result
 
 TRAIN_TASKS = ("present-past", "singular-plural", "english-french", "landmark-country", "person-sport")
 TEST_TASKS = ("sentiment", "antonym", "country-capital", "capitalize", "ag_news")
@@ -79,7 +81,7 @@ def main(argv=None) -> int:
     p.add_argument("--shots", type=int, default=5, help="Demonstrations per prompt.")
     p.add_argument("--recall", type=float, default=0.99, help="Gate recall on the training tasks.")
     p.add_argument("--seed", type=int, default=0, help="Sampling seed.")
-    p.add_argument("--json", help="Write the results here.")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(2)
     model, tok = load(args.model)
@@ -109,8 +111,7 @@ def main(argv=None) -> int:
     print(f"full-head evaluations per token if every layer is checked: {L - 1} ungated, "
           f"{result['head_evaluations_per_token_gated']:.2f} gated; recall of agreeing rows "
           f"{result['overall_recall']:.3f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1))
+    save_result(args, args.model, "gate_probe", result, argv)
     return 0
 
 

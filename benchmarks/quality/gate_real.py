@@ -19,22 +19,20 @@ early exit gains with each, in first-token scoring and in generation.
    `AutoModelForCausalLM` with the same weights; each early-exit run is timed right after a dense run of the same
    input (alternating), and ratios are medians over inputs of the per-input ratios (also the ratio of sums).
 
-Writes docs/results/<key>/gate.json (and prints markdown tables).
+Writes docs/results/<key>/gate/<date>[-indist|-forced].json, or with `--costs-only`
+docs/results/<key>/gate_costs/<date>.json (stamped), and prints markdown tables.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adainfer_hf import AutoAdaInferForCausalLM
 from adainfer_hf.architectures import core as arch
 from adainfer_hf.data.prompts import build_prompts, load_task, split_examples
 from adainfer_hf.policy.gate import LinearGate
@@ -44,8 +42,10 @@ from adainfer_hf.training.collect import collect_features
 from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleConfig, TrainingConfig
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
+from adainfer_hf.utils.results import scrub_path
 from benchmarks.common.prompts import EVAL_TASKS, FREE_TEXT, FV, chat
-from benchmarks.common.real_models import model_dir
+from benchmarks.common.real_models import load_pair
+from benchmarks.common.results import add_result_arguments, save_result
 from benchmarks.common.timing import first_token, generation
 
 
@@ -126,7 +126,7 @@ def main(argv=None):
     p.add_argument("--targets", default="0.99,0.95")
     p.add_argument("--repeats", type=int, default=9, help="timing repeats of the check-cost measurement")
     p.add_argument("--threads", type=int, default=None)
-    p.add_argument("--json", default=None)
+    add_result_arguments(p)
     p.add_argument("--in-distribution", type=int, default=0, metavar="N",
                    help="train and calibrate on N other examples of each evaluated task (default 0: the tables)")
     p.add_argument("--forced-checks", action="store_true", help="also run each classifier with its schedules "
@@ -138,12 +138,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = model_dir(args.key)
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dense = AutoModelForCausalLM.from_pretrained(path).eval()
-    ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+    tok, dense, ada = load_pair(args.key)
     L = ada.config.num_hidden_layers
     if args.costs_only:
         H = ada.config.hidden_size
@@ -152,10 +147,8 @@ def main(argv=None):
         record = {"benchmark": "gate_real --costs-only", "model": args.key, "num_layers": L,
                   "vocab_size": ada.config.vocab_size, "hidden_size": H, "threads": torch.get_num_threads(),
                   "check_costs": costs}
-        out = Path(args.json or f"docs/results/{args.key}/gate_costs.json")
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(record, indent=1) + "\n")
         _print_costs(args.key, L, ada, costs)
+        save_result(args, args.key, "gate_costs", record, argv)
         return
     per_task = max(1, args.prompts // len(EVAL_TASKS))
     tasks = [load_task(FV / f"{t}.json") for t in EVAL_TASKS]
@@ -194,7 +187,7 @@ def main(argv=None):
 
     record = {
         "benchmark": "gate_real", "model": args.key, "num_layers": L, "vocab_size": ada.config.vocab_size,
-        "hidden_size": ada.config.hidden_size, "threads": torch.get_num_threads(), "tables": os.fspath(tables),
+        "hidden_size": ada.config.hidden_size, "threads": torch.get_num_threads(), "tables": scrub_path(tables),
         "in_distribution": args.in_distribution,
         "train_prompts": train.num_prompts, "calibration_prompts": calib.num_prompts,
         "check_costs": costs, "gate_pass_rate_at_decode_schedule": pass_rate,
@@ -207,9 +200,6 @@ def main(argv=None):
         "first_token": scoring, "generation": generated,
         "versions": {"torch": torch.__version__},
     }
-    out = Path(args.json or f"docs/results/{args.key}/gate.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
     _print_costs(args.key, L, ada, costs)
     print("| classifier | first-token agree | layers | speedup | gen agree | layers/token | gen speedup |")
     print("|---|---|---|---|---|---|---|")
@@ -217,7 +207,9 @@ def main(argv=None):
         s, g = scoring[name], generated[name]
         print(f"| {name} | {s['agreement']:.3f} | {s['mean_layers']:.2f}/{L} | {s['speedup_median']:.2f}x | "
               f"{g['token_agreement']:.3f} | {g['mean_layers_per_token']:.2f}/{L} | {g['speedup_median']:.2f}x |")
-    print(f"wrote {out}")
+    # the setting in the name: paper_table reads <date>.json, <date>-indist.json and <date>-forced.json
+    setting = "-".join(v for v, on in (("indist", args.in_distribution), ("forced", args.forced_checks)) if on)
+    save_result(args, args.key, "gate", record, argv, variant=setting or None)
 
 
 if __name__ == "__main__":

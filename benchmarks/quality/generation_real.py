@@ -23,13 +23,12 @@ earlier and differently. This benchmark
    forward alone (first-token scoring, batch 8) for the prefill ratio.
 
 Usage: python -m benchmarks.quality.generation_real KEY [--targets 0.95,0.9] [--rules full,gate-knob,probe] [--propagate probe]
-Writes docs/results/<key>/generation.json and prints a markdown table.
+Writes docs/results/<key>/generation/<date>[-variant].json (stamped) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from pathlib import Path
@@ -44,8 +43,10 @@ from adainfer_hf.training.config import CalibrationConfig, GateConfig, ScheduleC
 from adainfer_hf.training.free_running import FreeRunning
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_on_tables
+from adainfer_hf.utils.results import scrub_path
 from benchmarks.common.prompts import FV, held_out_texts
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import add_result_arguments, save_result, settings_of
 from benchmarks.common.timing import first_token, generation
 
 TRAIN_TASKS = ("abstractive/present-past", "abstractive/singular-plural", "abstractive/english-french",
@@ -117,7 +118,7 @@ def main(argv=None):
                    "classifiers with decode_gain.py instead")
     p.add_argument("--save-dir", default=None, help="also save each classifier under DIR/<rule>@<target> (for "
                    "peer_economize.py --exit-classifier NAME=DIR/<name>)")
-    p.add_argument("--json", default=None)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     path = model_dir(args.key)
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -162,17 +163,14 @@ def main(argv=None):
     generated = generation(dense, ada, tok, texts, runs, args.new_tokens, caches)
     scoring = first_token(dense, ada, tok, held_out, classifiers, batch_size=8)
     record = {
-        "benchmark": "generation_real", "model": args.key, "num_layers": L, "tables": os.fspath(where),
-        "args": vars(args), "threads": torch.get_num_threads(),
+        "benchmark": "generation_real", "model": args.key, "num_layers": L, "tables": scrub_path(where),
+        "args": settings_of(args), "threads": torch.get_num_threads(),
         "train_sequences": train.num_sequences, "calibration_sequences": calib.num_sequences,
         "classifiers": {name: {"calibration": c.calibration, "min_layer": c.min_layer, "threshold": c.threshold,
                                "check_layers": c.check_layers, "decode_check_layers": c.decode_check_layers}
                         for name, c in classifiers.items()},
         "generation": generated, "first_token": scoring, "versions": {"torch": torch.__version__},
     }
-    out = Path(args.json or f"docs/results/{args.key}/generation.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
     print("| rule | generation: token agreement / prefix / layers per token / speedup | first token: agreement / "
           "layers / speedup |")
     print("|---|---|---|")
@@ -181,7 +179,7 @@ def main(argv=None):
         print(f"| {name} | {g['token_agreement']:.3f} / {g['mean_prefix']:.1f} / {g['mean_layers_per_token']:.2f} "
               f"of {L} / {g['speedup_median']:.2f}x | {s['agreement']:.3f} / {s['mean_layers']:.2f} / "
               f"{s['speedup_median']:.2f}x |")
-    print(f"wrote {out}")
+    save_result(args, args.key, "generation", record, argv, variant="free" if args.free_running else None)
 
 
 if __name__ == "__main__":

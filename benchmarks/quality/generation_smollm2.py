@@ -5,19 +5,21 @@ per token and wall-clock, for each KV-cache option, with scripted exits and with
 
 Dense and each early-exit configuration run on the same prompt batches in one process, alternating batch by
 batch; seconds are summed over batches and the ratio is dense / early exit (> 1 = faster).
+Writes docs/results/smollm2/generation_sweep/<date>.json (stamped) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier, ScriptedExit
 from adainfer_hf.models.default_model import default_model_dir
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
 
 PROMPTS = [
     "Explain why the sky is blue.", "Write a short poem about the sea.", "What is photosynthesis?",
@@ -48,7 +50,7 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--exit-layers", type=int, nargs="*", default=[24, 28], help="scripted exits to measure")
-    p.add_argument("--json", default=None)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     path = args.model or default_model_dir()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -113,9 +115,12 @@ def main(argv=None):
         rows.append(row)
         print(f"| {c[0]} | {c[1]} | {agree:.3f} | {prefix:.1f} | {mean_layers:.2f} / {L} | {d:.1f} | "
               f"{seconds[c]:.1f} | {d / seconds[c]:.2f}x |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
+    payload = {"benchmark": "generation_smollm2", "num_layers": L, "prompts": len(texts),
+               "new_tokens": args.new_tokens, "batch_size": args.batch_size, "threads": torch.get_num_threads(),
+               "args": settings_of(args), "rows": rows}
+    configs = classifier_configs([str(clf_dir)], [policies["classifier"]]) if "classifier" in policies else None
+    save_result(args, Path(args.model).name if args.model else "smollm2", "generation_sweep", payload, argv,
+                classifiers=configs)
     return rows
 
 

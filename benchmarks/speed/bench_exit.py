@@ -13,21 +13,24 @@ single-token steps after an untimed prefill.
 
     python -m benchmarks.speed.bench_exit --shape smollm2 --lengths 64 256 1024 --batches 1 8
     python -m benchmarks.speed.bench_exit --shape llama2-7b --device cuda --dtype float16   # on a GPU
+
+Writes docs/results/<shape or model>/bench_exit/<date>-<device>[-<dtype>].json (stamped, every sample kept).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitPolicy, ScriptedExit
 from adainfer_hf.compat import output_cache
+from benchmarks.common.results import add_result_arguments, save_result, settings_of
 
 SHAPES = {
     "tiny": dict(hidden_size=64, intermediate_size=172, num_hidden_layers=8, num_attention_heads=4,
@@ -219,7 +222,7 @@ def main(argv=None):
     p.add_argument("--phases", nargs="+", default=["prefill", "decode"], choices=["prefill", "decode"])
     p.add_argument("--max-tokens", type=int, default=None,
                    help="skip prefill cases whose batch x length exceeds this (CPU time)")
-    p.add_argument("--json", default=None, help="write all numbers here")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     stock, ada = build(args.shape, args.device, dtype, args.model)
@@ -243,9 +246,9 @@ def main(argv=None):
                          for e in rows["exit"].values())
         print(line, flush=True)
         results.append({"phase": phase, "length": n, "batch": b, "seconds": t, "samples": _SAMPLES[-1], **rows})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"args": vars(args), "results": results}, f, indent=2)
+    variant = args.device.split(":")[0] + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    save_result(args, Path(args.model).name if args.model else args.shape, "bench_exit",
+                {"args": settings_of(args), "results": results}, argv, variant=variant)
     return results
 
 

@@ -14,14 +14,13 @@ prompts (1-shot prompts of the four evaluated tasks, and chat questions, as in `
 
 Usage:
     python -m benchmarks.speed.decode_gain KEY --classifier NAME=DIR [--classifier NAME=DIR ...] [--caches exact,propagate]
-Writes docs/results/<key>/decode_gain.json and prints a markdown table.
+Writes docs/results/<key>/decode_gain/<date>[-variant].json (stamped; each classifier by its config, not its
+path) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -30,7 +29,8 @@ from adainfer_hf import AutoAdaInferForCausalLM
 from benchmarks.common.classifiers import named_classifiers
 from benchmarks.common.prompts import held_out_texts
 from benchmarks.common.real_models import model_dir
-from benchmarks.common.timing import summarize, timed_runs
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
+from benchmarks.common.timing import add_generation_timing_arguments, summarize, timed_runs
 
 
 def main(argv=None):
@@ -41,10 +41,8 @@ def main(argv=None):
                    "with every one")
     p.add_argument("--eval-per-task", type=int, default=1)
     p.add_argument("--chat", type=int, default=2)
-    p.add_argument("--new-tokens", type=int, default=64)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--json", default=None)
+    add_generation_timing_arguments(p, new_tokens=64)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     path = model_dir(args.key)
@@ -57,15 +55,14 @@ def main(argv=None):
     runs = {f"{name} {cache}": (clf, cache) for name, clf in classifiers.items() for cache in caches}
     texts = [t for part in held_out_texts(tok, 1, args.eval_per_task, args.chat) for t in part]
     rows = summarize(timed_runs(dense, ada, tok, texts, runs, args.new_tokens, args.repeats), L)
-    record = {"benchmark": "decode_gain", "model": args.key, "num_layers": L, "args": vars(args),
+    record = {"benchmark": "decode_gain", "model": args.key, "num_layers": L, "args": settings_of(args),
               "prompts": len(texts), "threads": torch.get_num_threads(), "runs": rows,
               "classifiers": {name: {"decode_check_layers": c.decode_check_layers, "min_layer": c.min_layer,
                                      "conclusion": (c.calibration or {}).get("conclusion")}
                               for name, c in classifiers.items()},
               "versions": {"torch": torch.__version__}}
-    out = Path(args.json or f"docs/results/{args.key}/decode_gain.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o)) + "\n")
+    save_result(args, args.key, "decode_gain", record, argv,
+                classifiers=classifier_configs(args.classifier, classifiers.values()))
     print(f"{args.key}: {len(texts)} prompts x {args.new_tokens} tokens, {args.repeats} repeats")
     print("| run | speedup: median (quartiles) / of sums | token agreement / first divergence | layers per token |")
     print("|---|---|---|---|")
@@ -73,7 +70,6 @@ def main(argv=None):
         print(f"| {name} | {r['speedup_median']:.3f}x ({r['speedup_q1']:.3f}-{r['speedup_q3']:.3f}) / "
               f"{r['speedup_sum']:.3f}x | {r['token_agreement']:.3f} / {r['mean_prefix']:.1f} | "
               f"{r['mean_layers_per_token']:.2f} of {L} |")
-    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

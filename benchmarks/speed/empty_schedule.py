@@ -19,32 +19,31 @@ Timings use `torch.set_num_threads(--threads)` (default 1, so concurrent process
 interfere less).
 
 Usage: python -m benchmarks.speed.empty_schedule KEY [KEY ...] [--prompts 8] [--new-tokens 32] [--repeats 3]
-Writes --json (default docs/results/empty_schedule.json, merged by key; stamped with the commit, versions, CPU,
-argv and the package's source directory) and prints a markdown table; exits with status 1 when a run's tokens
-differ from the stock class's.
+Writes docs/results/models/empty_schedule/<date>.json (one key: docs/results/<key>/empty_schedule/; stamped by
+`adainfer_hf.utils.results`) and prints a markdown table; exits with status 1 when a run's tokens differ from the
+stock class's.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
-import json
-import os
-import platform
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
-import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-import adainfer_hf
 from adainfer_hf import AutoAdaInferForCausalLM, ExitClassifier, GapThresholdRule
 from benchmarks.common.prompts import held_out_texts
 from benchmarks.common.real_models import model_dir
+from benchmarks.common.results import (
+    MODELS,
+    add_result_arguments,
+    classifier_configs,
+    save_result,
+    settings_of,
+)
+from benchmarks.common.timing import add_generation_timing_arguments
 
 
 def empty_classifier(model) -> ExitClassifier:
@@ -98,35 +97,6 @@ def summarize(out: dict) -> dict:
     return rows
 
 
-def _commit() -> dict:
-    def git(*args):
-        try:
-            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
-        except (OSError, subprocess.CalledProcessError):
-            return None
-
-    return {"commit": git("rev-parse", "HEAD"), "dirty": bool(git("status", "--porcelain", "--untracked-files=no"))}
-
-
-def _version(dist: str) -> str | None:
-    try:
-        return importlib.metadata.version(dist)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
-def _cpu() -> dict:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"model": model, "cpu_count": os.cpu_count(), "machine": platform.machine()}
-
-
 def bench_model(key: str, args) -> dict:
     """Times the three runs on one model; prints its table and returns its record."""
     path = model_dir(key)
@@ -153,9 +123,9 @@ def bench_model(key: str, args) -> dict:
         r = rows[name]
         print(f"| {name} | {r['slowdown_median']:.4f}x ({r['slowdown_q1']:.4f}-{r['slowdown_q3']:.4f}) | "
               f"{r['slowdown_sum']:.4f}x | {r['same_tokens']} |")
-    return {**_commit(), "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "num_layers": L,
+    return {"num_layers": L,
             "prompts": len(texts), "new_tokens": args.new_tokens, "repeats": args.repeats, "runs": rows,
-            "classifier": args.classifier or "built: check_layers=[], decode_check_layers=[]"}
+            "classifier": "--classifier" if args.classifier else "built: check_layers=[], decode_check_layers=[]"}
 
 
 def main(argv=None):
@@ -164,27 +134,20 @@ def main(argv=None):
     p.add_argument("--classifier", default=None, metavar="DIR", help="a saved classifier with empty schedules "
                    "instead of the one built here (one key only)")
     p.add_argument("--prompts", type=int, default=8)
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--json", default="docs/results/empty_schedule.json")
+    add_generation_timing_arguments(p, new_tokens=32, threads=1)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     if args.classifier and len(args.keys) != 1:
         p.error("--classifier goes with exactly one model key.")
     torch.set_num_threads(args.threads)
     results = {key: bench_model(key, args) for key in args.keys}
-    record = {"benchmark": "empty_schedule", "argv": sys.argv, "args": vars(args), **_commit(), "cpu": _cpu(),
-              "threads": torch.get_num_threads(),
-              "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                           "transformers": transformers.__version__, "adainfer_hf": _version("adainfer-hf")},
-              "adainfer_hf_source": str(Path(adainfer_hf.__file__).parent), "models": results}
-    out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    old = json.loads(out.read_text()) if out.exists() else {}
-    old_models = old.get("models", {}) if old.get("benchmark") == "empty_schedule" else {}
-    record["models"] = {**old_models, **results}
-    out.write_text(json.dumps(record, indent=1) + "\n")
-    print(f"wrote {out}")
+    record = {"benchmark": "empty_schedule", "args": settings_of(args), "threads": torch.get_num_threads(),
+              "models": results}
+    configs = None
+    if args.classifier:
+        configs = classifier_configs([args.classifier], [ExitClassifier.from_pretrained(args.classifier)])
+    save_result(args, MODELS if len(args.keys) > 1 else args.keys[0], "empty_schedule", record, argv,
+                classifiers=configs)
     differ = [f"{key} {name}" for key, r in results.items() for name in ("empty", "none")
               if not r["runs"][name]["same_tokens"]]
     if differ:

@@ -9,21 +9,20 @@ classifier that computes the LM head at each check its gate passes (how the loop
 exits took the final head instead).
 
 Usage: python -m benchmarks.speed.prefill_gain KEY --classifier NAME=DIR [...] [--repeats 3]
+Writes docs/results/<key>/prefill_gain/<date>[-variant].json (stamped) and prints a markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from adainfer_hf import AutoAdaInferForCausalLM
 from benchmarks.common.classifiers import named_classifiers
 from benchmarks.common.prompts import held_out_texts
-from benchmarks.common.real_models import model_dir
+from benchmarks.common.real_models import load_pair
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
 from benchmarks.common.timing import first_token
 
 
@@ -38,16 +37,12 @@ def main(argv=None):
     p.add_argument("--lens-at-exits", action="append", default=[], metavar="NAME",
                    help="also time classifier NAME (one that exits wherever its gate passes) as the loop ran it "
                    "before such exits were deferred: the LM head at every check where the gate passes")
-    p.add_argument("--json", default=None)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    path = model_dir(args.key)
-    tok = AutoTokenizer.from_pretrained(path, padding_side="left")
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    dense = AutoModelForCausalLM.from_pretrained(path).eval()
-    ada = AutoAdaInferForCausalLM.from_pretrained(path, exit_classifier=None).eval()
+    tok, dense, ada = load_pair(args.key)
     classifiers = named_classifiers(args.classifier, ada)
+    configs = classifier_configs(args.classifier, classifiers.values())  # as saved (before any twin is added)
     for name in args.lens_at_exits:
         if name not in classifiers or not classifiers[name].exits_where_gate_passes():
             raise SystemExit(f"--lens-at-exits {name!r}: expected the name of a --classifier that exits wherever "
@@ -71,10 +66,10 @@ def main(argv=None):
     for name, r in out.items():
         print(f"| {name} | {r['speedup_median']:.3f}x / {r['speedup_sum']:.3f}x | {r['agreement']:.3f} | "
               f"{r['mean_layers']:.2f} of {ada.config.num_hidden_layers} |")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"key": args.key, "results": out, "layers": ada.config.num_hidden_layers,
-                       "cpu_threads": args.threads}, f, indent=2)
+    save_result(args, args.key, "prefill_gain",
+                {"benchmark": "prefill_gain", "key": args.key, "results": out, "layers": ada.config.num_hidden_layers,
+                 "cpu_threads": args.threads, "args": settings_of(args)}, argv,
+                classifiers=configs)
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Stock `LlamaForCausalLM` and `AdaInferLlamaForCausalLM` (same weights) run the same 5-shot prompts, alternating call
 by call: a scoring forward of each prompt batch (first-token prediction, the paper's setting) and a 16-token greedy
-generation. Prints median seconds and the ratio early-exit / stock (< 1.02 is the target) with the mean layers run.
+generation. Prints median seconds and the ratio early-exit / stock (< 1.02 is the target) with the mean layers run,
+and writes docs/results/smollm2/overhead/<date>[-variant].json (stamped; the classifier by its config).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from pathlib import Path
 
 import torch
 from transformers import AutoTokenizer, LlamaForCausalLM
@@ -19,6 +21,7 @@ from transformers import AutoTokenizer, LlamaForCausalLM
 from adainfer_hf import AdaInferLlamaForCausalLM, ExitClassifier
 from adainfer_hf.data.prompts import build_prompts, load_task
 from adainfer_hf.models.default_model import default_model_dir
+from benchmarks.common.results import add_result_arguments, classifier_configs, save_result, settings_of
 
 
 @torch.no_grad()
@@ -32,6 +35,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--new-tokens", type=int, default=16)
+    add_result_arguments(p)
     args = p.parse_args(argv)
     path = args.model or default_model_dir()
     tok = AutoTokenizer.from_pretrained(path, padding_side="left")
@@ -54,6 +58,7 @@ def main(argv=None):
     }
     schedule = ada.exit_classifier.layers_to_check(ada.config.num_hidden_layers)
     print(f"classifier {clf_dir}: checks after layers {schedule or 'none (calibrated to never exit)'}")
+    jobs_out = {}
     for name, job in jobs.items():
         times = {"stock": [], "adainfer": []}
         job(stock, batches[0])
@@ -68,6 +73,12 @@ def main(argv=None):
         s, a = statistics.median(times["stock"]), statistics.median(times["adainfer"])
         print(f"{name:9} stock {s:.3f}s  adainfer {a:.3f}s  ratio {a / s:.3f}  "
               f"mean layers {ada.exit_stats.mean_layers:.2f}/{ada.config.num_hidden_layers}")
+        jobs_out[name] = {"stock_s": s, "adainfer_s": a, "ratio": a / s, "mean_layers": ada.exit_stats.mean_layers,
+                          "seconds": times}
+    payload = {"benchmark": "real_overhead", "num_layers": ada.config.num_hidden_layers, "prompts": len(prompts),
+               "schedule": list(schedule), "args": settings_of(args), "jobs": jobs_out}
+    save_result(args, Path(args.model).name if args.model else "smollm2", "overhead", payload, argv,
+                classifiers=classifier_configs([str(clf_dir)], [ada.exit_classifier]))
 
 
 if __name__ == "__main__":

@@ -28,7 +28,8 @@ import torch
 
 from .atomic import atomic_file
 
-__all__ = ["PACKAGES", "RESULTS_ROOT", "result_path", "scrub_argv", "stamp", "write_result"]
+__all__ = ["PACKAGES", "RESULTS_ROOT", "newest_result", "read_result", "result_files", "result_path", "scrub_argv",
+           "scrub_path", "stamp", "write_result"]
 
 PACKAGES = ("adainfer_hf", "torch", "transformers", "numpy")
 """Distributions whose versions a stamp records (Python's own version is recorded beside them)."""
@@ -176,10 +177,11 @@ def _check_name(what: str, value: str) -> str:
     return value
 
 
-def result_path(model: str, question: str, date: str, root: str | os.PathLike = RESULTS_ROOT) -> Path:
-    """`root/<model>/<question>/<date>.json` after checking that each part is a plain name."""
-    return Path(root) / _check_name("model", model) / _check_name("question", question) / (
-        _check_name("date", date) + ".json")
+def result_path(model: str, question: str, date: str, root: str | os.PathLike = RESULTS_ROOT, *,
+                variant: str | None = None) -> Path:
+    """`root/<model>/<question>/<date>[-<variant>].json` after checking that each part is a plain name."""
+    stem = _check_name("date", date) + (f"-{_check_name('variant', variant)}" if variant else "")
+    return Path(root) / _check_name("model", model) / _check_name("question", question) / (stem + ".json")
 
 
 def _jsonable(value: Any) -> Any:
@@ -199,7 +201,7 @@ def _jsonable(value: Any) -> Any:
 
 def write_result(model: str, question: str, payload: Mapping[str, Any], argv: Sequence[str], *,
                  classifiers: Mapping[str, Any] | None = None, root: str | os.PathLike = RESULTS_ROOT,
-                 cwd: str | os.PathLike | None = None) -> Path:
+                 cwd: str | os.PathLike | None = None, variant: str | None = None) -> Path:
     """Writes `{"stamp": stamp(argv), "result": payload}` to `root/<model>/<question>/<date>.json`, atomically.
 
     Args:
@@ -210,17 +212,86 @@ def write_result(model: str, question: str, payload: Mapping[str, Any], argv: Se
         classifiers (`Mapping[str, Any]`, *optional*): classifier directories in `argv` and their configs.
         root (`str` or `os.PathLike`, *optional*, defaults to `docs/results`): the results root.
         cwd (`str` or `os.PathLike`, *optional*): the repository root for path scrubbing (current directory).
+        variant (`str`, *optional*): a plain name appended to the date (`<date>-<variant>.json`), for runs of the
+            same question that answer it differently (another setting, a subset) and must not replace each other.
 
     Returns:
-        `Path`: the file written. `<date>` is the stamp's UTC day (`YYYY-MM-DD`): a later run the same day
-        replaces the file, so each day keeps one result per model and question.
+        `Path`: the file written. `<date>` is the stamp's UTC day (`YYYY-MM-DD`): a later run the same day (and
+        variant) replaces the file, so each day keeps one result per model, question and variant.
     """
     if not isinstance(payload, Mapping):
         raise TypeError(f"payload must be a mapping (a JSON object); got {type(payload).__name__}.")
     info = stamp(argv, classifiers, cwd)
-    path = result_path(model, question, info["date"][:10], root)
+    path = result_path(model, question, info["date"][:10], root, variant=variant)
     path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps({"stamp": info, "result": _jsonable(payload)}, indent=1, sort_keys=True, allow_nan=False)
     with atomic_file(path, "w", encoding="utf-8") as handle:
         handle.write(text + "\n")
     return path
+
+
+def scrub_path(path: str | os.PathLike, cwd: str | os.PathLike | None = None) -> str:
+    """One path as a stamp writes it (see [`scrub_argv`]): relative inside the repository, a placeholder for a
+    temporary directory, a model cache or home, else only its last component. For paths a payload records (a
+    feature-table directory, a model directory), so no result file names a machine path."""
+    return scrub_argv([os.fspath(path)], cwd=cwd)[0][0]
+
+
+def read_result(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`(stamp, payload)` of a result file.
+
+    A file [`write_result`] wrote is `{"stamp": ..., "result": payload}`; a file migrated from before stamping has
+    its reconstructed `stamp` beside the payload's own keys. Both read the same way here, so a table generator
+    never needs to know which kind it has.
+
+    Raises:
+        `ValueError`: the file does not hold a JSON object.
+    """
+    data = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: a result file holds a JSON object; got {type(data).__name__}.")
+    stamp_ = data.get("stamp") if isinstance(data.get("stamp"), dict) else {}
+    if set(data) == {"stamp", "result"} and isinstance(data["result"], dict):
+        return stamp_, data["result"]
+    return stamp_, {k: v for k, v in data.items() if k != "stamp"}
+
+
+_STEM = re.compile(r"^(?P<date>\d{4}-\d{2}-\d{2})(?:T(?P<time>\d{4}))?(?:-(?P<variant>.+))?$")
+
+
+def result_files(model: str, question: str, root: str | os.PathLike = RESULTS_ROOT, *, variant: str | None = "",
+                 filename: str | None = None) -> list[Path]:
+    """The result files of `model` and `question`, oldest first.
+
+    Args:
+        model (`str`), question (`str`): the directory `root/<model>/<question>/`.
+        root (`str` or `os.PathLike`, *optional*, defaults to `docs/results`): the results root.
+        variant (`str` or `None`, *optional*, defaults to `""`): `""` keeps files without a variant
+            (`<date>.json`, `<date>T<hhmm>.json`), a name keeps `<date>-<name>.json`, `None` keeps every file.
+        filename (`str`, *optional*): results kept as directories `<date>[-variant]/<filename>` (the reports of
+            `adainfer eval`) instead of `<date>[-variant].json` files.
+
+    Returns:
+        `list[Path]`: ordered by date, then time of day, then variant; names that do not start with a date are
+        left out.
+    """
+    where = Path(root) / _check_name("model", model) / _check_name("question", question)
+    found = []
+    if not where.is_dir():
+        return []
+    candidates = [p / filename for p in where.iterdir() if p.is_dir()] if filename else where.glob("*.json")
+    for path in candidates:
+        if not path.is_file():
+            continue
+        m = _STEM.match(path.parent.name if filename else path.stem)
+        if m is None or (variant is not None and (m["variant"] or "") != variant):
+            continue
+        found.append(((m["date"], m["time"] or "", m["variant"] or ""), path))
+    return [path for _, path in sorted(found)]
+
+
+def newest_result(model: str, question: str, root: str | os.PathLike = RESULTS_ROOT, *, variant: str | None = "",
+                  filename: str | None = None) -> Path | None:
+    """The newest of [`result_files`] (same arguments), or None when there is none."""
+    files = result_files(model, question, root, variant=variant, filename=filename)
+    return files[-1] if files else None
