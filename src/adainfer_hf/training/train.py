@@ -36,6 +36,8 @@ from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
 from .config import GATES, TRAIN_METHODS, GenerationCalibrationConfig, TrainingConfig
+from .cost_model import CostModel
+from .drafting import draft_for_config
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
 from .table import LABEL_KINDS, FeatureTable, table_sequences
@@ -175,7 +177,8 @@ def _fit_row_model(method: str, X: np.ndarray, y: np.ndarray, label: str, class_
     return fold_scaler(pipe, LogisticRegression)
 
 
-def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True):
+def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True,
+                        cost_model: CostModel | None = None):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
 
@@ -191,7 +194,13 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
             prompt (`collect_generation_features`, for `generate`); with `free_running_tokens` the chosen rule is
             certified on free-running generations of the calibration prompts (`free_running.calibrate_free_running`,
             candidates from the training table). A gate or a check vocabulary records the hidden states.
+            With `config.drafting` ([`DraftingConfig`]) the classifier is trained for lossless `generate`
+            instead: the rule (check layers, threshold, shortlist, draft cap) with the best speed predicted by
+            `training.drafting` under `cost_model`, `drafting=True`; `config.drafting.holdout_fraction` of the
+            examples are held out to predict it (the second table returned).
         progress (`bool`, *optional*, defaults to True): progress bars while collecting.
+        cost_model ([`CostModel`], *optional*): with `config.drafting`, the step costs to predict with; None
+            measures them on `model` now (`cost_model.measure_cost_model`).
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] (its
@@ -199,6 +208,8 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
     """
     config = _config_or_default(config)
     prompts = list(prompts)
+    if config.drafting is not None:
+        return _train_drafting(model, tokenizer, prompts, config, progress, cost_model)
     gate, _ = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
     is_train = _split_by_example(prompts, config.calibration.calibration_fraction, config.seed)
     record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
@@ -213,6 +224,20 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
         generation.exit_cache, config.batch_size)
     clf = _train_on_tables(model, train_table, calib_table, config, check_length, free)
     return _recorded(clf, config, model), train_table, calib_table
+
+
+def _train_drafting(model, tokenizer, prompts, config: TrainingConfig, progress: bool, cost_model):
+    """[`train_and_calibrate`] with `config.drafting`: collect on generated tokens, search the rule, record."""
+    drafting = config.drafting
+    is_train = _split_by_example(prompts, drafting.holdout_fraction, config.seed)
+    shortlists = any(size is not None for size in drafting.vocabulary_sizes)
+    record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
+                  check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or shortlists)
+    train_table, holdout_table = _collect_split(model, tokenizer, prompts, is_train, config.generation, record)
+    fit = lambda table: train_exit_classifier(table, method=config.method, features=config.features,  # noqa: E731
+                                              label=config.label, max_rows=config.max_rows, seed=config.seed)
+    clf = draft_for_config(model, train_table, holdout_table, drafting, fit, cost_model)
+    return _recorded(clf, config, model), train_table, holdout_table
 
 
 def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCalibrationConfig, record):
@@ -281,6 +306,10 @@ def train_on_tables(model, train_table: FeatureTable, calib_table: FeatureTable 
         `config.to_dict()`.
     """
     config = _config_or_default(config)
+    if config.drafting is not None:
+        raise ValueError("config.drafting trains for lossless generate, which collects its own generation tables "
+                         "and cost model; call train_and_calibrate (CLI: adainfer train --lossless without "
+                         "--from-tables).")
     _check_tables_match(config, train_table, free_running)
     clf = _train_on_tables(model, train_table, calib_table, config, config.schedule.check_length or 256, free_running)
     return _recorded(clf, config, model)
