@@ -181,6 +181,13 @@ def add_train_parser(sub) -> None:
     p.add_argument("--exit-cache", default="propagate", choices=list(CACHE_MODES),
                    help="With --free-running: the KV-cache option the generations use (default: propagate, "
                    "generate's default).")
+    _add_lossless_args(p)
+    p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
+    p.set_defaults(func=_cmd_train)
+
+
+def _add_lossless_args(p) -> None:
+    """`--lossless` and the flags of the drafting objective, `--text-file`."""
     p.add_argument("--lossless", action="store_true",
                    help="Train for lossless generate: choose the rule (check layers, threshold, shortlist, draft cap) "
                    "with the best decode speed predicted under a cost model measured now on this device, on held-out "
@@ -195,8 +202,6 @@ def add_train_parser(sub) -> None:
                    "(default: full).")
     p.add_argument("--draft-margin", type=float, default=0.02,
                    help="With --lossless: predicted speed-up over stock required to keep a schedule (default 0.02).")
-    p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
-    p.set_defaults(func=_cmd_train)
 # fmt: on
 
 
