@@ -160,11 +160,16 @@ class _Prices:
         self.check = cost.check(vocabulary_size)
         self.fixed = cost.loop_fixed_seconds
         self.stock = cost.stock_step()
+        self._memo: dict = {}  # (depth, frontiers) -> seconds: a search prices the same few patterns many times
 
     def layers(self, depth: int, frontiers: list) -> float:
-        total = 0.0
-        for j in range(1, depth + 1):
-            total += self.layer[1 + sum(1 for f in frontiers if f < j)]
+        key = (depth, tuple(frontiers))
+        total = self._memo.get(key)
+        if total is None:
+            total = 0.0
+            for j in range(1, depth + 1):
+                total += self.layer[1 + sum(1 for f in frontiers if f < j)]
+            self._memo[key] = total
         return total
 
     def draft(self, layer: int, checks: int, frontiers: list) -> float:
