@@ -22,6 +22,7 @@ from .runtime.recording import ExitRecorder, ExitStatistics
 from .training.calibrate import calibrate
 from .training.config import (
     CalibrationConfig,
+    DraftingConfig,
     GateConfig,
     GenerationCalibrationConfig,
     ScheduleConfig,
@@ -42,6 +43,7 @@ __all__ = [
     "AdaInferQwen3ForCausalLM",
     "AutoAdaInferForCausalLM",
     "CalibrationConfig",
+    "DraftingConfig",
     "ExactExitCache",
     "ExitClassifier",
     "ExitClassifierConfig",

@@ -323,11 +323,20 @@ def test_demo_trains_in_process_on_builtin_tasks(workdir, capsys):
                 "--quiet",
                 "--target-agreement",
                 "0.9",
+                "--lossless-tokens",
+                "12",
+                "--repeats",
+                "2",
             ]
         )
         == 0
     )
     out = capsys.readouterr().out
+    # the lossless part: a drafting classifier trained now (none ships for this model), the stock and the lossless
+    # text of every demo prompt side by side, compared token for token, with the time ratio
+    assert "lossless generate (drafting classifier: trained now" in out
+    assert out.count("  stock:    ") == out.count("  lossless: ") == 2
+    assert out.count("identical (12 tokens); speed ") == 2 and "DIFFERENT" not in out
     assert (
         "training a logistic exit classifier on the built-in tasks" in out
         and "early exit: " in out and "same rule checked at every layer" in out

@@ -38,6 +38,7 @@ from .common import (
     prompts_from,
     tasks_from_args,
 )
+from .demo_lossless import drafting_classifier, lossless_demo
 from .eval import add_eval_parser
 from .harness import add_lm_eval_parser
 from .train import add_train_parser
@@ -159,6 +160,10 @@ def _cmd_demo(args) -> int:
         print(f"check schedule: none. A check costs {sched['check_cost_layers']:.2f} decoder layers and the exits "
               "this rule can certify save less than the checks would cost, so the model runs exactly as the stock "
               "model (no check, no overhead); the 'every layer' column shows where the rule would exit.")
+    if args.lossless_tokens:
+        drafting, where = drafting_classifier(model, tok, args.drafting_classifier, args.model == "default", args.seed,
+                                              args.quiet)
+        lossless_demo(model, tok, drafting.bind(model), where, args.lossless_tokens, args.repeats)
     return 0
 
 
@@ -204,13 +209,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Allow unpickling a joblib-only artifact (pickles run code; only for repos you trust).")
     p.set_defaults(func=_cmd_pull)
 
-    p = sub.add_parser("demo", help="Early exit on the embedded SmolLM2 with the shipped (or a fresh) classifier.")
+    p = sub.add_parser("demo", help="Early exit on the embedded SmolLM2 with the shipped (or a fresh) classifier, then "
+                       "its stock and lossless text side by side.")
     add_model_arg(p, default="default")
     p.add_argument("--classifier", help="Exit-classifier directory (default: the one shipped for the model).")
     p.add_argument("--retrain", action="store_true", help="Ignore the shipped classifier and train one now.")
     p.add_argument("--train-limit", type=int_at_least(1), default=DEMO_TRAIN_LIMIT,
                    help=f"Prompts per built-in task and shots value when training (default {DEMO_TRAIN_LIMIT}).")
     p.add_argument("--target-agreement", type=fraction(), default=0.99, help="Calibration target when training.")
+    p.add_argument("--drafting-classifier", metavar="DIR", help="Drafting artifact of the lossless part (default: "
+                   "the one shipped for the model; else one trained now on the shipped drafting prompts).")
+    p.add_argument("--lossless-tokens", type=int_at_least(0), default=48, metavar="N", help="Tokens the stock and the "
+                   "lossless generate produce side by side (default 48; 0 skips the lossless part).")
+    p.add_argument("--repeats", type=int_at_least(1), default=3, help="Alternating timed runs of each (default 3).")
     add_run_args(p)
     p.set_defaults(func=_cmd_demo)
 

@@ -15,12 +15,14 @@ import argparse
 from pathlib import Path
 
 from ..cache.exact import CACHE_MODES
+from ..data.text_prompts import default_drafting_prompts, load_text_prompts
 from ..models.default_model import DEFAULT_MODEL_NAME
 from ..policy.features import FEATURES
 from ..training.calibrate import KNOBS
 from ..training.config import (
     TRAIN_METHODS,
     CalibrationConfig,
+    DraftingConfig,
     GateConfig,
     GenerationCalibrationConfig,
     ScheduleConfig,
@@ -48,9 +50,10 @@ def training_config_from_args(args: argparse.Namespace) -> TrainingConfig:
         schedule=ScheduleConfig(check_cost=args.check_cost, check_phase=args.check_phase,
                                 check_length=args.check_length, check_dtype=args.check_dtype,
                                 check_vocabulary=args.check_vocabulary),
-        generation=GenerationCalibrationConfig(generation_tokens=args.generation_tokens,
+        generation=GenerationCalibrationConfig(generation_tokens=_generation_tokens(args),
                                                first_layer=args.first_layer, free_running_tokens=args.free_running,
                                                exit_cache=args.exit_cache),
+        drafting=_drafting_config(args),
     )
 
 
@@ -67,6 +70,7 @@ def _check_flags(args) -> None:
 def _cmd_train(args) -> int:
     _check_flags(args)
     config = training_config_from_args(args)
+    text_prompts = _text_prompts(args)  # (a bad file fails before the model loads)
     # Under `accelerate launch` / torchrun every process collects its share; the main process trains and writes.
     state = launch_state()
     if args.from_tables and not state.is_main_process:
@@ -82,7 +86,7 @@ def _cmd_train(args) -> int:
                              f"({args.from_tables}); collect the tables again with --check-dtype {args.check_dtype}.")
         clf = train_on_tables(model, train_table, calib_table, config)
     else:
-        prompts = prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
+        prompts = text_prompts or prompts_from(tasks_from_args(args), args.shots, args.limit, args.seed)
         clf, train_table, calib_table = train_and_calibrate(model, tok, prompts, config, progress=not args.quiet)
         if not state.is_main_process:
             return 0  # the artifact, the tables and the summary are written once, by the main process
@@ -98,6 +102,8 @@ def _cmd_train(args) -> int:
 
 def _print_summary(args, clf, train_table, calib_table) -> None:
     figures = clf.calibration
+    if "drafting" in figures:
+        return _print_drafting_summary(args, figures, train_table, calib_table)
     unit = "prompts" if not train_table.is_generation else "generations"
     print(f"trained {args.method} on {train_table.num_sequences} {unit}, calibrated on {calib_table.num_sequences}")
     print(figures["conclusion"])
@@ -187,6 +193,75 @@ def add_train_parser(sub) -> None:
     p.add_argument("--exit-cache", default="propagate", choices=list(CACHE_MODES),
                    help="With --free-running: the KV-cache option the generations use (default: propagate, "
                    "generate's default).")
+    _add_lossless_args(p)
     p.add_argument("--out", required=True, help="Output directory of the exit-classifier artifact.")
     p.set_defaults(func=_cmd_train)
+
+
+def _add_lossless_args(p) -> None:
+    """`--lossless` and the flags of the drafting objective, `--text-file`."""
+    p.add_argument("--lossless", action="store_true",
+                   help="Train for lossless generate: choose the rule (check layers, threshold, shortlist, draft cap) "
+                   "with the best decode speed predicted under a cost model measured now on this device, on held-out "
+                   "prompts; an empty schedule (the stock path) when nothing is predicted to pay. Default prompts: the "
+                   "shipped drafting prompts; --generation-tokens defaults to 48.")
+    p.add_argument("--text-file", metavar="FILE", help="Plain-text prompts: one per line, or JSONL {\"text\": ...} "
+                   "(instead of the task flags).")
+    p.add_argument("--draft-caps", type=int_at_least(1), nargs="+", default=None, metavar="N",
+                   help="With --lossless: candidate draft caps (default 1 2 3 4 6 8).")
+    p.add_argument("--draft-vocabularies", type=_size_or_full, nargs="+", default=None, metavar="K",
+                   help="With --lossless: candidate shortlist sizes of the checks, 'full' for the whole vocabulary "
+                   "(default: full).")
+    p.add_argument("--draft-margin", type=float, default=0.02,
+                   help="With --lossless: predicted speed-up over stock required to keep a schedule (default 0.02).")
 # fmt: on
+
+
+# ---------------------------------------------------------------------------------------------------- --lossless
+def _size_or_full(text: str):
+    """`--draft-vocabularies` values: an int >= 2 or 'full' (None: the whole vocabulary)."""
+    if text == "full":
+        return None
+    if not text.isdigit() or int(text) < 2:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shortlist size (an int >= 2) or 'full'")
+    return int(text)
+
+
+def _generation_tokens(args):
+    return args.generation_tokens if args.generation_tokens is not None or not args.lossless else 48
+
+
+def _drafting_config(args) -> DraftingConfig | None:
+    """The `DraftingConfig` of `--lossless` (None without it; its flags without it are refused by name)."""
+    if not args.lossless:
+        given = [f for f, v in (("--draft-caps", args.draft_caps), ("--draft-vocabularies", args.draft_vocabularies))
+                 if v is not None]
+        if given:
+            raise ValueError(f"{' and '.join(given)} choose the drafting rule; pass --lossless as well.")
+        return None
+    sizes = None if args.draft_vocabularies is None else tuple(args.draft_vocabularies)
+    fields = dict(max_draft_tokens=tuple(args.draft_caps) if args.draft_caps else None, vocabulary_sizes=sizes,
+                  margin=args.draft_margin)
+    return DraftingConfig(**{k: v for k, v in fields.items() if v is not None})
+
+
+def _text_prompts(args):
+    """`--text-file`'s prompts, or with `--lossless` and no task flags the shipped drafting prompts; else None."""
+    if args.text_file:
+        return load_text_prompts(args.text_file)
+    if args.lossless and not (args.task_file or args.builtin_task):
+        return default_drafting_prompts()
+    return None
+
+
+def _print_drafting_summary(args, figures, train_table, holdout_table) -> None:
+    record, cost = figures["drafting"], figures["cost_model"]
+    rule, held = record["rule"], record["holdout"]
+    print(f"drafting: {train_table.num_sequences} generations searched, {holdout_table.num_sequences} held out; "
+          f"cost model on {cost['device']} ({cost['dtype']}, {cost['threads']} threads)")
+    print(f"best rule: check layers {rule['check_layers']}, threshold {rule['threshold']:.4g}, shortlist "
+          f"{rule['vocabulary_size'] or 'full'}, draft cap {rule['max_draft_tokens']}; held out: predicted "
+          f"{held['predicted_speed']:.3f}x stock, acceptance {held['acceptance']:.3f}, "
+          f"{held['draft_length']:.2f} tokens per verification")
+    print(record["why"])
+    print(f"saved the drafting classifier to {args.out}")

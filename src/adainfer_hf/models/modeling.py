@@ -27,7 +27,7 @@ from ..cache.propagate import PropagateExitCache
 from ..policy.base import ExitPolicy
 from ..policy.classifier import ExitClassifier
 from ..runtime.exit_run import ExitRun, is_decode_step
-from ..runtime.lossless import lossless_generate, resolve_lossless
+from ..runtime.lossless import lossless_generate, resolve_lossless, resolve_max_draft_tokens
 from ..runtime.output import output_logits
 from ..runtime.recording import ExitRecorder, ExitStatistics
 from .beside import find_classifier_beside
@@ -257,7 +257,7 @@ class AdaInferMixin:
 
     # ------------------------------------------------------------------ generation
     def generate(self, *args, exit_cache: str | None = None, lossless: bool | None = None,
-                 max_draft_tokens: int = 8, **kwargs):
+                 max_draft_tokens: int | None = None, **kwargs):
         """`GenerationMixin.generate` with early exit at every step, the prompt's step included.
 
         Args:
@@ -271,8 +271,8 @@ class AdaInferMixin:
                 the batch runs to its deepest row each step).
             lossless (`bool`, *optional*): exits become drafts the deeper layers verify: the output is the stock
                 model's (`runtime.lossless`). Default: the policy's `drafting`, unless `exit_cache` is given.
-            max_draft_tokens (`int`, *optional*, defaults to 8): with `lossless`, drafts in a row before a step
-                runs every layer (and verifies them).
+            max_draft_tokens (`int`, *optional*): with `lossless`, drafts in a row before a step runs every layer
+                (and verifies them). Default: the cap a drafting artifact chose (`calibration["drafting"]`), else 8.
             kwargs: everything `generate` takes, plus `exit_policy` to override the classifier for this call.
 
         With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
@@ -311,8 +311,8 @@ class AdaInferMixin:
         kwargs.pop("cache_implementation", None)
         if lossless:  # exits as drafts the deeper layers verify (refuses, by name, what it cannot run)
             with weight_call():
-                return lossless_generate(self, super().generate, _CheckedPolicy(policy), cache, max_draft_tokens,
-                                         args, kwargs)
+                cap = resolve_max_draft_tokens(policy, max_draft_tokens)
+                return lossless_generate(self, super().generate, _CheckedPolicy(policy), cache, cap, args, kwargs)
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = (kwargs.get("generation_config") or self.generation_config).use_cache

@@ -59,7 +59,7 @@ from transformers.generation.stopping_criteria import StopStringCriteria
 from .. import compat
 from .lockstep import LockstepBatch
 
-__all__ = ["lossless_decode", "lossless_generate", "resolve_lossless"]
+__all__ = ["lossless_decode", "lossless_generate", "resolve_lossless", "resolve_max_draft_tokens"]
 
 # model kwargs `generate` prepares that the loop replaces with its own (per row) or does not need
 _OWN_KWARGS = ("attention_mask", "position_ids", "use_cache", "logits_to_keep", "exit_recorder", "exit_policy",
@@ -163,14 +163,28 @@ def resolve_lossless(policy, lossless, exit_cache, max_draft_tokens) -> bool:
     drafts: the stock path). `ValueError` naming a bad value, or `lossless=True` with `exit_cache="propagate"`."""
     if lossless is not None and not isinstance(lossless, bool):
         raise ValueError(f"lossless must be True, False or None (the classifier's choice); got {lossless!r}.")
-    if isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int) or max_draft_tokens < 1:
-        raise ValueError(f"max_draft_tokens must be an int >= 1; got {max_draft_tokens!r}.")
+    if max_draft_tokens is not None and (isinstance(max_draft_tokens, bool) or not isinstance(max_draft_tokens, int)
+                                         or max_draft_tokens < 1):
+        raise ValueError(f"max_draft_tokens must be an int >= 1 or None (the classifier's cap); got "
+                         f"{max_draft_tokens!r}.")
     if lossless is None:
         lossless = exit_cache is None and getattr(policy, "drafting", False) is True
     if lossless and exit_cache == "propagate":
         raise ValueError("generate(lossless=True) verifies drafts with the exact cache; exit_cache='propagate' "
                          "cannot be verified. Pass exit_cache='exact' (or leave it out), or lossless=False.")
     return lossless and policy is not None
+
+
+def resolve_max_draft_tokens(policy, max_draft_tokens: int | None) -> int:
+    """The draft cap of a lossless call: `max_draft_tokens` when given, else the one a drafting artifact chose
+    (`calibration["drafting"]["max_draft_tokens"]`), else 8."""
+    if max_draft_tokens is not None:
+        return max_draft_tokens
+    record = getattr(policy, "calibration", None)
+    cap = record.get("drafting", {}).get("max_draft_tokens") if isinstance(record, dict) else None
+    if isinstance(cap, int) and not isinstance(cap, bool) and cap >= 1:
+        return cap
+    return 8
 
 
 def lossless_generate(model, generate, policy, cache, max_draft_tokens: int, args, kwargs):

@@ -6,7 +6,8 @@ The research helpers behind `adainfer_hf.train_and_calibrate`, importable from h
 from adainfer_hf.training import FeatureTable, calibrate, collect_features, schedule_classifier, train_exit_classifier
 ```
 
-`TrainingConfig` (with `CalibrationConfig`, `GateConfig`, `ScheduleConfig`, `GenerationCalibrationConfig`) holds
+`TrainingConfig` (with `CalibrationConfig`, `GateConfig`, `ScheduleConfig`, `GenerationCalibrationConfig`,
+`DraftingConfig`) holds
 the settings of `train_and_calibrate` and `train_on_tables`.
 """
 
@@ -16,11 +17,14 @@ from .collect import RecordingPolicy, collect_features
 from .collect_generation import collect_generation_features
 from .config import (
     CalibrationConfig,
+    DraftingConfig,
     GateConfig,
     GenerationCalibrationConfig,
     ScheduleConfig,
     TrainingConfig,
 )
+from .cost_model import CostModel, measure_cost_model
+from .drafting import DraftRule, DraftSimulation, choose_drafting_rule, simulate_drafting
 from .draws import calibration_draws_needed
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder, prefix_losses
 from .schedule import ScheduleChoice, choose_schedule, resolve_check_costs, schedule_classifier, schedule_cost
@@ -31,6 +35,10 @@ __all__ = [
     "LABEL_KINDS",
     "TRAIN_METHODS",
     "CalibrationConfig",
+    "CostModel",
+    "DraftRule",
+    "DraftSimulation",
+    "DraftingConfig",
     "FeatureTable",
     "FreeRunning",
     "GateConfig",
@@ -43,15 +51,18 @@ __all__ = [
     "calibrate_free_running",
     "calibration_draws_needed",
     "candidate_ladder",
+    "choose_drafting_rule",
     "choose_schedule",
     "collect_features",
     "collect_generation_features",
     "exit_scores",
     "measure_check_cost",
+    "measure_cost_model",
     "prefix_losses",
     "resolve_check_costs",
     "schedule_classifier",
     "schedule_cost",
+    "simulate_drafting",
     "simulate_exits",
     "summarize_exits",
     "table_sequences",

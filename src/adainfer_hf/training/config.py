@@ -34,6 +34,7 @@ __all__ = [
     "GATES",
     "TRAIN_METHODS",
     "CalibrationConfig",
+    "DraftingConfig",
     "GateConfig",
     "GenerationCalibrationConfig",
     "ScheduleConfig",
@@ -103,7 +104,8 @@ class _DictMixin:
         unknown = sorted(set(data) - set(known))
         if unknown:
             raise ValueError(f"{cls.__name__} has no field(s) {unknown}; expected keys among {known}.")
-        kwargs = {k: cls._NESTED[k].from_dict(v) if k in cls._NESTED else v for k, v in data.items()}
+        kwargs = {k: cls._NESTED[k].from_dict(v) if k in cls._NESTED and v is not None else v
+                  for k, v in data.items()}
         return cls(**kwargs)
 
 
@@ -246,6 +248,64 @@ class GenerationCalibrationConfig(_DictMixin):
                              "generation_tokens as well (prompt tables always record every layer).")
 
 
+def _int_tuple(who: str, value, low: int, allow_none: bool = False) -> tuple:
+    """A non-empty sequence of distinct ints >= `low` (None allowed as an element with `allow_none`), as a tuple."""
+    ok = not isinstance(value, (str, bytes)) and isinstance(value, Sequence) and len(value) > 0 and all(
+        (allow_none and v is None) or (_is_int(v) and v >= low) for v in value)
+    if not ok or len(set(value)) != len(value):
+        extra = " or None" if allow_none else ""
+        raise ValueError(f"{who} must be a non-empty sequence of distinct ints >= {low}{extra}; got {value!r}.")
+    return tuple(value)
+
+
+@dataclass(frozen=True)
+class DraftingConfig(_DictMixin):
+    """Training for lossless `generate` (`training.drafting`): the rule that maximises the predicted decode speed
+    under a cost model measured on the device, instead of a certified agreement.
+
+    Args:
+        max_draft_tokens (`tuple[int, ...]`, *optional*, defaults to `(1, 2, 3, 4, 6, 8)`): candidate draft caps.
+        vocabulary_sizes (`tuple[int | None, ...]`, *optional*, defaults to `(None,)`): candidate shortlist sizes of
+            the checks (each >= 2; None: the whole vocabulary).
+        check_layers (`tuple[int, ...]`, *optional*): candidate check layers; None: up to `max_layers` spread over
+            the recorded layers.
+        max_layers (`int`, *optional*, defaults to 12), thresholds (`int`, *optional*, defaults to 8),
+            two_checks (`int`, *optional*, defaults to 3): candidate layers, thresholds per layer, and how many of
+            the best one-check rules get a second check tried.
+        margin (`float`, *optional*, defaults to 0.02): the chosen rule must be predicted faster than stock by this
+            share on the held-out prompts, else the schedule is empty (generate runs the stock path).
+        holdout_fraction (`float`, *optional*, defaults to 0.25): share of the prompts' examples held out to
+            predict the chosen rule's speed on unseen prompts; in (0, 1).
+        cost_cache_length (`int`, *optional*, defaults to 128), cost_repeats (`int`, *optional*, defaults to 9):
+            the cost model's cache length and alternating rounds (`cost_model.measure_cost_model`).
+    """
+
+    max_draft_tokens: tuple[int, ...] = (1, 2, 3, 4, 6, 8)
+    vocabulary_sizes: tuple[int | None, ...] = (None,)
+    check_layers: tuple[int, ...] | None = None
+    max_layers: int = 12
+    thresholds: int = 8
+    two_checks: int = 3
+    margin: float = 0.02
+    holdout_fraction: float = 0.25
+    cost_cache_length: int = 128
+    cost_repeats: int = 9
+
+    def __post_init__(self):
+        _set(self, "max_draft_tokens", _int_tuple("max_draft_tokens", self.max_draft_tokens, 1))
+        _set(self, "vocabulary_sizes", _int_tuple("vocabulary_sizes", self.vocabulary_sizes, 2, allow_none=True))
+        if self.check_layers is not None:
+            _set(self, "check_layers", tuple(sorted(_int_tuple("check_layers", self.check_layers, 1))))
+        _int_at_least("max_layers", self.max_layers, 1)
+        _int_at_least("thresholds", self.thresholds, 1)
+        _int_at_least("two_checks", self.two_checks, 0)
+        if not _is_number(self.margin) or not 0.0 <= self.margin < 1.0:
+            raise ValueError(f"margin must be a number in [0, 1); got {self.margin!r}.")
+        _fraction("holdout_fraction", self.holdout_fraction)
+        _int_at_least("cost_cache_length", self.cost_cache_length, 1)
+        _int_at_least("cost_repeats", self.cost_repeats, 1)
+
+
 @dataclass(frozen=True)
 class TrainingConfig(_DictMixin):
     """Everything `train_and_calibrate` and `train_on_tables` need besides the model and the data.
@@ -265,6 +325,9 @@ class TrainingConfig(_DictMixin):
             tables (recorded anyway when a gate or a check vocabulary needs them).
         calibration ([`CalibrationConfig`]), gate ([`GateConfig`]), schedule ([`ScheduleConfig`]), generation
             ([`GenerationCalibrationConfig`]): the sub-configs, each with its defaults.
+        drafting ([`DraftingConfig`], *optional*): train for lossless `generate` instead (the drafting objective:
+            needs `generation.generation_tokens`; calibration and the schedule settings are then not used). None
+            (default): an exit classifier calibrated for agreement.
     """
 
     method: str = "svm"
@@ -278,9 +341,10 @@ class TrainingConfig(_DictMixin):
     gate: GateConfig = field(default_factory=GateConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     generation: GenerationCalibrationConfig = field(default_factory=GenerationCalibrationConfig)
+    drafting: DraftingConfig | None = None
 
     _NESTED = {"calibration": CalibrationConfig, "gate": GateConfig, "schedule": ScheduleConfig,
-               "generation": GenerationCalibrationConfig}
+               "generation": GenerationCalibrationConfig, "drafting": DraftingConfig}
 
     def __post_init__(self):
         _one_of("method", self.method, TRAIN_METHODS)
@@ -299,9 +363,23 @@ class TrainingConfig(_DictMixin):
             raise ValueError(f"hidden_states must be a bool; got {self.hidden_states!r}.")
         for name, kind in self._NESTED.items():
             value = getattr(self, name)
-            if not isinstance(value, kind):
+            if not isinstance(value, kind) and not (name == "drafting" and value is None):
                 raise ValueError(f"{name} must be a {kind.__name__}; got {type(value).__name__} {value!r:.80} "
                                  "(TrainingConfig.from_dict builds one from a dict).")
+        if self.drafting is not None:
+            self._check_drafting()
         if self.calibration.knob == "gate" and self.gate.kind is None and self.method != "gate_only":
             raise ValueError("knob='gate' calibrates the gate's thresholds, but the classifier has no gate; train it "
                              "with gate='linear' (GateConfig(kind='linear')) or calibrate with knob='classifier'.")
+
+    def _check_drafting(self) -> None:
+        """What the drafting objective cannot run with, named."""
+        if self.generation.generation_tokens is None:
+            raise ValueError("drafting trains on generated tokens: set generation.generation_tokens (CLI: "
+                             "--generation-tokens N; --lossless defaults it).")
+        if self.generation.free_running_tokens is not None:
+            raise ValueError(f"drafting chooses its rule by predicted speed; free_running_tokens="
+                             f"{self.generation.free_running_tokens} certifies agreement instead. Leave it unset.")
+        if self.gate.kind is not None or self.method == "gate_only":
+            raise ValueError("drafting does not search gate offsets yet; train without a gate (gate=None, a method "
+                             "other than 'gate_only').")

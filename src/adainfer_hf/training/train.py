@@ -18,18 +18,9 @@ check it passes is an exit, so the LM head never runs in vain.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 import numpy as np
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
-from sklearn.svm import SVC, LinearSVC
 
 from ..data.prompts import split_examples
-from ..estimators.crf import CRFExitEstimator
-from ..estimators.linear import fold_scaler
-from ..estimators.rules import AlwaysExit, GapThresholdRule
 from ..policy.classifier import ExitClassifier
 from ..policy.gate import fit_linear_gate
 from ..utils.distributed import is_distributed, on_main
@@ -37,9 +28,12 @@ from .calibrate import calibrate
 from .collect import collect_features
 from .collect_generation import collect_generation_features
 from .config import GATES, TRAIN_METHODS, GenerationCalibrationConfig, TrainingConfig
+from .cost_model import CostModel
+from .drafting import draft_for_config
+from .fit import train_exit_classifier
 from .free_running import FreeRunning, calibrate_free_running, candidate_ladder
 from .schedule import resolve_check_costs, resolve_gate_costs, schedule_classifier
-from .table import LABEL_KINDS, FeatureTable, table_sequences
+from .table import FeatureTable
 from .vocabulary import restrict_tables
 
 __all__ = [
@@ -65,119 +59,8 @@ def resolve_gate_and_knob(method: str, gate: str | None, knob: str | None) -> tu
     return gate or "linear", "gate"
 
 
-def _stratified_rows(y: np.ndarray, max_rows: int, seed: int) -> np.ndarray:
-    """Row indices: all rows, or a class-stratified random subset of `max_rows`."""
-    n = y.shape[0]
-    if n <= max_rows:
-        return np.arange(n)
-    rng = np.random.default_rng(seed)
-    picked = []
-    for cls in np.unique(y):
-        idx = np.flatnonzero(y == cls)
-        k = max(1, round(max_rows * idx.size / n))  # keep every class, even a rare one
-        picked.append(rng.choice(idx, size=min(k, idx.size), replace=False))
-    return np.sort(np.concatenate(picked))
-
-
-def train_exit_classifier(
-    table: FeatureTable,
-    method: str = "svm",
-    features: Sequence[str] = ("gap", "top_prob"),
-    label: str = "final",
-    class_weight: str | dict | None = "balanced",
-    max_rows: int = 20000,
-    seed: int = 0,
-) -> ExitClassifier:
-    """Trains an exit classifier on a feature table.
-
-    Args:
-        table ([`~adainfer_hf.collect.FeatureTable`]): training rows (one per prompt and layer).
-        method (`str`, *optional*, defaults to `"svm"`): one of `TRAIN_METHODS` (see the module docstring).
-        features (`Sequence[str]`, *optional*, defaults to `("gap", "top_prob")`): columns the classifier reads.
-        label (`str`, *optional*, defaults to `"final"`): `"final"` (agree with the dense model) or `"gold"`.
-        class_weight (`str`, `dict` or `None`, *optional*, defaults to `"balanced"`): early layers are mostly
-            label 0, so classes are reweighted (ignored by `"crf"`, `"gap_rule"` and `"gate_only"`).
-        max_rows (`int`, *optional*, defaults to 20000): cap on training rows, drawn stratified by class (for
-            `"crf"`: whole prompts, `max_rows // (L-1)` of them).
-        seed (`int`, *optional*, defaults to 0): seed of the subsample and of the estimators.
-
-    Returns:
-        [`~adainfer_hf.classifier.ExitClassifier`]: `threshold=None`, `min_layer=1`; call
-        `calibrate.calibrate` to choose both, then `bind(model)`.
-    """
-    if method not in TRAIN_METHODS:
-        raise ValueError(f"method={method!r} is not supported; expected one of {list(TRAIN_METHODS)}.")
-    if label not in LABEL_KINDS:
-        raise ValueError(f"label={label!r} is not supported; expected one of {list(LABEL_KINDS)}.")
-    if not isinstance(max_rows, int) or max_rows < 2:
-        raise ValueError(f"max_rows must be an int >= 2; got {max_rows!r}.")
-    features = (features,) if isinstance(features, str) else tuple(features)
-    X_all, y_all = table.columns(features).astype(np.float64), table.labels(label)
-    info = {
-        "method": method,
-        "label": label,
-        "rows": int(len(table)),
-        "prompts": table.num_prompts,
-        "positive_rate": float(y_all.mean()) if y_all.size else 0.0,
-    }
-    if method in ("gap_rule", "gate_only"):
-        if "gap" not in features:
-            raise ValueError(f"method={method!r} reads the 'gap' feature; features={list(features)} lack it.")
-        if method == "gap_rule":
-            estimator = GapThresholdRule(feature_index=features.index("gap"), threshold=0.8).fit(X_all[:1])
-        else:  # gate_only: always true, the gate decides
-            estimator = AlwaysExit().fit(X_all[:1])
-    elif method == "crf":
-        estimator, info["rows_used"] = _fit_crf(table, features, label, max_rows, seed)
-    else:
-        rows = _stratified_rows(y_all, max_rows, seed)
-        estimator = _fit_row_model(method, X_all[rows], y_all[rows], label, class_weight, seed)
-        info["rows_used"] = int(rows.size)
-    # A table collected with a half-precision check head trains a classifier that checks the same way.
-    return ExitClassifier(estimator, features=features, label=label, calibration={"training": info},
-                          check_dtype=table.meta.get("check_dtype"),
-                          check_vocabulary=table.meta.get("check_vocabulary"))
-
-
-def _fit_crf(table: FeatureTable, features, label: str, max_rows: int, seed: int):
-    """A [`CRFExitEstimator`] on whole prompts (at most `max_rows // (L-1)` of them) and the rows it used."""
-    seqs, labs = table_sequences(table, features, label)
-    L = int(table.num_layers.max()) if table.num_prompts else 2
-    n_prompts = max(1, max_rows // max(1, L - 1))
-    if len(seqs) > n_prompts:
-        keep = np.sort(np.random.default_rng(seed).choice(len(seqs), size=n_prompts, replace=False))
-        seqs, labs = [seqs[i] for i in keep], [labs[i] for i in keep]
-    estimator = CRFExitEstimator(feature_names=list(features)).fit(seqs, labs)
-    return estimator, int(sum(len(s) for s in seqs))
-
-
-def _fit_row_model(method: str, X: np.ndarray, y: np.ndarray, label: str, class_weight, seed: int):
-    """A row-wise estimator (`"svm"`, `"linear_svm"` or `"logistic"`), linear ones with the scaler folded in."""
-    counts = np.bincount(y, minlength=2)
-    if counts.min() == 0:
-        raise ValueError(
-            f"label={label!r} has a single class in the training rows (counts [no-exit, exit] = "
-            f"{counts.tolist()}); collect more or more varied prompts, or use method='gap_rule'."
-        )
-    if method == "svm":
-        return make_pipeline(
-            StandardScaler(),
-            SVC(kernel="rbf", class_weight=class_weight, cache_size=500, random_state=seed),
-        ).fit(X, y)
-    if method == "linear_svm":
-        pipe = make_pipeline(
-            StandardScaler(), LinearSVC(class_weight=class_weight, max_iter=20000, random_state=seed)
-        ).fit(X, y)
-        return fold_scaler(pipe, LinearSVC)
-    pipe = make_pipeline(  # logistic
-        StandardScaler(),
-        LogisticRegression(class_weight=class_weight, max_iter=2000, random_state=seed),
-    ).fit(X, y)
-    return fold_scaler(pipe, LogisticRegression)
-
-
 def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None = None, *, progress: bool = True,
-                        distributed: bool | None = None):
+                        distributed: bool | None = None, cost_model: CostModel | None = None):
     """The whole recipe: collect features, split prompts, train, calibrate on the held-out part, choose the check
     schedule, bind to `model`.
 
@@ -193,12 +76,18 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
             prompt (`collect_generation_features`, for `generate`); with `free_running_tokens` the chosen rule is
             certified on free-running generations of the calibration prompts (`free_running.calibrate_free_running`,
             candidates from the training table). A gate or a check vocabulary records the hidden states.
+            With `config.drafting` ([`DraftingConfig`]) the classifier is trained for lossless `generate`
+            instead: the rule (check layers, threshold, shortlist, draft cap) with the best speed predicted by
+            `training.drafting` under `cost_model`, `drafting=True`; `config.drafting.holdout_fraction` of the
+            examples are held out to predict it (the second table returned).
         progress (`bool`, *optional*, defaults to True): progress bars while collecting (on the main process).
         distributed (`bool`, *optional*): share the work over the processes of an initialized `torch.distributed`
             group (`accelerate launch`; every process calls this with the same arguments): each collects its share
             of the prompt batches (and generates its share of the free-running generations), the main process
             merges the tables (those of one process, row for row), trains, measures the check costs and
             calibrates. None (the default): whenever such a group with more than one process exists.
+        cost_model ([`CostModel`], *optional*): with `config.drafting`, the step costs to predict with; None
+            measures them on `model` now (`cost_model.measure_cost_model`).
 
     Returns:
         `(classifier, train_table, calibration_table)`: the calibrated, bound [`ExitClassifier`] (its
@@ -208,6 +97,8 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
     """
     config = _config_or_default(config)
     prompts = list(prompts)
+    if config.drafting is not None:
+        return _train_drafting(model, tokenizer, prompts, config, progress, cost_model)
     distributed = is_distributed() if distributed is None else bool(distributed) and is_distributed()
     gate, _ = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
     is_train = _split_by_example(prompts, config.calibration.calibration_fraction, config.seed)
@@ -236,6 +127,20 @@ def _train_on_tables_sharded(model, train_table, calib_table, config, check_leng
         return on_main(lambda: _train_on_tables(model, train_table, calib_table, config, check_length, None))
     ladder = on_main(lambda: _train_on_tables(model, train_table, None, config, check_length, free, ladder_only=True))
     return _free_running_choice(model, ladder, config, free)
+
+
+def _train_drafting(model, tokenizer, prompts, config: TrainingConfig, progress: bool, cost_model):
+    """[`train_and_calibrate`] with `config.drafting`: collect on generated tokens, search the rule, record."""
+    drafting = config.drafting
+    is_train = _split_by_example(prompts, drafting.holdout_fraction, config.seed)
+    shortlists = any(size is not None for size in drafting.vocabulary_sizes)
+    record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
+                  check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or shortlists)
+    train_table, holdout_table = _collect_split(model, tokenizer, prompts, is_train, config.generation, record)
+    fit = lambda table: train_exit_classifier(table, method=config.method, features=config.features,  # noqa: E731
+                                              label=config.label, max_rows=config.max_rows, seed=config.seed)
+    clf = draft_for_config(model, train_table, holdout_table, drafting, fit, cost_model)
+    return _recorded(clf, config, model), train_table, holdout_table
 
 
 def _collect_split(model, tokenizer, prompts, is_train, generation: GenerationCalibrationConfig, record):
@@ -306,6 +211,10 @@ def train_on_tables(model, train_table: FeatureTable, calib_table: FeatureTable 
         `config.to_dict()`.
     """
     config = _config_or_default(config)
+    if config.drafting is not None:
+        raise ValueError("config.drafting trains for lossless generate, which collects its own generation tables "
+                         "and cost model; call train_and_calibrate (CLI: adainfer train --lossless without "
+                         "--from-tables).")
     _check_tables_match(config, train_table, free_running)
     clf = _train_on_tables(model, train_table, calib_table, config, config.schedule.check_length or 256, free_running)
     return _recorded(clf, config, model)
