@@ -16,13 +16,11 @@ text, one unit per generated token) exactly as `runtime.lossless` runs it:
 
 Each step is priced by the [`CostModel`] (a draft step's layers with the owed positions it catches up and its
 checks; a verification's layers, its checks and the head on P + 1 positions) against `CostModel.stock_step()`.
-Greedy draft and accept counts are those of the real loop as long as no step after a wrong draft (still in flight
-before its verification) decides differently on the wrong prefix than on the stock one: always with a cap of 1 or a
-rule that fires wherever it checks; otherwise those steps' checks are approximated by the stock position's.
-
-[`choose_drafting_rule`] searches (check layers, threshold, shortlist size, draft cap) on the training sequences,
-reports the chosen rule's prediction on held-out sequences, and returns an empty schedule (generate then runs the
-stock path) where that prediction does not beat stock by `DraftingConfig.margin`.
+Greedy counts are the real loop's unless a step after a wrong draft (in flight before its verification) decides
+otherwise on the wrong prefix (never with cap 1 or a rule firing wherever it checks; else approximated by the stock
+position's). [`choose_drafting_rule`] searches (check layers, threshold, shortlist size, draft cap) on the training
+sequences, predicts the chosen rule on held-out ones, and returns an empty schedule (the stock path) where that
+prediction does not beat stock by `DraftingConfig.margin`.
 """
 
 from __future__ import annotations
@@ -58,9 +56,9 @@ class DraftRule:
 
     def to_dict(self) -> dict:
         """JSON-safe form."""
+        size = None if self.vocabulary_size is None else int(self.vocabulary_size)
         return {"check_layers": [int(k) for k in self.check_layers], "threshold": float(self.threshold),
-                "max_draft_tokens": int(self.max_draft_tokens),
-                "vocabulary_size": None if self.vocabulary_size is None else int(self.vocabulary_size)}
+                "max_draft_tokens": int(self.max_draft_tokens), "vocabulary_size": size}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,8 +66,8 @@ class DraftSimulation:
     """What [`simulate_drafting`] predicts for one rule on a table.
 
     Args:
-        drafted, accepted (`np.ndarray` int `[S]`): per sequence (in the table's sequence order), draft tokens
-            and accepted drafts (as `generate(lossless=True, return_dict_in_generate=True)` counts them).
+        drafted, accepted (`np.ndarray` int `[S]`): per sequence (table order), draft tokens and accepted drafts
+            (as `generate(lossless=True, return_dict_in_generate=True)` counts them).
         verifications (`np.ndarray` int `[S]`): per sequence, the steps that ran every layer after the prompt.
         decode_tokens (`int`): tokens emitted by decode steps (after each prompt's first token), all sequences.
         seconds (`float`): the predicted seconds of all those decode steps.
@@ -383,10 +381,9 @@ def _restricted(model, train_table, holdout_table, size):
 
 def draft_for_config(model, train_table: FeatureTable, holdout_table: FeatureTable, drafting, fit,
                      cost_model: CostModel | None = None) -> ExitClassifier:
-    """[`choose_drafting_rule`] with the settings of a `config.DraftingConfig` (`drafting`), the cost model measured
-    on `model` when not given, and the model's end-of-text tokens; the classifier's calibration record gains
-    `"drafting"` (the search's record), `"cost_model"` (`CostModel.to_dict`, with device, dtype and threads) and
-    `"conclusion"`."""
+    """[`choose_drafting_rule`] with a `config.DraftingConfig`'s settings, the cost model (measured on `model` when
+    not given) and the model's end-of-text tokens; the calibration record gains `"drafting"` (the search's record),
+    `"cost_model"` (`CostModel.to_dict`, with device, dtype and threads) and `"conclusion"`."""
     if cost_model is None:
         cost_model = measure_cost_model(model, cache_length=drafting.cost_cache_length,
                                         max_positions=max(drafting.max_draft_tokens) + 1,
@@ -398,6 +395,6 @@ def draft_for_config(model, train_table: FeatureTable, holdout_table: FeatureTab
         vocabulary_sizes=drafting.vocabulary_sizes, check_layers=drafting.check_layers,
         max_layers=drafting.max_layers, thresholds=drafting.thresholds, two_checks=drafting.two_checks,
         margin=drafting.margin, eos_token_ids=[] if eos is None else [eos] if isinstance(eos, int) else list(eos))
-    calibration = dict(clf.calibration) if isinstance(clf.calibration, dict) else {}
-    calibration.update(drafting=figures, cost_model=cost_model.to_dict(), conclusion=figures["why"])
+    calibration = {**(clf.calibration if isinstance(clf.calibration, dict) else {}), "drafting": figures,
+                   "cost_model": cost_model.to_dict(), "conclusion": figures["why"]}
     return clf.replace(calibration=calibration)
