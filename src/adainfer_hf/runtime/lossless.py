@@ -19,7 +19,7 @@ criteria, the attention mask and the position ids. Per row (see "Batches" below)
   choice for token j + 1. Greedy: accept the draft while it equals the argmax; at the first mismatch keep the
   stock token and discard every later draft. Sampling (speculative sampling, Leviathan et al. 2023): with the
   exit's processed distribution `q` as the draft and the full-depth processed distribution `p` as the target,
-  accept `d` with probability `min(1, p(d) / q(d))` (no random draw when `p(d) >= q(d)`); on a rejection sample
+  accept `d` with probability `min(1, p(d) / q(d))` (no draw when `p(d) >= q(d)` up to 4 ulp); on a rejection sample
   from `normalise(max(0, p - q))`. When every draft is accepted the current position gives one more token from `p`
   (argmax when greedy). Each token so produced has exactly the stock distribution given its prefix.
 - **Roll back**: every layer's cache is cropped to the verified prefix (`DraftExitCache.crop`) and decoding goes
