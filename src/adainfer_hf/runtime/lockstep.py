@@ -32,7 +32,7 @@ class _Settings:
         # Greedy without logits processors: the choices and the acceptance are argmaxes of the raw logits, made for
         # the whole batch in one call (the processors' per-position calls on the prefix are the identity then).
         self.plain = not self.do_sample and len(logits_processor or ()) == 0
-        # Without an EOS criterion stock generation runs every row until the whole batch stops (see `LockstepBatch.settle`)
+        # without an EOS criterion stock runs every row until the whole batch stops (`LockstepBatch.settle`)
         self.has_eos = any(hasattr(c, "eos_token_id") for c in stopping_criteria)
         # [B, max_length]: row b's verified tokens are tokens[b, :rows[b].n] (written in place: no cat per token)
         self.tokens = input_ids.new_zeros((input_ids.shape[0], max(self.max_length, input_ids.shape[1])))

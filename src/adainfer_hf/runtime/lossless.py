@@ -31,20 +31,21 @@ the full-depth scores / logits of the verified tokens (what stock generation sco
 tokens] (the layer whose logits chose the token: the draft's exit layer for an accepted draft, L otherwise; 0 after
 a row finished), and per-row `draft_tokens` / `accepted_tokens`.
 
-**Batches** (`runtime.lockstep.LockstepBatch`): the rows decode in lockstep in one `DraftExitCache`, each feeding one token per step (its
-last verified token or its latest draft). The exact cache runs the batch at one depth per step (a row whose check
-fired keeps computing until every row's has), so a step is a *draft step* when every row's check fired (each row's
-draft comes from its own exit layer's logits) and a *verification* of every row otherwise, or when some row's cap
-is reached: every row then has the same P drafts in flight, caught up and verified in the one forward, whose output
-is every row's full-depth logits (`VerifyingStrategy`). Rows accept different counts; `LockstepBatch.roll_back` crops the
-cache to the row that keeps the most and moves each other row's rejected positions to its left, as padding the
-mask zeroes (one per-row rotation of every layer's K/V), so a row's real positions stay a contiguous suffix of the
-cache: its position ids continue from its own length, and sliding-window layers, whose recorded past (see
-`DraftExitCache`) still holds every position fed since the last rollback, keep exactly its last W real tokens
-after the rotation and the window trim (a row never drops more than the P + 1 positions fed since then). Finished
-rows leave the batch (`batch_select_indices`); the output is padded as stock `generate` pads it. Without an EOS
-criterion a row whose criteria fired goes on, criteria off, until every row's did, and every row ends at the
-longest such length (as stock). A streamer needs a batch of one (as transformers' text streamers do).
+**Batches** (`runtime.lockstep.LockstepBatch`): the rows decode in lockstep in one `DraftExitCache`, each feeding
+one token per step (its last verified token or its latest draft). The exact cache runs the batch at one depth per
+step (a row whose check fired keeps computing until every row's has), so a step is a *draft step* when every row's
+check fired (each row's draft comes from its own exit layer's logits) and a *verification* of every row otherwise,
+or when some row's cap is reached: every row then has the same P drafts in flight, caught up and verified in the one
+forward, whose output is every row's full-depth logits (`VerifyingStrategy`). Rows accept different counts;
+`LockstepBatch.roll_back` crops the cache to the row that keeps the most and moves each other row's rejected
+positions to its left, as padding the mask zeroes (one per-row rotation of every layer's K/V), so a row's real
+positions stay a contiguous suffix of the cache: its position ids continue from its own length, and sliding-window
+layers, whose recorded past (see `DraftExitCache`) still holds every position fed since the last rollback, keep
+exactly its last W real tokens after the rotation and the window trim (a row never drops more than the P + 1
+positions fed since then). Finished rows leave the batch (`batch_select_indices`); the output is padded as stock
+`generate` pads it. Without an EOS criterion a row whose criteria fired goes on, criteria off, until every row's
+did, and every row ends at the longest such length (as stock). A streamer needs a batch of one (as transformers'
+text streamers do).
 """
 
 from __future__ import annotations
