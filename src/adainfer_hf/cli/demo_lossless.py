@@ -28,8 +28,9 @@ def drafting_classifier(model, tok, source, is_default: bool, seed: int, quiet: 
         return ExitClassifier.from_pretrained(source), str(source)
     config = TrainingConfig(method="logistic", seed=seed, generation=GenerationCalibrationConfig(generation_tokens=16),
                             drafting=DraftingConfig(max_draft_tokens=(1, 2, 4), cost_repeats=3, cost_cache_length=32))
-    clf, _, _ = train_and_calibrate(model, tok, default_drafting_prompts(), config, progress=not quiet)
-    return clf, "trained now on the shipped drafting prompts (no drafting artifact for this model)"
+    prompts = default_drafting_prompts()[::3]  # a third of the shipped set, every kind: a demo's minute, not an artifact
+    clf, _, _ = train_and_calibrate(model, tok, prompts, config, progress=not quiet)
+    return clf, f"trained now on {len(prompts)} of the shipped drafting prompts (no drafting artifact for this model)"
 
 
 def _first_difference(a: list[int], b: list[int]) -> int | None:
