@@ -15,6 +15,15 @@ from fake_hub import local_hub  # noqa: F401, E402  (the local Hub fixture, for 
 torch.set_num_threads(1)
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts on one thread and leaves it so: a benchmark's `main()` run in-process sets its own thread
+    count, and another count sums some products in another order (the 2-process tests compare last bits)."""
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(scope="session")
 def smollm2_dir():
     """
