@@ -10,7 +10,7 @@ import weakref
 
 import pytest
 import torch
-from tiny_models import VOCAB, batch, make_pair, truncated_stock
+from tiny_models import VARIANTS, VOCAB, batch, make_pair, truncated_stock
 
 from adainfer_hf import ScriptedExit
 
@@ -245,3 +245,35 @@ def test_model_pickles_after_per_call_policies_and_kept_copies():
     for model in (loaded, reloaded):
         torch.testing.assert_close(_exit_logits(model, policy, ids, mask), before)
         assert model.exit_head.model is model and model.kv_fill.model is model
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_final_rows_is_the_stock_head_on_several_positions(variant):
+    """Verification's head over several positions (`final_rows`) gives the stock LM head's logits (and the
+    family's softcap), row for row, for every shape it is called with."""
+    _, ada = make_pair(variant)
+    head = ada.exit_head
+    for shape in ((1, 1), (1, 2), (1, 5), (3, 4)):
+        with torch.no_grad():
+            normed = head.norm(torch.randn(*shape, ada.config.hidden_size))
+            ref = head.spec.finalize_logits(ada, ada.get_output_embeddings()(normed))
+            out = head.final_rows(normed)
+        assert out.shape == ref.shape
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out.argmax(-1), ref.argmax(-1))
+
+
+def test_final_rows_takes_the_module_call_where_the_head_is_hooked_or_wrapped():
+    """A forward hook on the LM head, or a LoRA wrapper, sees verification's head call (the module runs)."""
+    _, ada = make_pair("llama_gqa")
+    calls = []
+    handle = ada.get_output_embeddings().register_forward_hook(lambda m, i, o: calls.append(o.shape))
+    normed = torch.randn(1, 3, ada.config.hidden_size)
+    with torch.no_grad():
+        ada.exit_head.final_rows(normed)
+    handle.remove()
+    assert calls == [torch.Size([1, 3, ada.config.vocab_size])]
+    _lora_on_head(ada)
+    lora = ada.get_output_embeddings()
+    with torch.no_grad():
+        torch.testing.assert_close(ada.exit_head.final_rows(normed), lora(normed), rtol=1e-5, atol=1e-5)

@@ -11,6 +11,7 @@ import torch
 from tiny_models import VARIANTS, FeatureHashExit, batch, make_pair
 
 from adainfer_hf import ExitPolicy, ScriptedExit
+from adainfer_hf.architectures import few_rows
 from adainfer_hf.compat import output_cache
 
 L = 4
@@ -213,3 +214,20 @@ def _cache_matches_recompute(variant, policy, identity=False):
             torch.testing.assert_close(a.keys, b.keys, atol=1e-5, rtol=1e-4, msg=f"layer {i} keys")
             torch.testing.assert_close(a.values, b.values, atol=1e-5, rtol=1e-4, msg=f"layer {i} values")
     assert rolled_back > 0
+
+
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
+def test_lossless_through_the_few_rows_product_is_stock_generate(variant, monkeypatch):
+    """With every weight routed (the tiny weights are below the real threshold), lossless greedy output is the
+    stock class's `generate` (up to a floating-point near-tie), and verification did take the product."""
+    calls = []
+    real = few_rows.linear_few_rows
+    monkeypatch.setattr(few_rows, "linear_few_rows", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
+    stock, ada = make_pair(variant)
+    ids, mask = batch("left", batch_size=2, length=7)  # 2 rows x 2 positions: within MAX_FEW_ROWS
+    ref = _gen(stock, ids, mask, max_new_tokens=10)
+    out = _gen(ada, ids, mask, max_new_tokens=10, exit_policy=MixedDrafts(), lossless=True, max_draft_tokens=1,
+               return_dict_in_generate=True)
+    _assert_same_or_near_tie(stock, ref, out.sequences, mask, ids.shape[1], torch.float32)
+    assert int(out.draft_tokens.sum()) > 0 and calls

@@ -14,6 +14,7 @@ truncates every layer to the verified prefix (sliding-window layers record their
 from __future__ import annotations
 
 from .. import compat
+from ..architectures.few_rows import few_rows_linear
 from ..compat import DynamicCache
 from .exact import ExactExitCache, ExactStrategy
 
@@ -40,7 +41,9 @@ class VerifyingStrategy(ExactStrategy):
         self.full_depth_output = run.any_active()
 
     def _catch_up_forward(self, run, layer, owed, forward, hidden, args, kwargs):
-        out = super()._catch_up_forward(run, layer, owed, forward, hidden, args, kwargs)
+        # the owed positions and the current one: a few rows, in the kernel that batches them on the CPU
+        with few_rows_linear(layer, enabled=hidden.device.type == "cpu"):
+            out = super()._catch_up_forward(run, layer, owed, forward, hidden, args, kwargs)
         if run.spec.layer_index(layer) == run.num_layers - 1:
             # the owed positions' frontier moved past the last layer: their final hidden states
             start = self.cache.pending_hidden.shape[1] - owed

@@ -66,7 +66,8 @@ def output_logits(model: nn.Module, hidden: torch.Tensor, logits_to_keep, run: E
     caught_up = run.cache_strategy.caught_up_final
     if caught_up is not None:  # lossless verification: the drafts' full-depth logits, in the same head call
         normed = torch.cat([head.norm(caught_up).to(normed.device, normed.dtype), normed], 1)
-    logits = head.final(normed)  # LM head [+ the family's softcap]: one call for every row
+    # LM head [+ the family's softcap]: one call for every row (verification's several positions: `final_rows`)
+    logits = head.final(normed) if caught_up is None else head.final_rows(normed)
     unchecked = logits
     if bool(exited.any()):
         if unchecked_too:
