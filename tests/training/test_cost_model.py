@@ -23,6 +23,8 @@ def test_measured_parts_and_record(cost):
     assert set(cost.lens_seconds) == {"full", "8"} and cost.stock_step() > 0
     assert all(s > 0 for s in (*cost.layer_seconds, *cost.head_seconds, cost.gate_seconds))
     assert CostModel.from_dict(json.loads(json.dumps(cost.to_dict()))) == cost
+    # the layers are scaled to the whole: L of them and the head on one position make the measured stock step
+    assert cost.num_layers * cost.layer_seconds[0] + cost.head_seconds[0] == pytest.approx(cost.stock_step())
 
 
 def test_step_predictions_are_sums_of_measured_parts(cost):
