@@ -33,7 +33,8 @@ def main(argv=None) -> int:
     p.add_argument("--model", default="default", help="Checkpoint (default: the embedded SmolLM2).")
     p.add_argument("--out", default=str(ARTIFACTS_DIR / DRAFTING_SUBDIR), help="Artifact directory (default: the "
                    "shipped drafting artifact's).")
-    p.add_argument("--first-layer", type=int, default=10, help="First recorded (checkable) layer (default 10).")
+    p.add_argument("--first-layer", type=int, default=20, help="First recorded (checkable) layer (default 20: on the "
+                   "embedded SmolLM2, 30 layers, a draft from below it is not worth its check).")
     p.add_argument("--generation-tokens", type=int, default=48, help="Tokens per prompt (default 48).")
     p.add_argument("--vocabularies", nargs="+", default=["full", "8192"], help="Shortlist sizes (default full 8192).")
     args = p.parse_args(argv)

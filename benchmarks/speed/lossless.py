@@ -28,7 +28,8 @@ acceptance rate, mean drafts per verification and layers computed per generated 
 all L layers, a draft's deep layers in the next verification, so this is L x fed positions / tokens).
 
 Usage: `python -m benchmarks.speed.lossless KEY [--prompts 16] [--new-tokens 64] [--repeats 3] [--batches 1 4]
-[--threads 1] [--rules -2:8192:4,...] [--classifier [NAME=]DIR] [--lossy DIR] [--early-exit 4,8,...] [--lookup 3,10]`.
+[--threads 1] [--rules -2:8192:4,...] [--classifier [NAME=]DIR] [--lossy DIR] [--early-exit 4,8,...] [--lookup 3,10]
+[--peer-prompts N]`.
 `KEY` is a key of `benchmarks.common.real_models` (`source /work/models/env.sh` first on the shared machine) or, with
 `--model-dir DIR`, any name for the checkpoint in DIR. Writes `docs/results/<KEY>/lossless/<date>.json` with the
 stamping writer (`--out-root` to write elsewhere) and prints a Markdown table.
@@ -39,6 +40,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -347,6 +349,8 @@ def parse_args(argv):
     p.add_argument("--lookup", default="3,10", help="prompt_lookup_num_tokens values")
     p.add_argument("--sweep-prompts", type=int, default=4, help="prompts of the rule and early-exit sweeps")
     p.add_argument("--sweep-repeats", type=int, default=1)
+    p.add_argument("--peer-prompts", type=int, default=None,
+                   help="run the peers on the first N prompts only (default: all), against stock on those prompts")
     p.add_argument("--out-root", default=str(RESULTS_ROOT))
     p.add_argument("--no-write", action="store_true")
     return p.parse_args(argv)
@@ -389,8 +393,8 @@ def main(argv: list[str] | None = None) -> int:
                                                           "empty_schedule": empty})
         configs[d] = config
     lossy = None
-    notes = {"held_out": held_out_note, "contention": "2 CPU cores shared with up to 5 other sessions; "
-             f"torch threads {args.threads}; runs alternate with rotated order"}
+    notes = {"held_out": held_out_note, "contention": f"torch threads {args.threads}; runs alternate with rotated "
+             f"order; load average (1 min) at the start {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"}
     if args.lossy:
         clf, config = load_classifier(args.lossy, ada)
         lossy, configs[args.lossy] = (clf, config), config
@@ -412,11 +416,22 @@ def main(argv: list[str] | None = None) -> int:
         keep_k = best(sweep, "peer", "early_exit:")
         early_exit = [int(keep_k.split(":")[1])] if keep_k else early_exit
     results = {}
+    peer_prompts = len(texts) if args.peer_prompts is None else min(args.peer_prompts, len(texts))
+    if peer_prompts < len(texts):
+        notes["peers"] = (f"the peers ran on the first {peer_prompts} prompts (batch 1), each timed against stock "
+                          "on those prompts in their own alternating runs")
     for batch in args.batches:
-        runs = make_runs(stock, ada, rules, classifiers, lossy, early_exit, lookup)
+        split = batch == 1 and peer_prompts < len(texts)
+        runs = make_runs(stock, ada, rules, classifiers, lossy, [] if split else early_exit, [] if split else lookup)
         out = timed(runs, tok, texts, batch, args.new_tokens, args.repeats)
         rows = summarize(out, runs, L, args.new_tokens)
         add_margins(rows, stock, tok, texts, batch, args.new_tokens)
+        if split and (early_exit or lookup):
+            peers = make_runs(stock, ada, {}, {}, None, early_exit, lookup)
+            peer_rows = summarize(timed(peers, tok, texts[:peer_prompts], 1, args.new_tokens, args.repeats), peers, L,
+                                  args.new_tokens)
+            rows.update({name: {**row, "prompts": peer_prompts} for name, row in peer_rows.items()
+                         if row["kind"] == "peer"})
         results[batch] = rows
         print(f"batch {batch}:\n{table({batch: rows})}", flush=True)
         payload = {"model": args.key, "num_layers": L, "dtype": "float32", "new_tokens": args.new_tokens,

@@ -63,3 +63,24 @@ def test_gpu_model_is_the_stock_llama_with_the_same_weights():
         torch.testing.assert_close(model(ids, exit_policy=None).logits, stock(ids).logits)
         assert torch.equal(model.generate(ids, max_new_tokens=6, do_sample=False, exit_policy=None),
                            stock.generate(ids, max_new_tokens=6, do_sample=False))
+
+
+def test_main_end_to_end_with_the_peers_on_fewer_prompts(tmp_path):
+    """The benchmark on a tiny checkpoint: the lossless run is identical to stock at every batch size, and the
+    peers (batch 1 only) run on `--peer-prompts` prompts against stock on those prompts."""
+    from tiny_models import save_tiny_checkpoint
+
+    from adainfer_hf.utils.results import newest_result
+
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    status = lossless.main(["tiny", "--model-dir", str(model), "--prompts", "4", "--new-tokens", "4", "--repeats",
+                            "1", "--batches", "1", "2", "--rules=-1:0:2", "--lookup", "2", "--peer-prompts", "2",
+                            "--threads", "1", "--out-root", str(tmp_path / "results")])
+    assert status == 0
+    _, payload = newest_result("tiny", "lossless", tmp_path / "results")
+    one, two = payload["batches"]["1"], payload["batches"]["2"]
+    assert "peers" in payload["notes"] and payload["complete"]
+    for rows in (one, two):
+        (name,) = [n for n, r in rows.items() if r["kind"] == "lossless"]
+        assert rows[name]["rows_identical"] == rows[name]["rows"] == 4
+    assert one["lookup:2"]["rows"] == one["lookup:2"]["prompts"] == 2 and "lookup:2" not in two

