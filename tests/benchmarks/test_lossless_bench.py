@@ -70,14 +70,14 @@ def test_main_end_to_end_with_the_peers_on_fewer_prompts(tmp_path):
     peers (batch 1 only) run on `--peer-prompts` prompts against stock on those prompts."""
     from tiny_models import save_tiny_checkpoint
 
-    from adainfer_hf.utils.results import newest_result
+    from adainfer_hf.utils.results import newest_result, read_result
 
     model = save_tiny_checkpoint(tmp_path / "tiny")
     status = lossless.main(["tiny", "--model-dir", str(model), "--prompts", "4", "--new-tokens", "4", "--repeats",
                             "1", "--batches", "1", "2", "--rules=-1:0:2", "--lookup", "2", "--peer-prompts", "2",
                             "--threads", "1", "--out-root", str(tmp_path / "results")])
     assert status == 0
-    _, payload = newest_result("tiny", "lossless", tmp_path / "results")
+    _, payload = read_result(newest_result("tiny", "lossless", tmp_path / "results"))
     one, two = payload["batches"]["1"], payload["batches"]["2"]
     assert "peers" in payload["notes"] and payload["complete"]
     for rows in (one, two):
