@@ -35,10 +35,18 @@ def _saved(summary: dict | None) -> str:
     return f"{100 * row['pruning_ratio']:.0f}% (acc {100 * row['accuracy']:.1f} vs {100 * summary['dense']['accuracy']:.1f})"
 
 
-def _newest(directory: Path) -> dict | None:
-    """The newest result file (any variant) of `<root>/<model>/<question>` as stored (`utils.results.newest_result`)."""
-    path = newest_result(directory.parent.name, directory.name, directory.parent.parent, variant=None)
-    return json.loads(path.read_text()) if path else None
+def _newest(root: Path, model: str, question: str, *, required: bool = False, **kwargs) -> tuple | None:
+    """`(file name, stamp, payload)` of the newest result of `model` / `question` under `root/docs/results`
+    (`utils.results.newest_result` with `kwargs`, e.g. `variant=None` for any variant; the payload as
+    `read_result` gives it, stamped or migrated alike). None when there is none, or a ValueError when `required`
+    (a table that cannot be without its file)."""
+    results = root / "docs" / "results"
+    path = newest_result(model, question, results, **kwargs)
+    if path is None:
+        if required:
+            raise ValueError(f"no result file for {model}/{question} ({kwargs or 'no variant'}) under docs/results")
+        return None
+    return (path.relative_to(results).as_posix(), *read_result(path))
 
 
 def _ratio(row: dict | None) -> str:
@@ -61,10 +69,10 @@ def _best(rows: dict, prefix: str) -> tuple[str | None, dict | None]:
     return name, rows[name]
 
 
-def _lossless_runs(data: dict) -> tuple[str | None, dict, dict]:
-    """`(run name, batch-1 rows, batch-4 rows)` of a `benchmarks.speed.lossless` file: the best lossless run at
+def _lossless_runs(result: dict) -> tuple[str | None, dict, dict]:
+    """`(run name, batch-1 rows, batch-4 rows)` of a `benchmarks.speed.lossless` payload: the best lossless run at
     batch 1 (batch 4 when the file has no batch 1), and every run of each batch."""
-    batches = data["result"].get("batches", {})
+    batches = result.get("batches", {})
     one, four = batches.get("1", {}), batches.get("4", {})
     name, _ = _best(one or four, "lossless:")
     return name, one, four
@@ -85,12 +93,12 @@ def _measured(stamp: dict) -> str:
     return f"{where}, {stamp.get('date', '?')[:10]}"
 
 
-def lossless_cell(data: dict | None) -> str:
-    """`speed median [q1, q3], acceptance, identical tokens` of the best lossless run at batch 1 of a stamped
-    `benchmarks.speed.lossless` result file."""
-    if data is None:
+def lossless_cell(result: dict | None) -> str:
+    """`speed median [q1, q3], acceptance, identical tokens` of the best lossless run at batch 1 of a
+    `benchmarks.speed.lossless` result's payload (None: not measured)."""
+    if result is None:
         return "not measured"
-    name, one, four = _lossless_runs(data)
+    name, one, four = _lossless_runs(result)
     if name is None:
         return "not measured"
     run = (one or four)[name]
@@ -116,12 +124,12 @@ def lossless_table(root: Path = ROOT) -> str:
             "lossy 0.95 (identical tokens) | tokens x prompts x repeats | measured on |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in KEYS:
-        data = _newest(root / "docs" / "results" / key / "lossless")
-        name, one, four = _lossless_runs(data) if data else (None, {}, {})
+        found = _newest(root, key, "lossless", variant=None)
+        _, stamp, result = found or (None, {}, {})
+        name, one, four = _lossless_runs(result) if found else (None, {}, {})
         if name is None:
             rows.append(f"| {NAMES[key]} | not measured |" + " |" * 11)
             continue
-        result = data["result"]
         run = (one or four)[name]
         peers = []
         for prefix in ("early_exit:", "lookup:"):
@@ -134,7 +142,7 @@ def lossless_table(root: Path = ROOT) -> str:
                     f"{_ratio(four.get(name))} | {_acceptance(run)} | {fmt(run.get('drafts_per_verification'))} | "
                     f"{fmt(run.get('layers_per_token'))} | {_identical(one.get(name), four.get(name))} | "
                     f"{peers[0]} | {peers[1]} | {lossy_cell} | "
-                    f"{result['new_tokens']} x {result['prompts']} x {result['repeats']} | {_measured(data['stamp'])} |")
+                    f"{result['new_tokens']} x {result['prompts']} x {result['repeats']} | {_measured(stamp)} |")
     return "\n".join(rows)
 
 
@@ -152,13 +160,12 @@ def status_table(root: Path = ROOT) -> str:
             "certified savings on tasks @0.99 | @0.95 | oracle ceiling (first token) | lossless measured on |",
             "|---|---|---|---|---|---|"]
     for key in KEYS:
-        results = root / "docs" / "results" / key
         run = paper_table.load(root / "docs" / "results", key) or {}  # the newest eval reports (0.99, 0.95)
         s99, s95 = run.get("s99"), run.get("s95")
-        lossless = _newest(results / "lossless")
+        _, stamp, lossless = _newest(root, key, "lossless", variant=None) or (None, None, None)
         layers = run.get("L", "?")
         oracle = f"{100 * s99['oracle']['pruning_ratio']:.0f}%" if s99 and "oracle" in s99 else "-"
-        where = _measured(lossless["stamp"]) if lossless else "-"
+        where = _measured(stamp) if lossless else "-"
         rows.append(f"| {NAMES[key]} ({layers}) | {lossless_cell(lossless)} | {_saved(s99)} | {_saved(s95)} | "
                     f"{oracle} | {where} |")
     return "\n".join(rows)
@@ -337,15 +344,6 @@ def collect_throughput_table(root: Path = ROOT) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # docs/results.md's tables that were copied by hand before: each now from its result file (issue 30, "results")
 
-def _newest_payload(root: Path, model: str, question: str, **kwargs) -> tuple[str, dict, dict]:
-    """`(file name, stamp, payload)` of the newest result of `model` / `question` (ValueError when there is none:
-    a generated table without its file is an error, not an empty table)."""
-    path = newest_result(model, question, root / "docs" / "results", **kwargs)
-    if path is None:
-        raise ValueError(f"no result file for {model}/{question} ({kwargs or 'no variant'}) under docs/results")
-    return path.relative_to(root / "docs" / "results").as_posix(), *read_result(path)
-
-
 def _method_cell(row: dict | None, layers: bool = True) -> str:
     if row is None:
         return "-"
@@ -375,7 +373,7 @@ def smollm2_shots_table(root: Path = ROOT) -> str:
 
 def check_dtype_table(root: Path = ROOT) -> str:
     """`benchmarks.quality.check_dtype_smollm2`: what a half-precision check head changes, per check dtype."""
-    name, _, data = _newest_payload(root, "smollm2", "check_dtype")
+    name, _, data = _newest(root, "smollm2", "check_dtype", required=True)
     ref = data["dtypes"]["float32"]["targets"]
     rows = [f"| check head | logit-lens top-1 equal to fp32's | max abs. change of top_prob | one check, prefill "
             f"{data['median_length']} / decode (layers) | fp32-calibrated rule's decisions changed | test agreement / "
@@ -397,7 +395,7 @@ def check_dtype_table(root: Path = ROOT) -> str:
 def bench_exit_table(root: Path = ROOT, model: str = "smollm2") -> str:
     """`benchmarks.speed.bench_exit`: the machinery's overhead where nothing fires, and each exit's speedup as a
     fraction of the ideal's (in parentheses: with every skipped layer's K/V filled inside the timed call)."""
-    name, _, data = _newest_payload(root, model, "bench_exit", variant="cpu")
+    name, _, data = _newest(root, model, "bench_exit", required=True, variant="cpu")
     cases = data["results"]
     ks = list(cases[0]["exit"])
     _paper_table()  # the benchmarks package on the path
@@ -435,7 +433,7 @@ def _peer_method(method: str) -> str:
 def peer_table(root: Path = ROOT, model: str = "smollm2") -> str:
     """`benchmarks.peers.peer_economize` without extra classifiers: every method's agreement with the stock greedy
     tokens, layers per token and time against HF `generate` (median of the repeats)."""
-    name, _, data = _newest_payload(root, model, "peer_economize")
+    name, _, data = _newest(root, model, "peer_economize", required=True)
     rows = ["| method | token agreement with dense (overall / common prefix) | identical prompts | mean layers | "
             "time vs HF `generate` (median; fastest repeat) |", "|---|---|---|---|---|"]
     n = data["settings"]["prompts"]
@@ -453,11 +451,11 @@ def generation_table(root: Path = ROOT) -> str:
             "speedup | same, propagate cache |", "|---|---|---|---|---|---|"]
     links = []
     for key in KEYS:
-        path = newest_result(key, "generation", root / "docs" / "results")
-        if path is None:
+        found = _newest(root, key, "generation")
+        if found is None:
             continue
-        data = read_result(path)[1]
-        links.append(f"[{_name(key)}](results/{path.relative_to(root / 'docs' / 'results').as_posix()})")
+        name, _, data = found
+        links.append(f"[{_name(key)}](results/{name})")
         gen = data["generation"]
         for rule, c in data["classifiers"].items():
             cal = c["calibration"]
