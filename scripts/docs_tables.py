@@ -673,13 +673,13 @@ def _vocabulary_costs(root: Path, key: str) -> tuple[str | None, dict | None]:
     return best[0].relative_to(root / "docs" / "results").as_posix(), best[1]
 
 
-def _check_cell(root: Path, key: str, sizes=()) -> str:
-    """One decode check in decoder layers: full / gated (gate_real's costs), then full / each shortlist size of
-    the vocabulary-cost file."""
+def _check_cell(root: Path, key: str, sizes=None) -> str:
+    """One decode check in decoder layers: full / gated (gate_real's costs), then, when `sizes` is given, the
+    vocabulary-cost file's check over each of those shortlist sizes."""
     _, costs = _check_costs(root, key)
     decode = [r for r in (costs or {}).get("check_costs", []) if r["phase"] == "decode"]
     cell = " / ".join(f"{r['full_check_layers']:.2f} / {r['gate_layers']:.3f}" for r in decode) or "-"
-    if sizes:
+    if sizes is not None:  # the shortlist part: "-" where no decode run used a shortlist
         _, vocab = _vocabulary_costs(root, key)
         row = next((r for r in (vocab or {}).get("rows", []) if r["phase"] == "decode"), None)
         short = ", ".join(f"{row[str(k)]:.2f} ({k:,} ids)" for k in sizes if row and str(k) in row)
@@ -726,7 +726,7 @@ def summary_shortlist_table(root: Path = ROOT) -> str:
         sizes = sorted({int(m) for _, _, parts, _ in _decode_runs(root, key)
                         for m in re.findall(r"\+v(\d+)", parts[2])})
         decode = [f"{_best_decode(root, key, t, True)}; {_best_decode(root, key, t, False)}" for t in (0.95, 0.9, 0.99)]
-        rows.append(f"| {_model_cell(root, key)} | {_check_cell(root, key, sizes or (4096,))} | "
+        rows.append(f"| {_model_cell(root, key)} | {_check_cell(root, key, sizes)} | "
                     f"{_prefill_cell(root, key)} | " + " | ".join(decode) + f" | {_calm_cell(root, key)} |")
     return "\n".join(rows)
 

@@ -157,6 +157,7 @@ def test_the_shortlist_summary_picks_the_fastest_exact_run_per_target(tmp_path):
     assert row["economize CALM vs HF `generate`"].startswith("never exiting 7.47x of HF's time; at 0.9 1.05x")
     other = rows[tables.KEYS.index("smollm2")]
     assert other["model (layers / vocab)"] == "SmolLM2-135M-Instruct" and other["decode @0.95: shortlist; full vocabulary"] == "-; -"
+    assert other["one check in decode, layers: full / gated / shortlist"] == "- / -"  # no cost file, no shortlist run
 
 
 def test_the_full_vocabulary_summary_reads_the_one_pass_generation_file(tmp_path):
