@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 from pathlib import Path
 
@@ -35,10 +36,18 @@ def _saved(summary: dict | None) -> str:
     return f"{100 * row['pruning_ratio']:.0f}% (acc {100 * row['accuracy']:.1f} vs {100 * summary['dense']['accuracy']:.1f})"
 
 
-def _newest(directory: Path) -> dict | None:
-    """The newest result file (any variant) of `<root>/<model>/<question>` as stored (`utils.results.newest_result`)."""
-    path = newest_result(directory.parent.name, directory.name, directory.parent.parent, variant=None)
-    return json.loads(path.read_text()) if path else None
+def _newest(root: Path, model: str, question: str, *, required: bool = False, **kwargs) -> tuple | None:
+    """`(file name, stamp, payload)` of the newest result of `model` / `question` under `root/docs/results`
+    (`utils.results.newest_result` with `kwargs`, e.g. `variant=None` for any variant; the payload as
+    `read_result` gives it, stamped or migrated alike). None when there is none, or a ValueError when `required`
+    (a table that cannot be without its file)."""
+    results = root / "docs" / "results"
+    path = newest_result(model, question, results, **kwargs)
+    if path is None:
+        if required:
+            raise ValueError(f"no result file for {model}/{question} ({kwargs or 'no variant'}) under docs/results")
+        return None
+    return (path.relative_to(results).as_posix(), *read_result(path))
 
 
 def _ratio(row: dict | None) -> str:
@@ -61,10 +70,10 @@ def _best(rows: dict, prefix: str) -> tuple[str | None, dict | None]:
     return name, rows[name]
 
 
-def _lossless_runs(data: dict) -> tuple[str | None, dict, dict]:
-    """`(run name, batch-1 rows, batch-4 rows)` of a `benchmarks.speed.lossless` file: the best lossless run at
+def _lossless_runs(result: dict) -> tuple[str | None, dict, dict]:
+    """`(run name, batch-1 rows, batch-4 rows)` of a `benchmarks.speed.lossless` payload: the best lossless run at
     batch 1 (batch 4 when the file has no batch 1), and every run of each batch."""
-    batches = data["result"].get("batches", {})
+    batches = result.get("batches", {})
     one, four = batches.get("1", {}), batches.get("4", {})
     name, _ = _best(one or four, "lossless:")
     return name, one, four
@@ -85,12 +94,12 @@ def _measured(stamp: dict) -> str:
     return f"{where}, {stamp.get('date', '?')[:10]}"
 
 
-def lossless_cell(data: dict | None) -> str:
-    """`speed median [q1, q3], acceptance, identical tokens` of the best lossless run at batch 1 of a stamped
-    `benchmarks.speed.lossless` result file."""
-    if data is None:
+def lossless_cell(result: dict | None) -> str:
+    """`speed median [q1, q3], acceptance, identical tokens` of the best lossless run at batch 1 of a
+    `benchmarks.speed.lossless` result's payload (None: not measured)."""
+    if result is None:
         return "not measured"
-    name, one, four = _lossless_runs(data)
+    name, one, four = _lossless_runs(result)
     if name is None:
         return "not measured"
     run = (one or four)[name]
@@ -116,12 +125,12 @@ def lossless_table(root: Path = ROOT) -> str:
             "lossy 0.95 (identical tokens) | tokens x prompts x repeats | measured on |",
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key in KEYS:
-        data = _newest(root / "docs" / "results" / key / "lossless")
-        name, one, four = _lossless_runs(data) if data else (None, {}, {})
+        found = _newest(root, key, "lossless", variant=None)
+        _, stamp, result = found or (None, {}, {})
+        name, one, four = _lossless_runs(result) if found else (None, {}, {})
         if name is None:
             rows.append(f"| {NAMES[key]} | not measured |" + " |" * 11)
             continue
-        result = data["result"]
         run = (one or four)[name]
         peers = []
         for prefix in ("early_exit:", "lookup:"):
@@ -134,7 +143,7 @@ def lossless_table(root: Path = ROOT) -> str:
                     f"{_ratio(four.get(name))} | {_acceptance(run)} | {fmt(run.get('drafts_per_verification'))} | "
                     f"{fmt(run.get('layers_per_token'))} | {_identical(one.get(name), four.get(name))} | "
                     f"{peers[0]} | {peers[1]} | {lossy_cell} | "
-                    f"{result['new_tokens']} x {result['prompts']} x {result['repeats']} | {_measured(data['stamp'])} |")
+                    f"{result['new_tokens']} x {result['prompts']} x {result['repeats']} | {_measured(stamp)} |")
     return "\n".join(rows)
 
 
@@ -152,13 +161,12 @@ def status_table(root: Path = ROOT) -> str:
             "certified savings on tasks @0.99 | @0.95 | oracle ceiling (first token) | lossless measured on |",
             "|---|---|---|---|---|---|"]
     for key in KEYS:
-        results = root / "docs" / "results" / key
         run = paper_table.load(root / "docs" / "results", key) or {}  # the newest eval reports (0.99, 0.95)
         s99, s95 = run.get("s99"), run.get("s95")
-        lossless = _newest(results / "lossless")
+        _, stamp, lossless = _newest(root, key, "lossless", variant=None) or (None, None, None)
         layers = run.get("L", "?")
         oracle = f"{100 * s99['oracle']['pruning_ratio']:.0f}%" if s99 and "oracle" in s99 else "-"
-        where = _measured(lossless["stamp"]) if lossless else "-"
+        where = _measured(stamp) if lossless else "-"
         rows.append(f"| {NAMES[key]} ({layers}) | {lossless_cell(lossless)} | {_saved(s99)} | {_saved(s95)} | "
                     f"{oracle} | {where} |")
     return "\n".join(rows)
@@ -337,15 +345,6 @@ def collect_throughput_table(root: Path = ROOT) -> str:
 # ------------------------------------------------------------------------------------------------------------------
 # docs/results.md's tables that were copied by hand before: each now from its result file (issue 30, "results")
 
-def _newest_payload(root: Path, model: str, question: str, **kwargs) -> tuple[str, dict, dict]:
-    """`(file name, stamp, payload)` of the newest result of `model` / `question` (ValueError when there is none:
-    a generated table without its file is an error, not an empty table)."""
-    path = newest_result(model, question, root / "docs" / "results", **kwargs)
-    if path is None:
-        raise ValueError(f"no result file for {model}/{question} ({kwargs or 'no variant'}) under docs/results")
-    return path.relative_to(root / "docs" / "results").as_posix(), *read_result(path)
-
-
 def _method_cell(row: dict | None, layers: bool = True) -> str:
     if row is None:
         return "-"
@@ -375,7 +374,7 @@ def smollm2_shots_table(root: Path = ROOT) -> str:
 
 def check_dtype_table(root: Path = ROOT) -> str:
     """`benchmarks.quality.check_dtype_smollm2`: what a half-precision check head changes, per check dtype."""
-    name, _, data = _newest_payload(root, "smollm2", "check_dtype")
+    name, _, data = _newest(root, "smollm2", "check_dtype", required=True)
     ref = data["dtypes"]["float32"]["targets"]
     rows = [f"| check head | logit-lens top-1 equal to fp32's | max abs. change of top_prob | one check, prefill "
             f"{data['median_length']} / decode (layers) | fp32-calibrated rule's decisions changed | test agreement / "
@@ -397,7 +396,7 @@ def check_dtype_table(root: Path = ROOT) -> str:
 def bench_exit_table(root: Path = ROOT, model: str = "smollm2") -> str:
     """`benchmarks.speed.bench_exit`: the machinery's overhead where nothing fires, and each exit's speedup as a
     fraction of the ideal's (in parentheses: with every skipped layer's K/V filled inside the timed call)."""
-    name, _, data = _newest_payload(root, model, "bench_exit", variant="cpu")
+    name, _, data = _newest(root, model, "bench_exit", required=True, variant="cpu")
     cases = data["results"]
     ks = list(cases[0]["exit"])
     _paper_table()  # the benchmarks package on the path
@@ -435,7 +434,7 @@ def _peer_method(method: str) -> str:
 def peer_table(root: Path = ROOT, model: str = "smollm2") -> str:
     """`benchmarks.peers.peer_economize` without extra classifiers: every method's agreement with the stock greedy
     tokens, layers per token and time against HF `generate` (median of the repeats)."""
-    name, _, data = _newest_payload(root, model, "peer_economize")
+    name, _, data = _newest(root, model, "peer_economize", required=True)
     rows = ["| method | token agreement with dense (overall / common prefix) | identical prompts | mean layers | "
             "time vs HF `generate` (median; fastest repeat) |", "|---|---|---|---|---|"]
     n = data["settings"]["prompts"]
@@ -453,11 +452,11 @@ def generation_table(root: Path = ROOT) -> str:
             "speedup | same, propagate cache |", "|---|---|---|---|---|---|"]
     links = []
     for key in KEYS:
-        path = newest_result(key, "generation", root / "docs" / "results")
-        if path is None:
+        found = _newest(root, key, "generation")
+        if found is None:
             continue
-        data = read_result(path)[1]
-        links.append(f"[{_name(key)}](results/{path.relative_to(root / 'docs' / 'results').as_posix()})")
+        name, _, data = found
+        links.append(f"[{_name(key)}](results/{name})")
         gen = data["generation"]
         for rule, c in data["classifiers"].items():
             cal = c["calibration"]
@@ -477,11 +476,300 @@ def generation_table(root: Path = ROOT) -> str:
     return "\n".join(rows) + f"\n\n(From {', '.join(links)}.)"
 
 
+# ------------------------------------------------------------------------------------------------------------------
+# The last hand-copied tables of docs/results.md (issue 30), each from its result file; a table whose file does not
+# exist yet is a sentence naming the command that writes it.
+
+def _not_measured(command: str) -> str:
+    return f"Not measured on this commit; run `{command}` (then `python scripts/docs_tables.py`)."
+
+
+def _link(name: str) -> str:
+    return f"[{name}](results/{name})"
+
+
+SIMULATE_COMMAND = "python -m benchmarks.quality.simulate_smollm2 --fv-dir ../shared/data/function_vectors"
+_SIMULATE_NAMES = {"uncalibrated": "uncalibrated SVM (paper)", "gap>0.8": "`gap > 0.8` (paper)"}
+
+
+def simulate_table(root: Path = ROOT) -> str:
+    """`benchmarks.quality.simulate_smollm2`: each rule replayed on the held-out tasks' collected table
+    (agreement with the dense token, mean exit layer, gold accuracy against dense)."""
+    found = _newest(root, "smollm2", "simulate")
+    if found is None:
+        return _not_measured(SIMULATE_COMMAND)
+    name, _, data = found
+    rules = data["rules"]
+    dense = next(iter(rules.values())).get("gold_accuracy_dense", float("nan"))
+    rows = [f"| rule | agreement with dense | mean layers | gold accuracy (dense {dense:.3f}) |", "|---|---|---|---|"]
+
+    def order(rule: str) -> tuple:  # the calibrated classifiers from the strictest target, then the paper's rules
+        return (0, -float(rule.split("@", 1)[1])) if rule.startswith("calibrated@") else (1, rule != "uncalibrated")
+
+    for rule in sorted(rules, key=order):
+        r = rules[rule]
+        label = _SIMULATE_NAMES.get(rule) or rule.replace("calibrated@", "calibrated, target ")
+        rows.append(f"| {label} | {r['agreement']:.3f} | {r['mean_exit_layer']:.2f} of {r['num_layers']} | "
+                    f"{r['gold_accuracy_exit']:.3f} |")
+    return "\n".join(rows) + (f"\n\n({data['held_out_prompts']} prompts of {', '.join(data['held_out_tasks'])}; "
+                              f"from {_link(name)}.)")
+
+
+SWEEP_COMMAND = ("python -m benchmarks.quality.generation_smollm2 --prompts 20 --new-tokens 64 --batch-size 10 "
+                 "--exit-layers 24 28")
+
+
+def generation_sweep_table(root: Path = ROOT) -> str:
+    """`benchmarks.quality.generation_smollm2`: per exit configuration and cache, token agreement with dense
+    greedy decoding, common prefix, layers per token and the summed seconds of both (dense / early exit)."""
+    found = _newest(root, "smollm2", "generation_sweep")
+    if found is None:
+        return _not_measured(SWEEP_COMMAND)
+    name, _, data = found
+    rows = ["| exits | KV cache | token agreement with dense | common prefix (tokens) | mean layers / token | "
+            "dense s | early exit s | speedup |", "|---|---|---|---|---|---|---|---|"]
+    for r in data["rows"]:
+        exits = f"every token at {r['exits'][5:]}" if r["exits"].startswith("exit@") else r["exits"]
+        rows.append(f"| {exits} | {r['cache']} | {r['agreement']:.3f} | {r['prefix']:.1f} | "
+                    f"{r['mean_layers']:.2f} / {data['num_layers']} | {r['dense_seconds']:.1f} | {r['seconds']:.1f} | "
+                    f"{r['speedup']:.2f}x |")
+    return "\n".join(rows) + (f"\n\n({data['prompts']} prompts x {data['new_tokens']} tokens, batches of "
+                              f"{data['batch_size']}, {data['threads']} threads; from {_link(name)}.)")
+
+
+STEPS_COMMAND = "python -m benchmarks.cost.decode_steps KEY --classifier DIR --cache exact"
+
+
+def _step_files(root: Path):
+    return [(key, stem, data) for key, stem, data in _files(root, "decode_steps")]
+
+
+def decode_steps_table(root: Path = ROOT) -> str:
+    """`benchmarks.cost.decode_steps`, stock side: a decode step's time split into decoder layers, final norm +
+    LM head and the rest, the head in decoder layers, and the step in layer-equivalents (what every exit still
+    pays beside the layers it runs)."""
+    rows = ["| model | file | stock decode step | layers / final norm + head / rest | head in layers | "
+            "step in layer-equivalents (layers + head + rest) |", "|---|---|---|---|---|---|"]
+    for key, stem, data in _step_files(root):
+        s, L = data["stock"], data["num_layers"]
+        equivalents = L / s["layers_share"]
+        rows.append(f"| {_name(key)} | {stem} | {1000 * s['seconds_per_token']:.1f} ms | "
+                    f"{100 * s['layers_share']:.1f}% / {100 * s['head_share']:.1f}% / {100 * s['rest_share']:.1f}% | "
+                    f"{s['head_in_layers']:.1f} | {equivalents:.1f} ({L} layers) |")
+    return "\n".join(rows) if len(rows) > 2 else _not_measured(STEPS_COMMAND)
+
+
+_STEP_KINDS = (("exit", "exit steps"), ("full", "steps running every layer"),
+               ("full+catch-up", "steps that also catch up"))
+
+
+def decode_steps_groups_table(root: Path = ROOT) -> str:
+    """`benchmarks.cost.decode_steps`, early-exit side: per kind of decode step (exited, ran every layer, ran every
+    layer and caught up skipped ones), how many per run and its median time against the stock step; layers per
+    token, and the speedup those step times predict for the run (stock step over the count-weighted mean step)."""
+    rows = ["| model | file | classifier (cache) | " + " | ".join(label for _, label in _STEP_KINDS)
+            + " | layers per token | predicted speedup |", "|---" * (5 + len(_STEP_KINDS)) + "|"]
+    for key, stem, data in _step_files(root):
+        steps = data["steps"]
+        cells = [f"{steps[k]['count_per_run']} at {steps[k]['vs_stock']:.2f}x" if k in steps else "-"
+                 for k, _ in _STEP_KINDS]
+        count = sum(s["count_per_run"] for s in steps.values())
+        predicted = count / sum(s["count_per_run"] * s["vs_stock"] for s in steps.values()) if count else None
+        classifier = (data.get("args") or {}).get("classifier", "?")
+        rows.append(f"| {_name(key)} | {stem} | `{classifier}` ({data['cache']}) | " + " | ".join(cells)
+                    + f" | {data['mean_layers_per_decode_token']:.2f} of {data['num_layers']} | "
+                    + ("-" if predicted is None else f"{predicted:.3f}x") + " |")
+    return "\n".join(rows) if len(rows) > 2 else _not_measured(STEPS_COMMAND)
+
+
+LM_EVAL_COMMAND = "python -m benchmarks.quality.lm_eval_smollm2 --fv-dir ../shared/data/function_vectors"
+_LM_EVAL_NAMES = {"hf": "`--model hf`", "shipped": "`adainfer`, shipped classifier",
+                  "shipped-every-layer": "`adainfer`, shipped classifier checked after every layer from its min_layer",
+                  "gap>0.8": "`adainfer`, paper's `gap > 0.8` rule"}
+
+
+def lm_eval_table(root: Path = ROOT) -> str:
+    """`benchmarks.quality.lm_eval_smollm2`: the harness's sentiment accuracy and present-past exact match (with
+    standard errors), the mean exit layer per task and the paper's FLOPs ratio over all requests."""
+    found = _newest(root, "smollm2", "lm_eval")
+    if found is None:
+        return _not_measured(LM_EVAL_COMMAND)
+    name, _, data = found
+    sentiment, past = data["tasks"]
+    rows = ["| model | sentiment acc | sentiment layers | present-past exact match | present-past layers / token | "
+            "FLOPs ratio (all) |", "|---|---|---|---|---|---|"]
+
+    def metric(m: dict, key: str) -> str:
+        if key not in m:
+            return "-"
+        err = m.get(f"{key}_stderr")
+        return f"{m[key]:.2f}" + (f" ± {err:.2f}" if isinstance(err, (int, float)) else "")
+
+    known = list(_LM_EVAL_NAMES)  # the stock harness first, then the classifiers (the file's keys are sorted)
+    for run in sorted(data["runs"], key=lambda n: (known.index(n) if n in known else len(known), n)):
+        r = data["runs"][run]
+        exits = r.get("exits")
+        layers = [f"{exits[t]['mean_exit_layer']:.2f}" if exits else "all (stock)" for t in (sentiment, past)]
+        flops = f"{exits['all']['flops_ratio']:.4f}" if exits else "1"
+        rows.append(f"| {_LM_EVAL_NAMES.get(run, run)} | {metric(r['metrics'][sentiment], 'acc')} | {layers[0]} | "
+                    f"{metric(r['metrics'][past], 'exact_match')} | {layers[1]} | {flops} |")
+    return "\n".join(rows) + f"\n\n({data['limit']} examples per task, lm-eval {data['lm_eval']}; from {_link(name)}.)"
+
+
+# The per-model summaries: one row per real model, every cell a query over that model's files.
+
+def _run_parts(run: str) -> tuple[str, float, str, str] | None:
+    """`(rule, target, extra, cache)` of a decode_gain run name such as `gate-knob@0.95+v16384 exact`."""
+    m = re.match(r"^(?P<rule>[\w-]+)@(?P<target>[\d.]+)(?P<extra>\S*) (?P<cache>\w+)$", run)
+    return None if m is None else (m["rule"], float(m["target"]), m["extra"], m["cache"])
+
+
+def _decode_runs(root: Path, key: str):
+    """`(file, run name, parts, row)` of every exact-cache, teacher-forced-calibrated run in `key`'s decode_gain
+    files."""
+    for model, stem, data in _files(root, "decode_gain"):
+        for run, r in data["runs"].items():
+            parts = _run_parts(run)
+            if model == key and parts and parts[3] == "exact" and "free" not in parts[2]:
+                yield stem, run, parts, r
+
+
+def _speed(r: dict, bold: bool = True) -> str:
+    """`median (q1-q3)`, bold where even the lower quartile is above 1."""
+    text = f"{r['speedup_median']:.3f}x ({r['speedup_q1']:.3f}-{r['speedup_q3']:.3f})"
+    return f"**{text}**" if bold and r["speedup_q1"] > 1 else text
+
+
+def _best_decode(root: Path, key: str, target: float, shortlist: bool) -> str:
+    runs = [(stem, run, r) for stem, run, parts, r in _decode_runs(root, key)
+            if parts[1] == target and ("+v" in parts[2]) == shortlist]
+    if not runs:
+        return "-"
+    stem, run, r = max(runs, key=lambda x: x[2]["speedup_median"])
+    return (f"{run.rsplit(' ', 1)[0]} {_speed(r)}, {r['token_agreement']:.3f}, "
+            f"{r['mean_layers_per_token']:.2f} layers ({stem})")
+
+
+def _check_costs(root: Path, key: str) -> tuple[str | None, dict | None]:
+    """`(file, payload)` of the newest check-cost measurement of `key` (gate_real's `--costs-only` file, else a
+    gate_real run, which measures the same costs first)."""
+    for question in ("gate_costs", "gate"):
+        found = _newest(root, key, question)
+        if found:
+            return found[0], found[2]
+    return None, None
+
+
+def _vocabulary_costs(root: Path, key: str) -> tuple[str | None, dict | None]:
+    """`(file, one model's entry)` of the newest vocabulary_cost file covering `key` (its own or `models/`)."""
+    best = None
+    for model in (key, "models"):
+        for path in result_files(model, "vocabulary_cost", root / "docs" / "results"):
+            data = read_result(path)[1]
+            if key in data and (best is None or path.stem > best[0].stem):
+                best = (path, data[key])
+    if best is None:
+        return None, None
+    return best[0].relative_to(root / "docs" / "results").as_posix(), best[1]
+
+
+def _check_cell(root: Path, key: str, sizes=None) -> str:
+    """One decode check in decoder layers: full / gated (gate_real's costs), then, when `sizes` is given, the
+    vocabulary-cost file's check over each of those shortlist sizes."""
+    _, costs = _check_costs(root, key)
+    decode = [r for r in (costs or {}).get("check_costs", []) if r["phase"] == "decode"]
+    cell = " / ".join(f"{r['full_check_layers']:.2f} / {r['gate_layers']:.3f}" for r in decode) or "-"
+    if sizes is not None:  # the shortlist part: "-" where no decode run used a shortlist
+        _, vocab = _vocabulary_costs(root, key)
+        row = next((r for r in (vocab or {}).get("rows", []) if r["phase"] == "decode"), None)
+        short = ", ".join(f"{row[str(k)]:.2f} ({k:,} ids)" for k in sizes if row and str(k) in row)
+        cell += f" / {short or '-'}"
+    return cell
+
+
+def _model_cell(root: Path, key: str) -> str:
+    _, costs = _check_costs(root, key)
+    if not costs:
+        return _name(key)
+    return f"{_name(key)} ({costs['num_layers']} / {costs['vocab_size']:,})"
+
+
+def _calm_cell(root: Path, key: str) -> str:
+    """economize's CALM against HF `generate` in the newest peer_economize file: never exiting, and at 0.9."""
+    found = _newest(root, key, "peer_economize", variant=None)
+    if found is None:
+        return "-"
+    by = {r["method"].split(" ")[0]: r for r in found[2]["results"]}
+    never, at = by.get("econ-calm@1"), by.get("econ-calm@0.9")
+    cells = [f"never exiting {never['x_hf']:.2f}x of HF's time" if never else None,
+             f"at 0.9 {at['x_hf']:.2f}x, agreement {at['overall_agreement']:.2f}" if at else None]
+    return "; ".join(c for c in cells if c) + f" ({found[0].split('/')[-1]})"
+
+
+def _prefill_cell(root: Path, key: str) -> str:
+    found = _newest(root, key, "prefill_gain", variant=None)
+    if found is None:
+        return "-"
+    speeds = [r["speedup_median"] for r in found[2]["results"].values()]
+    return f"{min(speeds):.3f}-{max(speeds):.3f}x ({len(speeds)} classifiers, {found[0].split('/')[-1]})"
+
+
+def summary_shortlist_table(root: Path = ROOT) -> str:
+    """Per real model: a decode check's cost (full, gated, over the shortlist the decode runs used), the newest
+    prefill_gain file's range, and at each target the fastest exact-cache decode_gain run over a shortlist and
+    the fastest over the full vocabulary (median (quartiles), token agreement, layers per token, file), and
+    economize's CALM."""
+    rows = ["| model (layers / vocab) | one check in decode, layers: full / gated / shortlist | prefill: speedup "
+            "(range) | decode @0.95: shortlist; full vocabulary | decode @0.9 | decode @0.99 | economize CALM vs HF "
+            "`generate` |", "|---|---|---|---|---|---|---|"]
+    for key in KEYS:
+        sizes = sorted({int(m) for _, _, parts, _ in _decode_runs(root, key)
+                        for m in re.findall(r"\+v(\d+)", parts[2])})
+        decode = [f"{_best_decode(root, key, t, True)}; {_best_decode(root, key, t, False)}" for t in (0.95, 0.9, 0.99)]
+        rows.append(f"| {_model_cell(root, key)} | {_check_cell(root, key, sizes)} | "
+                    f"{_prefill_cell(root, key)} | " + " | ".join(decode) + f" | {_calm_cell(root, key)} |")
+    return "\n".join(rows)
+
+
+def summary_full_table(root: Path = ROOT) -> str:
+    """Per real model, the full-vocabulary measurements before the shortlist: a decode check's cost (full /
+    gated), AdaInfer's first-token speedup in the eval reports (@0.99 / @0.95), and per target the one-pass
+    64-token generation of each classifier calibrated on generated tokens (the newest generation file, exact
+    cache; propagate in parentheses): the fastest rule's speedup and token agreement."""
+    paper_table = _paper_table()
+    rows = ["| model (layers / vocab) | one check in decode, layers: full / gated | prefill (first token, eval "
+            "reports): AdaInfer @0.99 / @0.95 | decode, one pass @0.95: rule speedup, agreement | @0.9 | @0.99 | "
+            "file |", "|---|---|---|---|---|---|---|"]
+    for key in KEYS:
+        run = paper_table.load(root / "docs" / "results", key) or {}
+        prefill = " / ".join(f"{s['adainfer']['speedup']:.2f}x" if s and "adainfer" in s else "-"
+                             for s in (run.get("s99"), run.get("s95")))
+        found = _newest(root, key, "generation")
+        cells, name = ["-"] * 3, "-"
+        if found:
+            name, _, data = found
+            gen = data["generation"]
+            for i, target in enumerate((0.95, 0.9, 0.99)):
+                rules = [(rule, g) for rule, g in gen.items() if " " not in rule and rule.endswith(f"@{target:g}")]
+                if rules:
+                    rule, g = max(rules, key=lambda x: x[1]["speedup_median"])
+                    other = gen.get(f"{rule} propagate")
+                    extra = f" (propagate {other['speedup_median']:.2f}x, {other['token_agreement']:.3f})" if other else ""
+                    cells[i] = f"{rule} {g['speedup_median']:.2f}x, {g['token_agreement']:.3f}{extra}"
+            name = _link(name)
+        rows.append(f"| {_model_cell(root, key)} | {_check_cell(root, key)} | {prefill} | " + " | ".join(cells)
+                    + f" | {name} |")
+    return "\n".join(rows)
+
+
 def former_hand_tables(root: Path = ROOT) -> dict[str, str]:
     """The blocks of docs/results.md generated since issue 30 (tables that used to be copied from printed runs)."""
     return {"smollm2-shots": smollm2_shots_table(root), "check-dtype": check_dtype_table(root),
             "bench-exit": bench_exit_table(root), "peer-smollm2": peer_table(root),
-            "generation": generation_table(root)}
+            "generation": generation_table(root), "simulate-smollm2": simulate_table(root),
+            "generation-sweep": generation_sweep_table(root), "decode-steps": decode_steps_table(root),
+            "decode-steps-groups": decode_steps_groups_table(root), "lm-eval-smollm2": lm_eval_table(root),
+            "summary-shortlist": summary_shortlist_table(root), "summary-full": summary_full_table(root)}
 
 
 def pages(root: Path = ROOT) -> dict[Path, str]:

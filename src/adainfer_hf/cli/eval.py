@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shlex
 import sys
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 
 from ..data.prompts import build_prompts
 from ..evaluation.evaluate import EVAL_METHODS, SWEEP_TARGETS, evaluate_prompts, prepare_baselines
@@ -38,6 +36,7 @@ from ..evaluation.study import STUDY_MODES, generalization_study
 from ..models.default_model import DEFAULT_MODEL_NAME
 from ..policy.classifier import ExitClassifier
 from ..utils.atomic import atomic_file
+from ..utils.distributed import launch_state
 from .args import UsageError, add_debug_flag, fraction, int_at_least, run_command
 from .common import add_model_arg, add_run_args, add_task_args, load_dense_model, tasks_from_args
 
@@ -108,10 +107,7 @@ def run_eval(args, argv=None) -> int:
     bad = [m for m in methods if m not in EVAL_METHODS]
     if bad or not methods:
         raise UsageError(f"--methods {args.methods!r} has unknown names {bad}; expected from {list(EVAL_METHODS)}.")
-    # Without an accelerator, processes started by `accelerate launch --multi_gpu` (torchrun) join over gloo on the
-    # CPU; accelerate only picks that backend when told the run is on the CPU.
-    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
-    state = PartialState(cpu=use_cpu or torch.accelerator.current_accelerator() is None)
+    state = launch_state()  # under `accelerate launch`: gloo on the CPU when there is no accelerator
     model, tok = load_dense_model(args.model)
     model.to(state.device)
     tasks = tasks_from_args(args)
