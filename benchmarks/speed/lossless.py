@@ -405,7 +405,7 @@ def main(argv: list[str] | None = None) -> int:
     # the sweeps (batch 1, the first prompts): the best rule and the best early-exit layer go to the full set
     sweep = {}
     sweep_texts = texts[:args.sweep_prompts]
-    if len(rules) + len(early_exit) > 2:
+    if len(rules) > 1 or len(early_exit) > 1:  # a choice to make
         runs = make_runs(stock, ada, rules, {}, None, early_exit, [])
         out = timed(runs, tok, sweep_texts, 1, args.new_tokens, args.sweep_repeats)
         sweep = summarize(out, runs, L, args.new_tokens)
