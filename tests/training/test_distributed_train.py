@@ -22,20 +22,26 @@ from adainfer_hf.artifact.constants import CLASSIFIER_CONFIG_NAME, CLASSIFIER_GA
 from adainfer_hf.cli import main as cli
 from adainfer_hf.training.config import (
     CalibrationConfig,
+    DraftingConfig,
     GateConfig,
     GenerationCalibrationConfig,
     ScheduleConfig,
     TrainingConfig,
 )
+from adainfer_hf.training.cost_model import CostModel
 from adainfer_hf.training.table import FeatureTable
 from adainfer_hf.training.train import train_and_calibrate
 
 TESTS = Path(__file__).resolve().parents[1]
-# The prompt path with a fixed check cost (a schedule), and the generation path with a gate and free-running
-# calibration (the ladder on the main process, the generations shared).
+# The prompt path with a fixed check cost (a schedule), the drafting objective under a fixed cost model (the
+# rule it records), and the generation path with a gate and free-running calibration (the
+# ladder on the main process, the generations shared).
 CONFIGS = {
     "prompts": TrainingConfig(method="logistic", batch_size=4, schedule=ScheduleConfig(check_cost=0.25),
                               calibration=CalibrationConfig(target_agreement=0.6, delta=0.3, min_layers=(1, 2))),
+    "drafting": TrainingConfig(method="logistic", batch_size=2,
+                               generation=GenerationCalibrationConfig(generation_tokens=4, first_layer=2),
+                               drafting=DraftingConfig(max_draft_tokens=(1, 2), thresholds=3)),
     "free_running": TrainingConfig(
         method="logistic", batch_size=2, gate=GateConfig(kind="linear", recall=0.9),
         schedule=ScheduleConfig(check_cost=None),
@@ -50,13 +56,16 @@ _API_WORKER = textwrap.dedent("""
     sys.path.insert(0, sys.argv[2])
     from tiny_models import task_tokenizer, tiny_pair, tiny_prompts
     from adainfer_hf.training.config import TrainingConfig
+    from adainfer_hf.training.cost_model import CostModel
     from adainfer_hf.training.train import train_and_calibrate
     dist.init_process_group("gloo")
     out, rank = Path(sys.argv[1]), dist.get_rank()
+    cost = CostModel.from_dict(json.loads(sys.argv[4]))
     for name, config in json.loads(sys.argv[3]).items():
         _, ada = tiny_pair("llama")
-        clf, train, calib = train_and_calibrate(ada, task_tokenizer(), tiny_prompts(), TrainingConfig.from_dict(config),
-                                                progress=False)
+        config = TrainingConfig.from_dict(config)
+        clf, train, calib = train_and_calibrate(ada, task_tokenizer(), tiny_prompts(), config, progress=False,
+                                                cost_model=cost if config.drafting else None)
         clf.save_pretrained(out / f"{name}-clf-{rank}")  # every process holds the main process's classifier
         if rank == 0:
             train.save(out / f"{name}-train.npz")
@@ -102,6 +111,15 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+def _cost_model(num_layers: int) -> CostModel:
+    """A fixed cost model (a layer or the head on n positions: 1 + 0.1 (n - 1) of one), so that the drafting search
+    is the same on every run."""
+    grow = tuple(1 + 0.1 * i for i in range(3))
+    return CostModel(num_layers=num_layers, layer_seconds=grow, head_seconds=tuple(2 * g for g in grow),
+                     lens_seconds={"full": 0.2}, gate_seconds=0.0, loop_fixed_seconds=0.0,
+                     stock_step_seconds=num_layers + 2.0)
+
+
 def _env():
     # The workers import this checkout's package, whatever is installed.
     src = str(Path(adainfer_hf.__file__).resolve().parents[1])
@@ -117,13 +135,15 @@ def test_train_and_calibrate_on_two_processes_equals_one(tmp_path, one_thread):
     script = tmp_path / "worker.py"
     script.write_text(_API_WORKER, encoding="utf-8")
     configs = json.dumps({name: config.to_dict() for name, config in CONFIGS.items()})
+    cost = _cost_model(tiny_pair("llama")[1].config.num_hidden_layers)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--standalone", str(script),
-           str(tmp_path), str(TESTS), configs]
+           str(tmp_path), str(TESTS), configs, json.dumps(cost.to_dict())]
     proc = subprocess.run(cmd, env=_env(), cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     for name, config in CONFIGS.items():
         _, ada = tiny_pair("llama")
-        clf, train, calib = train_and_calibrate(ada, task_tokenizer(), tiny_prompts(), config, progress=False)
+        clf, train, calib = train_and_calibrate(ada, task_tokenizer(), tiny_prompts(), config, progress=False,
+                                                cost_model=cost if config.drafting else None)
         assert len(train.layer) > 0 and len(calib.layer) > 0  # not vacuous
         for part, table in (("train", train), ("calibration", calib)):
             table.save(tmp_path / f"{name}-single-{part}.npz")  # through the same file format
@@ -140,6 +160,8 @@ def test_train_and_calibrate_on_two_processes_equals_one(tmp_path, one_thread):
             assert other[file] == single[file], (name, file)
         recorded = json.loads(single[CLASSIFIER_CONFIG_NAME])["calibration"]
         assert recorded["training_config"] == config.to_dict()
+        if config.drafting:  # the search ran on the main process, under the given cost model, and chose a rule
+            assert recorded["cost_model"] == cost.to_dict() and recorded["drafting"]["rule"]["check_layers"]
     assert "free_running" in recorded  # the generations were run and tested
 
 

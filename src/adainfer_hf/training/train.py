@@ -97,9 +97,9 @@ def train_and_calibrate(model, tokenizer, prompts, config: TrainingConfig | None
     """
     config = _config_or_default(config)
     prompts = list(prompts)
-    if config.drafting is not None:
-        return _train_drafting(model, tokenizer, prompts, config, progress, cost_model)
     distributed = is_distributed() if distributed is None else bool(distributed) and is_distributed()
+    if config.drafting is not None:
+        return _train_drafting(model, tokenizer, prompts, config, progress, cost_model, distributed)
     gate, _ = resolve_gate_and_knob(config.method, config.gate.kind, config.calibration.knob)
     is_train = _split_by_example(prompts, config.calibration.calibration_fraction, config.seed)
     record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
@@ -129,17 +129,22 @@ def _train_on_tables_sharded(model, train_table, calib_table, config, check_leng
     return _free_running_choice(model, ladder, config, free)
 
 
-def _train_drafting(model, tokenizer, prompts, config: TrainingConfig, progress: bool, cost_model):
-    """[`train_and_calibrate`] with `config.drafting`: collect on generated tokens, search the rule, record."""
+def _train_drafting(model, tokenizer, prompts, config: TrainingConfig, progress: bool, cost_model,
+                    distributed: bool):
+    """[`train_and_calibrate`] with `config.drafting`: collect on generated tokens, search the rule, record.
+    Sharded, every process collects its share of the batches; the main process (which alone has the tables)
+    measures the cost model on its device, searches and trains, and every process gets its classifier."""
     drafting = config.drafting
     is_train = _split_by_example(prompts, drafting.holdout_fraction, config.seed)
     shortlists = any(size is not None for size in drafting.vocabulary_sizes)
     record = dict(features=config.features, batch_size=config.batch_size, progress=progress,
-                  check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or shortlists)
+                  check_dtype=config.schedule.check_dtype, hidden_states=config.hidden_states or shortlists,
+                  distributed=distributed)
     train_table, holdout_table = _collect_split(model, tokenizer, prompts, is_train, config.generation, record)
     fit = lambda table: train_exit_classifier(table, method=config.method, features=config.features,  # noqa: E731
                                               label=config.label, max_rows=config.max_rows, seed=config.seed)
-    clf = draft_for_config(model, train_table, holdout_table, drafting, fit, cost_model)
+    search = lambda: draft_for_config(model, train_table, holdout_table, drafting, fit, cost_model)  # noqa: E731
+    clf = on_main(search) if distributed else search()
     return _recorded(clf, config, model), train_table, holdout_table
 
 
