@@ -135,7 +135,8 @@ def lossless_table(root: Path = ROOT) -> str:
         peers = []
         for prefix in ("early_exit:", "lookup:"):
             peer, row = _best(one, prefix)
-            peers.append(f"{_ratio(row)} ({peer.split(':', 1)[1]})" if row else "-")
+            on = f"; {row['prompts']} prompts" if row and row.get("prompts") else ""  # a subset (`--peer-prompts`)
+            peers.append(f"{_ratio(row)} ({peer.split(':', 1)[1]}{on})" if row else "-")
         lossy = one.get("lossy:0.95") or four.get("lossy:0.95")
         lossy_cell = f"{_ratio(lossy)} ({_identical(lossy)})" if lossy else "-"
         fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731

@@ -29,7 +29,7 @@ def _payload():
            "lossless:12/18:8192:4": _row("lossless", 1.6, 1.5, 1.7, acceptance=0.3, rows_identical=1),
            "lossy:0.95": _row("lossy", 1.1, 1.0, 1.2, tokens_identical=100),
            "early_exit:9": _row("peer", 0.21, 0.2, 0.22), "early_exit:14": _row("peer", 0.35, 0.3, 0.4),
-           "lookup:3": _row("peer", 0.97, 0.9, 1.0), "lookup:10": _row("peer", 0.88, 0.8, 0.9)}
+           "lookup:3": _row("peer", 0.97, 0.9, 1.0, prompts=8), "lookup:10": _row("peer", 0.88, 0.8, 0.9)}
     four = {"stock": _row("stock", 1, 1, 1),
             "lossless:16/18:8192:4:0.5": _row("lossless", 0.4, 0.38, 0.42, **lossless)}
     four["lossless:16/18:8192:4:0.5"]["tokens_identical"] = 120
@@ -54,7 +54,7 @@ def test_the_lossless_table_from_a_synthetic_result(tmp_path):
     assert (row["acceptance"], row["drafts per verify"], row["layers per token"]) == ("62%", "1.50", "17.25")
     assert row["identical tokens"] == "248/256"  # batch 1 and batch 4 of the reported run
     assert row["`assistant_early_exit` (k)"] == "0.35x [0.30, 0.40] (14)"
-    assert row["prompt lookup (n)"] == "0.97x [0.90, 1.00] (3)"
+    assert row["prompt lookup (n)"] == "0.97x [0.90, 1.00] (3; 8 prompts)"  # the peers ran on a subset
     assert row["lossy 0.95 (identical tokens)"] == "1.10x [1.00, 1.20] (100/128)"
     assert row["tokens x prompts x repeats"] == "64 x 16 x 3"
     assert row["measured on"].endswith(sorted((results / "gemma3-270m" / "lossless").glob("*.json"))[-1].stem)

@@ -10,7 +10,9 @@ on MKL's linear is as fast. Batching positions pays only with the second form.
 weight compute 2-`MAX_FEW_ROWS` rows that way (their forward hooks still run; a module whose forward is already
 replaced, e.g. by accelerate's dispatch, is left alone). It changes only the order of the fp32 sums (the last
 bits), as another kernel would. Swapping the modules' forward for the call costs microseconds; a
-`TorchFunctionMode` doing the same cost about 0.25 ms per decoder layer (every op through Python).
+`TorchFunctionMode` doing the same cost about 0.25 ms per decoder layer (every op through Python). Another thread
+calling the same module meanwhile gets the same product. The thresholds were measured on one CPU (AVX-512, MKL);
+on another the drafting cost model, which times the kernels verification runs, decides whether drafts pay.
 """
 
 from __future__ import annotations
