@@ -267,3 +267,35 @@ def _assert_row_cache(stock, decoding, b, row, prompt_mask):
         torch.testing.assert_close(got.values[b, :, -m:], ref.values[0, :, -m:], atol=1e-5, rtol=1e-4,
                                    msg=f"layer {i} values")
         assert got.get_seq_length() == decoding.length
+
+
+class _FiresFor(ExitPolicy):
+    """One check after layer L - 1 that fires for the rows `fires(rows)` says; counts the steps that checked."""
+
+    features = ("gap", "top_prob")
+
+    def __init__(self, fires):
+        self.check_layers, self.min_layer, self.fires, self.calls = (L - 1,), 1, fires, 0
+
+    def decide(self, features, layer, rows, state=None):
+        self.calls += 1
+        return self.fires(rows)
+
+
+@pytest.mark.parametrize("together", [False, True])
+def test_a_batch_whose_checks_rarely_fire_together_stops_checking(together):
+    """A batch drafts only when every row fired: when it did on fewer than BACKOFF_RATE of BACKOFF_AFTER checked
+    steps, the checks stop for the rest of the call (checks that fire together keep running); the text is the
+    stock text either way."""
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("left", batch_size=2)
+    n = 3 * lockstep.BACKOFF_AFTER
+    policy = _FiresFor((lambda rows: torch.ones_like(rows, dtype=torch.bool)) if together else (lambda rows: rows == 0))
+    ref = _gen(stock, ids, mask, max_new_tokens=n)
+    out = _gen(ada, ids, mask, max_new_tokens=n, exit_policy=policy, lossless=True, max_draft_tokens=2,
+               return_dict_in_generate=True)
+    assert torch.equal(out.sequences, ref)
+    if together:
+        assert policy.calls > lockstep.BACKOFF_AFTER and int(out.draft_tokens.sum()) > 0
+    else:
+        assert policy.calls == lockstep.BACKOFF_AFTER and int(out.draft_tokens.sum()) == 0
