@@ -105,3 +105,26 @@ def test_write_result_refuses_bad_names(tmp_path, model, question):
 def test_write_result_refuses_a_non_mapping(tmp_path):
     with pytest.raises(TypeError, match="payload must be a mapping"):
         results.write_result("m", "q", [1, 2], ["prog"], root=tmp_path)
+
+
+def test_a_run_that_outlives_a_commit_is_stamped_with_the_commit_it_started_on(tmp_path):
+    """Commits landing while a benchmark runs do not change its code (loaded at the start): the stamp names the
+    newest commit before the run started, and the HEAD it wrote under beside it."""
+    def git(*args, when=None):
+        env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t",
+               "GIT_COMMITTER_EMAIL": "t@t"}
+        if when is not None:
+            env.update(GIT_AUTHOR_DATE=f"@{when} +0000", GIT_COMMITTER_DATE=f"@{when} +0000")
+        done = subprocess.run(["git", *args], cwd=tmp_path, env=env, capture_output=True, text=True, check=True)
+        return done.stdout.strip()
+
+    git("init", "-q")
+    commits = []
+    for i, when in enumerate((1_000_000, 2_000_000)):
+        (tmp_path / "f.txt").write_text(str(i))
+        git("add", "f.txt")
+        git("commit", "-q", "-m", str(i), when=when)
+        commits.append(git("rev-parse", "HEAD"))
+    during = results._commit(tmp_path, started=1_500_000)
+    assert during == {"commit": commits[0], "dirty": False, "head_at_write": commits[1]}
+    assert results._commit(tmp_path, started=2_500_000) == {"commit": commits[1], "dirty": False}

@@ -20,6 +20,7 @@ import platform
 import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -50,14 +51,26 @@ def _git(*args: str, cwd: Path) -> str | None:
     return done.stdout.strip() if done.returncode == 0 else None
 
 
-def _commit(source: Path) -> dict[str, Any]:
-    """The commit of the repository holding `source` and whether tracked files differ from it (None outside a
-    repository, e.g. an installed wheel)."""
+_STARTED = time.time()  # when this process imported the writer (a benchmark's start): the code it runs
+
+
+def _commit(source: Path, started: float | None = None) -> dict[str, Any]:
+    """The commit of the repository holding `source` when this process started (`started`, default: when this
+    module was imported) and whether tracked files differ from HEAD now (None outside a repository, e.g. an
+    installed wheel). A long run's code is the commit it started on: when commits landed while it ran, the stamp
+    names the newest commit before the start and records the HEAD it wrote under as `head_at_write`."""
     head = _git("rev-parse", "HEAD", cwd=source)
     if head is None:
         return {"commit": None, "dirty": None}
     status = _git("status", "--porcelain", "--untracked-files=no", cwd=source)
-    return {"commit": head, "dirty": bool(status) if status is not None else None}
+    out = {"commit": head, "dirty": bool(status) if status is not None else None}
+    started = _STARTED if started is None else started
+    committed = _git("log", "-1", "--format=%ct", "HEAD", cwd=source)
+    if committed is not None and committed.isdigit() and int(committed) > started:
+        log = (_git("log", "--first-parent", "-n", "500", "--format=%H %ct", "HEAD", cwd=source) or "").splitlines()
+        before = next((h for h, t in (line.split() for line in log) if int(t) <= started), None)
+        out.update(commit=before, head_at_write=head)
+    return out
 
 
 def _versions() -> dict[str, str | None]:
