@@ -8,7 +8,7 @@ the median milliseconds and each one's cost relative to `linear` on one row (wha
 
     python -m benchmarks.cost.few_rows [--threads 2] [--rows 1 2 3 4 5 8 16] [--repeats 15]
 
-Writes docs/results/models/few_rows/<date>.json (`--no-write`: print only).
+Writes docs/results/models/few_rows/<date>.json (`--out-root`, `--variant`, `--no-write`: print only).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import time
 import torch
 
 from adainfer_hf.architectures.few_rows import MAX_FEW_ROWS, MIN_WEIGHT_ELEMENTS, linear_few_rows
-from adainfer_hf.utils.results import write_result
+from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 # (model, weight name, out features, in features) from each checkpoint's config
 SHAPES = (
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rows", type=int, nargs="+", default=[1, 2, 3, 4, 5, 8, 16])
     p.add_argument("--repeats", type=int, default=15)
-    p.add_argument("--no-write", action="store_true")
+    add_result_arguments(p)
     args = p.parse_args(argv)
     if args.rows[0] != 1 or any(n < 1 for n in args.rows):
         raise SystemExit(f"--rows must start at 1 (the reference) and hold positive counts; got {args.rows}.")
@@ -86,8 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = measure(args.rows, args.repeats)
     payload = {"threads": args.threads, "repeats": args.repeats, "rows": rows,
                "routing": {"max_few_rows": MAX_FEW_ROWS, "min_weight_elements": MIN_WEIGHT_ELEMENTS}}
-    if not args.no_write:
-        print(f"wrote {write_result('models', 'few_rows', payload, [sys.argv[0], *argv])}")
+    save_result(args, MODELS, "few_rows", payload, argv)
     return 0
 
 
