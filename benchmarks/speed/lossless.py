@@ -32,7 +32,8 @@ Usage: `python -m benchmarks.speed.lossless KEY [--prompts 16] [--new-tokens 64]
 [--peer-prompts N]`.
 `KEY` is a key of `benchmarks.common.real_models` (`source /work/models/env.sh` first on the shared machine) or, with
 `--model-dir DIR`, any name for the checkpoint in DIR. Writes `docs/results/<KEY>/lossless/<date>.json` with the
-stamping writer (`--out-root` to write elsewhere) and prints a Markdown table.
+stamping writer (`--out-root` to write elsewhere, `--variant NAME` beside the day's file) and prints a Markdown
+table.
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import adainfer_hf
 from adainfer_hf import AlwaysExit, AutoAdaInferForCausalLM, ExitClassifier, GapThresholdRule
-from adainfer_hf.utils.results import RESULTS_ROOT, write_result
+from adainfer_hf.utils.results import write_result
+from benchmarks.common.results import add_result_arguments
 from benchmarks.common.timing import quartiles
 
 HELD_OUT = Path(__file__).resolve().parents[1] / "data" / "heldout_prompts.jsonl"
@@ -351,8 +353,7 @@ def parse_args(argv):
     p.add_argument("--sweep-repeats", type=int, default=1)
     p.add_argument("--peer-prompts", type=int, default=None,
                    help="run the peers on the first N prompts only (default: all), against stock on those prompts")
-    p.add_argument("--out-root", default=str(RESULTS_ROOT))
-    p.add_argument("--no-write", action="store_true")
+    add_result_arguments(p)
     return p.parse_args(argv)
 
 
@@ -441,7 +442,7 @@ def main(argv: list[str] | None = None) -> int:
                    "complete": len(results) == len(args.batches)}
         if not args.no_write:  # after every batch: a run cut short keeps what it measured
             written = write_result(args.key, QUESTION, payload, [sys.argv[0], *argv], classifiers=configs,
-                                   root=args.out_root)
+                                   root=args.out_root, variant=args.variant)
             print(f"wrote {written}", flush=True)
     lossless_rows = [r for rows in results.values() for r in rows.values() if r["kind"] == "lossless"]
     return 0 if all(r["rows_identical"] == r["rows"] or all(
