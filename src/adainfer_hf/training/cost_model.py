@@ -14,8 +14,8 @@ repeating, taking medians):
 - the stock `generate`'s decode step and a lossless decode step that runs every layer and checks once (both
   from the difference of two generation lengths, so the prompt forward cancels): the loop's fixed per-step cost is
   the second minus the first and its check. The layer table is scaled so that L layers and the head on one
-  position make the stock step (a layer timed alone comes out a little slower than in the model's loop), and the
-  parts must agree with the whole before any scaling (`CONSISTENT_PARTS`; else it is measured again).
+  position make the stock step (on SmolLM2 a layer timed alone is 7-13% slower than in the model's loop), and
+  the parts must agree with the whole before any scaling (`CONSISTENT_PARTS`; else it is measured again).
 
 [`CostModel`] predicts from them the seconds of a draft step, a verification step with P owed positions and a
 stock step; it is stored in a drafting artifact (`calibration["cost_model"]`) with the device, dtype and threads.
@@ -293,7 +293,7 @@ def _measure_once(model, cache_length, max_positions, vocabularies, repeats, dec
     head_s = tuple(parts[f"head{n}"] for n in range(1, max_positions + 1))
     lens = {("full" if size is None else str(int(size))): parts[f"lens{size or 'full'}"]
             for size in (None, *vocabularies)}
-    # The parts against the whole: a layer timed alone comes out up to ~10% slower than in the model's own loop
+    # The parts against the whole: a layer timed alone comes out 7-13% slower than in the model's own loop
     # (SmolLM2: 30 layers and the head add up to 1.07-1.13x the stock step). The layer table is scaled so that the
     # stock step is L layers and the head on one position, which makes the predicted stock step the measured one
     # (the layers absorb the stock step's small remainder: embedding, final norm, generate's own work); the loop's
@@ -313,8 +313,8 @@ def _measure_once(model, cache_length, max_positions, vocabularies, repeats, dec
 
 def _layer_calls(model, spec, layer, device, dtype, H, cache_length, max_positions) -> tuple[dict, dict]:
     """`({n: callable}, {n: [seconds]})`: decoder layer 0 on n new positions over a cache of `cache_length`, cropped
-    back after; the second dict collects the crops' own durations (bookkeeping of the measurement, not of decoding:
-    0.1-0.3 ms, an eighth of a SmolLM2 layer), to subtract."""
+    back after; the second dict collects the crops' own durations (bookkeeping of the measurement, not of
+    decoding), to subtract."""
     cache = compat.DynamicCache()
     past = torch.randn(1, cache_length, H, device=device, dtype=dtype)
     kwargs = _layer_kwargs(model, spec, past, 0)
