@@ -299,3 +299,15 @@ def test_a_batch_whose_checks_rarely_fire_together_stops_checking(together):
         assert policy.calls > lockstep.BACKOFF_AFTER and int(out.draft_tokens.sum()) > 0
     else:
         assert policy.calls == lockstep.BACKOFF_AFTER and int(out.draft_tokens.sum()) == 0
+
+
+def test_one_row_keeps_checking_however_rarely_it_drafts():
+    """One row keeps the rule its drafting objective chose: no back-off, every step before the cap checks."""
+    stock, ada = make_pair("llama_gqa")
+    ids, mask = batch("none", batch_size=1)
+    n = 3 * lockstep.BACKOFF_AFTER
+    policy = _FiresFor(lambda rows: torch.zeros_like(rows, dtype=torch.bool))  # never drafts
+    out = _gen(ada, ids, mask, max_new_tokens=n, exit_policy=policy, lossless=True, return_dict_in_generate=True)
+    assert torch.equal(out.sequences, _gen(stock, ids, mask, max_new_tokens=n))
+    assert policy.calls == n - 2  # every decode step checked but the last (the first token is the prefill's; a
+    # draft for the last token could not be verified within the budget)

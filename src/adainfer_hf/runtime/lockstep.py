@@ -117,10 +117,11 @@ class _Row:
         self.accepted = sum(layer < self.loop.num_layers for layer in self.layers)  # (an accepted draft's layer)
 
 
-# A batch drafts only when every row's check fired. When, after BACKOFF_AFTER steps that ran the checks, fewer
-# than BACKOFF_RATE of them drafted, the checks stop for the rest of the call: they cost a few percent of a step
-# each (SmolLM2 at batch 4: 0.02 drafts per verification, 0.94x stock) and a rare draft cannot repay them. The
-# text is the stock text either way; only the speed changes.
+# A batch of several rows drafts only when every row's check fired, which the drafting objective (a simulation of
+# one row) does not model. When, after BACKOFF_AFTER steps that ran the checks, fewer than BACKOFF_RATE of them
+# drafted, the checks stop for the rest of the call: they cost a few percent of a step each (SmolLM2 at batch 4:
+# 0.02 drafts per verification, 0.94x stock) and a rare draft cannot repay them. One row keeps the rule the
+# objective chose for it. The text is the stock text either way; only the speed changes.
 BACKOFF_AFTER = 16
 BACKOFF_RATE = 1 / 8
 
@@ -128,8 +129,8 @@ BACKOFF_RATE = 1 / 8
 class LockstepBatch:
     """The rows of one lossless `generate` call, decoding in lockstep in one `DraftExitCache`: one token per row
     per step, the same drafts in flight for every row, one verification for all of them; per-row rollback keeps
-    each row's cache contiguous (see `runtime.lossless` for the rule). A batch whose checks rarely fire together
-    stops checking (`BACKOFF_AFTER`, `BACKOFF_RATE`).
+    each row's cache contiguous (see `runtime.lossless` for the rule). A batch of several rows whose checks rarely
+    fire together stops checking (`BACKOFF_AFTER`, `BACKOFF_RATE`).
 
     Args:
         model: the AdaInfer model.
@@ -198,7 +199,7 @@ class LockstepBatch:
         logits, layers = self._forward(feed[:, None], self.next_pos, policy)
         self.next_pos = self.next_pos + 1
         drafted = policy is not None and bool((layers < loop.num_layers).all())
-        if policy is not None:
+        if policy is not None and len(self.every_row) > 1:
             self.checked_steps += 1
             self.draft_steps += drafted
             self.backed_off = (self.checked_steps >= BACKOFF_AFTER
