@@ -128,3 +128,12 @@ def test_a_run_that_outlives_a_commit_is_stamped_with_the_commit_it_started_on(t
     during = results._commit(tmp_path, started=1_500_000)
     assert during == {"commit": commits[0], "dirty": False, "head_at_write": commits[1]}
     assert results._commit(tmp_path, started=2_500_000) == {"commit": commits[1], "dirty": False}
+
+
+def test_scrub_a_named_classifier_directory_and_the_paths_in_its_config():
+    """`--classifier NAME=DIR` names the classifier, not its directory, and the recorded config keeps no machine
+    path (its `base_model_name_or_path` included)."""
+    args, configs = results.scrub_argv(["prog", "--classifier", "drafting=/srv/x/clf", "other=/srv/y/clf2"],
+                                       {"/srv/x/clf": {"base_model_name_or_path": "/srv/models/gemma", "k": 1}})
+    assert args == ["prog", "--classifier", "drafting=<classifier:0>", "other=<path>/clf2"]
+    assert configs == [{"base_model_name_or_path": "<path>/gemma", "k": 1}]

@@ -152,13 +152,25 @@ def scrub_argv(argv: Sequence[str], classifiers: Mapping[str, Any] | None = None
     out = []
     for arg in map(str, argv):
         option, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        name, named, path = value.partition("=")  # NAME=DIR (e.g. `--classifier drafting=DIR`)
+        if named and (str(Path(path)) in known or os.path.isabs(path)):
+            option, sep, value = f"{option}{sep}{name}", "=", path
         key = str(Path(value)) if value else value
         if key in known:
             value = f"<classifier:{known[key]}>"
         else:
             value = _scrub_path(value, root, pairs)
         out.append(f"{option}{sep}{value}")
-    return out, configs
+    return out, [_scrub_config(c, root, pairs) for c in configs]
+
+
+def _scrub_config(config: Any, root, pairs) -> Any:
+    """A classifier config with its machine paths (e.g. `base_model_name_or_path`) scrubbed."""
+    if isinstance(config, Mapping):
+        return {k: _scrub_config(v, root, pairs) for k, v in config.items()}
+    if isinstance(config, str) and os.path.isabs(config):
+        return _scrub_path(config, root, pairs)
+    return config
 
 
 def stamp(argv: Sequence[str], classifiers: Mapping[str, Any] | None = None,
