@@ -153,7 +153,7 @@ def scrub_argv(argv: Sequence[str], classifiers: Mapping[str, Any] | None = None
     for arg in map(str, argv):
         option, sep, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
         name, named, path = value.partition("=")  # NAME=DIR (e.g. `--classifier drafting=DIR`)
-        if named and (str(Path(path)) in known or os.path.isabs(path)):
+        if named and str(Path(value)) not in known and (str(Path(path)) in known or os.path.isabs(path)):
             option, sep, value = f"{option}{sep}{name}", "=", path
         key = str(Path(value)) if value else value
         if key in known:
