@@ -13,6 +13,7 @@ import torch
 from tiny_models import VARIANTS, VOCAB, batch, make_pair, truncated_stock
 
 from adainfer_hf import ScriptedExit
+from adainfer_hf.architectures import few_rows
 
 peft = pytest.importorskip("peft")
 
@@ -248,9 +249,10 @@ def test_model_pickles_after_per_call_policies_and_kept_copies():
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
-def test_final_rows_is_the_stock_head_on_several_positions(variant):
+def test_final_rows_is_the_stock_head_on_several_positions(variant, monkeypatch):
     """Verification's head over several positions (`final_rows`) gives the stock LM head's logits (and the
-    family's softcap), row for row, for every shape it is called with."""
+    family's softcap), row for row, for every shape it is called with (the tiny heads routed to the product)."""
+    monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
     _, ada = make_pair(variant)
     head = ada.exit_head
     for shape in ((1, 1), (1, 2), (1, 5), (3, 4)):

@@ -18,6 +18,7 @@ on another the drafting cost model, which times the kernels verification runs, d
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 from torch import nn
@@ -37,9 +38,9 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _few_rows_forward(module: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _few_rows_forward(module: nn.Linear, x: torch.Tensor, max_rows: int = MAX_FEW_ROWS) -> torch.Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
-    if 2 <= rows <= MAX_FEW_ROWS and x.dtype == module.weight.dtype and not torch.is_grad_enabled():
+    if 2 <= rows <= max_rows and x.dtype == module.weight.dtype and not torch.is_grad_enabled():
         return linear_few_rows(x, module.weight, module.bias)
     return nn.functional.linear(x, module.weight, module.bias)
 
@@ -52,12 +53,13 @@ def _routable(module: nn.Module) -> bool:
 
 
 @contextlib.contextmanager
-def few_rows_linear(module: nn.Module, enabled: bool = True):
-    """Within the context, `module`'s large fp32 CPU `nn.Linear` layers compute 2-`MAX_FEW_ROWS` rows as
-    [`linear_few_rows`] (without gradients only); their own forward is back on exit. `enabled=False`: a no-op."""
+def few_rows_linear(module: nn.Module, enabled: bool = True, max_rows: int = MAX_FEW_ROWS):
+    """Within the context, `module`'s large fp32 CPU `nn.Linear` layers (`module` itself included) compute
+    2-`max_rows` rows as [`linear_few_rows`] (without gradients only); their own forward is back on exit.
+    `enabled=False`: a no-op."""
     swapped = [m for m in module.modules() if _routable(m)] if enabled else []
     for m in swapped:
-        m.forward = _few_rows_forward.__get__(m)
+        m.forward = functools.partial(_few_rows_forward, m, max_rows=max_rows)
     try:
         yield
     finally:

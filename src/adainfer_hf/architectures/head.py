@@ -15,11 +15,10 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from .. import compat
 from .base import ArchitectureSpec
 from .copies import WeightCopies, identity_key, same_bits, sample_positions, weight_call
 from .devices import execution_device, materialized_weight
-from .few_rows import linear_few_rows
+from .few_rows import few_rows_linear
 from .registry import spec_for
 
 __all__ = ["ExitHead", "fingerprints_match", "head_of"]
@@ -155,18 +154,14 @@ class ExitHead:
 
     def final_rows(self, normed: torch.Tensor) -> torch.Tensor:
         """[`final`] on several final-normed positions at once (`normed` [..., hidden_size]), as lossless
-        verification runs it: on the CPU, a plain fp32 `nn.Linear` head on 2-`MAX_HEAD_ROWS` positions takes the
-        product `weight @ normed.T` (`few_rows.linear_few_rows`: MKL's `linear` on 2-3 rows of a 49k-262k-row
-        head costs 2-3 times one row; the product 0.3x-1.8x). The same fp32 sums in another order (the last bits).
-        One row, another device or dtype, a hooked, dispatched or wrapped (PEFT) head take the module call."""
+        verification runs it: the LM head's module call, in which a plain fp32 CPU `nn.Linear` head (a PEFT
+        LoRA's base layer included) computes 2-`MAX_HEAD_ROWS` rows as `few_rows.linear_few_rows` (MKL's `linear`
+        on 2-3 rows of a 49k-262k-row head costs 2-3 times one row; the product 0.4x-0.9x). The same fp32 sums in
+        another order (the last bits); hooks run as in any call; one row, another device or dtype, or a forward
+        replaced by accelerate's dispatch keep the stock kernel."""
         module = self.module
-        rows = normed.numel() // max(normed.shape[-1], 1)
-        if (not 2 <= rows <= MAX_HEAD_ROWS or type(module) is not nn.Linear or normed.device.type != "cpu"
-                or compat.is_dispatched(module) or module._forward_hooks or module._forward_pre_hooks
-                or module.weight.device != normed.device or module.weight.dtype != normed.dtype
-                or normed.dtype != torch.float32):
+        with few_rows_linear(module, enabled=normed.device.type == "cpu", max_rows=MAX_HEAD_ROWS):
             return self.final(normed)
-        return self.spec.finalize_logits(self.model, linear_few_rows(normed, module.weight, module.bias))
 
     def logits(self, hidden: torch.Tensor, dtype: torch.dtype | None = None,
                vocabulary: torch.Tensor | None = None) -> torch.Tensor:
