@@ -14,13 +14,12 @@ Writes docs/results/models/few_rows/<date>.json (`--out-root`, `--variant`, `--n
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
-import time
 
 import torch
 
 from adainfer_hf.architectures.few_rows import MAX_FEW_ROWS, MIN_WEIGHT_ELEMENTS, linear_few_rows
+from adainfer_hf.training.cost_model import alternating_medians
 from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 # (model, weight name, out features, in features) from each checkpoint's config
@@ -34,31 +33,18 @@ SHAPES = (
 )
 
 
-def _median_ms(fns: dict, repeats: int, inner: int) -> dict:
-    for fn in fns.values():
-        fn()
-    times = {name: [] for name in fns}
-    names = list(fns)
-    for r in range(repeats):
-        for name in names[r % 2:] + names[:r % 2]:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fns[name]()
-            times[name].append((time.perf_counter() - t0) / inner)
-    return {name: 1e3 * statistics.median(ts) for name, ts in times.items()}
-
-
 def measure(rows: list[int], repeats: int) -> list[dict]:
     out = []
     generator = torch.Generator().manual_seed(0)
     for model, name, n_out, n_in in SHAPES:
         weight = torch.randn(n_out, n_in, generator=generator)
-        inner = max(1, int(2e7 // weight.numel()))  # a timing of ~0.1 s of work
         one = None
         for n in rows:
             x = torch.randn(1, n, n_in, generator=generator)
-            ms = _median_ms({"linear": lambda x=x, w=weight: torch.nn.functional.linear(x, w),
-                             "product": lambda x=x, w=weight: linear_few_rows(x, w)}, repeats, inner)
+            seconds = alternating_medians({"linear": lambda x=x, w=weight: torch.nn.functional.linear(x, w),
+                                           "product": lambda x=x, w=weight: linear_few_rows(x, w)},
+                                          repeats, torch.device("cpu"), min_seconds=0.004)
+            ms = {name: 1e3 * t for name, t in seconds.items()}
             one = ms["linear"] if n == 1 else one
             out.append({"model": model, "weight": name, "shape": [n_out, n_in], "rows": n,
                         "linear_ms": ms["linear"], "product_ms": ms["product"],

@@ -39,7 +39,7 @@ from ..architectures.head import head_of
 from ..policy.base import ExitPolicy
 from ..policy.features import compute_features
 
-__all__ = ["CONSISTENT_PARTS", "CostModel", "measure_cost_model", "nondecreasing_fit"]
+__all__ = ["CONSISTENT_PARTS", "CostModel", "alternating_medians", "measure_cost_model", "nondecreasing_fit"]
 
 # A stock decode step is L layers on one position, the head on one, and what neither covers (embedding, final
 # norm, generate's own work): the parts come to 0.98x the whole on Gemma-3-270M, on a quiet CPU. Measured
@@ -193,7 +193,7 @@ class _NeverExit(ExitPolicy):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
 
 
-def _alternating_medians(fns: dict, repeats: int, device: torch.device, min_seconds: float = 0.0) -> dict:
+def alternating_medians(fns: dict, repeats: int, device: torch.device, min_seconds: float = 0.0) -> dict:
     """Median seconds of each callable, run once to warm up, then `repeats` rounds, one timing of each per round
     (the order rotating, so drifts of the machine hit every callable alike). A timing runs a callable as many
     times as its warm-up says fill `min_seconds` (a sub-millisecond layer is timed over several calls)."""
@@ -285,7 +285,7 @@ def _measure_once(model, cache_length, max_positions, vocabularies, repeats, dec
         w = torch.randn(H, device=head.device, dtype=dtype)
         fns["gate"] = lambda: ((hidden[:1] @ w) * torch.rsqrt(hidden[:1].pow(2).mean(-1)) >= 0).to("cpu")
         with head.session():
-            parts = _alternating_medians(fns, repeats, device, min_seconds=0.004)
+            parts = alternating_medians(fns, repeats, device, min_seconds=0.004)
         steps = _decode_steps(model, L, cache_length, decode_tokens, max(3, repeats // 3), device)
     finally:
         model.train(was_training)
@@ -363,5 +363,5 @@ def _decode_steps(model, num_layers, cache_length, decode_tokens, repeats, devic
     short, long = 2, 2 + decode_tokens
     fns = {f"{kind}{n}": (lambda n=n, kind=kind: generate(n, kind == "lossless"))
            for kind in ("stock", "lossless") for n in (short, long)}
-    t = _alternating_medians(fns, repeats, device)
+    t = alternating_medians(fns, repeats, device)
     return {kind: max(t[f"{kind}{long}"] - t[f"{kind}{short}"], 0.0) / decode_tokens for kind in ("stock", "lossless")}
