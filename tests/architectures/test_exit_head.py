@@ -253,6 +253,7 @@ def test_final_rows_is_the_stock_head_on_several_positions(variant, monkeypatch)
     """Verification's head over several positions (`final_rows`) gives the stock LM head's logits (and the
     family's softcap), row for row, for every shape it is called with (the tiny heads routed to the product)."""
     monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(few_rows, "KERNEL", "product")
     _, ada = make_pair(variant)
     head = ada.exit_head
     for shape in ((1, 1), (1, 2), (1, 5), (3, 4)):

@@ -3,6 +3,8 @@ only inside the context, with the modules' hooks (lossless generation through th
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 from torch import nn
@@ -21,6 +23,7 @@ def test_linear_few_rows_is_functional_linear(shape, bias):
 
 
 def _spy(monkeypatch):
+    monkeypatch.setattr(few_rows, "KERNEL", "product")  # the form fixed: what is routed, not which form is faster
     calls = []
     real = few_rows.linear_few_rows
 
@@ -67,3 +70,44 @@ def test_a_replaced_forward_and_the_disabled_context_are_left_alone(monkeypatch)
     with torch.no_grad(), few_rows_linear(layer, enabled=False):
         layer(torch.ones(2, 6))
     assert calls == []
+
+
+def _slow(seconds, fn):
+    def slow(*args):
+        time.sleep(seconds)
+        return fn(*args)
+    return slow
+
+
+@pytest.mark.parametrize("slow_form", ["product", "linear"])
+def test_auto_keeps_the_faster_form_per_shape_and_rows(slow_form, monkeypatch):
+    """KERNEL="auto" times both forms at a key's first call and keeps the faster one; a slowed form is not
+    chosen, the choice is remembered per (shape, rows), and the output is the stock linear's either way."""
+    monkeypatch.setattr(few_rows, "KERNEL", "auto")
+    monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
+    name = "linear_few_rows" if slow_form == "product" else "_stock_linear"
+    monkeypatch.setattr(few_rows, name, _slow(0.004, getattr(few_rows, name)))
+    few_rows.clear_kernel_choices()
+    torch.manual_seed(0)
+    layer = nn.Linear(16, 32)
+    x = torch.randn(1, 3, 16)
+    with torch.no_grad():
+        ref = nn.functional.linear(x, layer.weight, layer.bias)
+        with few_rows_linear(layer):
+            out = layer(x)
+            layer(torch.randn(2, 16))
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6)
+    chosen = few_rows.kernel_choices()
+    fast = "linear" if slow_form == "product" else "product"
+    assert sorted(key[2] for key in chosen) == [2, 3]
+    assert set(chosen.values()) == {fast}
+    few_rows.clear_kernel_choices()
+    assert few_rows.kernel_choices() == {}
+
+
+def test_a_bad_kernel_setting_is_refused_by_name(monkeypatch):
+    monkeypatch.setattr(few_rows, "KERNEL", "fastest")
+    monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
+    layer = nn.Linear(4, 4)
+    with torch.no_grad(), few_rows_linear(layer), pytest.raises(ValueError, match="'fastest'.*auto"):
+        layer(torch.ones(2, 4))

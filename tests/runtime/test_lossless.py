@@ -224,6 +224,7 @@ def test_lossless_through_the_few_rows_product_is_stock_generate(variant, monkey
     real = few_rows.linear_few_rows
     monkeypatch.setattr(few_rows, "linear_few_rows", lambda *a: calls.append(1) or real(*a))
     monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
+    monkeypatch.setattr(few_rows, "KERNEL", "product")
     stock, ada = make_pair(variant)
     ids, mask = batch("left", batch_size=2, length=7)  # 2 rows x 2 positions: within MAX_FEW_ROWS
     ref = _gen(stock, ids, mask, max_new_tokens=10)

@@ -1,32 +1,51 @@
 """Linear layers on a few rows, as lossless verification runs them on the CPU.
 
 A verification step runs a decoder layer (and the LM head) on the owed draft positions and the current one: a
-few rows. On the CPU, `torch.nn.functional.linear` (MKL's `x @ W.T`) on 2-5 rows of a large weight costs
+few rows. On some CPUs `torch.nn.functional.linear` (MKL's `x @ W.T`) on 2-5 rows of a large weight costs
 1.5-3.3 times one row (which takes a matrix-vector kernel), while the product `W @ x.T` streams the weight once
-and costs 0.45-1.5 times one row (fp32, 2 threads: Qwen2.5's MLP weights, the 49k-262k-row LM heads); from 6 rows
-on MKL's linear is as fast. Batching positions pays only with the second form.
+and costs 0.45-1.5 times one row (fp32, 2 threads, AMD EPYC: Qwen2.5's MLP weights, the 49k-262k-row LM heads);
+from 6 rows on MKL's linear is as fast. Batching positions pays there only with the second form.
 
 `few_rows_linear(module)` is a context in which the plain `nn.Linear` layers inside `module` with a large fp32 CPU
 weight compute 2-`MAX_FEW_ROWS` rows that way (their forward hooks still run; a module whose forward is already
 replaced, e.g. by accelerate's dispatch, is left alone). It changes only the order of the fp32 sums (the last
 bits), as another kernel would. Swapping the modules' forward for the call costs microseconds; a
 `TorchFunctionMode` doing the same cost about 0.25 ms per decoder layer (every op through Python). Another thread
-calling the same module meanwhile gets the same product. The thresholds were measured on one CPU (AVX-512, MKL);
-on another the drafting cost model, which times the kernels verification runs, decides whether drafts pay.
+calling the same module meanwhile gets the same product.
+
+Which form is faster depends on the CPU and its BLAS: on one machine (AMD EPYC, MKL) the product won 2-5 rows of
+every large weight, on another (Intel Xeon, AVX-512) MKL's linear on 2-3 rows of a 152k-row head cost the same as
+one row and the product twice that. So by default (`KERNEL = "auto"`) the first call of each (weight shape,
+dtype, rows, bias, threads) times both forms on its own input, three calls each, keeps the faster by its best
+time, and uses it from then on (`kernel_choices()` lists the decisions, `clear_kernel_choices()` forgets them).
+The choice depends on shapes only, never on the weight's values, so an edited or merged weight keeps it. Tuning
+on a loaded machine can choose wrongly (other threads stall the multi-threaded kernel): set
+`ADAINFER_FEW_ROWS_KERNEL=product` or `=linear` (or `few_rows.KERNEL`) to fix the form. The drafting cost model
+times verification through this same routing, so what it measures is what decoding then runs.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import threading
+import time
 
 import torch
 from torch import nn
 
-__all__ = ["MAX_FEW_ROWS", "MIN_WEIGHT_ELEMENTS", "few_rows_linear", "linear_few_rows"]
+__all__ = ["KERNEL", "KERNELS", "MAX_FEW_ROWS", "MIN_WEIGHT_ELEMENTS", "clear_kernel_choices", "few_rows_linear",
+           "kernel_choices", "linear_few_rows"]
 
 MAX_FEW_ROWS = 5  # from 6 rows on MKL's linear is as fast or faster (a prompt forward stays on it)
 MIN_WEIGHT_ELEMENTS = 1 << 20  # smaller weights stay in cache: either form is as fast
+KERNELS = ("auto", "product", "linear")
+KERNEL = os.environ.get("ADAINFER_FEW_ROWS_KERNEL", "auto")  # read at each call: tests and users may set it
+TUNE_CALLS = 3  # calls of each form timed at a key's first use (the best time counts)
+
+_choices: dict[tuple, str] = {}
+_choices_lock = threading.Lock()
 
 
 def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -38,11 +57,57 @@ def linear_few_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | 
     return out.reshape(*x.shape[:-1], weight.shape[0])
 
 
+def _stock_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    return nn.functional.linear(x, weight, bias)
+
+
+def kernel_choices() -> dict[tuple, str]:
+    """The forms `KERNEL="auto"` chose so far: {(weight shape, dtype, rows, has bias, threads): "product" or
+    "linear"}."""
+    with _choices_lock:
+        return dict(_choices)
+
+
+def clear_kernel_choices() -> None:
+    """Forget the tuned choices (the next call of each key times both forms again)."""
+    with _choices_lock:
+        _choices.clear()
+
+
+def _best_seconds(fn, x, weight, bias) -> float:
+    best = float("inf")
+    for _ in range(TUNE_CALLS):
+        start = time.perf_counter()
+        fn(x, weight, bias)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> str:
+    kernel = KERNEL
+    if kernel not in KERNELS:
+        raise ValueError(f"few_rows.KERNEL (or ADAINFER_FEW_ROWS_KERNEL) is {kernel!r}; expected one of {KERNELS}")
+    if kernel != "auto":
+        return kernel
+    key = (tuple(weight.shape), weight.dtype, rows, bias is not None, torch.get_num_threads())
+    choice = _choices.get(key)
+    if choice is None:
+        # both forms on this very input; each once untimed first (first-touch and allocator effects)
+        linear_few_rows(x, weight, bias), _stock_linear(x, weight, bias)
+        product_s = _best_seconds(linear_few_rows, x, weight, bias)
+        linear_s = _best_seconds(_stock_linear, x, weight, bias)
+        choice = "product" if product_s < linear_s else "linear"
+        with _choices_lock:
+            choice = _choices.setdefault(key, choice)
+    return choice
+
+
 def _few_rows_forward(module: nn.Linear, x: torch.Tensor, max_rows: int = MAX_FEW_ROWS) -> torch.Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
     if 2 <= rows <= max_rows and x.dtype == module.weight.dtype and not torch.is_grad_enabled():
-        return linear_few_rows(x, module.weight, module.bias)
-    return nn.functional.linear(x, module.weight, module.bias)
+        if _kernel(x, module.weight, module.bias, rows) == "product":
+            return linear_few_rows(x, module.weight, module.bias)
+    return _stock_linear(x, module.weight, module.bias)
 
 
 def _routable(module: nn.Module) -> bool:
@@ -55,8 +120,8 @@ def _routable(module: nn.Module) -> bool:
 @contextlib.contextmanager
 def few_rows_linear(module: nn.Module, enabled: bool = True, max_rows: int = MAX_FEW_ROWS):
     """Within the context, `module`'s large fp32 CPU `nn.Linear` layers (`module` itself included) compute
-    2-`max_rows` rows as [`linear_few_rows`] (without gradients only); their own forward is back on exit.
-    `enabled=False`: a no-op."""
+    2-`max_rows` rows as [`linear_few_rows`] or as MKL's linear, whichever `KERNEL` says (by default the faster,
+    timed at first use; without gradients only); their own forward is back on exit. `enabled=False`: a no-op."""
     swapped = [m for m in module.modules() if _routable(m)] if enabled else []
     for m in swapped:
         m.forward = functools.partial(_few_rows_forward, m, max_rows=max_rows)
