@@ -19,7 +19,7 @@ import sys
 import torch
 
 from adainfer_hf.architectures.few_rows import MAX_FEW_ROWS, MIN_WEIGHT_ELEMENTS, linear_few_rows
-from adainfer_hf.training.cost_model import alternating_medians
+from adainfer_hf.utils.timing import alternating_medians
 from benchmarks.common.results import MODELS, add_result_arguments, save_result
 
 # (model, weight name, out features, in features) from each checkpoint's config

@@ -109,5 +109,5 @@ def test_a_bad_kernel_setting_is_refused_by_name(monkeypatch):
     monkeypatch.setattr(few_rows, "KERNEL", "fastest")
     monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 1)
     layer = nn.Linear(4, 4)
-    with torch.no_grad(), few_rows_linear(layer), pytest.raises(ValueError, match="'fastest'.*auto"):
+    with torch.no_grad(), pytest.raises(ValueError, match="'fastest'.*auto"), few_rows_linear(layer):
         layer(torch.ones(2, 4))

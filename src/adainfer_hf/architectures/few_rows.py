@@ -16,8 +16,8 @@ calling the same module meanwhile gets the same product.
 Which form is faster depends on the CPU and its BLAS: on one machine (AMD EPYC, MKL) the product won 2-5 rows of
 every large weight, on another (Intel Xeon, AVX-512) MKL's linear on 2-3 rows of a 152k-row head cost the same as
 one row and the product twice that. So by default (`KERNEL = "auto"`) the first call of each (weight shape,
-dtype, rows, bias, threads) times both forms on its own input, three calls each, keeps the faster by its best
-time, and uses it from then on (`kernel_choices()` lists the decisions, `clear_kernel_choices()` forgets them).
+dtype, rows, bias, threads) times both forms on its own input (`utils.timing.alternating_medians`: a warm-up, then
+three alternating rounds), keeps the one with the lower median, and uses it from then on (`kernel_choices()` lists the decisions, `clear_kernel_choices()` forgets them).
 The choice depends on shapes only, never on the weight's values, so an edited or merged weight keeps it. Tuning
 on a loaded machine can choose wrongly (other threads stall the multi-threaded kernel): set
 `ADAINFER_FEW_ROWS_KERNEL=product` or `=linear` (or `few_rows.KERNEL`) to fix the form. The drafting cost model
@@ -30,10 +30,11 @@ import contextlib
 import functools
 import os
 import threading
-import time
 
 import torch
 from torch import nn
+
+from ..utils.timing import alternating_medians
 
 __all__ = ["KERNEL", "KERNELS", "MAX_FEW_ROWS", "MIN_WEIGHT_ELEMENTS", "clear_kernel_choices", "few_rows_linear",
            "kernel_choices", "linear_few_rows"]
@@ -41,8 +42,8 @@ __all__ = ["KERNEL", "KERNELS", "MAX_FEW_ROWS", "MIN_WEIGHT_ELEMENTS", "clear_ke
 MAX_FEW_ROWS = 5  # from 6 rows on MKL's linear is as fast or faster (a prompt forward stays on it)
 MIN_WEIGHT_ELEMENTS = 1 << 20  # smaller weights stay in cache: either form is as fast
 KERNELS = ("auto", "product", "linear")
-KERNEL = os.environ.get("ADAINFER_FEW_ROWS_KERNEL", "auto")  # read at each call: tests and users may set it
-TUNE_CALLS = 3  # calls of each form timed at a key's first use (the best time counts)
+KERNEL = os.environ.get("ADAINFER_FEW_ROWS_KERNEL", "auto")  # read as each context opens: tests and users may set it
+TUNE_ROUNDS = 3  # rounds of both forms timed at a key's first use (the lower median wins)
 
 _choices: dict[tuple, str] = {}
 _choices_lock = threading.Lock()
@@ -74,38 +75,29 @@ def clear_kernel_choices() -> None:
         _choices.clear()
 
 
-def _best_seconds(fn, x, weight, bias) -> float:
-    best = float("inf")
-    for _ in range(TUNE_CALLS):
-        start = time.perf_counter()
-        fn(x, weight, bias)
-        best = min(best, time.perf_counter() - start)
-    return best
+def _resolve_kernel() -> str:
+    if KERNEL not in KERNELS:
+        raise ValueError(f"few_rows.KERNEL (or ADAINFER_FEW_ROWS_KERNEL) is {KERNEL!r}; expected one of {KERNELS}")
+    return KERNEL
 
 
-def _kernel(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int) -> str:
-    kernel = KERNEL
-    if kernel not in KERNELS:
-        raise ValueError(f"few_rows.KERNEL (or ADAINFER_FEW_ROWS_KERNEL) is {kernel!r}; expected one of {KERNELS}")
-    if kernel != "auto":
-        return kernel
-    key = (tuple(weight.shape), weight.dtype, rows, bias is not None, torch.get_num_threads())
+def _tuned(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: int, threads: int) -> str:
+    key = (tuple(weight.shape), weight.dtype, rows, bias is not None, threads)
     choice = _choices.get(key)
     if choice is None:
-        # both forms on this very input; each once untimed first (first-touch and allocator effects)
-        linear_few_rows(x, weight, bias), _stock_linear(x, weight, bias)
-        product_s = _best_seconds(linear_few_rows, x, weight, bias)
-        linear_s = _best_seconds(_stock_linear, x, weight, bias)
-        choice = "product" if product_s < linear_s else "linear"
+        seconds = alternating_medians({"product": lambda: linear_few_rows(x, weight, bias),
+                                       "linear": lambda: _stock_linear(x, weight, bias)},
+                                      TUNE_ROUNDS, x.device)
         with _choices_lock:
-            choice = _choices.setdefault(key, choice)
+            choice = _choices.setdefault(key, min(seconds, key=seconds.get))
     return choice
 
 
-def _few_rows_forward(module: nn.Linear, x: torch.Tensor, max_rows: int = MAX_FEW_ROWS) -> torch.Tensor:
+def _few_rows_forward(module: nn.Linear, x: torch.Tensor, max_rows: int, kernel: str, threads: int) -> torch.Tensor:
     rows = x.numel() // max(x.shape[-1], 1)
-    if 2 <= rows <= max_rows and x.dtype == module.weight.dtype and not torch.is_grad_enabled():
-        if _kernel(x, module.weight, module.bias, rows) == "product":
+    if (kernel != "linear" and 2 <= rows <= max_rows and x.dtype == module.weight.dtype
+            and not torch.is_grad_enabled()):
+        if kernel == "product" or _tuned(x, module.weight, module.bias, rows, threads) == "product":
             return linear_few_rows(x, module.weight, module.bias)
     return _stock_linear(x, module.weight, module.bias)
 
@@ -123,8 +115,10 @@ def few_rows_linear(module: nn.Module, enabled: bool = True, max_rows: int = MAX
     2-`max_rows` rows as [`linear_few_rows`] or as MKL's linear, whichever `KERNEL` says (by default the faster,
     timed at first use; without gradients only); their own forward is back on exit. `enabled=False`: a no-op."""
     swapped = [m for m in module.modules() if _routable(m)] if enabled else []
+    if swapped:
+        kernel, threads = _resolve_kernel(), torch.get_num_threads()
     for m in swapped:
-        m.forward = functools.partial(_few_rows_forward, m, max_rows=max_rows)
+        m.forward = functools.partial(_few_rows_forward, m, max_rows=max_rows, kernel=kernel, threads=threads)
     try:
         yield
     finally:

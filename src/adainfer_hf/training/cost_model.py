@@ -38,8 +38,9 @@ from ..architectures.few_rows import few_rows_linear
 from ..architectures.head import head_of
 from ..policy.base import ExitPolicy
 from ..policy.features import compute_features
+from ..utils.timing import alternating_medians
 
-__all__ = ["CONSISTENT_PARTS", "CostModel", "alternating_medians", "measure_cost_model", "nondecreasing_fit"]
+__all__ = ["CONSISTENT_PARTS", "CostModel", "measure_cost_model", "nondecreasing_fit"]
 
 # A stock decode step is L layers on one position, the head on one, and what neither covers (embedding, final
 # norm, generate's own work): the parts come to 0.98x the whole on Gemma-3-270M, on a quiet CPU. Measured
@@ -191,31 +192,6 @@ class _NeverExit(ExitPolicy):
 
     def decide(self, features, layer, rows, state=None):
         return torch.zeros(features.shape[0], dtype=torch.bool, device=features.device)
-
-
-def alternating_medians(fns: dict, repeats: int, device: torch.device, min_seconds: float = 0.0) -> dict:
-    """Median seconds of each callable, run once to warm up, then `repeats` rounds, one timing of each per round
-    (the order rotating, so drifts of the machine hit every callable alike). A timing runs a callable as many
-    times as its warm-up says fill `min_seconds` (a sub-millisecond layer is timed over several calls)."""
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    names = list(fns)
-    calls = {}
-    for name in names:
-        sync()
-        t0 = time.perf_counter()
-        fns[name]()
-        sync()
-        calls[name] = max(1, min(64, int(min_seconds / max(time.perf_counter() - t0, 1e-9))))
-    times = {name: [] for name in names}
-    for r in range(repeats):
-        for name in names[r % len(names):] + names[:r % len(names)]:
-            sync()
-            t0 = time.perf_counter()
-            for _ in range(calls[name]):
-                fns[name]()
-            sync()
-            times[name].append((time.perf_counter() - t0) / calls[name])
-    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 def _device_name(device: torch.device) -> str:
