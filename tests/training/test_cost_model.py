@@ -94,3 +94,37 @@ def test_parts_that_disagree_with_the_whole_are_remeasured_then_reported(monkeyp
         warnings.simplefilter("error")
         quiet = measure_cost_model(ada, cache_length=8, max_positions=2, repeats=3, decode_tokens=4, attempts=3)
     assert quiet.parts_over_stock is not None and quiet.attempts >= 1
+
+
+def test_the_few_rows_forms_the_timings_ran_are_recorded(monkeypatch):
+    """`CostModel.kernels` names, for every linear weight of the timed layer on 2..max_positions rows, the form the
+    few-rows routing chose (`few_rows.kernel_choices()`), and the setting; a fixed setting chooses nothing."""
+    import torch
+
+    from adainfer_hf.architectures import few_rows
+
+    _, ada = make_pair("llama_gqa")
+    monkeypatch.setattr(few_rows, "MIN_WEIGHT_ELEMENTS", 0)  # route the tiny weights as a real model's
+    monkeypatch.setattr(few_rows, "KERNEL", "auto")
+    few_rows.clear_kernel_choices()
+    cost = measure_cost_model(ada, cache_length=8, max_positions=3, repeats=1, decode_tokens=2)
+    assert cost.kernels["setting"] == "auto"
+    threads = torch.get_num_threads()
+    layer = ada.model.layers[0]
+    expected = {}
+    for m in layer.modules():
+        if type(m) is torch.nn.Linear:
+            for rows in (2, 3):
+                key = (tuple(m.weight.shape), m.weight.dtype, rows, m.bias is not None, threads)
+                name = f"{m.weight.shape[0]}x{m.weight.shape[1]} float32 rows{rows}"
+                expected[f"{name}{' bias' if m.bias is not None else ''} threads{threads}"] = (
+                    few_rows.kernel_choices()[key])
+    assert expected and set(expected.values()) <= {"product", "linear"}
+    assert expected.items() <= cost.kernels["chosen"].items()
+    assert CostModel.from_dict(json.loads(json.dumps(cost.to_dict()))) == cost
+
+    monkeypatch.setattr(few_rows, "KERNEL", "product")
+    few_rows.clear_kernel_choices()
+    fixed = measure_cost_model(ada, cache_length=8, max_positions=3, repeats=1, decode_tokens=2)
+    assert fixed.kernels == {"setting": "product", "chosen": {}}
+    few_rows.clear_kernel_choices()

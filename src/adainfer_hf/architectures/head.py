@@ -155,10 +155,11 @@ class ExitHead:
     def final_rows(self, normed: torch.Tensor) -> torch.Tensor:
         """[`final`] on several final-normed positions at once (`normed` [..., hidden_size]), as lossless
         verification runs it: the LM head's module call, in which a plain fp32 CPU `nn.Linear` head (a PEFT
-        LoRA's base layer included) computes 2-`MAX_HEAD_ROWS` rows as `few_rows.linear_few_rows` (MKL's `linear`
-        on 2-3 rows of a 49k-262k-row head costs 2-3 times one row; the product 0.4x-0.9x). The same fp32 sums in
-        another order (the last bits); hooks run as in any call; one row, another device or dtype, or a forward
-        replaced by accelerate's dispatch keep the stock kernel."""
+        LoRA's base layer included) computes 2-`MAX_HEAD_ROWS` rows in the faster of MKL's `linear` and
+        `few_rows.linear_few_rows` on this CPU (`few_rows.KERNEL`: on one CPU MKL's `linear` on 2-3 rows of a
+        49k-262k-row head cost 2-3 times one row and the product 0.4x-0.9x, on another the reverse). The same fp32
+        sums in another order (the last bits); hooks run as in any call; one row, another device or dtype, or a
+        forward replaced by accelerate's dispatch keep the stock kernel."""
         module = self.module
         with few_rows_linear(module, enabled=normed.device.type == "cpu", max_rows=MAX_HEAD_ROWS):
             return self.final(normed)

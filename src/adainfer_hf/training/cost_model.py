@@ -33,6 +33,7 @@ from collections.abc import Sequence
 import torch
 
 from .. import compat
+from ..architectures import few_rows
 from ..architectures.devices import execution_device
 from ..architectures.few_rows import few_rows_linear
 from ..architectures.head import head_of
@@ -78,6 +79,9 @@ class CostModel:
         device, dtype, threads, cache_length, repeats: where and how it was measured (informational).
         parts_over_stock (`float`, *optional*): the consistency of the parts with the whole, `(L layer(1) +
             head(1)) / stock_step_seconds` (see [`measure_cost_model`]); `attempts`: the measurements it took.
+        kernels (`dict`, *optional*): which few-rows forms the timings ran (`architectures.few_rows`):
+            `{"setting": few_rows.KERNEL, "chosen": {"<out>x<in> <dtype> rows<n>[ bias] threads<t>": "product" or
+            "linear"}}` for the model's linear layers the `"auto"` setting timed; another CPU may choose others.
     """
 
     num_layers: int
@@ -94,6 +98,7 @@ class CostModel:
     repeats: int = 0
     parts_over_stock: float | None = None
     attempts: int = 1
+    kernels: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self):
         if not self.layer_seconds or not self.head_seconds:
@@ -283,8 +288,19 @@ def _measure_once(model, cache_length, max_positions, vocabularies, repeats, dec
                      gate_seconds=parts["gate"], loop_fixed_seconds=max(fixed, 0.0),
                      stock_step_seconds=steps["stock"], device=_device_name(device),
                      dtype=str(dtype).removeprefix("torch."), threads=torch.get_num_threads(),
-                     cache_length=cache_length, repeats=repeats, attempts=attempt,
+                     cache_length=cache_length, repeats=repeats, attempts=attempt, kernels=_kernel_record(model),
                      parts_over_stock=round(whole / steps["stock"], 4) if steps["stock"] > 0 else None)
+
+
+def _kernel_record(model) -> dict:
+    """The few-rows setting and the forms chosen for `model`'s linear weights, JSON-safe (`CostModel.kernels`)."""
+    shapes = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    chosen = {}
+    for (shape, dtype, rows, bias, threads), form in sorted(few_rows.kernel_choices().items(), key=str):
+        if shape in shapes:
+            name = f"{'x'.join(map(str, shape))} {str(dtype).removeprefix('torch.')} rows{rows}"
+            chosen[f"{name}{' bias' if bias else ''} threads{threads}"] = form
+    return {"setting": few_rows.KERNEL, "chosen": chosen}
 
 
 def _layer_calls(model, spec, layer, device, dtype, H, cache_length, max_positions) -> tuple[dict, dict]:
