@@ -277,7 +277,8 @@ class AdaInferMixin:
 
         With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
         layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
-        With `lossless` it also carries `draft_tokens` and `accepted_tokens` per row.
+        With `lossless` it also carries `draft_tokens` and `accepted_tokens` per row (zeros when the policy's
+        schedules are empty: nothing drafts).
 
         With no policy (no classifier, or `exit_policy=None`) this is the stock `generate` for every option
         (the output only gains `exit_layers`, all full depth). With a policy, assisted decoding
@@ -307,6 +308,9 @@ class AdaInferMixin:
             out = super().generate(*args, **kwargs)
             if not isinstance(out, torch.Tensor):
                 out["exit_layers"] = self._adainfer_full_depth(out, args, kwargs)
+                if lossless:  # a lossless call whose policy never checks: the same fields, nothing drafted
+                    out["draft_tokens"] = torch.zeros(out["sequences"].shape[0], dtype=torch.long)
+                    out["accepted_tokens"] = torch.zeros_like(out["draft_tokens"])
             return out
         kwargs.pop("cache_implementation", None)
         if lossless:  # exits as drafts the deeper layers verify (refuses, by name, what it cannot run)
