@@ -103,7 +103,9 @@ def lossless_cell(result: dict | None) -> str:
     if name is None:
         return "not measured"
     run = (one or four)[name]
-    return f"{_ratio(run)}, {_acceptance(run)} accepted, {_identical(run)} identical"
+    accepted = _acceptance(run)
+    drafted = "nothing drafted (nothing pays: the stock path)" if accepted == "-" else f"{accepted} accepted"
+    return f"{_ratio(run)}, {drafted}, {_identical(run)} identical"
 
 
 def _drafter(name: str, run: dict) -> str:

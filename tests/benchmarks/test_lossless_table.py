@@ -72,3 +72,6 @@ def test_an_artifact_with_an_empty_schedule_is_named_so(tmp_path):
     write_result("qwen2.5-0.5b", "lossless", payload, ["prog"], root=tmp_path / "docs" / "results")
     line = tables.lossless_table(tmp_path).splitlines()[2 + tables.KEYS.index("qwen2.5-0.5b")]
     assert _cells(line)[1:5] == ["drafting (artifact, empty schedule)", "2.00x [1.90, 2.10]", "-", "-"]
+    # the status column says that nothing drafted rather than "- accepted"
+    cell = tables.lossless_cell(tables._newest(tmp_path, "qwen2.5-0.5b", "lossless", variant=None)[2])
+    assert cell == "2.00x [1.90, 2.10], nothing drafted (nothing pays: the stock path), 128/128 identical"
