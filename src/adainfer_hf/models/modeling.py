@@ -277,8 +277,7 @@ class AdaInferMixin:
 
         With `return_dict_in_generate=True` the output carries `exit_layers` [batch (x beams), new tokens]: the
         layers run for each generated token (beam rows in the order of each step, not re-sorted by beam).
-        With `lossless` it also carries `draft_tokens` and `accepted_tokens` per row (zeros when the policy's
-        schedules are empty: nothing drafts).
+        With `lossless` it also carries `draft_tokens` and `accepted_tokens` per row (zeros: nothing drafted).
 
         With no policy (no classifier, or `exit_policy=None`) this is the stock `generate` for every option
         (the output only gains `exit_layers`, all full depth). With a policy, assisted decoding
