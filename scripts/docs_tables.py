@@ -103,8 +103,8 @@ def lossless_cell(result: dict | None) -> str:
     if name is None:
         return "not measured"
     run = (one or four)[name]
-    accepted = _acceptance(run)
-    drafted = "nothing drafted (nothing pays: the stock path)" if accepted == "-" else f"{accepted} accepted"
+    drafted = ("nothing drafted (nothing pays: the stock path)" if run.get("acceptance") is None
+               else f"{_acceptance(run)} accepted")
     return f"{_ratio(run)}, {drafted}, {_identical(run)} identical"
 
 

@@ -17,7 +17,8 @@ Which form is faster depends on the CPU and its BLAS: on one machine (AMD EPYC, 
 every large weight, on another (Intel Xeon, AVX-512) MKL's linear on 2-3 rows of a 152k-row head cost the same as
 one row and the product twice that. So by default (`KERNEL = "auto"`) the first call of each (weight shape,
 dtype, rows, bias, threads) times both forms on its own input (`utils.timing.alternating_medians`: a warm-up, then
-three alternating rounds), keeps the one with the lower median, and uses it from then on (`kernel_choices()` lists the decisions, `clear_kernel_choices()` forgets them).
+three alternating rounds), keeps the one with the lower median, and uses it from then on (`kernel_choices()` lists
+the decisions, `clear_kernel_choices()` forgets them).
 The choice depends on shapes only, never on the weight's values, so an edited or merged weight keeps it. Tuning
 on a loaded machine can choose wrongly (other threads stall the multi-threaded kernel): set
 `ADAINFER_FEW_ROWS_KERNEL=product` or `=linear` (or `few_rows.KERNEL`) to fix the form. The drafting cost model

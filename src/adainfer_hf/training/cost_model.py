@@ -35,7 +35,6 @@ import torch
 from .. import compat
 from ..architectures import few_rows
 from ..architectures.devices import execution_device
-from ..architectures.few_rows import few_rows_linear
 from ..architectures.head import head_of
 from ..policy.base import ExitPolicy
 from ..policy.features import compute_features
@@ -319,7 +318,7 @@ def _layer_calls(model, spec, layer, device, dtype, H, cache_length, max_positio
 
         def call(new=new, kw=kw, n=n):
             # as verification runs it: several positions through the few-rows product on the CPU
-            with few_rows_linear(layer, enabled=device.type == "cpu" and n > 1):
+            with few_rows.few_rows_linear(layer, enabled=device.type == "cpu" and n > 1):
                 layer(new, attention_mask=None, use_cache=True, **{compat.CACHE_ARG: cache}, **kw)
             t0 = time.perf_counter()
             cache.crop(-n)  # back to the cache_length positions
